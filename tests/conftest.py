@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny open_clip backbones with random weights, small CLTs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from training.backbone import load_backbone
+
+    return load_backbone("cltvit-tiny", None, device="cpu", seed=0)
+
+
+@pytest.fixture()
+def tiny_clt(tiny_backbone):
+    from training.clt import CLTConfig, CrossLayerTranscoder
+
+    torch.manual_seed(0)
+    cfg = CLTConfig(n_layers=tiny_backbone.n_layers, d_model=tiny_backbone.d_model, n_features=128, k=8)
+    clt = CrossLayerTranscoder(cfg).eval()
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return clt

@@ -1,0 +1,1 @@
+"""cltvit training: backbone access, the cross-layer transcoder, activation streaming, training, evaluation."""

@@ -1,0 +1,223 @@
+"""Explicit forward of an open_clip VisionTransformer: the one place that captures, splices and decomposes.
+
+Instead of forward hooks, the blocks' own submodules (ln_1, attention, ls_1, ln_2, mlp, ls_2) are
+called in order, so no fused fast path (nn.MultiheadAttention's native kernel, a fused block) can
+skip a capture point; `forward(visual, pixels)` equals `visual(pixels)` exactly (tested).
+
+Shapes: B images, T = 1 + n_patches tokens (CLS first), d = transformer width, D = embedding dim,
+L = number of residual blocks. "MLP input" is the LN2 output of a block, "MLP output" is what the
+block adds to the residual stream after its MLP (layer scale included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Protocol
+
+import torch
+from torch import nn
+
+TokenSet = Literal["all", "cls", "patches"]
+TOKEN_SETS: tuple[str, ...] = ("all", "cls", "patches")
+
+
+class UnsupportedModel(ValueError):
+    """The vision tower has a structure the additive decomposition does not cover."""
+
+
+def check_supported(visual: nn.Module) -> None:
+    """Raise `UnsupportedModel` unless `visual` is an open_clip ViT with CLS-token pooling."""
+    if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
+        raise UnsupportedModel(f"{type(visual).__name__} is not an open_clip VisionTransformer (no transformer.resblocks)")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedModel("attentional pooling is not supported: the embedding must be a function of the CLS token")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UnsupportedModel(f"pool_type={visual.pool_type!r} is not supported; only 'tok' (CLS token) pooling")
+    for i, blk in enumerate(visual.transformer.resblocks):
+        for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2"):
+            if not hasattr(blk, name):
+                raise UnsupportedModel(f"block {i} ({type(blk).__name__}) has no {name}")
+
+
+def blocks(visual: nn.Module) -> nn.ModuleList:
+    return visual.transformer.resblocks
+
+
+def embed(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] preprocessed pixels -> [B, T, d] tokens after patch+class+position embedding and ln_pre."""
+    return visual._embeds(pixels)
+
+
+def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the attention sub-block adds to the residual stream [B, T, d]."""
+    if hasattr(block, "attention"):  # open_clip ResidualAttentionBlock (nn.MultiheadAttention)
+        return block.ls_1(block.attention(q_x=block.ln_1(x)))
+    return block.ls_1(block.ln_attn(block.attn(block.ln_1(x))))  # CustomResidualAttentionBlock
+
+
+def mlp_in(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's input (LN2 output) [B, T, d] from the residual stream [B, T, d]."""
+    return block.ln_2(x)
+
+
+def mlp_out(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """What the MLP sub-block adds to the residual stream, from its input h [.., d]."""
+    return block.ls_2(block.mlp(h))
+
+
+def final_layernorm(visual: nn.Module) -> nn.LayerNorm:
+    return visual.ln_post
+
+
+def project(visual: nn.Module, cls_resid: torch.Tensor) -> torch.Tensor:
+    """Final CLS residual [B, d] -> image embedding [B, D] (ln_post, then proj). Not normalised."""
+    pooled = visual.ln_post(cls_resid)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def split_tokens(tokens: TokenSet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, d] -> (tokens in the set, the others); CLS is token 0."""
+    if tokens == "cls":
+        return x[:, :1], x[:, 1:]
+    if tokens == "patches":
+        return x[:, 1:], x[:, :1]
+    if tokens == "all":
+        return x, x[:, :0]
+    raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
+
+
+def join_tokens(tokens: TokenSet, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_tokens`."""
+    if tokens == "cls":
+        return torch.cat([inside, outside], dim=1)
+    if tokens == "patches":
+        return torch.cat([outside, inside], dim=1)
+    return inside
+
+
+class MlpReplacement(Protocol):
+    """Called at every block: (layer, MLP input h [B,T,d], the real MLP as a function) -> MLP output [B,T,d]."""
+
+    def __call__(self, layer: int, h: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class ForwardResult:
+    """embedding [B, D]; CLS-token pieces of the final residual: embed_cls [B, d], attn_cls / mlp_cls [L, B, d]."""
+
+    embedding: torch.Tensor
+    cls_resid: torch.Tensor
+    embed_cls: torch.Tensor
+    attn_cls: torch.Tensor
+    mlp_cls: torch.Tensor
+
+
+def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | None = None) -> ForwardResult:
+    """Run the ViT block by block; `replace` may substitute any MLP output (see `MlpReplacement`)."""
+    x = embed(visual, pixels)
+    embed_cls = x[:, 0]
+    attn_cls, mlp_cls = [], []
+    for layer, block in enumerate(blocks(visual)):
+        a = attention_out(block, x)
+        x = x + a
+        h = mlp_in(block, x)
+        fn = lambda t, b=block: mlp_out(b, t)  # noqa: E731
+        m = fn(h) if replace is None else replace(layer, h, fn)
+        x = x + m
+        attn_cls.append(a[:, 0])
+        mlp_cls.append(m[:, 0])
+    cls = x[:, 0]
+    return ForwardResult(project(visual, cls), cls, embed_cls, torch.stack(attn_cls), torch.stack(mlp_cls))
+
+
+@dataclass
+class Capture:
+    """Per-layer MLP inputs and outputs [L, B, T', d] at the requested tokens, and the embedding [B, D]."""
+
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+    embedding: torch.Tensor
+
+
+@torch.no_grad()
+def capture(visual: nn.Module, pixels: torch.Tensor, tokens: TokenSet = "all") -> Capture:
+    """One forward pass recording every block's MLP input and output at the chosen tokens."""
+    ins, outs = [], []
+
+    def record(layer: int, h: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        m = mlp(h)
+        ins.append(split_tokens(tokens, h)[0])
+        outs.append(split_tokens(tokens, m)[0])
+        return m
+
+    res = forward(visual, pixels, record)
+    return Capture(torch.stack(ins), torch.stack(outs), res.embedding)
+
+
+class FixedOutputs:
+    """Replacement that writes given MLP outputs [L, B, T', d] at the chosen tokens of the chosen layers."""
+
+    def __init__(self, outputs: torch.Tensor, layers: Iterable[int], tokens: TokenSet = "all") -> None:
+        self.outputs, self.layers, self.tokens = outputs, set(layers), tokens
+
+    def __call__(self, layer: int, h: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if layer not in self.layers:
+            return mlp(h)
+        _, outside = split_tokens(self.tokens, h)
+        return join_tokens(self.tokens, self.outputs[layer], mlp(outside))
+
+
+class CltSplice:
+    """Replacement by a CLT: at `layers`, the MLP output at `tokens` becomes the CLT reconstruction.
+
+    Features of every layer are computed from this (spliced) run's own MLP inputs at `tokens`, and
+    each source layer's decoded writes to later layers are kept until those layers run. With
+    `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
+
+    After a run: `codes[l]` (SparseCode over B*T' tokens), `writes[l]` raw-unit writes of source l
+    [B, T', n_targets, d], `recon[l]` / `true[l]` [B, T', d] for every layer in `layers` (true only
+    when observing).
+    """
+
+    def __init__(self, clt: nn.Module, layers: Iterable[int] | None = None, tokens: TokenSet = "cls", observe: bool = False) -> None:
+        n = clt.cfg.n_layers
+        self.clt, self.tokens, self.observe = clt, tokens, observe
+        self.layers = set(range(n)) if layers is None else set(layers)
+        self.codes: list = []
+        self.writes: list[torch.Tensor] = []
+        self.recon: dict[int, torch.Tensor] = {}
+        self.true: dict[int, torch.Tensor] = {}
+        self._pending: list[list[torch.Tensor]] = [[] for _ in range(n)]
+
+    def __call__(self, layer: int, h: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        clt = self.clt
+        inside, outside = split_tokens(self.tokens, h)
+        b, t, d = inside.shape
+        needed = any(j >= layer for j in self.layers)
+        if needed:
+            code = clt.encode(layer, inside.reshape(b * t, d))
+            w = clt.decode_source(layer, code)  # [N, n_t, d] normalised
+            scale = clt.out_scale[layer : layer + w.shape[1]]
+            w = (w * scale[None, :, None]).reshape(b, t, w.shape[1], d)
+            self.codes.append(code)
+            self.writes.append(w)
+            for off in range(w.shape[2]):
+                self._pending[layer + off].append(w[:, :, off])
+        if layer not in self.layers:
+            return mlp(h)
+        recon = clt.b_dec[layer] * clt.out_scale[layer]
+        for part in self._pending[layer]:
+            recon = recon + part
+        recon = recon.expand(b, t, d) if recon.dim() == 1 else recon
+        self.recon[layer] = recon
+        if self.observe:
+            m = mlp(h)
+            self.true[layer] = split_tokens(self.tokens, m)[0]
+            return m
+        return join_tokens(self.tokens, recon, mlp(outside) if outside.shape[1] else outside)
+
+
+def spliced_forward(
+    visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, layers: Iterable[int] | None = None, tokens: TokenSet = "all"
+) -> ForwardResult:
+    """Embedding of the ViT whose MLPs at `layers` (default: all) and `tokens` are replaced by the CLT."""
+    return forward(visual, pixels, CltSplice(clt, layers, tokens))
