@@ -1,0 +1,207 @@
+"""Stream MLP inputs/outputs from a ViT into a shuffling token buffer (nothing per token touches disk).
+
+Images are read in a seeded random order (a fresh permutation per epoch), preprocessed with the
+backbone's own transform, and run through `training.vit.capture` in groups of `images_per_batch`.
+The captured tokens (CLS, patches or all) go into an in-memory buffer of about `buffer_tokens`
+tokens; training batches are drawn uniformly at random from it (so a batch mixes tokens of many
+images), and the buffer is refilled to full whenever it drops below half.
+
+Buffer layout: `buf` [capacity, 2, L, d] (slot 0: MLP input = LN2 output, slot 1: MLP output), one
+row per token; batches come out as `(mlp_in, mlp_out)`, each [L, N, d] float32.
+
+Resumable position: `state_dict()` holds the epoch, the image cursor inside that epoch and the
+sampling RNG. The buffer's content is not saved (it is large and per token): a resumed stream
+continues with the next unread images and refills its buffer from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .backbone import Backbone
+from .vit import TOKEN_SETS, TokenSet, capture
+
+
+class _Preprocessed(Dataset):
+    """Wraps a dataset of (PIL image or [3, H, W] tensor, label) into preprocessed pixel tensors."""
+
+    def __init__(self, dataset: Dataset, preprocess: Any) -> None:
+        self.dataset, self.preprocess = dataset, preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.dataset[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        return image if isinstance(image, torch.Tensor) else self.preprocess(image)
+
+
+@dataclass
+class StreamStats:
+    """Counters: images run through the ViT, tokens captured, tokens handed out as batches."""
+
+    images: int = 0
+    tokens_captured: int = 0
+    tokens_served: int = 0
+    vit_seconds: float = 0.0
+
+
+class ActivationStream:
+    """Shuffled batches of (mlp_in, mlp_out) [L, N, d] captured from `backbone` over `dataset`.
+
+    `tokens` picks the token set (all / cls / patches); `num_workers` > 0 decodes and preprocesses
+    images in DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        dataset: Dataset,
+        *,
+        tokens: TokenSet = "all",
+        batch_tokens: int = 4096,
+        buffer_tokens: int = 65536,
+        images_per_batch: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if tokens not in TOKEN_SETS:
+            raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {tokens!r}")
+        n_images = len(dataset)  # type: ignore[arg-type]
+        if n_images == 0:
+            raise ValueError("the dataset is empty")
+        if batch_tokens < 1 or images_per_batch < 1:
+            raise ValueError("batch_tokens and images_per_batch must be >= 1")
+        self.backbone, self.tokens = backbone, tokens
+        self.device = backbone.device
+        self.batch_tokens = batch_tokens
+        self.images_per_batch = images_per_batch
+        self.tokens_per_image = {"all": backbone.n_tokens, "cls": 1, "patches": backbone.n_tokens - 1}[tokens]
+        # at least two batches' worth, so refilling at half still leaves a full batch
+        self.buffer_tokens = max(buffer_tokens, 2 * batch_tokens)
+        self.capacity = self.buffer_tokens + images_per_batch * self.tokens_per_image
+        self.dataset = _Preprocessed(dataset, backbone.preprocess)
+        self.n_images = n_images
+        self.seed, self.num_workers = seed, num_workers
+        self.dtype = dtype
+        self.epoch, self.cursor = 0, 0
+        self.rng = torch.Generator(device="cpu").manual_seed(seed + 1)
+        self.stats = StreamStats()
+        L, d = backbone.n_layers, backbone.d_model
+        self.buf = torch.empty(self.capacity, 2, L, d, dtype=dtype, device=self.device)
+        self.n = 0  # valid tokens at the front of buf
+        self._images: Iterator[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ images
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_images, generator=g)
+
+    def _image_batches(self) -> Iterator[torch.Tensor]:
+        """Pixel batches [B, 3, H, W] from (epoch, cursor) on, forever; advances the cursor as it yields."""
+        while True:
+            order = self._order(self.epoch)[self.cursor :].tolist()
+            loader = DataLoader(
+                Subset(self.dataset, order),
+                batch_size=self.images_per_batch,
+                shuffle=False,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+            )
+            for pixels in loader:
+                self.cursor += pixels.shape[0]
+                yield pixels
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def _capture_next(self) -> int:
+        """Run one group of images through the ViT and append its tokens to the buffer; returns the count."""
+        import time
+
+        if self._images is None:
+            self._images = self._image_batches()
+        pixels = next(self._images).to(self.device)
+        t0 = time.perf_counter()
+        cap = capture(self.backbone.visual, pixels, self.tokens)  # mlp_in/out [L, B, T', d]
+        pair = torch.stack([cap.mlp_in, cap.mlp_out])  # [2, L, B, T', d]
+        count = pair.shape[2] * pair.shape[3]
+        rows = pair.reshape(2, pair.shape[1], count, pair.shape[-1]).permute(2, 0, 1, 3)  # [B*T', 2, L, d]
+        self.buf[self.n : self.n + count] = rows.to(self.dtype)
+        self.n += count
+        self.stats.images += pixels.shape[0]
+        self.stats.tokens_captured += count
+        self.stats.vit_seconds += time.perf_counter() - t0
+        return count
+
+    def fill(self) -> None:
+        """Refill the buffer to at least `buffer_tokens` tokens."""
+        while self.n < self.buffer_tokens:
+            self._capture_next()
+
+    # ------------------------------------------------------------------ batches
+    @staticmethod
+    def _split(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, 2, L, d] token rows -> (mlp_in, mlp_out), each [L, N, d] float32 contiguous."""
+        pair = rows.permute(1, 2, 0, 3).float().contiguous()
+        return pair[0], pair[1]
+
+    def peek(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random sample of up to `n_tokens` buffered tokens, without consuming them (for normalisation)."""
+        self.fill()
+        n = min(n_tokens, self.n)
+        pos = torch.randperm(self.n, generator=self.rng)[:n].to(self.device)
+        return self._split(self.buf[pos])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `batch_tokens` tokens drawn at random from the buffer: (mlp_in, mlp_out) [L, N, d]."""
+        if self.n < self.buffer_tokens // 2 or self.n < self.batch_tokens:
+            self.fill()
+        B, n = self.batch_tokens, self.n
+        pos = torch.randperm(n, generator=self.rng)[:B]
+        out = self.buf[pos.to(self.device)].clone()
+        # move the tail's unpicked tokens into the picked holes, so the valid part stays contiguous
+        picked = torch.zeros(n, dtype=torch.bool)
+        picked[pos] = True
+        holes = pos[pos < n - B]
+        tail = torch.arange(n - B, n)[~picked[n - B :]]
+        if holes.numel():
+            self.buf[holes.to(self.device)] = self.buf[tail.to(self.device)]
+        self.n = n - B
+        self.stats.tokens_served += B
+        return self._split(out)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    # ------------------------------------------------------------------ resumable position
+    def state_dict(self) -> dict[str, Any]:
+        """Where the image stream stands (epoch, cursor) and the sampling RNG; not the buffer's tokens."""
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "rng": self.rng.get_state(),
+            "images": self.stats.images,
+            "tokens_served": self.stats.tokens_served,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the images already read (the buffer is refilled from the next ones)."""
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.rng.set_state(state["rng"])
+        self.stats.images = int(state.get("images", 0))
+        self.stats.tokens_served = int(state.get("tokens_served", 0))
+        self.n, self._images = 0, None
+
+    def description(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "tokens_per_image": self.tokens_per_image,
+            "buffer_tokens": self.buffer_tokens,
+            "images_per_batch": self.images_per_batch,
+            "images": self.n_images,
+        }

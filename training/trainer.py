@@ -1,0 +1,384 @@
+"""Train a cross-layer transcoder on activations streamed from an open_clip ViT.
+
+`train_clt(backbone, dataset, clt_cfg, train_cfg, out_dir)` writes into `out_dir`:
+
+- `metrics.jsonl`: one JSON line every `log_every` steps (`step`, `tokens`, `fvu` [L], `fvu_mean`,
+  `l0` [L], `l0_mean`, `dead_fraction`, `lr`, `loss`, `aux`, `tokens_per_s`).
+- `checkpoints/step-XXXXXXX/`: periodic checkpoints, each a complete `training.checkpoint` directory
+  plus `train_state.pt` (optimizer, step, RNG states, activation-stream position, dead-feature
+  counters). A checkpoint directory is written under a temporary name and renamed, then `LATEST`
+  is replaced atomically, so a kill at any moment leaves a consistent last checkpoint.
+- `clt.safetensors` + `clt.json`: the final CLT (with data description, train config and final metrics).
+
+Re-running the same call after a kill resumes from `LATEST`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .backbone import Backbone
+from .checkpoint import load_checkpoint, save_checkpoint
+from .clt import CLTConfig, CrossLayerTranscoder
+from .vit import TOKEN_SETS, TokenSet
+
+STATE_FILE = "train_state.pt"
+LATEST = "LATEST"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or resume (bad configuration, an out dir holding a different run)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data-streaming settings of one CLT training run.
+
+    Units: `*_tokens` count activation tokens (one token = one image position at all L layers);
+    `*_every` and `*_steps` count optimiser steps.
+    """
+
+    steps: int
+    batch_tokens: int = 4096
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear"] = "cosine"
+    final_lr_fraction: float = 0.1  # lr decays to this fraction of `lr` at the last step
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    tokens: TokenSet = "all"
+    buffer_tokens: int = 65536  # shuffling buffer size
+    images_per_batch: int = 32  # images fed to the ViT per refill step
+    num_workers: int = 0  # DataLoader workers decoding/preprocessing images
+    norm_tokens: int = 16384  # tokens sampled to estimate the normalisation scalars
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    dead_after_tokens: int = 10_000_000  # a feature is dead after not firing for this many tokens
+    aux_coef: float = 1 / 32
+    aux_k: int = 512
+    sparsity_coef: float = 0.0  # JumpReLU tanh-L0 penalty
+    preact_coef: float = 3e-6  # JumpReLU pre-activation loss
+    eval_batches: int = 4  # fresh batches scored in eval mode for the final metrics
+    buffer_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        positive = ("steps", "batch_tokens", "buffer_tokens", "images_per_batch", "checkpoint_every", "log_every", "norm_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
+        if self.tokens not in TOKEN_SETS:
+            raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {self.tokens!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimiser step `step` (0-based): linear warm-up, then decay to final_lr_fraction*lr."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.steps - self.warmup_steps, 1)
+        t = min((step - self.warmup_steps) / span, 1.0)
+        lo = self.final_lr_fraction * self.lr
+        if self.decay == "linear":
+            return self.lr + (lo - self.lr) * t
+        return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (weight decay on weight matrices only)."""
+    decay, no_decay = [], []
+    for name, p in clt.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if name.startswith(("W_enc", "W_dec")) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused kernel unavailable for this device/dtype
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class Checkpointer:
+    """Periodic checkpoints under `out_dir/checkpoints`, each renamed into place; `LATEST` names the newest."""
+
+    def __init__(self, out_dir: Path, keep: int) -> None:
+        self.root = out_dir / "checkpoints"
+        self.keep = max(keep, 1)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / STATE_FILE).is_file() else None
+
+    def save(self, step: int, clt: CrossLayerTranscoder, backbone: Backbone, state: dict[str, Any], **meta: Any) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:08d}"
+        final, tmp = self.root / name, self.root / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(tmp, clt, backbone.identity(), step=step, **meta)
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = self.root / (LATEST + ".tmp")
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.root / LATEST)
+        old = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in old[: -self.keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[str]:
+    """Lines of metrics.jsonl with step <= upto_step (drops lines logged after the resumed checkpoint)."""
+    if not path.is_file():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a half-written last line from a kill
+    return keep
+
+
+@torch.no_grad()
+def evaluate(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """FVU and L0 per layer of `clt` in eval mode (inference activation rule) on held-out batches."""
+    was_training = clt.training
+    clt.eval()
+    err = var = l0 = None
+    n = 0
+    for x, y in batches:
+        recon, codes = clt(x)
+        yc = y - y.mean(1, keepdim=True)
+        e, v = (recon - y).pow(2).sum(-1).sum(-1), yc.pow(2).sum(-1).sum(-1)
+        z = torch.stack([c.l0().float().sum() for c in codes])
+        err, var, l0 = (e, v, z) if err is None else (err + e, var + v, l0 + z)
+        n += x.shape[1]
+    clt.train(was_training)
+    if err is None:
+        return {}
+    fvu = (err / var.clamp_min(1e-12)).tolist()
+    l0s = (l0 / n).tolist()
+    return {"fvu": fvu, "fvu_mean": float(np.mean(fvu)), "l0": l0s, "l0_mean": float(np.mean(l0s)), "eval_tokens": n}
+
+
+# ---------------------------------------------------------------------- training loop
+def train_clt(
+    backbone: Backbone,
+    dataset: Dataset,
+    clt_cfg: CLTConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
+    """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
+
+    Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`, `l0` [L],
+    `l0_mean`, `dead_fraction`, `steps`, `tokens`).
+    """
+    from tqdm.auto import tqdm
+
+    from .activations import ActivationStream
+
+    cfg = train_cfg
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (clt_cfg.n_layers, clt_cfg.d_model) != (backbone.n_layers, backbone.d_model):
+        raise TrainingError(
+            f"CLT config has L={clt_cfg.n_layers}, d_model={clt_cfg.d_model} but the backbone "
+            f"{backbone.spec.model} has L={backbone.n_layers}, d_model={backbone.d_model}"
+        )
+    device = backbone.device
+    seed_everything(cfg.seed)
+    clt = CrossLayerTranscoder(clt_cfg).to(device).train()
+    opt = make_optimizer(clt, cfg)
+    stream = ActivationStream(
+        backbone,
+        dataset,
+        tokens=cfg.tokens,
+        batch_tokens=cfg.batch_tokens,
+        buffer_tokens=cfg.buffer_tokens,
+        images_per_batch=cfg.images_per_batch,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        dtype=_dtype(cfg.buffer_dtype),
+    )
+    data_desc = {
+        **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
+        **stream.description(),
+    }
+    L, Fn = clt_cfg.n_layers, clt_cfg.n_features
+    since_fired = torch.zeros(L, Fn, dtype=torch.long, device=device)
+    ckpt = Checkpointer(out, cfg.keep_checkpoints)
+    metrics_path = out / METRICS
+    step, tokens_seen = 0, 0
+
+    latest = ckpt.latest()
+    if latest is not None:
+        saved, meta = load_checkpoint(latest, backbone, device=device)
+        if saved.cfg.to_dict() != clt_cfg.to_dict():
+            raise TrainingError(
+                f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt_cfg.to_dict()}; "
+                f"use another output directory"
+            )
+        clt.load_state_dict(saved.state_dict())
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["stream"])
+        since_fired.copy_(state["since_fired"].to(device))
+        _set_rng_state(state["rng"])
+        step, tokens_seen = int(state["step"]), int(state["tokens"])
+        lines = _read_metrics(metrics_path, step)
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, metrics_path)
+        print(f"resuming from {latest} (step {step} of {cfg.steps})", flush=True)
+    else:
+        metrics_path.write_text("")
+        x, y = stream.peek(cfg.norm_tokens)
+        clt.fit_normalisation(x, y)
+        del x, y
+
+    use_amp = device.type == "cuda"
+
+    def state_now() -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens": tokens_seen,
+            "optimizer": opt.state_dict(),
+            "stream": stream.state_dict(),
+            "since_fired": since_fired.cpu(),
+            "rng": _rng_state(),
+            "train_config": cfg.to_dict(),
+        }
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train CLT", dynamic_ncols=True)
+    t_start, tokens_start = time.perf_counter(), tokens_seen
+    log_file = open(metrics_path, "a")
+    try:
+        while step < cfg.steps:
+            lr = cfg.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = stream.next_batch()
+            dead = since_fired >= cfg.dead_after_tokens
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = clt.loss(
+                    x,
+                    y,
+                    dead_mask=dead if cfg.aux_coef > 0 else None,
+                    aux_k=cfg.aux_k,
+                    aux_coef=cfg.aux_coef,
+                    sparsity_coef=cfg.sparsity_coef,
+                    preact_coef=cfg.preact_coef,
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.total.float().backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in clt.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            since_fired += x.shape[1]
+            since_fired[loss.fired] = 0
+            step += 1
+            tokens_seen += x.shape[1]
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                fvu = loss.fvu.float().tolist()
+                l0 = loss.l0.float().tolist()
+                elapsed = time.perf_counter() - t_start
+                row = {
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "fvu": fvu,
+                    "fvu_mean": float(np.mean(fvu)),
+                    "l0": l0,
+                    "l0_mean": float(np.mean(l0)),
+                    "dead_fraction": float(dead.float().mean()),
+                    "lr": lr,
+                    "loss": float(loss.total.detach()),
+                    "aux": float(loss.aux),
+                    "tokens_per_s": (tokens_seen - tokens_start) / max(elapsed, 1e-9),
+                }
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                bar.set_postfix(fvu=f"{row['fvu_mean']:.3f}", l0=f"{row['l0_mean']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                ckpt.save(step, clt, backbone, state_now(), data=data_desc, train_config=cfg.to_dict())
+    finally:
+        log_file.close()
+        bar.close()
+
+    eval_data = [stream.next_batch() for _ in range(cfg.eval_batches)]
+    final = evaluate(clt, eval_data)
+    final.update(
+        steps=step,
+        tokens=tokens_seen,
+        dead_fraction=float((since_fired >= cfg.dead_after_tokens).float().mean()),
+    )
+    save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=step)
+    return clt.eval(), final
+
+
+def load_trained(out_dir: str | Path, backbone: Backbone | None = None) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
+    """The final CLT of a finished run (a thin alias of `load_checkpoint`, checking the backbone)."""
+    return load_checkpoint(out_dir, backbone)
+
+
+__all__ = ["TrainConfig", "TrainingError", "train_clt", "evaluate", "load_trained", "Checkpointer"]
