@@ -1,0 +1,169 @@
+"""The fused explainer graph: ViT + CLT + additive decomposition as one ONNX model.
+
+`FusedExplainer.forward(pixels, text_embeddings)` calls `training.decompose.decompose` unchanged, so
+the eager reference and the exported graph share one source of truth. Inputs and outputs are named
+as in docs/bundle.md (`MODEL_INPUTS`, `MODEL_OUTPUTS`); batch B and class count C are dynamic.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from serving.bundle import MODEL_INPUTS, MODEL_OUTPUTS
+from training.decompose import MODES, decompose
+
+DEFAULT_OPSET = 17
+
+
+class FusedExplainer(nn.Module):
+    """pixels [B,3,H,W], text_embeddings [C,D] -> (logits [B,C], embedding [B,D], contributions [B,T,C],
+    top_feature_layer / top_feature_index int64 [B,K], top_feature_activation / top_feature_contribution [B,K])."""
+
+    def __init__(self, visual: nn.Module, clt: nn.Module, logit_scale: float, mode: str = "cls", top_k_features: int = 16) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if top_k_features < 1:
+            raise ValueError(f"top_k_features must be >= 1, got {top_k_features}")
+        self.visual, self.clt = visual, clt
+        self.logit_scale, self.mode, self.top_k_features = float(logit_scale), mode, int(top_k_features)
+
+    def forward(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        d = decompose(self.visual, self.clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features)
+        return (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
+
+
+class PlainClassifier(nn.Module):
+    """The unexplained baseline: open_clip's own image encoder + zero-shot logits [B, C] (benchmarks)."""
+
+    def __init__(self, visual: nn.Module, logit_scale: float) -> None:
+        super().__init__()
+        self.visual, self.logit_scale = visual, float(logit_scale)
+
+    def forward(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        e = self.visual(pixels)
+        return self.logit_scale * (e / e.norm(dim=-1, keepdim=True)) @ text_embeddings.T
+
+
+@contextlib.contextmanager
+def export_context(*modules: nn.Module) -> Iterator[None]:
+    """Exportable settings for the duration of an export: nn.MultiheadAttention's native fast path off
+    (no ONNX symbolic), CLT decoders as gather+einsum (`export_gather`), modules in eval mode."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    saved = []
+    for m in modules:
+        for sub in m.modules():
+            if hasattr(sub, "export_gather"):
+                saved.append((sub, sub.export_gather))
+                sub.export_gather = True
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for sub, flag in saved:
+            sub.export_gather = flag
+
+
+def torch_export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: str | Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """torch.onnx.export with the TorchScript exporter (dynamo=False), quietly. Large models (> 2 GB)
+    get their weights in one external file `<name>.data` next to the graph (see `consolidate`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    with export_context(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+    return consolidate(path)
+
+
+def consolidate(path: Path) -> Path:
+    """If an export scattered weights over many external files, gather them into `<name>.data`."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ext = {
+        e.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for e in init.external_data
+        if e.key == "location"
+    }
+    if not ext or ext == {path.name + ".data"}:
+        return path
+    model = onnx.load(str(path), load_external_data=True)
+    for name in ext:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path.parent / name)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def external_files(path: str | Path) -> list[str]:
+    """Names (relative to the graph's folder) of the external weight files a graph refers to."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for graph_init in model.graph.initializer:
+        if graph_init.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in graph_init.external_data if e.key == "location")
+    return sorted(names)
+
+
+def example_inputs(visual: nn.Module, embed_dim: int, batch: int = 2, n_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (pixels [B,3,H,W], L2-normalised text embeddings [C,D]) for tracing."""
+    H, W = tuple(visual.image_size)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(n_classes, embed_dim, generator=g)
+    return torch.randn(batch, 3, H, W, generator=g), t / t.norm(dim=-1, keepdim=True)
+
+
+def export_explainer(
+    visual: nn.Module,
+    clt: nn.Module,
+    path: str | Path,
+    *,
+    logit_scale: float,
+    embed_dim: int,
+    mode: str = "cls",
+    top_k_features: int = 16,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write the fused explainer graph (docs/bundle.md `model.onnx`) to `path`."""
+    module = FusedExplainer(visual, clt, logit_scale, mode, top_k_features)
+    dyn = {"pixels": {0: "B"}, "text_embeddings": {0: "C"}, "logits": {0: "B", 1: "C"}, "embedding": {0: "B"},
+           "contributions": {0: "B", 2: "C"}}
+    dyn.update({n: {0: "B"} for n in MODEL_OUTPUTS[3:]})
+    return torch_export(module, example_inputs(visual, embed_dim), path, list(MODEL_INPUTS), list(MODEL_OUTPUTS), dyn, opset)
+
+
+def export_plain(visual: nn.Module, path: str | Path, *, logit_scale: float, embed_dim: int, opset: int = DEFAULT_OPSET) -> Path:
+    """Write the baseline graph pixels, text_embeddings -> logits (open_clip's encoder, no explanation)."""
+    dyn = {"pixels": {0: "B"}, "text_embeddings": {0: "C"}, "logits": {0: "B", 1: "C"}}
+    return torch_export(PlainClassifier(visual, logit_scale), example_inputs(visual, embed_dim), path,
+                        list(MODEL_INPUTS), ["logits"], dyn, opset)
