@@ -1,0 +1,193 @@
+"""`cltvit-train`: train a cross-layer transcoder on an open_clip ViT from the command line.
+
+Example:
+    cltvit-train --model ViT-B-32 --pretrained openai --dataset cifar100 --data-dir DIR \
+        --features 6144 --k 32 --activation topk --steps 20000 --out runs/b32
+
+Re-running the same command after an interruption resumes from the last checkpoint in --out.
+Bad arguments print one line `cltvit-train: error: argument --X: ...` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+PROG = "cltvit-train"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+
+    p = _Parser(prog=PROG, description="Train a cross-layer transcoder (CLT) on the MLPs of an open_clip ViT.")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32, ViT-B-16, cltvit-tiny")
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a checkpoint file; default: random weights")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind")
+    g.add_argument("--data-dir", default=None, help="dataset root (fashion-mnist: defaults to Debian's dataset-fashion-mnist files)")
+    g.add_argument("--class-list", default=None, help="imagenet100: file with one synset folder per line")
+    g.add_argument("--split", default="train", help="dataset split (default: train)")
+    g.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N images")
+    g.add_argument("--tokens", choices=("all", "cls", "patches"), default="all", help="token set to train on (default: all)")
+    g.add_argument("--num-workers", type=_int_at_least(0), default=0, help="DataLoader workers for image decoding")
+    g = p.add_argument_group("CLT")
+    g.add_argument("--features", type=_int_at_least(1), default=6144, help="features per layer F (default 6144)")
+    g.add_argument("--k", type=_int_at_least(1), default=32, help="active features per token (topk/batchtopk; default 32)")
+    g.add_argument("--activation", choices=("topk", "batchtopk", "jumprelu", "relu"), default="topk")
+    g.add_argument("--no-cross-layer", action="store_true", help="per-layer transcoders (each layer decodes only to itself)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_int_at_least(1), required=True, help="optimiser steps")
+    g.add_argument("--batch-tokens", type=_int_at_least(1), default=4096, help="tokens per step (default 4096)")
+    g.add_argument("--lr", type=_positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
+    g.add_argument("--warmup-steps", type=_int_at_least(0), default=None, help="linear warm-up steps (default: min(1000, steps/10))")
+    g.add_argument("--decay", choices=("cosine", "linear"), default="cosine", help="decay to 0.1*lr (default cosine)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
+    g.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--aux-coef", type=_nonneg_float, default=1 / 32, help="AuxK loss weight (topk/batchtopk)")
+    g.add_argument("--sparsity-coef", type=_nonneg_float, default=0.0, help="tanh-L0 penalty weight (jumprelu)")
+    g.add_argument("--dead-after-tokens", type=_int_at_least(1), default=10_000_000)
+    g.add_argument("--buffer-tokens", type=_int_at_least(1), default=65536, help="shuffling buffer size in tokens")
+    g.add_argument("--buffer-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--images-per-batch", type=_int_at_least(1), default=32, help="images per ViT forward when refilling")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final clt.safetensors/clt.json)")
+    g.add_argument("--checkpoint-every", type=_int_at_least(1), default=500)
+    g.add_argument("--log-every", type=_int_at_least(1), default=10)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-train`; returns 0, or exits with status 2 on a bad argument."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.k > args.features:
+        parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
+    if args.data_dir is not None and not Path(args.data_dir).exists():
+        parser.error(f"argument --data-dir: {args.data_dir} does not exist")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {out} exists and is not a directory")
+
+    import open_clip
+
+    from .backbone import BackboneError, load_backbone, pick_device, register_project_configs
+    from .clt import CLTConfig
+    from .data import DatasetError, load_dataset
+    from .trainer import TrainConfig, TrainingError, train_clt
+    from .vit import UnsupportedModel
+
+    register_project_configs()
+    if args.model not in open_clip.list_models():
+        parser.error(f"argument --model: unknown open_clip architecture {args.model!r} (e.g. ViT-B-32, ViT-B-16, cltvit-tiny)")
+    try:
+        device = pick_device(args.device)
+    except (BackboneError, RuntimeError) as exc:
+        parser.error(f"argument --device: {exc}")
+    try:
+        dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
+    except DatasetError as exc:
+        parser.error(f"argument --dataset/--data-dir: {exc}")
+    if args.limit is not None and args.limit < len(dataset):
+        from torch.utils.data import Subset
+
+        full = dataset
+        dataset = Subset(full, range(args.limit))
+        dataset.description = lambda: {**full.description(), "size": args.limit, "limit": args.limit}  # type: ignore[attr-defined]
+    try:
+        backbone = load_backbone(args.model, args.pretrained, device=device, seed=args.seed)
+    except BackboneError as exc:
+        parser.error(f"argument --pretrained: {exc}")
+    except UnsupportedModel as exc:
+        parser.error(f"argument --model: {exc}")
+    try:
+        clt_cfg = CLTConfig(
+            n_layers=backbone.n_layers,
+            d_model=backbone.d_model,
+            n_features=args.features,
+            activation=args.activation,
+            k=args.k,
+            cross_layer=not args.no_cross_layer,
+        )
+        warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.steps // 10)
+        train_cfg = TrainConfig(
+            steps=args.steps,
+            batch_tokens=args.batch_tokens,
+            lr=args.lr,
+            warmup_steps=warmup,
+            decay=args.decay,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            seed=args.seed,
+            tokens=args.tokens,
+            buffer_tokens=args.buffer_tokens,
+            buffer_dtype=args.buffer_dtype,
+            images_per_batch=args.images_per_batch,
+            num_workers=args.num_workers,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every,
+            dead_after_tokens=args.dead_after_tokens,
+            aux_coef=args.aux_coef,
+            sparsity_coef=args.sparsity_coef,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress)
+    except TrainingError as exc:
+        parser.error(f"argument --out: {exc}")
+    except DatasetError as exc:
+        parser.error(f"argument --dataset/--data-dir: {exc}")
+    summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
+    print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
