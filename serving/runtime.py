@@ -1,0 +1,384 @@
+"""In-process runtime of a bundle: ONNX Runtime + numpy + Pillow, no torch.
+
+`BundleRuntime(bundle_dir)` validates the bundle, opens the image graph (`model.onnx` or a
+variant) and the text graph once, on CUDA (with IO binding) when a GPU is present, else on CPU.
+The HTTP service and the folder-scoring / monitoring tools all wrap this class.
+
+Shapes: B images, C labels, D embedding dim, T = 2L + 3 terms, K = top_k_features.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from .bundle import BundleError, Manifest, load_bundle
+from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, TermContribution
+from .tokenizer import ClipTokenizer
+
+Device = Literal["auto", "cpu", "cuda"]
+MAX_LABELS = 1000
+MAX_LABEL_CHARS = 200
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+OUTPUT_NAMES = (
+    "logits",
+    "embedding",
+    "contributions",
+    "top_feature_layer",
+    "top_feature_index",
+    "top_feature_activation",
+    "top_feature_contribution",
+)
+
+
+class LabelError(ValueError):
+    """A user-supplied label set is unusable; the message names the problem."""
+
+
+class RuntimeSetupError(RuntimeError):
+    """The runtime could not be created (bad variant, CUDA requested but absent, ...)."""
+
+
+def validate_labels(labels: Sequence[str]) -> list[str]:
+    """Check a custom label set: 1..1000 labels, each 1..200 characters after stripping, no duplicates.
+
+    Returns the stripped labels. Raises `LabelError` naming the first problem.
+    """
+    if isinstance(labels, str):
+        raise LabelError("labels must be a list of strings, not a single string")
+    labels = list(labels)
+    if not labels:
+        raise LabelError("labels is empty: give at least one label (or omit it for the bundle's labels)")
+    if len(labels) > MAX_LABELS:
+        raise LabelError(f"too many labels: {len(labels)} given, at most {MAX_LABELS} allowed")
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(labels):
+        if not isinstance(raw, str):
+            raise LabelError(f"labels[{i}] is {type(raw).__name__}, expected a string")
+        label = raw.strip()
+        if not label:
+            raise LabelError(f"labels[{i}] is an empty string")
+        if len(label) > MAX_LABEL_CHARS:
+            raise LabelError(f"labels[{i}] is {len(label)} characters long, at most {MAX_LABEL_CHARS} allowed")
+        if label in seen:
+            raise LabelError(f"duplicate label {label!r} (labels[{seen[label]}] and labels[{i}])")
+        seen[label] = i
+        out.append(label)
+    return out
+
+
+def cuda_present() -> bool:
+    """True when this machine has an NVIDIA driver and this onnxruntime build has the CUDA provider."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+@dataclass(frozen=True)
+class RawOutputs:
+    """The image graph's outputs as numpy arrays (see docs/bundle.md)."""
+
+    logits: np.ndarray  # [B, C] float32
+    embedding: np.ndarray  # [B, D] float32
+    contributions: np.ndarray  # [B, T, C] float32
+    top_feature_layer: np.ndarray  # [B, K] int64
+    top_feature_index: np.ndarray  # [B, K] int64
+    top_feature_activation: np.ndarray  # [B, K] float32
+    top_feature_contribution: np.ndarray  # [B, K] float32
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+
+class _LRU:
+    """A small thread-safe LRU map (bounded memory for user-defined label sets)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class BundleRuntime:
+    """A loaded bundle: preprocessing, label embedding, the fused graph, and result building.
+
+    `device`: 'auto' (CUDA when present, else CPU, chosen once), 'cpu' or 'cuda' (error if absent).
+    `variant`: a key of the manifest's `variants` ('fp32', 'int8', 'fp16').
+    `threads`: ONNX Runtime intra-op threads (None: ORT's default).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        *,
+        device: Device = "auto",
+        variant: str = "fp32",
+        threads: int | None = None,
+        label_cache_size: int = 64,
+        verify_checksums: bool = True,
+    ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise RuntimeSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if threads is not None and threads < 1:
+            raise RuntimeSetupError(f"threads must be >= 1, got {threads}")
+        self.manifest: Manifest
+        self.manifest, self.paths = load_bundle(bundle_dir, verify_checksums=verify_checksums)
+        if variant not in self.paths.models:
+            raise RuntimeSetupError(
+                f"bundle {self.paths.root} has no {variant!r} variant (available: {', '.join(sorted(self.paths.models))})"
+            )
+        self.bundle_dir = self.paths.root
+        self.variant = variant
+        m = self.manifest
+        self.term_names: list[str] = list(m.term_names)
+        self.label_names: list[str] = list(m.labels.names)
+        self.templates: list[str] = list(m.labels.templates)
+        self.image_size: tuple[int, int] = (int(m.preprocess.image_size[0]), int(m.preprocess.image_size[1]))
+        self.embed_dim = int(m.backbone.embed_dim)
+        self._mean = np.asarray(m.preprocess.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(m.preprocess.std, dtype=np.float32).reshape(3, 1, 1)
+        self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
+        self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
+        self._label_cache = _LRU(label_cache_size)
+
+        use_cuda = device == "cuda" or (device == "auto" and cuda_present())
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.paths.model_for(variant)), opts, providers=providers)
+            self.text_session = ort.InferenceSession(str(self.paths.text), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for unreadable graphs
+            raise RuntimeSetupError(f"ONNX Runtime could not open the graphs of {self.paths.root}: {exc}") from exc
+        self.provider: str = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise RuntimeSetupError("device='cuda' was requested but ONNX Runtime could not use CUDA on this machine")
+        self.use_io_binding = self.provider == "CUDAExecutionProvider"
+        if [o.name for o in self.session.get_outputs()] != list(OUTPUT_NAMES):
+            raise BundleError(self.paths.root, [f"model outputs are {[o.name for o in self.session.get_outputs()]}, expected {list(OUTPUT_NAMES)}"])
+
+    # ------------------------------------------------------------------ preprocessing
+    def resize_crop(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 [H, W, 3] after open_clip's eval resize and center crop (no scaling yet)."""
+        spec = self.manifest.preprocess
+        H, W = self.image_size
+        im = image if image.mode == "RGB" else image.convert("RGB")
+        resample = _RESAMPLE[spec.interpolation]
+        w, h = im.size
+        if spec.resize == "squash":
+            size = (W, H)
+        elif spec.resize == "shortest" and H == W:  # torchvision Resize(int): short side -> H, long truncated
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = H, int(H * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+        else:  # open_clip ResizeKeepRatio (longest = 0 for 'shortest', 1 for 'longest')
+            longest = 1.0 if spec.resize == "longest" else 0.0
+            ratio_h, ratio_w = h / H, w / W
+            ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+            size = (round(w / ratio), round(h / ratio))
+        arr = np.asarray(im.resize(size, resample), dtype=np.uint8)
+        return _center_crop_or_pad(arr, H, W)
+
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> float32 [B, 3, H, W]: /255, (x - mean) / std (as torchvision does)."""
+        x = batch.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+        return np.ascontiguousarray((x - self._mean) / self._std, dtype=np.float32)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> float32 [3, H, W], identical to open_clip's eval transform."""
+        return self.normalize(self.resize_crop(image)[None])[0]
+
+    # ------------------------------------------------------------------ labels
+    def embed_texts(self, prompts: Sequence[str], chunk: int = 256) -> np.ndarray:
+        """float32 [N, D] L2-normalised text embeddings of prompts (text.onnx), in chunks."""
+        outs = []
+        for i in range(0, len(prompts), chunk):
+            tokens = self.tokenizer(list(prompts[i : i + chunk]))
+            (emb,) = self.text_session.run(["text_embeddings"], {"tokens": tokens})
+            outs.append(np.asarray(emb, dtype=np.float32))
+        return np.concatenate(outs) if outs else np.zeros((0, self.embed_dim), np.float32)
+
+    def embed_labels(self, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> np.ndarray:
+        """float32 [C, D] class embeddings: mean of the normalised template embeddings, renormalised.
+
+        `labels=None` (or the bundle's own labels with its templates) gives `labels.npy`. Custom sets
+        are validated (`validate_labels`) and cached in a bounded LRU keyed by (labels, templates).
+        """
+        if labels is None:
+            return self.default_text
+        names = validate_labels(labels)
+        tmpl = list(templates) if templates is not None else self.templates
+        if not tmpl or any("{}" not in t for t in tmpl):
+            raise LabelError("every template needs a '{}' slot for the label")
+        if names == self.label_names and tmpl == self.templates:
+            return self.default_text
+        key = (tuple(names), tuple(tmpl))
+        cached = self._label_cache.get(key)
+        if cached is not None:
+            return cached
+        prompts = [t.format(n) for n in names for t in tmpl]
+        emb = self.embed_texts(prompts).astype(np.float64).reshape(len(names), len(tmpl), -1).mean(1)
+        emb /= np.linalg.norm(emb, axis=-1, keepdims=True).clip(min=1e-12)
+        out = np.ascontiguousarray(emb, dtype=np.float32)
+        out.setflags(write=False)
+        self._label_cache.put(key, out)
+        return out
+
+    # ------------------------------------------------------------------ inference
+    def run(self, pixels: np.ndarray, text_embeddings: np.ndarray | None = None) -> RawOutputs:
+        """pixels float32 [B, 3, H, W] (preprocessed), text [C, D] (default: the bundle's labels) -> outputs."""
+        H, W = self.image_size
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, H, W) or pixels.shape[0] < 1:
+            raise ValueError(f"pixels must be float32 [B>=1, 3, {H}, {W}], got shape {list(pixels.shape)}")
+        text = self.default_text if text_embeddings is None else np.ascontiguousarray(text_embeddings, dtype=np.float32)
+        if text.ndim != 2 or text.shape[1] != self.embed_dim or text.shape[0] < 1:
+            raise ValueError(f"text_embeddings must be float32 [C>=1, {self.embed_dim}], got shape {list(text.shape)}")
+        feeds = {"pixels": pixels, "text_embeddings": text}
+        if self.use_io_binding:
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name in OUTPUT_NAMES:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            outs = binding.copy_outputs_to_cpu()
+        else:
+            outs = self.session.run(list(OUTPUT_NAMES), feeds)
+        return RawOutputs(*[np.asarray(o) for o in outs])
+
+    def results(
+        self,
+        raw: RawOutputs,
+        label_names: Sequence[str],
+        *,
+        top_k: int | None = None,
+        detail: bool = True,
+        include_embedding: bool = False,
+    ) -> list[ImageResult]:
+        """Turn raw outputs into one `ImageResult` per image (see schemas.py for the fields' units).
+
+        `top_k` labels are reported (None: min(5, C)); it must be in [1, C].
+        """
+        C = raw.logits.shape[1]
+        if len(label_names) != C:
+            raise ValueError(f"{len(label_names)} label names for {C} logits")
+        k = min(5, C) if top_k is None else int(top_k)
+        if not 1 <= k <= C:
+            raise LabelError(f"top_k={k} is out of range: it must be between 1 and the number of labels ({C})")
+        out: list[ImageResult] = []
+        for b in range(len(raw)):
+            logits = raw.logits[b].astype(np.float64)
+            contrib = raw.contributions[b].astype(np.float64)  # [T, C]
+            z = logits - logits.max()
+            probs = np.exp(z) / np.exp(z).sum()
+            order = np.argsort(-logits, kind="stable")[:k]
+            pred = int(order[0])
+            residual = float(np.abs(contrib.sum(0) - logits).max())
+            mags = np.abs(contrib[:, pred])
+            shares = (mags / mags.sum()) if mags.sum() > 0 else np.zeros_like(mags)
+            top = [LabelScore(label=label_names[c], probability=float(probs[c]), logit=float(logits[c])) for c in order]
+            explanations = features = None
+            if detail:
+                explanations = []
+                for c in order:
+                    lc = float(logits[c])
+                    terms = [
+                        TermContribution(term=t, value=float(v), share=float(v / lc) if lc != 0.0 else 0.0)
+                        for t, v in zip(self.term_names, contrib[:, c])
+                    ]
+                    explanations.append(ClassExplanation(label=label_names[c], logit=lc, terms=terms))
+                features = [
+                    FeatureContribution(layer=int(l), index=int(i), activation=float(a), contribution=float(cv))
+                    for l, i, a, cv in zip(
+                        raw.top_feature_layer[b], raw.top_feature_index[b],
+                        raw.top_feature_activation[b], raw.top_feature_contribution[b],
+                    )
+                ]
+            out.append(
+                ImageResult(
+                    predicted=label_names[pred],
+                    top=top,
+                    explanations=explanations,
+                    top_features=features,
+                    completeness_residual=residual,
+                    term_shares=[float(s) for s in shares],
+                    embedding=[float(v) for v in raw.embedding[b]] if include_embedding else None,
+                )
+            )
+        return out
+
+    def explain(
+        self,
+        images: Sequence[Image.Image],
+        labels: Sequence[str] | None = None,
+        top_k: int | None = None,
+        detail: bool = True,
+        *,
+        include_embedding: bool = False,
+    ) -> list[ImageResult]:
+        """Classify and explain PIL images in one batch against `labels` (default: the bundle's).
+
+        `top_k` None reports min(5, C) labels; `detail` adds per-term explanations and top features.
+        """
+        if not images:
+            return []
+        names = self.label_names if labels is None else validate_labels(labels)
+        text = self.embed_labels(None if labels is None else names)
+        pixels = np.stack([self.preprocess(im) for im in images])
+        return self.results(self.run(pixels, text), names, top_k=top_k, detail=detail, include_embedding=include_embedding)
+
+    def describe(self) -> dict:
+        """Short description for logs and /info."""
+        m = self.manifest
+        return {
+            "bundle": str(self.bundle_dir),
+            "backbone": m.backbone.model,
+            "mode": m.mode,
+            "variant": self.variant,
+            "provider": self.provider,
+            "labels": len(self.label_names),
+            "terms": len(self.term_names),
+        }
+
+
+def _center_crop_or_pad(arr: np.ndarray, H: int, W: int) -> np.ndarray:
+    """uint8 [h, w, 3] -> [H, W, 3]: zero-pad when smaller, then torchvision's center crop rounding."""
+    h, w = arr.shape[:2]
+    if h < H or w < W:
+        pt, pl = (max(H - h, 0)) // 2, (max(W - w, 0)) // 2
+        pb, pr = (max(H - h, 0) + 1) // 2, (max(W - w, 0) + 1) // 2
+        arr = np.pad(arr, ((pt, pb), (pl, pr), (0, 0)))
+        h, w = arr.shape[:2]
+    top = int(round((h - H) / 2.0))
+    left = int(round((w - W) / 2.0))
+    return np.ascontiguousarray(arr[top : top + H, left : left + W])

@@ -1,0 +1,117 @@
+"""Pydantic models of the serving side: per-image results and the HTTP responses built from them.
+
+Units: `logit` values are zero-shot logits (logit_scale * cosine similarity); `probability` is a
+softmax over the label set in use; a term's `value` is its additive contribution to a logit (the
+values of all terms sum to the logit); `share` = value / logit (signed); `term_shares` are
+|contribution| / sum |contribution| to the predicted logit, per term, in `term_names` order
+(non-negative, summing to 1), the compact per-layer summary used by monitoring.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class LabelScore(_Model):
+    """One label of the top-k: softmax probability over the label set and the raw logit."""
+
+    label: str
+    probability: float = Field(ge=0.0, le=1.0)
+    logit: float
+
+
+class TermContribution(_Model):
+    """One term (embed, attn.l, clt.l, bias, error) of a class logit."""
+
+    term: str
+    value: float
+    share: float = Field(description="value / logit of the class (signed; 0 when the logit is 0)")
+
+
+class ClassExplanation(_Model):
+    """The additive decomposition of one class logit into the T terms."""
+
+    label: str
+    logit: float
+    terms: list[TermContribution]
+
+
+class FeatureContribution(_Model):
+    """A CLT feature at the CLS token with one of the largest |contributions| to the predicted logit."""
+
+    layer: int = Field(ge=0)
+    index: int = Field(ge=0)
+    activation: float
+    contribution: float
+
+
+class ImageResult(_Model):
+    """Everything the runtime knows about one image (what `BundleRuntime.explain` returns)."""
+
+    predicted: str
+    top: list[LabelScore]
+    explanations: list[ClassExplanation] | None = Field(
+        default=None, description="per-term contributions of each top class (when detail was requested)"
+    )
+    top_features: list[FeatureContribution] | None = Field(
+        default=None, description="top CLT features for the predicted class (when detail was requested)"
+    )
+    completeness_residual: float = Field(
+        description="max over labels of |logit - sum of its term contributions| (0 up to float rounding)"
+    )
+    term_shares: list[float] = Field(description="|contribution| share of each term in the predicted logit, term_names order")
+    embedding: list[float] | None = Field(default=None, description="unnormalised image embedding [D]")
+
+
+class ClassifyResponse(_Model):
+    """POST /classify: the top labels with probabilities."""
+
+    predicted: str
+    top: list[LabelScore]
+
+
+class ExplainResponse(_Model):
+    """POST /explain: top labels plus, for each of them, the per-term decomposition of its logit."""
+
+    predicted: str
+    top: list[LabelScore]
+    term_names: list[str]
+    explanations: list[ClassExplanation]
+    top_features: list[FeatureContribution]
+    completeness_residual: float
+    term_shares: list[float]
+
+
+class EmbedResponse(_Model):
+    """POST /embed: the image embedding and the per-term contribution summary, for pipelines."""
+
+    embedding: list[float]
+    dim: int
+    predicted: str
+    term_names: list[str]
+    term_shares: list[float]
+
+
+class InfoResponse(_Model):
+    """GET /info: what this server runs."""
+
+    backbone: dict[str, Any]
+    clt: dict[str, Any]
+    mode: str
+    labels: list[str]
+    templates: list[str]
+    term_names: list[str]
+    top_k_features: int
+    image_size: tuple[int, int]
+    embed_dim: int
+    variant: str
+    provider: str
+    versions: dict[str, str]
+    limits: dict[str, int]
+    batching: dict[str, int]
+    auth: bool
