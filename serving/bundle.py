@@ -329,6 +329,7 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
     root = Path(root).resolve()
     m = read_manifest(root)
     problems: list[str] = []
+    present: set[str] = set()  # files present and intact: only these get content checks
     for name, digest in m.files.items():
         p = root / name
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -337,7 +338,8 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
             problems.append(f"{name}: listed in {MANIFEST} but missing")
         elif verify_checksums and file_sha256(p) != digest:
             problems.append(f"{name}: sha256 does not match {MANIFEST} (file corrupt or replaced)")
-    present = {n for n in m.files if (root / n).is_file()}
+        else:
+            present.add(name)
     if m.labels.embeddings_file in present:
         _check_labels(root / m.labels.embeddings_file, m, problems)
     if check_graphs:
