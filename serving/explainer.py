@@ -1,0 +1,162 @@
+"""`Explainer`: the plain Python API for pipelines (no HTTP), wrapping `BundleRuntime`.
+
+    from serving import Explainer
+    ex = Explainer("artifacts/reference/bundle")
+    results = ex.explain(["shirt.png", pil_image, jpeg_bytes])   # list[ImageResult], as the service returns
+    records = ex.score(["shirt.png"])                             # flat dicts, as cltvit-score writes
+    ex.reference_profile(images).save("reference.json")           # drift reference (serving.drift)
+
+Images may be file paths, encoded bytes, PIL images or HxWx3 uint8 arrays. Records (the JSONL line
+format of `cltvit-score` and `cltvit-stream`) are
+
+    {"path": str | None, "error": str | None, "label": str, "top": [{"label": str, "probability": float}],
+     "shares": {term: float}}
+
+`shares` are `ImageResult.term_shares` (|contribution| / sum |contribution| of each term in the
+predicted logit, serving.drift.term_shares); `top` entries also carry the raw `logit`;
+`error` records (unreadable input) carry no other fields than `path` and `error`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from serving.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
+from serving.images import ImageError, decode_image
+from serving.runtime import BundleRuntime, LabelError, RawOutputs, validate_labels
+
+ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+# Batch jobs see the same decoding limits as the HTTP service (decompression bombs, huge files).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def read_image(image: ImageInput, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
+    """Decode one input to an RGB PIL image; raises ImageError (unreadable) or TypeError (bad type)."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise TypeError(f"array images must be uint8 HxW, HxWx3 or HxWx4, got {image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, (bytes, bytearray)):
+        return decode_image(bytes(image), max_bytes=max_bytes)
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise ImageError(f"{path}: file is {size} bytes, over the {max_bytes}-byte limit")
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+        return decode_image(data, max_bytes=max_bytes)
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or a uint8 array")
+
+
+class Explainer:
+    """A bundle, a label set and a top-k: explain or score images in process.
+
+    bundle: a bundle directory (docs/bundle.md) or an already built `BundleRuntime`.
+    labels: custom class names (embedded once with the bundle's text graph); None = the bundle's.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | BundleRuntime,
+        *,
+        labels: Sequence[str] | None = None,
+        top_k: int = 5,
+        device: str = "auto",
+        variant: str = "fp32",
+        threads: int | None = None,
+    ) -> None:
+        self.runtime = bundle if isinstance(bundle, BundleRuntime) else BundleRuntime(bundle, device=device, variant=variant, threads=threads)
+        if labels is not None:
+            labels = validate_labels(labels)
+            self.label_names = labels
+            self.text_embeddings: np.ndarray | None = np.asarray(self.runtime.embed_labels(labels), dtype=np.float32)
+        else:
+            self.label_names = list(self.runtime.label_names)
+            self.text_embeddings = None  # the bundle's labels.npy
+        if top_k < 1:
+            raise LabelError(f"top_k must be >= 1, got {top_k}")
+        self.top_k = min(top_k, len(self.label_names))
+        self.term_names: list[str] = list(self.runtime.term_names)
+
+    # -- the service's result objects -------------------------------------------------------------
+    def explain(self, images: Sequence[ImageInput], *, top_k: int | None = None, detail: bool = True) -> list[Any]:
+        """`ImageResult`s (serving.schemas) for `images`, exactly as the HTTP service computes them."""
+        pil = [read_image(im) for im in images]
+        labels = self.label_names if self.text_embeddings is not None else None
+        return self.runtime.explain(pil, labels=labels, top_k=top_k or self.top_k, detail=detail)
+
+    # -- flat records for batch jobs and pipelines ------------------------------------------------
+    def load(self, image: ImageInput) -> np.ndarray:
+        """Decode and preprocess one image to `[3, H, W]` float32 (thread-safe; raises ImageError)."""
+        return self.runtime.preprocess(read_image(image))
+
+    def score_pixels(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """Records (without `path`) for a preprocessed batch `[B, 3, H, W]`."""
+        if len(pixels) == 0:
+            return []
+        raw = self.runtime.run(np.ascontiguousarray(pixels, dtype=np.float32), self.text_embeddings)
+        return self.records_from_outputs(raw)
+
+    def records_from_outputs(self, raw: RawOutputs) -> list[dict[str, Any]]:
+        """Records from the graph's outputs, built by `BundleRuntime.results` (the service's own code)."""
+        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False)
+        return [
+            {
+                "path": None,
+                "error": None,
+                "label": r.predicted,
+                "top": [{"label": t.label, "probability": t.probability, "logit": t.logit} for t in r.top],
+                "shares": dict(zip(self.term_names, r.term_shares)),
+            }
+            for r in results
+        ]
+
+    def score(self, images: Sequence[ImageInput], paths: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+        """One record per image (unreadable ones get `error`); `paths` fill the records' `path`."""
+        paths = list(paths) if paths is not None else [str(im) if isinstance(im, (str, Path)) else None for im in images]
+        if len(paths) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(paths)} paths")
+        loaded: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for im in images:
+            try:
+                loaded.append(self.load(im))
+                errors.append(None)
+            except (ImageError, TypeError) as e:
+                loaded.append(None)
+                errors.append(str(e))
+        return self.assemble(paths, loaded, errors)
+
+    def assemble(self, paths: Sequence[str | None], loaded: Sequence[np.ndarray | None], errors: Sequence[str | None]) -> list[dict[str, Any]]:
+        """Run the loaded images as one batch and return records in input order, error records in place."""
+        ok = [i for i, x in enumerate(loaded) if x is not None]
+        scored = self.score_pixels(np.stack([loaded[i] for i in ok])) if ok else []
+        records: list[dict[str, Any]] = [{"path": p, "error": e} for p, e in zip(paths, errors)]
+        for i, rec in zip(ok, scored):
+            rec["path"] = paths[i]
+            records[i] = rec
+        return records
+
+    # -- drift ------------------------------------------------------------------------------------
+    def reference_profile(self, images: Sequence[ImageInput], batch_size: int = 32) -> DriftProfile:
+        """Drift reference profile (per-term share mean and std) of `images`; unreadable ones are skipped."""
+        rows = []
+        for i in range(0, len(images), batch_size):
+            for rec in self.score(images[i : i + batch_size], paths=[None] * len(images[i : i + batch_size])):
+                if rec["error"] is None:
+                    rows.append([rec["shares"][t] for t in self.term_names])
+        return DriftProfile.from_shares(np.array(rows), self.term_names, meta={"labels": self.label_names})
+
+    def monitor(self, reference: DriftProfile | str | Path, window: int = DEFAULT_WINDOW) -> DriftMonitor:
+        """A `DriftMonitor` for this bundle's terms against `reference` (a profile or its JSON path)."""
+        ref = reference if isinstance(reference, DriftProfile) else DriftProfile.load(reference)
+        ref.check_terms(self.term_names)
+        return DriftMonitor(ref, window=window)
