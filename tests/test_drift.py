@@ -103,3 +103,53 @@ def test_cli_reference_and_compare(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", str(tmp_path / "new.jsonl"), "--reference", str(tmp_path / "ref.json"), "--window", "0"])
     assert e.value.code == 2
+
+
+# -- on a real bundle with real images ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from export.testing import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+def _write_pngs(root: Path, images) -> Path:
+    for i, im in enumerate(images):
+        (root / f"{i % 4}").mkdir(parents=True, exist_ok=True)
+        im.save(root / f"{i % 4}" / f"{i:05d}.png")
+    return root
+
+
+def test_drift_near_zero_on_like_data_and_high_on_shifted_data(bundle, tmp_path):
+    """Reference: 600 Fashion-MNIST train images, via cltvit-score + cltvit-drift reference. Windows of
+    300 held-out test images: as they are, inverted, rotated by 90 degrees, via cltvit-score --reference."""
+    from _scoring import fashion_images, read_jsonl
+    from PIL import ImageOps
+
+    from serving.score import main as score
+    from training.data import FashionMNIST
+
+    train = FashionMNIST("train", limit=600)
+    _write_pngs(tmp_path / "ref", (train[i][0] for i in range(len(train))))
+    test_imgs = [im for im, _ in fashion_images(300)]
+    _write_pngs(tmp_path / "same", test_imgs)
+    _write_pngs(tmp_path / "inverted", (ImageOps.invert(im) for im in test_imgs))
+    _write_pngs(tmp_path / "rotated", (im.rotate(90) for im in test_imgs))
+    common = ["--bundle", str(bundle), "--batch-size", "64", "--quiet"]
+    assert score([str(tmp_path / "ref"), "--out", str(tmp_path / "ref.jsonl"), *common]) == 0
+    assert main(["reference", str(tmp_path / "ref.jsonl"), "--out", str(tmp_path / "ref.json")]) == 0
+    final = {}
+    for name in ("same", "inverted", "rotated"):
+        out = tmp_path / f"{name}.jsonl"
+        assert score([str(tmp_path / name), "--out", str(out), "--reference", str(tmp_path / "ref.json"),
+                      "--window", "300", "--metrics-file", str(tmp_path / f"{name}.prom"), *common]) == 0
+        records = read_jsonl(out)
+        assert [r["drift"]["window"] for r in records[:3]] == [1, 2, 3] and records[-1]["drift"]["window"] == 300
+        final[name] = records[-1]["drift"]
+        prom = (tmp_path / f"{name}.prom").read_text()
+        assert f"cltvit_drift_max_score {final[name]['score']:.6g}" in prom
+    same, inv, rot = (final[n]["score"] for n in ("same", "inverted", "rotated"))
+    print(f"drift scores (max over terms): same {same:.3f}, inverted {inv:.3f}, rotated {rot:.3f}")
+    assert same < 0.25, final["same"]
+    assert inv > 0.5 and inv > 3 * same, (same, inv)
+    assert rot > 2 * same, (same, rot)
