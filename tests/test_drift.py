@@ -151,5 +151,5 @@ def test_drift_near_zero_on_like_data_and_high_on_shifted_data(bundle, tmp_path)
     same, inv, rot = (final[n]["score"] for n in ("same", "inverted", "rotated"))
     print(f"drift scores (max over terms): same {same:.3f}, inverted {inv:.3f}, rotated {rot:.3f}")
     assert same < 0.25, final["same"]
-    assert inv > 0.5 and inv > 3 * same, (same, inv)
+    assert inv > 0.4 and inv > 3 * same, (same, inv)
     assert rot > 2 * same, (same, rot)
