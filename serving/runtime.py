@@ -97,6 +97,11 @@ class RawOutputs:
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
+    def select(self, indices: Sequence[int]) -> "RawOutputs":
+        """The outputs of the images at `indices` (along the batch axis)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return RawOutputs(*[getattr(self, f)[idx] for f in OUTPUT_NAMES])
+
 
 class _LRU:
     """A small thread-safe LRU map (bounded memory for user-defined label sets)."""

@@ -1,0 +1,92 @@
+"""Python client of the cltvit service, on `bentoml.SyncHTTPClient`.
+
+    from serving.client import CltvitClient
+    with CltvitClient("http://127.0.0.1:3000") as client:
+        print(client.classify("shoe.png").predicted)
+        ex = client.explain("shoe.png", labels=["sneaker", "boot", "sandal"], top_k=2)
+        print(ex.explanations[0].terms)
+
+Images may be a path, raw bytes or a PIL image (sent as a multipart upload). Results are the
+pydantic models of `serving.schemas`. A 4xx answer raises `ServiceError` with the server's message.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+from PIL import Image
+
+from .schemas import ClassifyResponse, EmbedResponse, ExplainResponse, InfoResponse
+
+ImageLike = str | Path | bytes | Image.Image
+
+
+class ServiceError(RuntimeError):
+    """The server refused a request (HTTP status `status`); the message is the server's."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+
+
+class CltvitClient:
+    """Typed helper over `bentoml.SyncHTTPClient` for /classify, /explain, /embed and /info."""
+
+    def __init__(self, url: str = "http://127.0.0.1:3000", *, token: str | None = None, timeout: float = 120.0,
+                 server_ready_timeout: float | None = 30.0) -> None:
+        self._client = bentoml.SyncHTTPClient(url, token=token, timeout=timeout, server_ready_timeout=server_ready_timeout)
+        self._tmp = tempfile.TemporaryDirectory(prefix="cltvit-client-")
+
+    def close(self) -> None:
+        self._client.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "CltvitClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _as_path(self, image: ImageLike) -> Path:
+        """Uploads go as files: write bytes / PIL images to a temporary PNG/bytes file first."""
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            if not path.is_file():
+                raise FileNotFoundError(f"image file {path} does not exist")
+            return path
+        tmp = Path(tempfile.mkstemp(dir=self._tmp.name, suffix=".img")[1])
+        if isinstance(image, Image.Image):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            tmp.write_bytes(buf.getvalue())
+        elif isinstance(image, (bytes, bytearray)):
+            tmp.write_bytes(bytes(image))
+        else:
+            raise TypeError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
+        return tmp
+
+    def _call(self, endpoint: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._client, endpoint)(**{k: v for k, v in kwargs.items() if v is not None})
+        except BentoMLException as exc:
+            status = getattr(getattr(exc, "error_code", None), "value", None)
+            raise ServiceError(status, str(exc)) from None
+
+    def classify(self, image: ImageLike, labels: Sequence[str] | None = None, top_k: int | None = None) -> ClassifyResponse:
+        out = self._call("classify", image=self._as_path(image), labels=list(labels) if labels else labels, top_k=top_k)
+        return ClassifyResponse.model_validate(out)
+
+    def explain(self, image: ImageLike, labels: Sequence[str] | None = None, top_k: int | None = None) -> ExplainResponse:
+        out = self._call("explain", image=self._as_path(image), labels=list(labels) if labels else labels, top_k=top_k)
+        return ExplainResponse.model_validate(out)
+
+    def embed(self, image: ImageLike, labels: Sequence[str] | None = None) -> EmbedResponse:
+        out = self._call("embed", image=self._as_path(image), labels=list(labels) if labels else labels)
+        return EmbedResponse.model_validate(out)
+
+    def info(self) -> InfoResponse:
+        return InfoResponse.model_validate(self._call("info"))
