@@ -89,16 +89,103 @@ class SparseCode:
         return (self.val != 0).sum(-1)
 
 
+def _bags_by_feature(idx: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regroup the N*k entries of idx [N, k] by the row they select (counting sort).
+
+    Returns (order [N*k]: flat positions sorted by idx value, token [N*k]: idx's row n of each sorted
+    entry, offsets [n_rows]: start of each value's run in the sorted order).
+    """
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat)
+    counts = torch.bincount(flat, minlength=n_rows)
+    offsets = torch.cumsum(counts, 0) - counts
+    return order, torch.div(order, idx.shape[1], rounding_mode="floor"), offsets
+
+
+def scatter_rows(idx: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The transpose of `sparse_decode`: out[f] = sum_{(n, j): idx[n, j] = f} coef[n, j] * rows[n].
+
+    [N, k] int64, [N, k], [N, M] -> [n_rows, M]. One `embedding_bag` whose bags are the features
+    (built by a counting sort of idx), so the cost is 2*N*k*M FLOPs with no [N*k, M] temporary and
+    no dense [N, F] matrix. Used for the weight gradients of the sparse decoder and encoder.
+    """
+    order, token, offsets = _bags_by_feature(idx, n_rows)
+    w = coef.reshape(-1)[order].to(rows.dtype)
+    return F.embedding_bag(token, rows.contiguous(), offsets, per_sample_weights=w, mode="sum")
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[n] = sum_j val[n, j] * weight[idx[n, j]] with sparse-aware gradients for val and weight.
+
+    Backward: d val[n, j] = <grad[n], weight[idx[n, j]]> (a gather-dot), d weight = scatter_rows(idx,
+    val, grad) (2*N*k*M FLOPs). autograd's own embedding_bag backward computes the same but several
+    times slower on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, val: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        offsets = torch.arange(0, n * k, k, device=idx.device)
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(weight, flat, offsets, False, 0, False, val.reshape(-1).to(weight.dtype))
+        ctx.save_for_backward(flat, offsets, offset2bag, idx, val, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        flat, offsets, offset2bag, idx, val, weight = ctx.saved_tensors
+        grad = grad.contiguous().to(weight.dtype)
+        d_val = d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_val = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, weight, flat, offsets, offset2bag, 0, -1)
+            d_val = d_val.reshape(idx.shape).to(val.dtype)
+        if ctx.needs_input_grad[2]:
+            d_weight = scatter_rows(idx, val.detach(), grad, weight.shape[0])
+        return None, d_val, d_weight
+
+
+class _GatherPreact(torch.autograd.Function):
+    """z[n, idx[n, j]] of z = x @ W + b, given the already computed values, with a sparse backward.
+
+    Forward returns `z_at` ([N, k], computed under no_grad by the caller, who also chose idx from
+    the full z). Backward touches only the selected columns: dW [d, F] = scatter_rows(idx, g, x)^T,
+    db = index_add of g, dx = sparse_decode(idx, g, W^T). A dense autograd path would instead run a
+    full [d, N] x [N, F] matmul for dW.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, z_at: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, W, idx)
+        ctx.n_features = W.shape[1]
+        return z_at.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, W, idx = ctx.saved_tensors
+        Fn = ctx.n_features
+        grad = grad.to(W.dtype)
+        d_x = d_W = d_b = None
+        if ctx.needs_input_grad[0]:
+            d_x = sparse_decode(idx, grad, W.t().contiguous()).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            d_W = scatter_rows(idx, grad, x.to(W.dtype), Fn).t().contiguous()
+        if ctx.needs_input_grad[2]:
+            d_b = torch.zeros(Fn, dtype=W.dtype, device=W.device).index_add_(0, idx.reshape(-1), grad.reshape(-1))
+        return d_x, d_W, d_b, None, None
+
+
 def sparse_decode(idx: torch.Tensor, val: torch.Tensor, weight: torch.Tensor, gather: bool = False) -> torch.Tensor:
     """sum_k val[n, k] * weight[idx[n, k]]: [N, k] x [F, M] -> [N, M] without a dense [N, F] product.
 
-    Uses `embedding_bag` (fused gather-multiply-sum, sparse-aware backward) by default; `gather=True`
-    spells the same sum with gather + einsum, which every ONNX exporter understands.
+    Uses `embedding_bag` (fused gather-multiply-sum) with a sparse-aware backward when gradients are
+    needed; `gather=True` spells the same sum with gather + einsum, which every ONNX exporter understands.
     """
     if gather:
         rows = weight.index_select(0, idx.reshape(-1)).reshape(*idx.shape, weight.shape[-1])  # [N, k, M]
         return torch.einsum("nk,nkm->nm", val, rows)
-    return F.embedding_bag(idx, weight, per_sample_weights=val, mode="sum")
+    if torch.is_grad_enabled() and (val.requires_grad or weight.requires_grad):
+        return _SparseDecode.apply(idx, val, weight.contiguous())
+    return F.embedding_bag(idx, weight, per_sample_weights=val.to(weight.dtype), mode="sum")
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -192,17 +279,9 @@ class CrossLayerTranscoder(nn.Module):
             val, idx = z.topk(cfg.k, dim=-1)
             return SparseCode(idx, F.relu(val))
         if cfg.activation == "batchtopk" and self.training:
-            zr = F.relu(z)
-            n_keep = min(z.shape[0] * cfg.k, zr.numel())
-            flat_val, flat_idx = zr.reshape(-1).topk(n_keep)
-            with torch.no_grad():
-                kept_min = flat_val[flat_val > 0].min() if (flat_val > 0).any() else flat_val.new_zeros(())
-                self.batchtopk_threshold[layer].lerp_(kept_min, 0.01 if self.batchtopk_threshold[layer] > 0 else 1.0)
-            mask = torch.zeros_like(zr).reshape(-1).index_fill_(0, flat_idx, 1.0).reshape(zr.shape)
-            dense = zr * mask
-            width = int((mask != 0).sum(-1).max().item()) if n_keep else 1
-            val, idx = dense.topk(max(width, 1), dim=-1)
-            return SparseCode(idx, val)
+            idx, keep = self._select(layer, z)
+            val = F.relu(z.gather(1, idx))
+            return SparseCode(idx, val * keep.to(val.dtype) if keep is not None else val)
         k = cfg.inference_k if not self.training else None
         if cfg.activation == "batchtopk":
             dense = z * (z > self.batchtopk_threshold[layer]).to(z.dtype)
@@ -250,6 +329,30 @@ class CrossLayerTranscoder(nn.Module):
         recon = self.decode_all(codes) * self.out_scale[:, None, None]
         return recon, codes
 
+    @torch.no_grad()
+    def _select(self, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training-rule choice of active features from pre-activations z [N, F] (topk / batchtopk).
+
+        Returns (idx [N, w], keep [N, w] bool or None when every slot is kept). Updates batchtopk's
+        inference threshold (running mean of the smallest kept pre-activation).
+        """
+        cfg = self.cfg
+        if cfg.activation == "topk":
+            return z.topk(cfg.k, dim=-1).indices, None
+        zr = F.relu(z)
+        n_keep = min(z.shape[0] * cfg.k, zr.numel())
+        flat_val, flat_idx = zr.reshape(-1).topk(n_keep)
+        positive = flat_val > 0
+        kept_min = flat_val[positive].min() if bool(positive.any()) else flat_val.new_zeros(())
+        self.batchtopk_threshold[layer].lerp_(kept_min.to(self.batchtopk_threshold.dtype), 0.01 if self.batchtopk_threshold[layer] > 0 else 1.0)
+        mask = torch.zeros(zr.numel(), dtype=torch.bool, device=z.device)
+        mask[flat_idx[positive]] = True
+        mask = mask.reshape(zr.shape)
+        width = max(int(mask.sum(-1).max().item()), 1)
+        masked = zr.masked_fill(~mask, -1.0)
+        vals, idx = masked.topk(width, dim=-1)
+        return idx, vals >= 0
+
     def loss(
         self,
         mlp_in: torch.Tensor,
@@ -266,13 +369,39 @@ class CrossLayerTranscoder(nn.Module):
 
         total = sum_l FVU_l + aux_coef * AuxK (topk/batchtopk, dead features reconstruct the residual)
                 + sparsity_coef * tanh-L0 penalty + preact_coef * pre-activation loss (jumprelu).
+
+        TopK/BatchTopK take a sparse path: pre-activations are computed without autograd, the
+        active (and AuxK) entries are re-attached through `_GatherPreact`, so backward costs
+        O(N*k*d) per layer instead of a dense [d, N] x [N, F] matmul and no [N, F] tensor is kept.
         """
         cfg = self.cfg
         L = cfg.n_layers
         x = mlp_in / self.in_scale[:, None, None]
         y = mlp_out / self.out_scale[:, None, None]
-        zs = [x[l] @ self.W_enc[l] + self.b_enc[l] for l in range(L)]
-        codes = [self.activate(l, zs[l]) for l in range(L)]
+        sparse_path = cfg.activation in ("topk", "batchtopk")
+        use_aux = dead_mask is not None and sparse_path and aux_coef > 0 and bool(dead_mask.any())
+        codes: list[SparseCode] = []
+        zs: list[torch.Tensor] = []
+        aux_sel: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for l in range(L):
+            if sparse_path:
+                with torch.no_grad():
+                    z = x[l] @ self.W_enc[l] + self.b_enc[l]
+                    idx, keep = self._select(l, z)
+                    if use_aux and bool(dead_mask[l].any()):  # type: ignore[index]
+                        kk = min(aux_k, int(dead_mask[l].sum()))  # type: ignore[index]
+                        aux_idx = z.masked_fill(~dead_mask[l], float("-inf")).topk(kk, dim=-1).indices  # type: ignore[index]
+                        aux_sel[l] = (aux_idx, z.gather(1, aux_idx))
+                    z_at = z.gather(1, idx)
+                    del z
+                val = F.relu(_GatherPreact.apply(x[l], self.W_enc[l], self.b_enc[l], idx, z_at))
+                if keep is not None:
+                    val = val * keep.to(val.dtype)
+                codes.append(SparseCode(idx, val))
+            else:
+                z = x[l] @ self.W_enc[l] + self.b_enc[l]
+                zs.append(z)
+                codes.append(self.activate(l, z))
         recon = self.decode_all(codes)
         err = (recon - y).pow(2).sum(-1).mean(-1)  # [L]
         var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-8)
@@ -280,22 +409,16 @@ class CrossLayerTranscoder(nn.Module):
         total = fvu.sum()
         zero = total.new_zeros(())
         aux = zero
-        if dead_mask is not None and cfg.activation in ("topk", "batchtopk") and bool(dead_mask.any()):
+        if aux_sel:
             resid = (y - recon).detach()
             terms = []
-            for l in range(L):
-                if not bool(dead_mask[l].any()):
-                    continue
-                z_dead = zs[l].masked_fill(~dead_mask[l], float("-inf"))
-                kk = min(aux_k, int(dead_mask[l].sum()))
-                val, idx = z_dead.topk(kk, dim=-1)
-                w = self.W_dec[l][:, 0, :]
-                pred = sparse_decode(idx, F.relu(val), w)
+            for l, (idx, z_at) in aux_sel.items():
+                val = F.relu(_GatherPreact.apply(x[l], self.W_enc[l], self.b_enc[l], idx, z_at))
+                pred = sparse_decode(idx, val, self.W_dec[l][:, 0, :])
                 e_var = (resid[l] - resid[l].mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
                 terms.append((pred - resid[l]).pow(2).sum(-1).mean() / e_var)
-            if terms:
-                aux = torch.stack(terms).sum()
-                total = total + aux_coef * aux
+            aux = torch.stack(terms).sum()
+            total = total + aux_coef * aux
         sparsity = zero
         if cfg.activation == "jumprelu":
             dec_norms = [self.W_dec[l].norm(dim=-1).sum(-1) for l in range(L)]  # [F] each
