@@ -237,6 +237,13 @@ class RequestGuard:
         ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
         if path in IMAGE_PATHS and ctype.startswith("multipart/"):
             await self._check_multipart(scope, body, receive)
+        elif body.strip():  # BentoML treats every other body as JSON
+            try:
+                parsed = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise RequestError(400, f"malformed JSON body: {exc}") from None
+            if not isinstance(parsed, dict):
+                raise RequestError(400, f"the request body must be a JSON object, got a JSON {type(parsed).__name__}")
         return replay
 
     async def _check_multipart(self, scope: dict, body: bytes, receive: Any) -> None:
@@ -316,6 +323,9 @@ info_app = Starlette(routes=[Route("/info", _get_info, methods=["GET"])])
     name="cltvit",
     traffic={"timeout": SETTINGS.timeout_s},
     workers=1,
+    # BentoML's in-process proxy recycles its session every 100 requests by default and, under
+    # concurrency, closes it under requests still in flight (500s); keep one session for the life of the worker.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e12},
 )
 class CltvitService:
     """Serves one bundle (CLTVIT_BUNDLE) with ONNX Runtime; see the module docstring."""
@@ -395,8 +405,8 @@ class CltvitService:
     async def _infer(self, item: BatchItem) -> BatchOutcome:
         """Call the batchable API through BentoML's proxy so its dispatcher can batch the call."""
         client = self.to_async  # type: ignore[attr-defined]  (set by BentoML when the server starts)
-        if self.settings.api_token:
-            client.client.headers["Authorization"] = f"Bearer {self.settings.api_token}"
+        if self.settings.api_token:  # the call goes through RequestGuard too; idempotent, before the first session
+            client.default_headers["Authorization"] = f"Bearer {self.settings.api_token}"
         outcomes = await client.infer_batch(items=[item])
         out = outcomes[0]
         return out if isinstance(out, BatchOutcome) else BatchOutcome.model_validate(out)

@@ -1,0 +1,315 @@
+"""End to end: a real `cltvit-serve` process on a free loopback port, driven over HTTP.
+
+One server (tiny bundle: cltvit-tiny + random CLT) serves the whole module. Checks every endpoint,
+HTTP result == in-process runtime result, every bad input of the issue (4xx + JSON message naming
+the problem, server still serving), concurrent requests with adaptive batching (BentoML's batch
+size histogram shows mean > 1), and the Prometheus metrics.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from serving.cli import running_server
+from serving.images import decode_image
+from serving.runtime import BundleRuntime
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from export.testing import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with running_server(bundle, log_path=log, extra_args=["--max-batch-size", "32", "--threads", "1"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle) -> BundleRuntime:
+    return BundleRuntime(bundle, device="cpu", threads=1)
+
+
+def fmnist_png(i: int) -> bytes:
+    from training.data import FashionMNIST
+
+    img, _ = FashionMNIST("test", limit=i + 1)[i]
+    return png_bytes(img)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def post(url: str, endpoint: str, image: bytes | None = None, **fields) -> requests.Response:
+    files = {"image": ("image.png", image, "image/png")} if image is not None else None
+    data = {k: (json.dumps(v) if not isinstance(v, str) else v) for k, v in fields.items()}
+    if files is None:
+        return requests.post(f"{url}/{endpoint}", json=fields, timeout=TIMEOUT)
+    return requests.post(f"{url}/{endpoint}", files=files, data=data, timeout=TIMEOUT)
+
+
+def assert_client_error(resp: requests.Response, *words: str, status: int | tuple[int, ...] = 400) -> dict:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert resp.status_code in statuses, (resp.status_code, resp.text)
+    body = resp.json()
+    text = json.dumps(body).lower()
+    for w in words:
+        assert w.lower() in text, f"{w!r} not in {text}"
+    return body
+
+
+# ---------------------------------------------------------------------- endpoints
+def test_classify_multipart(server, runtime):
+    r = post(server, "classify", fmnist_png(0))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["predicted"] == body["top"][0]["label"]
+    assert len(body["top"]) == 5
+    assert {t["label"] for t in body["top"]} <= set(runtime.label_names)
+    probs = [t["probability"] for t in body["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+
+
+def test_explain_matches_in_process_runtime(server, runtime):
+    data = fmnist_png(3)
+    r = post(server, "explain", data, top_k=3)
+    assert r.status_code == 200, r.text
+    http = r.json()
+    (local,) = runtime.explain([decode_image(data)], top_k=3, detail=True)
+    assert http["predicted"] == local.predicted
+    assert [t["label"] for t in http["top"]] == [t.label for t in local.top]
+    np.testing.assert_allclose([t["probability"] for t in http["top"]], [t.probability for t in local.top], rtol=1e-5)
+    assert http["term_names"] == runtime.term_names
+    for h, l in zip(http["explanations"], local.explanations):
+        assert h["label"] == l.label and [t["term"] for t in h["terms"]] == runtime.term_names
+        np.testing.assert_allclose([t["value"] for t in h["terms"]], [t.value for t in l.terms], rtol=1e-4, atol=1e-6)
+        # the terms add up to the class logit
+        assert sum(t["value"] for t in h["terms"]) == pytest.approx(h["logit"], abs=1e-4)
+    assert [(f["layer"], f["index"]) for f in http["top_features"]] == [(f.layer, f.index) for f in local.top_features]
+    assert len(http["top_features"]) == runtime.manifest.top_k_features
+    assert http["completeness_residual"] < 1e-3
+    assert sum(http["term_shares"]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_custom_labels_json_base64(server, runtime):
+    data = fmnist_png(1)
+    labels = ["a sneaker", "a handbag", "a pair of trousers"]
+    r = requests.post(f"{server}/classify", json={"image": base64.b64encode(data).decode(), "labels": labels, "top_k": 3}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    (local,) = runtime.explain([decode_image(data)], labels=labels, top_k=3, detail=False)
+    assert [t["label"] for t in r.json()["top"]] == [t.label for t in local.top]
+    assert sum(t["probability"] for t in r.json()["top"]) == pytest.approx(1.0, abs=1e-6)
+    # data: URL form and comma-separated multipart labels give the same answer
+    r2 = requests.post(f"{server}/classify", json={"image": "data:image/png;base64," + base64.b64encode(data).decode(),
+                                                   "labels": labels, "top_k": 3}, timeout=TIMEOUT)
+    r3 = post(server, "classify", data, labels=",".join(labels), top_k=3)
+    assert r2.json() == r.json() and r3.status_code == 200 and r3.json()["predicted"] == r.json()["predicted"]
+
+
+def test_embed(server, runtime):
+    data = fmnist_png(2)
+    r = post(server, "embed", data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (local,) = runtime.explain([decode_image(data)], detail=False, include_embedding=True)
+    assert body["dim"] == runtime.embed_dim == len(body["embedding"])
+    np.testing.assert_allclose(body["embedding"], local.embedding, rtol=1e-4, atol=1e-5)
+    assert body["term_names"] == runtime.term_names and len(body["term_shares"]) == len(runtime.term_names)
+
+
+def test_info_get_and_post(server, runtime):
+    g = requests.get(f"{server}/info", timeout=TIMEOUT)
+    p = requests.post(f"{server}/info", json={}, timeout=TIMEOUT)
+    assert g.status_code == 200 and p.status_code == 200
+    assert g.json() == p.json()
+    info = g.json()
+    assert info["backbone"]["model"] == "cltvit-tiny" and info["mode"] == runtime.manifest.mode
+    assert info["labels"] == runtime.label_names and info["term_names"] == runtime.term_names
+    assert info["auth"] is False and info["provider"] == "CPUExecutionProvider"
+    assert info["batching"]["max_batch_size"] == 32
+
+
+def test_openapi_has_models(server):
+    spec = requests.get(f"{server}/docs.json", timeout=TIMEOUT).json()
+    for route in ("/classify", "/explain", "/embed", "/info"):
+        assert route in spec["paths"], route
+    schemas = spec["components"]["schemas"]
+    for model in ("ClassifyResponse", "ExplainResponse", "EmbedResponse", "InfoResponse"):
+        assert model + "IODescriptor" in schemas, model  # BentoML's name for a response model
+    for model in ("LabelScore", "ClassExplanation", "TermContribution", "FeatureContribution"):
+        assert model in schemas, model
+    assert "image" in schemas["classify__Input"]["properties"] and "top_k" in schemas["explain__Input"]["properties"]
+
+
+# ---------------------------------------------------------------------- converted image kinds
+def _variants() -> dict[str, bytes]:
+    rng = np.random.RandomState(0)
+    rgb = Image.fromarray(rng.randint(0, 255, (40, 56, 3), dtype=np.uint8))
+    gray16 = Image.fromarray((rng.randint(0, 65535, (40, 40))).astype(np.uint16))
+    frames = [Image.fromarray(rng.randint(0, 255, (32, 32, 3), dtype=np.uint8)).convert("P") for _ in range(3)]
+    anim = io.BytesIO()
+    frames[0].save(anim, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return {
+        "cmyk-jpeg": png_bytes(rgb.convert("CMYK"), "JPEG"),
+        "gray16-png": png_bytes(gray16),
+        "palette-png": png_bytes(rgb.convert("P")),
+        "rgba-png": png_bytes(rgb.convert("RGBA")),
+        "grayscale-png": png_bytes(rgb.convert("L")),
+        "animated-gif": anim.getvalue(),
+        "webp": png_bytes(rgb, "WEBP"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_variants()))
+def test_image_kinds_are_converted_and_answered(server, runtime, kind):
+    data = _variants()[kind]
+    r = post(server, "classify", data, top_k=3)
+    assert r.status_code == 200, (kind, r.text)
+    (local,) = runtime.explain([decode_image(data)], top_k=3, detail=False)
+    assert r.json()["predicted"] == local.predicted
+
+
+# ---------------------------------------------------------------------- bad input
+def _truncated() -> bytes:
+    data = png_bytes(Image.fromarray(np.random.RandomState(1).randint(0, 255, (64, 64, 3), dtype=np.uint8)))
+    return data[: len(data) // 2]
+
+
+def _bomb() -> bytes:
+    return png_bytes(Image.new("1", (8000, 7000)))  # 56 megapixels, a few kB compressed
+
+
+BAD_UPLOADS = {
+    "not-an-image": (b"this is a text file, not a picture\n" * 10, ("not an image",), 400),
+    "truncated": (_truncated(), ("truncated",), 400),
+    "zero-bytes": (b"", ("empty",), 400),
+    "bomb-56MP": (_bomb(), ("pixels", "limit"), 400),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_uploads(server, case):
+    data, words, status = BAD_UPLOADS[case]
+    for endpoint in ("classify", "explain", "embed"):
+        body = assert_client_error(post(server, endpoint, data), *words, status=status)
+        assert body.get("field") == "image"
+
+
+def test_upload_over_20mb(server):
+    big = b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024)
+    assert_client_error(post(server, "classify", big), "limit", status=413)
+    huge = bytes(30 * 1024 * 1024)  # over the whole-body limit: refused before BentoML reads it
+    assert_client_error(post(server, "classify", huge), "limit", status=413)
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"labels": []}, ("labels", "empty")),
+        ({"labels": ["shoe", "boot", "shoe"]}, ("duplicate", "shoe")),
+        ({"labels": ["shoe", "  "]}, ("labels[1]", "empty string")),
+        ({"labels": [f"label {i}" for i in range(1001)]}, ("too many labels", "1000")),
+        ({"labels": ["x" * 201, "shoe"]}, ("labels[0]", "200")),
+        ({"top_k": 0}, ("top_k",)),
+        ({"top_k": 11}, ("top_k", "10")),
+        ({"top_k": 100000}, ("top_k",)),
+        ({"labels": ["shoe", "boot"], "top_k": 3}, ("top_k", "2")),
+        ({"top_k": "many"}, ("top_k",)),
+    ],
+    ids=["empty-labels", "duplicate-labels", "empty-string-label", "1001-labels", "long-label",
+         "top_k-0", "top_k-over-C", "top_k-huge", "top_k-over-custom-C", "top_k-not-int"],
+)
+def test_bad_fields(server, fields, words):
+    data = fmnist_png(0)
+    assert_client_error(post(server, "classify", data, **fields), *words)  # multipart
+    body = {"image": base64.b64encode(data).decode(), **fields}
+    assert_client_error(requests.post(f"{server}/explain", json=body, timeout=TIMEOUT), *words)  # JSON
+
+
+def test_malformed_json_and_base64(server):
+    r = requests.post(f"{server}/classify", data=b'{"image": "abc', headers={"content-type": "application/json"}, timeout=TIMEOUT)
+    assert_client_error(r, "json")
+    r = requests.post(f"{server}/classify", json={"image": "not base64 !!"}, timeout=TIMEOUT)
+    assert_client_error(r, "image", "base64")
+    r = requests.post(f"{server}/classify", json={"image": "data:image/png,rawtext"}, timeout=TIMEOUT)
+    assert_client_error(r, "image", "base64")
+    r = requests.post(f"{server}/classify", json={"labels": ["a"]}, timeout=TIMEOUT)
+    assert_client_error(r, "no image")
+    r = requests.post(f"{server}/classify", json=[1, 2], timeout=TIMEOUT)
+    assert_client_error(r, "json object")
+
+
+def test_image_url_is_not_fetched(server):
+    r = requests.post(f"{server}/classify", files={"image": (None, "http://127.0.0.1:9/cat.png")}, timeout=TIMEOUT)
+    assert_client_error(r, "image", "file part")
+
+
+def test_malformed_multipart(server):
+    r = requests.post(f"{server}/classify", data=b"--xyz\r\ngarbage", timeout=TIMEOUT,
+                      headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert 400 <= r.status_code < 500, r.text
+    assert "error" in r.json()
+
+
+def test_server_still_serving_after_bad_input(server):
+    assert requests.get(f"{server}/readyz", timeout=TIMEOUT).status_code == 200
+    assert post(server, "classify", fmnist_png(0)).status_code == 200
+
+
+# ---------------------------------------------------------------------- load and metrics
+def test_concurrent_requests_are_batched(server, runtime):
+    images = [fmnist_png(i) for i in range(8)]
+    expected = [runtime.explain([decode_image(d)], top_k=3, detail=False)[0].predicted for d in images]
+
+    def one(i: int) -> tuple[int, str]:
+        r = post(server, "classify", images[i % 8], top_k=3)
+        return r.status_code, r.json().get("predicted", r.text)
+
+    with ThreadPoolExecutor(32) as pool:
+        out = list(pool.map(one, range(256)))
+    assert all(code == 200 for code, _ in out), [o for o in out if o[0] != 200][:3]
+    assert [p for _, p in out] == [expected[i % 8] for i in range(256)]
+
+    metrics = requests.get(f"{server}/metrics", timeout=TIMEOUT).text
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_") and 'method_name="infer_batch"' in line:
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+                total += value
+            elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+                count += value
+    assert count > 0, "no adaptive batching observed"
+    assert total / count > 1.0, f"mean batch size {total / count:.2f}"
+
+
+def test_prometheus_metrics(server, runtime):
+    assert post(server, "explain", fmnist_png(5)).status_code == 200
+    assert post(server, "embed", b"").status_code == 400
+    text = requests.get(f"{server}/metrics", timeout=TIMEOUT).text
+    assert re.search(r'cltvit_requests_total\{endpoint="explain",status="200"\} [1-9]', text)
+    assert re.search(r'cltvit_requests_total\{endpoint="embed",status="400"\} [1-9]', text)
+    predicted = re.findall(r'cltvit_predicted_label_total\{label="([^"]+)"\} [1-9]', text)
+    assert predicted and set(predicted) <= set(runtime.label_names) | {"custom"}
+    for term in runtime.term_names:  # one histogram per term (layer), observed on every answered image
+        m = re.search(rf'cltvit_term_share_count\{{term="{re.escape(term)}"\}} ([0-9.e+]+)', text)
+        assert m and float(m.group(1)) >= 1, term
+    assert 'bentoml_service_request_total' in text
