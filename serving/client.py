@@ -12,11 +12,13 @@ pydantic models of `serving.schemas`. A 4xx answer raises `ServiceError` with th
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import bentoml
+import httpx
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 
@@ -38,7 +40,16 @@ class CltvitClient:
 
     def __init__(self, url: str = "http://127.0.0.1:3000", *, token: str | None = None, timeout: float = 120.0,
                  server_ready_timeout: float | None = 30.0) -> None:
-        self._client = bentoml.SyncHTTPClient(url, token=token, timeout=timeout, server_ready_timeout=server_ready_timeout)
+        try:
+            self._client = bentoml.SyncHTTPClient(url, token=token, timeout=timeout, server_ready_timeout=server_ready_timeout)
+        except BentoMLException as exc:  # it reads /schema.json first; say why that failed
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            try:
+                status = httpx.get(f"{url.rstrip('/')}/schema.json", headers=headers, timeout=10).status_code
+            except httpx.HTTPError:
+                status = None
+            hint = " (wrong or missing token)" if status == 401 else ""
+            raise ServiceError(status, f"cannot use the service at {url}: {exc}{hint}") from None
         self._tmp = tempfile.TemporaryDirectory(prefix="cltvit-client-")
 
     def close(self) -> None:
@@ -74,7 +85,13 @@ class CltvitClient:
             return getattr(self._client, endpoint)(**{k: v for k, v in kwargs.items() if v is not None})
         except BentoMLException as exc:
             status = getattr(getattr(exc, "error_code", None), "value", None)
-            raise ServiceError(status, str(exc)) from None
+            message = str(exc)
+            try:  # the server answers {"error": "...", "field": "..."}
+                body = json.loads(message)
+                message = body.get("error", message) if isinstance(body, dict) else message
+            except json.JSONDecodeError:
+                pass
+            raise ServiceError(status, message) from None
 
     def classify(self, image: ImageLike, labels: Sequence[str] | None = None, top_k: int | None = None) -> ClassifyResponse:
         out = self._call("classify", image=self._as_path(image), labels=list(labels) if labels else labels, top_k=top_k)

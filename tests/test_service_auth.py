@@ -1,0 +1,113 @@
+"""Bearer-token auth (CLTVIT_API_TOKEN) on a real server, and the startup checks of cltvit-serve."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from serving.cli import running_server
+from serving.client import CltvitClient, ServiceError
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from export.testing import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with running_server(bundle, env={"CLTVIT_API_TOKEN": TOKEN}) as url:
+        yield url
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                                     {"Authorization": f"Basic {TOKEN}"}], ids=["missing", "wrong", "no-scheme", "basic"])
+def test_requests_without_the_token_get_401(server, headers):
+    for method, path in [("post", "/classify"), ("post", "/explain"), ("post", "/embed"), ("get", "/info"),
+                         ("post", "/info"), ("get", "/metrics"), ("post", "/infer_batch"), ("get", "/docs.json")]:
+        kw = {"files": {"image": ("a.png", _png(), "image/png")}} if path in ("/classify", "/explain", "/embed") else {}
+        r = getattr(requests, method)(server + path, headers=headers, timeout=30, **kw)
+        assert r.status_code == 401, (path, r.status_code, r.text)
+        assert "token" in r.json()["error"] and r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_health_probes_are_open(server):
+    for path in ("/livez", "/readyz"):
+        assert requests.get(server + path, timeout=30).status_code == 200
+
+
+def test_right_token_is_served(server):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = requests.post(server + "/explain", files={"image": ("a.png", _png(), "image/png")}, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    assert requests.get(server + "/info", headers=auth, timeout=30).json()["auth"] is True
+    assert "cltvit_requests_total" in requests.get(server + "/metrics", headers=auth, timeout=30).text
+
+
+def test_client_helper_with_token(server):
+    with CltvitClient(server, token=TOKEN) as client:
+        assert client.info().auth is True
+        res = client.classify(Image.new("RGB", (50, 50), (10, 200, 10)), labels=["green", "red", "blue"], top_k=2)
+        assert len(res.top) == 2 and res.predicted in {"green", "red", "blue"}
+        with pytest.raises(ServiceError) as err:
+            client.classify(b"not an image")
+        assert err.value.status == 400 and "not an image" in str(err.value)
+    with pytest.raises(ServiceError) as err:
+        CltvitClient(server, token="wrong")
+    assert err.value.status == 401 and "token" in str(err.value)
+
+
+# ---------------------------------------------------------------------- startup validation
+def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_missing_bundle_stops_start(tmp_path):
+    r = _serve("--bundle", str(tmp_path / "nope"), "--port", "1")
+    assert r.returncode == 2
+    assert "not a directory" in r.stderr and r.stderr.count("\n") <= 3
+
+
+def test_corrupt_bundle_stops_start(bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    (bad / "model.onnx").write_bytes(b"garbage")
+    r = _serve("--bundle", str(bad))
+    assert r.returncode == 2
+    assert "model.onnx" in r.stderr and "sha256" in r.stderr
+
+
+def test_mismatched_bundle_stops_start(bundle, tmp_path):
+    bad = tmp_path / "mismatch"
+    shutil.copytree(bundle, bad)
+    manifest = json.loads((bad / "bundle.json").read_text())
+    manifest["term_names"] = manifest["term_names"][:-1]
+    (bad / "bundle.json").write_text(json.dumps(manifest))
+    r = _serve("--bundle", str(bad))
+    assert r.returncode == 2 and "term_names" in r.stderr
+
+
+def test_bad_arguments(bundle):
+    r = _serve("--bundle", str(bundle), "--variant", "int4")
+    assert r.returncode == 2 and "int4" in r.stderr
+    r = _serve("--bundle", str(bundle), "--max-batch-size", "1")
+    assert r.returncode == 2 and "--max-batch-size" in r.stderr
+    r = _serve()
+    assert r.returncode == 2 and "--bundle" in r.stderr
