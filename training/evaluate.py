@@ -209,8 +209,8 @@ def replacement_accuracy(
         if t not in TOKEN_SETS:
             raise EvaluationError(f"token set must be one of {TOKEN_SETS}, got {t!r}")
     text = text_embeddings.to(next(visual.parameters()).device)
-    correct = {t: torch.zeros(n_layers) for t in token_sets}
-    agree = {t: torch.zeros(n_layers) for t in token_sets}
+    correct = {t: torch.zeros(n_layers, dtype=torch.float64) for t in token_sets}
+    agree = {t: torch.zeros(n_layers, dtype=torch.float64) for t in token_sets}
     base_correct = 0
     for sl in _batches(len(pixels), batch_size):
         px, y = pixels[sl].to(text.device), labels[sl].to(text.device)

@@ -40,7 +40,7 @@ class ClipTrainConfig:
     text_lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    shift: int = 2
+    shift: int = 1
     seed: int = 0
     train_limit: int | None = None  # use only the first N training images (smoke tests)
 
