@@ -7,7 +7,7 @@ ARTIFACTS ?= artifacts
 BUNDLE ?= $(ARTIFACTS)/reference/bundle
 PORT ?= 3000
 
-.PHONY: setup data test serve bench load clean
+.PHONY: setup data test serve reference-bundle bench load clean
 
 setup: $(VENV)/.installed data
 
@@ -26,6 +26,32 @@ data:
 
 test: setup
 	$(PY) -m pytest -q
+
+# The main command: build the reference bundle on first run (when BUNDLE is the default), then
+# serve it on $(PORT). Any bundle: make serve BUNDLE=path/to/bundle. Auth: CLTVIT_API_TOKEN=... make serve
+serve: setup reference-bundle
+	$(VENV)/bin/cltvit-serve --bundle $(BUNDLE) --port $(PORT)
+
+reference-bundle:
+	@if [ ! -f $(BUNDLE)/bundle.json ]; then \
+	  if [ "$(BUNDLE)" = "$(ARTIFACTS)/reference/bundle" ]; then $(VENV)/bin/cltvit-reference build --out $(ARTIFACTS)/reference; \
+	  else echo "no bundle at $(BUNDLE) (bundle.json missing)" >&2; exit 2; fi; \
+	fi
+
+# Load test: serve LOAD_BUNDLE on 127.0.0.1, Locust headless (LOAD_USERS users, LOAD_SECONDS s), CSV in
+# $(ARTIFACTS)/load; fails on any failed request or p95 > LOAD_P95_MS; prints service/raw images/s.
+# ViT-B-32 target: make load LOAD_BUNDLE=$(ARTIFACTS)/bench/vitb32-bundle LOAD_MIN_RATIO=0.8
+LOAD_BUNDLE ?= $(BUNDLE)
+LOAD_USERS ?= 16
+LOAD_SECONDS ?= 60
+LOAD_P95_MS ?= 10000
+LOAD_MIN_RATIO ?=
+LOAD_ENDPOINT ?= classify
+load: setup
+	@if [ "$(LOAD_BUNDLE)" = "$(BUNDLE)" ]; then $(MAKE) --no-print-directory reference-bundle; fi
+	$(PY) tests/load/run_load.py --bundle $(LOAD_BUNDLE) --users $(LOAD_USERS) --duration $(LOAD_SECONDS) \
+	  --endpoint $(LOAD_ENDPOINT) --max-batch-size $(LOAD_USERS) --p95-ms $(LOAD_P95_MS) \
+	  $(if $(LOAD_MIN_RATIO),--min-ratio $(LOAD_MIN_RATIO)) --out $(ARTIFACTS)/load
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
