@@ -5,7 +5,8 @@ Only the transformer blocks' own ops (attention, MLP and their layer norms: ONNX
 CLT, ln_post / proj and the decomposition stay float32, so each variant's contributions still sum to
 that variant's own logits to fp32 rounding; only the terms' values move.
 
-- int8: dynamic quantization (per-channel int8 weights, uint8 activations quantized per call) of
+- int8: dynamic quantization (uint8 weights and activations, U8U8: signed int8 weights saturate in
+  the AVX2 (non-VNNI) kernels, which lost 7% top-1 agreement on a test model) of
   the MatMul / Gemm weights in those scopes. Fits AVX2 CPUs (no VNNI needed).
 - fp16: float16 weights and activations in those scopes, float32 inputs/outputs (keep_io_types).
 """
@@ -40,7 +41,7 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     if not nodes:
         raise RuntimeError(f"{src}: found no transformer-block MatMul/Gemm nodes to quantize (export scope names changed?)")
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+        str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
         nodes_to_quantize=nodes, use_external_data_format=_is_large(src),
         extra_options={"MatMulConstBOnly": True},
     )
@@ -48,24 +49,137 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
-    """float16 transformer blocks, everything else (and all inputs/outputs) float32. Returns `dst`."""
+    """float16 transformer blocks, everything else (and all inputs/outputs) float32. Returns `dst`.
+
+    A direct rewrite rather than onnxruntime's generic converter (which wraps every float32 node in
+    a float16 round trip): float inputs entering the block scopes get one Cast to float16, float
+    tensors leaving them one Cast back to float32, block initializers / constants become float16.
+    """
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=True)
     inside = set(block_nodes(model))
     if not inside:
         raise RuntimeError(f"{src}: found no transformer-block nodes to convert (export scope names changed?)")
-    blocked = [n.name for n in model.graph.node if n.name not in inside]
-    fp16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked, disable_shape_infer=True)
-    size = fp16.ByteSize() if not _is_large(src) else LARGE + 1
-    if size > LARGE:
-        onnx.save_model(fp16, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+    _to_fp16(model, inside)
+    if _is_large(src):
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=dst.name + ".data", size_threshold=1024)
     else:
-        onnx.save_model(fp16, str(dst))
+        onnx.save_model(model, str(dst))
     return dst
+
+
+def _float_tensors(model: "onnx.ModelProto") -> set[str]:  # noqa: F821
+    """Names of all float32 tensors (inputs, initializers, node outputs), by ONNX type inference on a
+    weightless copy of the graph."""
+    import onnx
+
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for init in skeleton.graph.initializer:  # inference needs types and shapes only
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.ClearField("int64_data")
+        init.ClearField("int32_data")
+        init.ClearField("double_data")
+        init.ClearField("external_data")
+        init.data_location = onnx.TensorProto.DEFAULT
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+    g = inferred.graph
+    out = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            out.add(v.name)
+    return out
+
+
+def _to_fp16(model: "onnx.ModelProto", inside: set[str]) -> None:  # noqa: F821
+    """In-place: nodes named in `inside` compute in float16 (see `convert_fp16`)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    g = model.graph
+    floats = _float_tensors(model)
+    inits = {i.name: i for i in g.initializer}
+    produced_inside = {o for n in g.node if n.name in inside for o in n.output}
+    half_of: dict[str, str] = {}  # float32 tensor -> its float16 twin
+    new_nodes, new_inits = [], []
+
+    def half(name: str) -> str:
+        if name not in half_of:
+            twin = name + "__fp16"
+            if name in inits:
+                arr = numpy_helper.to_array(inits[name]).astype("float16")
+                new_inits.append(numpy_helper.from_array(arr, twin))
+            else:
+                new_nodes.append(helper.make_node("Cast", [name], [twin], to=HALF, name=twin + "_cast"))
+            half_of[name] = twin
+        return half_of[name]
+
+    # float tensors made inside and read outside (or graph outputs) get a float32 cast back
+    leaving = {x for n in g.node if n.name not in inside for x in n.input if x in produced_inside and x in floats}
+    leaving |= {o.name for o in g.output if o.name in produced_inside and o.name in floats}
+    for node in g.node:
+        if node.name not in inside:
+            continue
+        for j, x in enumerate(node.input):
+            if x in leaving:
+                node.input[j] = x + "__fp16out"
+            elif x and x in floats and x not in produced_inside:
+                node.input[j] = half(x)
+        node.output[:] = [o + "__fp16out" if o in leaving else o for o in node.output]
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == FLOAT:
+                a.i = HALF
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype("float16"), a.t.name))
+    for y in sorted(leaving):
+        new_nodes.append(helper.make_node("Cast", [y + "__fp16out"], [y], to=FLOAT, name=y + "_cast_fp32"))
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    used = {x for n in g.node for x in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.value_info[:]  # stale types
+    _toposort(model)
+
+
+def _toposort(model: "onnx.ModelProto") -> None:  # noqa: F821
+    """Order nodes so each comes after the producers of its inputs (stable: keeps the given order
+    where possible); drops nodes whose outputs nothing uses any more (dead casts)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    nodes = list(graph.node)
+    # dead-code elimination, backwards
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    live: set[int] = set()
+    stack = [producer[n] for n in needed if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in live:
+            continue
+        live.add(i)
+        stack.extend(producer[x] for x in nodes[i].input if x in producer and producer[x] not in live)
+    nodes = [n for i, n in enumerate(nodes) if i in live]
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        rest = []
+        for n in pending:
+            if all(x in available for x in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"graph has a cycle or a dangling input near node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _rename_external(path: Path) -> Path:
