@@ -34,6 +34,7 @@ from typing import Annotated, Any, Optional
 import anyio
 import bentoml
 import numpy as np
+from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -407,7 +408,13 @@ class CltvitService:
         client = self.to_async  # type: ignore[attr-defined]  (set by BentoML when the server starts)
         if self.settings.api_token:  # the call goes through RequestGuard too; idempotent, before the first session
             client.default_headers["Authorization"] = f"Bearer {self.settings.api_token}"
-        outcomes = await client.infer_batch(items=[item])
+        try:
+            outcomes = await client.infer_batch(items=[item])
+        except BentoMLException as exc:  # the dispatcher sheds load past the latency budget (503)
+            status = getattr(getattr(exc, "error_code", None), "value", 503)
+            if status == 503:
+                raise RequestError(503, "server overloaded: the batching latency budget would be exceeded; retry later") from None
+            raise
         out = outcomes[0]
         return out if isinstance(out, BatchOutcome) else BatchOutcome.model_validate(out)
 

@@ -269,6 +269,25 @@ def test_malformed_multipart(server):
     assert "error" in r.json()
 
 
+def test_batching_stage_isolates_bad_items(server, runtime):
+    H, W = runtime.image_size
+    good = np.asarray(runtime.resize_crop(decode_image(fmnist_png(0))), dtype=np.uint8)
+    items = [
+        {"pixels": base64.b64encode(good.tobytes()).decode(), "height": H, "width": W, "top_k": 2},
+        {"pixels": base64.b64encode(good.tobytes()).decode(), "height": H + 1, "width": W},
+        {"pixels": base64.b64encode(good.tobytes()[:-3]).decode(), "height": H, "width": W},
+        {"pixels": base64.b64encode(good.tobytes()).decode(), "height": H, "width": W, "labels": ["a", "a"]},
+    ]
+    r = requests.post(f"{server}/infer_batch", json={"items": items}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out[0]["result"]["predicted"] == runtime.explain([decode_image(fmnist_png(0))])[0].predicted
+    assert len(out[0]["result"]["top"]) == 2
+    assert out[1]["status"] == 400 and "pixels must be" in out[1]["error"]
+    assert out[2]["status"] == 400 and "bytes, expected" in out[2]["error"]
+    assert out[3]["status"] == 400 and "duplicate" in out[3]["error"]
+
+
 def test_server_still_serving_after_bad_input(server):
     assert requests.get(f"{server}/readyz", timeout=TIMEOUT).status_code == 200
     assert post(server, "classify", fmnist_png(0)).status_code == 200
