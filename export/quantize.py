@@ -32,20 +32,71 @@ def _is_large(path: Path) -> bool:
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantization of the transformer blocks' MatMul/Gemm weights. Returns `dst`."""
+    """Dynamic int8 quantization of the transformer blocks' MatMul/Gemm weights. Returns `dst`.
+
+    ORT's dynamic quantizer skips Gemm, so the blocks' Gemms (attention out_proj) are first
+    rewritten as MatMul + Add in a temporary copy.
+    """
+    import tempfile
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
-    nodes = block_nodes(onnx.load(str(src), load_external_data=False), ("MatMul", "Gemm"))
+    large = _is_large(src)
+    model = onnx.load(str(src), load_external_data=True)
+    _gemm_to_matmul(model, set(block_nodes(model, ("Gemm",))))
+    nodes = block_nodes(model, ("MatMul",))
     if not nodes:
         raise RuntimeError(f"{src}: found no transformer-block MatMul/Gemm nodes to quantize (export scope names changed?)")
-    quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_quantize=nodes, use_external_data_format=_is_large(src),
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        mid = Path(tmp) / "fp32.onnx"
+        if large:
+            onnx.save_model(model, str(mid), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="fp32.onnx.data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(mid))
+        del model
+        quantize_dynamic(
+            str(mid), str(dst), weight_type=QuantType.QUInt8, per_channel=False, op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes, use_external_data_format=large, extra_options={"MatMulConstBOnly": True},
+        )
     return _rename_external(dst)
+
+
+def _gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:  # noqa: F821
+    """Rewrite the named Gemm nodes (alpha = beta = 1, no transA, constant B) as MatMul (+ Add)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = 0
+    for i, node in enumerate(list(model.graph.node)):
+        if node.name not in names:
+            continue
+        att = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if att.get("alpha", 1.0) != 1.0 or att.get("beta", 1.0) != 1.0 or att.get("transA", 0) or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if att.get("transB", 0):
+            w = w.T
+        wname = node.input[1] + "__matmul"
+        model.graph.initializer.append(numpy_helper.from_array(w.copy(), wname))
+        out = node.output[0]
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = out + "__mm" if has_bias else out
+        new = [helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=node.name + "_matmul")]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=node.name + "_bias"))
+        pos = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for k, n in enumerate(new):
+            model.graph.node.insert(pos + k, n)
+        done += 1
+    used = {x for n in model.graph.node for x in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return done
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:

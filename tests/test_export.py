@@ -82,11 +82,14 @@ def test_variants_have_reduced_precision(bundle):
     int8 = onnx.load(str(bundle / "model.int8.onnx"))
     ops = {n.op_type for n in int8.graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}, ops
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in int8.graph.initializer)
+    n8 = sum(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) == 2 for t in int8.graph.initializer)
+    assert n8 >= 4 * 4  # the 4 blocks' qkv/out/fc/proj weight matrices
     fp16 = onnx.load(str(bundle / "model.fp16.onnx"))
     n16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert n16 >= 4 * 4  # at least the 4 blocks' qkv/out/fc/proj weights
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT] * 2
+    assert [o.type.tensor_type.elem_type for o in fp16.graph.output] == [onnx.TensorProto.FLOAT] * 2 + [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]
+    onnx.checker.check_model(fp16, full_check=True)
 
 
 # ------------------------------------------------------------------ loader errors
