@@ -25,9 +25,18 @@ from training.evaluate import (
 from training.vit import capture
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core test machine two OpenMP threads thrash (measured >10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data(tiny_backbone):
-    ds = FashionMNIST("test", limit=48)
+    ds = FashionMNIST("test", limit=32)
     pixels, labels = dataset_tensors(tiny_backbone, ds)
     return ds, pixels, labels
 
@@ -46,7 +55,7 @@ def _fitted_clt(backbone, pixels, cross_layer=True, k=8):
 
 def test_dataset_tensors_match_preprocess(tiny_backbone, data):
     ds, pixels, labels = data
-    assert pixels.shape == (48, 3, *tiny_backbone.image_size)
+    assert pixels.shape == (32, 3, *tiny_backbone.image_size)
     im, y = ds[3]
     assert torch.allclose(pixels[3], tiny_backbone.preprocess(im))
     assert labels[3] == y
@@ -56,13 +65,13 @@ def test_identity_replacement_reproduces_baseline(tiny_backbone, data):
     _, pixels, labels = data
     text = tiny_backbone.class_embeddings(FashionMNIST.class_names, FashionMNIST.templates[:2])
     L = tiny_backbone.n_layers
-    rep = replacement_accuracy(tiny_backbone.visual, pixels, labels, text, L, true_output_replacement(tiny_backbone.visual), 20)
+    rep = replacement_accuracy(tiny_backbone.visual, pixels, labels, text, L, true_output_replacement(tiny_backbone.visual), 16)
     for t in ("cls", "patches", "all"):
         assert rep[t] == [rep["baseline"]] * L
         assert rep["agreement"][t] == [1.0] * L
     # a CLT at init is no identity: all-token replacement of every layer changes predictions
     clt = _fitted_clt(tiny_backbone, pixels)
-    rep2 = replacement_accuracy(tiny_backbone.visual, pixels, labels, text, L, clt_replacement(clt), 20, ("all",))
+    rep2 = replacement_accuracy(tiny_backbone.visual, pixels, labels, text, L, clt_replacement(clt), 16, ("all",))
     assert rep2["baseline"] == rep["baseline"]
     assert rep2["agreement"]["all"][0] < 1.0
 

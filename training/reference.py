@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
     b.add_argument("--skip", nargs="*", default=[], choices=[s for s in STAGES if s not in ("clip", "clt")], help="stages to leave out")
     b.add_argument("--force", nargs="*", default=[], choices=STAGES, help="stages to redo even if cached")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads were measured "
+                        "up to 18x slower per step than one; 0 keeps torch's default)")
     b.add_argument("--no-finetune", action="store_true", help="skip the replacement-matching phase of the CLT stage")
     b.add_argument("--finetune-loss", choices=("kl", "cosine"), help="match loss of the fine-tuning phase (default kl)")
     return p
@@ -399,6 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetError
 
+    if args.threads < 0:
+        print(f"cltvit-reference: error: --threads must be >= 0, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = budget(args.budget)
     if args.no_finetune:
         cfg.finetune = None

@@ -34,8 +34,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class ClipTrainConfig:
     """Optimisation settings of the reference CLIP (steps are optimiser steps of `batch_size` images)."""
 
-    steps: int = 1400
-    batch_size: int = 256
+    steps: int = 2000
+    batch_size: int = 128
     lr: float = 2e-3
     text_lr: float = 1e-3
     weight_decay: float = 0.05
