@@ -124,3 +124,25 @@ def test_cli_rejects_unknown_stage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", "--out", "/tmp/never", "--force", "nonsense"])
     assert e.value.code == 2
+
+
+def test_finetune_reduces_the_match_loss(tiny_backbone):
+    from training.clt import CLTConfig, CrossLayerTranscoder
+    from training.finetune import FinetuneConfig, finetune_clt
+    from training.vit import capture
+
+    torch.manual_seed(0)
+    pixels = torch.randn(16, 3, *tiny_backbone.image_size)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=tiny_backbone.n_layers, d_model=tiny_backbone.d_model, n_features=64, k=8))
+    cap = capture(tiny_backbone.visual, pixels)
+    L, B, T, d = cap.mlp_in.shape
+    clt.fit_normalisation(cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d))
+    before = {k: v.clone() for k, v in tiny_backbone.visual.state_dict().items()}
+    cfg = FinetuneConfig(steps=25, batch_images=16, lr=3e-3, loss="cosine", recon_coef=0.0)
+    stats = finetune_clt(tiny_backbone.visual, clt, pixels, cfg, log=lambda s: None)
+    assert stats["match_last"] < stats["match_first"]
+    assert all(torch.equal(v, tiny_backbone.visual.state_dict()[k]) for k, v in before.items())  # backbone frozen
+    with pytest.raises(ValueError, match="text_embeddings"):
+        finetune_clt(tiny_backbone.visual, clt, pixels, FinetuneConfig(steps=1, loss="kl"))
+    with pytest.raises(ValueError, match="finetune loss"):
+        FinetuneConfig(loss="mse")  # type: ignore[arg-type]

@@ -75,20 +75,20 @@ class BuildConfig:
 
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     zero_shot_limit: int | None = None  # test images for the CLIP's zero-shot accuracy (None: all 10,000)
-    n_features: int = 1024
+    n_features: int = 768
     k: int = 16
     activation: str = "topk"
     clt_train: dict[str, Any] = field(default_factory=lambda: dict(
-        steps=1500, batch_tokens=2048, lr=1e-3, warmup_steps=100, buffer_tokens=32768, images_per_batch=128,
-        norm_tokens=8192, checkpoint_every=500, log_every=50, dead_after_tokens=2_000_000, eval_batches=4))
+        steps=1500, batch_tokens=1024, lr=1e-3, warmup_steps=100, buffer_tokens=16384, images_per_batch=64,
+        norm_tokens=8192, checkpoint_every=500, log_every=50, dead_after_tokens=1_000_000, eval_batches=4))
     clt_train_limit: int | None = None  # training images streamed to the CLT (None: all 60,000)
     finetune: FinetuneConfig | None = field(default_factory=lambda: FinetuneConfig(steps=200, batch_images=64, lr=2e-4, loss="kl"))
     finetune_check_images: int = 2000  # test images to measure the fine-tuning's effect on
     comparison_ks: tuple[int, ...] = (4, 8, 16, 32)
     comparison_features: int = 512
     comparison_train: dict[str, Any] = field(default_factory=lambda: dict(
-        steps=400, batch_tokens=2048, lr=1e-3, warmup_steps=50, buffer_tokens=32768, images_per_batch=128,
-        norm_tokens=8192, checkpoint_every=10_000, log_every=50, dead_after_tokens=2_000_000, eval_batches=2))
+        steps=300, batch_tokens=1024, lr=1e-3, warmup_steps=30, buffer_tokens=16384, images_per_batch=64,
+        norm_tokens=8192, checkpoint_every=10_000, log_every=50, dead_after_tokens=1_000_000, eval_batches=2))
     comparison_images: int = 2000
     eval: EvalConfig = field(default_factory=EvalConfig)
     export_variants: tuple[str, ...] = ("int8",)
