@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -300,6 +301,10 @@ class ServiceMetrics:
             "cltvit_term_share", "Share of |contribution| to the predicted logit, per term (layer)",
             ["term"], buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
         )
+        self.inference = prom.Histogram(
+            "cltvit_inference_seconds", "ONNX Runtime time per batch (the batching stage's model call)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
         self.term_names = term_names
 
     def observe(self, result: ImageResult, custom_labels: bool) -> None:
@@ -489,7 +494,10 @@ class CltvitService:
                 for i, _ in members:
                     out[i] = BatchOutcome(error=str(exc), field="labels", status=400)
                 continue
-            raw_out = self.runtime.run(self.runtime.normalize(np.stack([a for _, a in members])), text)
+            pixels = self.runtime.normalize(np.stack([a for _, a in members]))
+            t0 = time.perf_counter()
+            raw_out = self.runtime.run(pixels, text)
+            self.metrics.inference.observe(time.perf_counter() - t0)
             for j, (i, _) in enumerate(members):
                 item = items[i]
                 try:

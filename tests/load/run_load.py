@@ -79,18 +79,21 @@ def raw_images_per_second(rt: BundleRuntime, pixels: np.ndarray, batch: int, rep
     return best
 
 
-def batch_histogram(url: str, headers: dict[str, str]) -> tuple[float, float]:
-    """(sum, count) of BentoML's adaptive batch-size histogram for the batching stage."""
+def batch_histogram(url: str, headers: dict[str, str]) -> tuple[float, float, float]:
+    """(sum, count) of BentoML's adaptive batch-size histogram for the batching stage, and the
+    total seconds spent in ONNX Runtime (cltvit_inference_seconds_sum)."""
     text = requests.get(f"{url}/metrics", headers=headers, timeout=30).text
-    total = count = 0.0
+    total = count = seconds = 0.0
     for line in text.splitlines():
+        if line.startswith("cltvit_inference_seconds_sum"):
+            seconds += float(line.rsplit(" ", 1)[1])
         if 'method_name="infer_batch"' not in line:
             continue
         if line.startswith("bentoml_service_adaptive_batch_size_sum"):
             total += float(line.rsplit(" ", 1)[1])
         elif line.startswith("bentoml_service_adaptive_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
-    return total, count
+    return total, count, seconds
 
 
 def read_locust_stats(prefix: Path) -> dict[str, float]:
@@ -149,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     stats = read_locust_stats(prefix)
     n_batches = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / n_batches if n_batches else float("nan")
+    ort_busy = (after[2] - before[2]) / args.duration  # fraction of the run the server spent inside ONNX Runtime
+    ort_rate = (after[0] - before[0]) / (after[2] - before[2]) if after[2] > before[2] else float("nan")
     raw_at_mean = raw_images_per_second(rt, pixels, int(round(mean_batch)) if n_batches else 1, args.raw_repeats)
     ratio = stats["rps"] / raw_at_max if raw_at_max else float("nan")
     summary = {
         "bundle": str(args.bundle), "backbone": rt.manifest.backbone.model, "provider": rt.provider,
         "endpoint": args.endpoint, "users": args.users, "duration_s": args.duration,
-        **stats, "mean_batch_size": mean_batch,
+        **stats, "mean_batch_size": mean_batch, "server_ort_busy_fraction": ort_busy,
+        "server_ort_images_per_s": ort_rate,
         "raw_images_per_s_at_max_batch": raw_at_max, "max_batch_size": args.max_batch_size,
         "raw_images_per_s_at_mean_batch": raw_at_mean,
         "ratio_vs_raw_at_max_batch": ratio,
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"[load] {rt.manifest.backbone.model}: {stats['requests']:.0f} requests, {stats['failures']:.0f} failed, "
         f"{stats['rps']:.2f} images/s, p50 {stats['p50_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} ms, "
         f"mean batch {mean_batch:.2f}\n"
+        f"[load] inside the server: ONNX Runtime busy {100 * ort_busy:.0f}% of the run, {ort_rate:.2f} images/s while busy\n"
         f"[load] raw bundle: {raw_at_max:.2f} images/s at batch {args.max_batch_size}, {raw_at_mean:.2f} at batch "
         f"{int(round(mean_batch)) if n_batches else 1}\n"
         f"[load] service / raw images/s = {ratio:.3f} (at batch {args.max_batch_size}), "
