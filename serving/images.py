@@ -19,7 +19,14 @@ MAX_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
-    """The bytes are not a usable image; the message says why (for a 4xx answer)."""
+    """The bytes are not a usable image; the message says why (for a 4xx answer).
+
+    `too_large` is True when the upload exceeds the byte limit (HTTP 413 rather than 400).
+    """
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -63,7 +70,7 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = M
     if n == 0:
         raise ImageError("image is empty (0 bytes)")
     if n > max_bytes:
-        raise ImageError(f"image is {n:,} bytes, over the limit of {max_bytes:,} bytes")
+        raise ImageError(f"image is {n:,} bytes, over the limit of {max_bytes:,} bytes", too_large=True)
     try:
         im = Image.open(io.BytesIO(bytes(data)))
     except UnidentifiedImageError:

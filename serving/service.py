@@ -372,7 +372,7 @@ class CltvitService:
         try:
             image = decode_image(data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
         except ImageError as exc:
-            status = 413 if "bytes, over the limit" in str(exc) else 400
+            status = 413 if exc.too_large else 400
             raise RequestError(status, str(exc), "image") from None
         return self.runtime.resize_crop(image)
 

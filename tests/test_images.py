@@ -73,6 +73,14 @@ def test_refusals_name_the_problem(data, kwargs, match):
         decode_image(data, **kwargs)
 
 
+def test_only_the_byte_limit_is_too_large():
+    with pytest.raises(ImageError) as big:
+        decode_image(encode(RGB), max_bytes=10)
+    with pytest.raises(ImageError) as bad:
+        decode_image(b"nope")
+    assert big.value.too_large and not bad.value.too_large
+
+
 def test_decompression_bomb_is_refused_before_decoding():
     bomb = encode(Image.new("1", (8000, 7000)))  # 56 MP in a few kB
     assert len(bomb) < 100_000
