@@ -26,13 +26,13 @@ def _dense_reference_loss(m: CrossLayerTranscoder, x: torch.Tensor, y: torch.Ten
     zs = [xs[l] @ m.W_enc[l] + m.b_enc[l] for l in range(L)]
     codes = [m.activate(l, zs[l]).dense(NF) for l in range(L)]
     rec = torch.stack(
-        [m.b_dec[j] + sum(codes[i] @ m.W_dec[i][:, j - i, :] for i in range(j + 1)) for j in range(L)]
+        [m.b_dec[j] + sum(codes[i] @ m.W_dec[i][j - i] for i in range(j + 1)) for j in range(L)]
     )
     fvu = (rec - ys).pow(2).sum(-1).mean(-1) / (ys - ys.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)
     resid, terms = (ys - rec).detach(), []
     for l in range(L):
         v, i = zs[l].masked_fill(~dead[l], float("-inf")).topk(min(aux_k, int(dead[l].sum())), dim=-1)
-        pred = torch.einsum("nk,nkd->nd", F.relu(v), m.W_dec[l][:, 0, :][i])
+        pred = torch.einsum("nk,nkd->nd", F.relu(v), m.W_dec[l][0][i])
         terms.append((pred - resid[l]).pow(2).sum(-1).mean() / (resid[l] - resid[l].mean(0)).pow(2).sum(-1).mean())
     return fvu.sum() + aux_coef * torch.stack(terms).sum()
 
@@ -172,3 +172,22 @@ def test_corrupt_checkpoint_is_refused(tmp_path, tiny_backbone):
 def test_config_rejects_k_above_features():
     with pytest.raises(ValueError, match="k=9 exceeds n_features=8"):
         CLTConfig(2, 4, 8, k=9)
+
+
+def test_decode_paths_agree_and_legacy_decoder_layout_loads():
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(L, D, NF, k=4)).eval()
+    x, _ = _data()
+    codes = [clt.encode(l, x[l]) for l in range(L)]
+    plain = [clt.decode_source(i, c) for i, c in enumerate(codes)]
+    clt.export_gather = True
+    gathered = [clt.decode_source(i, c) for i, c in enumerate(codes)]
+    for a, b in zip(plain, gathered):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert plain[0].shape == (x.shape[1], L, D)
+    # a state dict in the earlier source-major layout [F, n_i, d] is converted on load
+    legacy = {k: (v.transpose(0, 1).contiguous() if k.startswith("W_dec.") else v) for k, v in clt.state_dict().items()}
+    assert legacy["W_dec.0"].shape == (NF, L, D)
+    back = CrossLayerTranscoder(clt.cfg)
+    back.load_state_dict(legacy)
+    assert all(torch.equal(a, b) for a, b in zip(clt.state_dict().values(), back.state_dict().values()))
