@@ -271,7 +271,7 @@ def arrow_schema(term_names: Sequence[str]) -> Any:
         ("path", pa.string()),
         ("error", pa.string()),
         ("label", pa.string()),
-        ("top", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
+        ("top", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64()), ("logit", pa.float64())]))),
         ("shares", pa.struct([(t, pa.float64()) for t in term_names])),
     ])
 
