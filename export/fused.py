@@ -33,9 +33,20 @@ class FusedExplainer(nn.Module):
             raise ValueError(f"top_k_features must be >= 1, got {top_k_features}")
         self.visual, self.clt = visual, clt
         self.logit_scale, self.mode, self.top_k_features = float(logit_scale), mode, int(top_k_features)
+        # Each source layer's total residual write [F, d], computed once: otherwise the graph would
+        # carry every decoder twice (as stored, and reshaped for the sparse gather) and re-sum it per call.
+        with torch.no_grad():
+            for i in range(clt.cfg.n_layers):
+                self.register_buffer(f"total_write_{i}", clt.total_write_matrix(i).detach().clone(), persistent=False)
 
     def forward(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        d = decompose(self.visual, self.clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features)
+        clt = self.clt
+        writes = [getattr(self, f"total_write_{i}") for i in range(clt.cfg.n_layers)]
+        clt.total_write_matrix = writes.__getitem__  # instance attribute shadows the method for this call
+        try:
+            d = decompose(self.visual, clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features)
+        finally:
+            del clt.total_write_matrix
         return (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
 
 
