@@ -53,5 +53,10 @@ load: setup
 	  --endpoint $(LOAD_ENDPOINT) --max-batch-size $(LOAD_USERS) --p95-ms $(LOAD_P95_MS) \
 	  $(if $(LOAD_MIN_RATIO),--min-ratio $(LOAD_MIN_RATIO)) --out $(ARTIFACTS)/load
 
+# Benchmarks: each script prints the ratios it measured in one run (README "Benchmarks").
+# bench_export.py keeps the ViT-B-32 bundle in $(ARTIFACTS)/bench/vitb32-bundle for `make load`.
+bench: setup
+	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
+
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
