@@ -109,17 +109,23 @@ def scatter_rows(
     rows: torch.Tensor,
     n_rows: int,
     bags: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The transpose of `sparse_decode`: out[f] = sum_{(n, j): idx[n, j] = f} coef[n, j] * rows[n].
 
     [N, k] int64, [N, k], [N, M] -> [n_rows, M]. One `embedding_bag` whose bags are the features
     (built by a counting sort of idx), so the cost is 2*N*k*M FLOPs with no [N*k, M] temporary and
     no dense [N, F] matrix. Used for the weight gradients of the sparse decoder and encoder.
-    `bags` (from `_bags_by_feature(idx, n_rows)`) can be passed to reuse the sort across calls.
+    `bags` (from `_bags_by_feature(idx, n_rows)`) can be passed to reuse the sort across calls;
+    `out` (contiguous [n_rows, M]) receives the result without a copy.
     """
     order, token, offsets = bags if bags is not None else _bags_by_feature(idx, n_rows)
     w = coef.reshape(-1)[order].to(rows.dtype)
-    return F.embedding_bag(token, rows.contiguous(), offsets, per_sample_weights=w, mode="sum")
+    if out is None:
+        return F.embedding_bag(token, rows.contiguous(), offsets, per_sample_weights=w, mode="sum")
+    e = token.new_empty(0)
+    torch.ops.aten._embedding_bag_forward_only.out(rows.contiguous(), token, offsets, False, 0, False, w, False, -1, out0=out, out1=e, out2=e.clone(), out3=e.clone())
+    return out
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -247,7 +253,9 @@ class _DecodeAll(torch.autograd.Function):
                 d_val[i] = sum(_psw_backward(g_out[i + t].to(W[i].dtype), W[i][t], idx[i]) for t in range(n_t)).to(val[i].dtype)
             if need[2 * L + i]:
                 bags = _bags_by_feature(idx[i], Fn)
-                d_W[i] = torch.stack([scatter_rows(idx[i], val[i], g_out[i + t].to(W[i].dtype), Fn, bags) for t in range(n_t)])
+                d_W[i] = torch.empty_like(W[i])
+                for t in range(n_t):
+                    scatter_rows(idx[i], val[i], g_out[i + t].to(W[i].dtype), Fn, bags, out=d_W[i][t])
         for a, l in enumerate(aux_layers):
             if g_aux is None:
                 break
