@@ -239,7 +239,7 @@ class RequestGuard:
         ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
         if path in IMAGE_PATHS and ctype.startswith("multipart/"):
             await self._check_multipart(scope, body, receive)
-        elif body.strip():  # BentoML treats every other body as JSON
+        elif path in IMAGE_PATHS and body.strip():  # BentoML treats every other body as JSON
             try:
                 parsed = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
