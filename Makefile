@@ -57,6 +57,7 @@ load: setup
 # bench_export.py keeps the ViT-B-32 bundle in $(ARTIFACTS)/bench/vitb32-bundle for `make load`.
 bench: setup
 	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
+	$(PY) scripts/bench_score.py --bundle $(ARTIFACTS)/bench/vitb32-bundle --out $(ARTIFACTS)/bench/bench_score.json
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
