@@ -143,3 +143,33 @@ def test_bad_cli_argument_gives_one_line_error_and_status_2(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("cltvit-train: error: ") and names in err, err
     assert "Traceback" not in err
+
+
+def test_decoder_update_in_backward_matches_a_plain_adamw_step():
+    from training.clt import CrossLayerTranscoder
+    from training.trainer import DecoderInBackwardAdamW, make_optimizer, train_step
+
+    torch.manual_seed(0)
+    base = CrossLayerTranscoder(CLTConfig(3, 16, 48, k=4)).train()
+    x, y = torch.randn(3, 64, 16), torch.randn(3, 64, 16)
+    base.fit_normalisation(x, y)
+    dead = torch.zeros(3, 48, dtype=torch.bool)
+    params = {}
+    for mode in ("in_backward", "after"):
+        clt = CrossLayerTranscoder(base.cfg)
+        clt.load_state_dict(base.state_dict())
+        cfg = TrainConfig(steps=3, lr=1e-2, grad_clip=1e6, decoder_update=mode)
+        opt = make_optimizer(clt, cfg)
+        for _ in range(3):
+            train_step(clt, opt, x, y, dead, cfg)
+        if isinstance(opt, DecoderInBackwardAdamW):
+            assert all(p.grad is None for p in clt.W_dec)  # freed right after their in-backward step
+            opt.close()
+            clt.loss(x, y).total.backward()
+            assert all(p.grad is not None for p in clt.W_dec)  # hooks removed: gradients stay
+        params[mode] = {k: v.detach().clone() for k, v in clt.named_parameters()}
+    moved = 0
+    for k, v in params["after"].items():
+        torch.testing.assert_close(params["in_backward"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        moved += int(not torch.equal(v, base.state_dict()[k]))
+    assert moved >= 4
