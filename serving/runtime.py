@@ -20,12 +20,14 @@ import onnxruntime as ort
 from PIL import Image
 
 from .bundle import BundleError, Manifest, load_bundle
+from .images import ImageError
 from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, TermContribution
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 200
+MAX_RESIZED_PIXELS = 16_000_000  # intermediate size before the center crop (a 1x50000 image would need 224x11.2M)
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 OUTPUT_NAMES = (
     "logits",
@@ -193,7 +195,10 @@ class BundleRuntime:
 
     # ------------------------------------------------------------------ preprocessing
     def resize_crop(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> uint8 [H, W, 3] after open_clip's eval resize and center crop (no scaling yet)."""
+        """RGB image -> uint8 [H, W, 3] after open_clip's eval resize and center crop (no scaling yet).
+
+        Raises `ImageError` when the resized intermediate would exceed MAX_RESIZED_PIXELS (extreme aspect ratios).
+        """
         spec = self.manifest.preprocess
         H, W = self.image_size
         im = image if image.mode == "RGB" else image.convert("RGB")
@@ -210,6 +215,11 @@ class BundleRuntime:
             ratio_h, ratio_w = h / H, w / W
             ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
             size = (round(w / ratio), round(h / ratio))
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:
+            raise ImageError(
+                f"image of {w}x{h} pixels has too extreme an aspect ratio: resizing it for the model would "
+                f"make {size[0]}x{size[1]} pixels (limit {MAX_RESIZED_PIXELS:,})"
+            )
         arr = np.asarray(im.resize(size, resample), dtype=np.uint8)
         return _center_crop_or_pad(arr, H, W)
 

@@ -371,10 +371,9 @@ class CltvitService:
         """Decode (limits enforced) and resize + crop: uint8 [H, W, 3]. Runs in a worker thread."""
         try:
             image = decode_image(data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
+            return self.runtime.resize_crop(image)
         except ImageError as exc:
-            status = 413 if exc.too_large else 400
-            raise RequestError(status, str(exc), "image") from None
-        return self.runtime.resize_crop(image)
+            raise RequestError(413 if exc.too_large else 400, str(exc), "image") from None
 
     def _check_labels(self, labels: list[str] | None, top_k: int | None) -> list[str] | None:
         try:

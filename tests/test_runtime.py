@@ -55,6 +55,14 @@ def test_grayscale_input_preprocesses_like_its_rgb(runtime):
     assert np.array_equal(runtime.preprocess(img), runtime.preprocess(img.convert("RGB")))
 
 
+def test_extreme_aspect_ratio_is_refused(runtime):
+    from serving.images import ImageError
+
+    with pytest.raises(ImageError, match="aspect ratio"):
+        runtime.preprocess(Image.new("RGB", (1, 1_000_000)))
+    assert runtime.preprocess(Image.new("RGB", (3, 600))).shape == (3, *runtime.image_size)  # 1:200 is fine
+
+
 def test_default_label_embeddings_are_the_bundle_file(runtime, bundle):
     assert np.array_equal(runtime.embed_labels(), np.load(bundle / "labels.npy"))
     assert np.array_equal(runtime.embed_labels(runtime.label_names), np.load(bundle / "labels.npy"))

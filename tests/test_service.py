@@ -202,6 +202,7 @@ BAD_UPLOADS = {
     "truncated": (_truncated(), ("truncated",), 400),
     "zero-bytes": (b"", ("empty",), 400),
     "bomb-56MP": (_bomb(), ("pixels", "limit"), 400),
+    "aspect-1x1000000": (png_bytes(Image.new("L", (1, 1_000_000))), ("aspect ratio",), 400),
 }
 
 
