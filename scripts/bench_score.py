@@ -5,8 +5,8 @@
   score:  `serving.score.score_folder` on a folder of JPEG files: discovery, reading, decoding and
           preprocessing in the thread pool, inference, result building, JSONL append + fsync per batch
 
-Both use the same loaded runtime (ONNX Runtime, CPU here), alternating raw/score for `--repeats`
-rounds so that load from other processes hits both alike; the ratio reported is best score
+Both use the same loaded runtime (ONNX Runtime, CPU here), alternating raw/score (and which goes
+first) for `--repeats` rounds so that load from other processes hits both alike; the ratio reported is best score
 images/s over best raw images/s (and the per-round ratios). Target on the ViT-B-32-architecture
 bundle (artifacts/bench/vitb32-bundle, written by scripts/bench_export.py): >= 0.9.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving.explainer import Explainer  # noqa: E402
 from serving.runtime import BundleRuntime  # noqa: E402
-from serving.score import discover, score_folder  # noqa: E402
+from serving.score import ScoreSummary, discover, score_folder  # noqa: E402
 
 
 def write_images(folder: Path, n: int, size: int) -> None:
@@ -72,7 +72,7 @@ def main() -> int:
     if not (args.bundle / "bundle.json").is_file():
         p.error(f"argument --bundle: no bundle at {args.bundle} (make one with `python scripts/bench_export.py`)")
 
-    folder = ROOT / "artifacts/bench/score-images"
+    folder = args.out.parent / "score-images"
     write_images(folder, args.images, args.image_size)
     rels = discover(folder)
     print(f"bundle {args.bundle} | {len(rels)} JPEGs {args.image_size}x{args.image_size} | batch {args.batch_size} | "
@@ -85,18 +85,29 @@ def main() -> int:
     bs = args.batch_size
     runtime.run(pixels[:bs])  # warm-up
 
-    rounds = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
+
+    def run_raw() -> float:
+        t = time.perf_counter()
+        for i in range(0, len(pixels), bs):
+            runtime.run(pixels[i : i + bs])
+        return len(pixels) / (time.perf_counter() - t)
+
+    def run_score() -> tuple[float, ScoreSummary]:
+        t = time.perf_counter()
+        s = score_folder(folder, explainer, tmp / "results.jsonl", batch_size=bs, workers=args.workers,
+                         overwrite=True, progress=False)
+        return s.scored / (time.perf_counter() - t), s
+
+    rounds = []
     try:
         for r in range(args.repeats):
-            t = time.perf_counter()
-            for i in range(0, len(pixels), bs):
-                runtime.run(pixels[i : i + bs])
-            raw = len(pixels) / (time.perf_counter() - t)
-            t = time.perf_counter()
-            summary = score_folder(folder, explainer, tmp / "results.jsonl", batch_size=bs, workers=args.workers,
-                                   overwrite=True, progress=False)
-            score = summary.scored / (time.perf_counter() - t)
+            if r % 2 == 0:  # alternate the order so that neither side always runs first
+                raw = run_raw()
+                score, summary = run_score()
+            else:
+                score, summary = run_score()
+                raw = run_raw()
             assert summary.scored == len(rels) and summary.errors == 0
             rounds.append({"raw_images_per_s": raw, "score_images_per_s": score, "ratio": score / raw})
             print(f"round {r + 1}: raw {raw:.2f} images/s | cltvit-score {score:.2f} images/s | ratio {score / raw:.3f} "

@@ -61,37 +61,41 @@ def discover(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> 
 
 
 # -- the output journal --------------------------------------------------------------------------
-def read_journal(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """Records of a JSONL results file. A torn last line (no newline or bad JSON) is cut off when
-    `repair`; a bad line elsewhere is an error (the file is not ours or was edited)."""
+def read_journal(path: Path, repair: bool = True, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Records of a JSONL results file, read line by line (only `fields` of each kept, when given).
+
+    A torn last line (no newline, or bad JSON at the end) is cut off when `repair`; a bad line
+    elsewhere is an error (the file is not ours or was edited).
+    """
     if not path.exists():
         return []
     records: list[dict[str, Any]] = []
     good_end = 0
+    torn = False
     with path.open("rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        end = len(data) if nl < 0 else nl + 1
-        line = data[pos:end]
-        try:
-            rec = json.loads(line) if line.strip() else None
-            if rec is not None and (not isinstance(rec, dict) or "path" not in rec):
-                raise ValueError("not a result record")
-        except ValueError:
-            if end == len(data):  # torn last line
+        lineno = 0
+        while True:
+            line = f.readline()
+            if not line:
                 break
-            lineno = data.count(b"\n", 0, pos) + 1
-            raise ScoreError(f"{path}: line {lineno} is not a result record; "
-                             f"not a cltvit-score output? (use --overwrite to replace it)") from None
-        if nl < 0:  # complete JSON but no newline: the write was cut before its newline
-            break
-        if rec is not None:
-            records.append(rec)
-        good_end = end
-        pos = end
-    if good_end < len(data) and repair:
+            lineno += 1
+            try:
+                rec = json.loads(line) if line.strip() else None
+                if rec is not None and (not isinstance(rec, dict) or "path" not in rec):
+                    raise ValueError("not a result record")
+            except ValueError:
+                if not f.read(1):  # the last line: torn by a kill mid-write
+                    torn = True
+                    break
+                raise ScoreError(f"{path}: line {lineno} is not a result record; not a cltvit-score output? "
+                                 f"(use --overwrite to replace it)") from None
+            if not line.endswith(b"\n"):  # complete JSON but the newline was never written
+                torn = True
+                break
+            if rec is not None:
+                records.append({k: rec.get(k) for k in fields} if fields else rec)
+            good_end += len(line)
+    if torn and repair:
         with path.open("r+b") as f:
             f.truncate(good_end)
     return records
@@ -207,8 +211,12 @@ def score_folder(
     if overwrite:
         for p in (out, journal, meta_path):
             p.unlink(missing_ok=True)
-    if meta_path.exists():
-        meta.check(json.loads(meta_path.read_text()), meta_path)
+    if meta_path.exists() and (out.exists() or journal.exists()):
+        try:
+            previous = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ScoreError(f"{meta_path} is unreadable ({e}); pass --overwrite to start over") from None
+        meta.check(previous if isinstance(previous, dict) else {}, meta_path)
     elif out.exists() or journal.exists():
         raise ScoreError(f"argument --out: {out} exists but was not written by cltvit-score (no {meta_path.name}); "
                          f"pass --overwrite to replace it")
@@ -217,7 +225,7 @@ def score_folder(
     _atomic_write(meta_path, json.dumps(meta.__dict__, indent=2) + "\n")
 
     paths = discover(root)
-    existing = read_journal(journal)
+    existing = read_journal(journal, fields=("path", "error", "shares") if monitor is not None else ("path",))
     done = {r["path"] for r in existing}
     if monitor is not None:
         for r in existing:
