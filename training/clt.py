@@ -202,73 +202,52 @@ class _GatherPreactAll(torch.autograd.Function):
         return None, d_W, d_b, None, None
 
 
-class _DecodeAll(torch.autograd.Function):
-    """Normalised reconstructions of all targets from sparse codes, plus AuxK predictions, in one node.
+class _DecodeSourceInto(torch.autograd.Function):
+    """Add source layer i's decoded writes into the normalised reconstructions, in place; plus AuxK.
 
-    Forward: recon [L, N, d] = b_dec[j] + sum_{i<=j} decode_i[:, j-i] with one embedding_bag per
-    (source, target) block [F, d] (a strided view: the block is small enough to stay in cache while
-    N*k of its rows are gathered, measured 1.45x faster than gathering whole [n_i * d] rows); aux [A, N, d]: for each layer in `aux_layers`, its
-    auxiliary code decoded by the layer's own-target decoder W_dec[l][0].
-    Backward per source: d val = gather-dot, d W_dec[i] = scatter_rows(idx, val, grad) (sparse:
-    2*N*k*n_i*d FLOPs each); AuxK's weight gradient is added into slot 0 of the same tensor, so no
-    full-size zero tensors or strided-view backward nodes are created.
+    Forward: recon[i + t] += sum_j val[n, j] * W[t][idx[n, j]] for every target block t (W = W_dec[i],
+    [n_t, F, d]: each contiguous [F, d] block stays in cache while N*k rows are gathered from it);
+    aux [N, d] (or an empty tensor): the auxiliary code decoded by the own-target block W[0].
+    Backward: recon's gradient passes through; d val = gather-dots; d W = scatter_rows per block
+    (2*N*k*d FLOPs each; AuxK's part added into block 0). One node per source, so each W_dec[i]'s
+    gradient is complete (and can be consumed and freed by an in-backward optimizer step) before
+    the next source's is computed; no full-size zero tensors or strided-view backward nodes.
     """
 
     @staticmethod
-    def forward(ctx, n_layers: int, aux_layers: tuple, b_dec, *tensors):  # type: ignore[override]
-        L, A = n_layers, len(aux_layers)
-        idx, val, W = tensors[:L], tensors[L : 2 * L], tensors[2 * L : 3 * L]
-        aux_idx, aux_val = tensors[3 * L : 3 * L + A], tensors[3 * L + A :]
-        N, d = idx[0].shape[0], b_dec.shape[1]
-        out = b_dec[:, None, :].expand(L, N, d).clone()
-        for i in range(L):
-            v = val[i].to(W[i].dtype)
-            for t in range(W[i].shape[0]):  # one [F, d] block at a time: it stays in cache while gathered
-                out[i + t] += F.embedding_bag(idx[i], W[i][t], per_sample_weights=v, mode="sum")
-        aux = out.new_zeros(A, N, d)
-        for a, l in enumerate(aux_layers):
-            aux[a] = F.embedding_bag(aux_idx[a], W[l][0], per_sample_weights=aux_val[a].to(W[l].dtype), mode="sum")
-        ctx.L, ctx.aux_layers = L, aux_layers
-        ctx.save_for_backward(*tensors)
-        ctx.set_materialize_grads(False)
-        return out, aux
+    def forward(ctx, source: int, recon, idx, val, W, aux_idx, aux_val):  # type: ignore[override]
+        v = val.to(W.dtype)
+        for t in range(W.shape[0]):
+            recon[source + t] += F.embedding_bag(idx, W[t], per_sample_weights=v, mode="sum")
+        ctx.mark_dirty(recon)
+        if aux_idx is None:
+            aux = recon.new_zeros(0)
+        else:
+            aux = F.embedding_bag(aux_idx, W[0], per_sample_weights=aux_val.to(W.dtype), mode="sum")
+        ctx.source = source
+        ctx.save_for_backward(idx, val, W, aux_idx, aux_val)
+        return recon, aux
 
     @staticmethod
-    def backward(ctx, g_out, g_aux):  # type: ignore[override]
-        L, aux_layers = ctx.L, ctx.aux_layers
-        A = len(aux_layers)
-        tensors = ctx.saved_tensors
-        idx, val, W = tensors[:L], tensors[L : 2 * L], tensors[2 * L : 3 * L]
-        aux_idx, aux_val = tensors[3 * L : 3 * L + A], tensors[3 * L + A :]
-        need = ctx.needs_input_grad[3:]
-        d_val: list = [None] * L
-        d_W: list = [None] * L
-        d_aux_val: list = [None] * A
-        d_b = g_out.sum(1) if g_out is not None and ctx.needs_input_grad[2] else None
-        for i in range(L):
-            if g_out is None:
-                break
-            n_t, Fn, d = W[i].shape
-            if need[L + i]:
-                d_val[i] = sum(_psw_backward(g_out[i + t].to(W[i].dtype), W[i][t], idx[i]) for t in range(n_t)).to(val[i].dtype)
-            if need[2 * L + i]:
-                bags = _bags_by_feature(idx[i], Fn)
-                d_W[i] = torch.empty_like(W[i])
-                for t in range(n_t):
-                    scatter_rows(idx[i], val[i], g_out[i + t].to(W[i].dtype), Fn, bags, out=d_W[i][t])
-        for a, l in enumerate(aux_layers):
-            if g_aux is None:
-                break
-            w0 = W[l][0]
-            G = g_aux[a].to(w0.dtype).contiguous()
-            if need[3 * L + A + a]:
-                d_aux_val[a] = _psw_backward(G, w0, aux_idx[a]).to(aux_val[a].dtype)
-            if need[2 * L + l]:
-                part = scatter_rows(aux_idx[a], aux_val[a], G, w0.shape[0])
-                if d_W[l] is None:
-                    d_W[l] = torch.zeros_like(W[l])
-                d_W[l][0] += part
-        return (None, None, d_b, *([None] * L), *d_val, *d_W, *([None] * A), *d_aux_val)
+    def backward(ctx, g_recon, g_aux):  # type: ignore[override]
+        idx, val, W, aux_idx, aux_val = ctx.saved_tensors
+        i = ctx.source
+        n_t, Fn, d = W.shape
+        d_val = d_W = d_aux_val = None
+        if ctx.needs_input_grad[3]:
+            d_val = sum(_psw_backward(g_recon[i + t].to(W.dtype), W[t], idx) for t in range(n_t)).to(val.dtype)
+        if ctx.needs_input_grad[4]:
+            bags = _bags_by_feature(idx, Fn)
+            d_W = torch.empty_like(W)
+            for t in range(n_t):
+                scatter_rows(idx, val, g_recon[i + t].to(W.dtype), Fn, bags, out=d_W[t])
+        if aux_idx is not None and g_aux is not None and g_aux.numel():
+            G = g_aux.to(W.dtype).contiguous()
+            if ctx.needs_input_grad[6]:
+                d_aux_val = _psw_backward(G, W[0], aux_idx).to(aux_val.dtype)
+            if d_W is not None:
+                d_W[0] += scatter_rows(aux_idx, aux_val, G, Fn)
+        return None, g_recon, None, d_val, d_W, None, d_aux_val
 
 
 def sparse_decode(idx: torch.Tensor, val: torch.Tensor, weight: torch.Tensor, gather: bool = False) -> torch.Tensor:
@@ -525,16 +504,16 @@ class CrossLayerTranscoder(nn.Module):
                 if kk:
                     aux_codes.append(SparseCode(sel_idx[l][:, w:], F.relu(vals[l][:, w:])))
         aux_layers = tuple(aux_width)
-        recon, aux_pred = _DecodeAll.apply(
-            L,
-            aux_layers,
-            self.b_dec,
-            *[c.idx for c in codes],
-            *[c.val for c in codes],
-            *self.W_dec,
-            *[c.idx for c in aux_codes],
-            *[c.val for c in aux_codes],
-        )
+        aux_by_layer = dict(zip(aux_layers, aux_codes))
+        recon = self.b_dec[:, None, :].expand(L, x.shape[1], cfg.d_model).clone()
+        aux_pred = []
+        for i, c in enumerate(codes):
+            a_code = aux_by_layer.get(i)
+            recon, ap = _DecodeSourceInto.apply(
+                i, recon, c.idx, c.val, self.W_dec[i], a_code.idx if a_code else None, a_code.val if a_code else None
+            )
+            if a_code is not None:
+                aux_pred.append(ap)
         err = (recon - y).pow(2).sum(-1).mean(-1)  # [L]
         var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-8)
         fvu = err / var
