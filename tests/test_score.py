@@ -179,3 +179,28 @@ def test_resume_refuses_different_labels(folder, bundle, tmp_path, capsys):
     assert len(recs) == 5 and {r["label"] for r in recs if not r["error"]} <= {"shoe", "shirt"}
     assert all(len(r["top"]) == 2 for r in recs if not r["error"])
     assert np.all([abs(sum(t["probability"] for t in r["top"]) - 1) < 1e-6 for r in recs if not r["error"]])
+
+
+def test_resumed_drift_windows_equal_an_uninterrupted_run(reference_run, folder, bundle, tmp_path):
+    from serving.drift import DriftProfile
+
+    names = list(next(r for r in reference_run if not r["error"])["shares"])
+    ok = [r for r in reference_run if not r["error"]]
+    DriftProfile.from_shares(np.array([[r["shares"][t] for t in names] for r in ok[:120]]), names).save(tmp_path / "ref.json")
+    args = [str(folder[0]), "--bundle", str(bundle), "--batch-size", "16", "--quiet",
+            "--reference", str(tmp_path / "ref.json"), "--window", "50"]
+    assert main(args + ["--out", str(tmp_path / "full.jsonl")]) == 0
+    full = read_jsonl(tmp_path / "full.jsonl")
+    out = tmp_path / "resumed.jsonl"
+    assert main(args + ["--out", str(out)]) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:90]) + lines[90][:20])
+    assert main(args + ["--out", str(out)]) == 0
+    resumed = read_jsonl(out)
+    assert [r["path"] for r in resumed] == [r["path"] for r in full]
+    for a, b in zip(full, resumed):
+        assert ("drift" in a) == (a["error"] is None)
+        if a["error"] is None:
+            assert a["drift"]["window"] == b["drift"]["window"] and a["drift"]["worst_term"] == b["drift"]["worst_term"]
+            assert a["drift"]["score"] == pytest.approx(b["drift"]["score"], abs=1e-9)
+    assert full[-1]["drift"]["window"] == 50
