@@ -340,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("batch_size", "top_k", "window", "prefetch"):
         if getattr(args, name) < (0 if name == "prefetch" else 1):
             parser.error(f"argument --{name.replace('_', '-')}: must be >= {0 if name == 'prefetch' else 1}, got {getattr(args, name)}")
+    if args.metrics_file is not None and args.reference is None:
+        parser.error("argument --metrics-file: needs --reference (the metrics are drift scores)")
     if args.workers is not None and args.workers < 1:
         parser.error(f"argument --workers: must be >= 1, got {args.workers}")
     if not args.dir.is_dir() and not (args.engine == "ray" and "://" in str(args.dir)):
