@@ -147,6 +147,9 @@ def export_bundle(
         Manifest.model_validate(manifest)  # fail here, not in the server
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         load_bundle(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by a server
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
