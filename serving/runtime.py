@@ -137,6 +137,7 @@ class BundleRuntime:
     `device`: 'auto' (CUDA when present, else CPU, chosen once), 'cpu' or 'cuda' (error if absent).
     `variant`: a key of the manifest's `variants` ('fp32', 'int8', 'fp16').
     `threads`: ONNX Runtime intra-op threads (None: ORT's default).
+    `io_binding`: run through an ORT IO binding (None: exactly when the provider is CUDA).
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class BundleRuntime:
         threads: int | None = None,
         label_cache_size: int = 64,
         verify_checksums: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise RuntimeSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -189,7 +191,8 @@ class BundleRuntime:
         self.provider: str = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeSetupError("device='cuda' was requested but ONNX Runtime could not use CUDA on this machine")
-        self.use_io_binding = self.provider == "CUDAExecutionProvider"
+        self.use_io_binding = (self.provider == "CUDAExecutionProvider") if io_binding is None else bool(io_binding)
+        self._output_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         if [o.name for o in self.session.get_outputs()] != list(OUTPUT_NAMES):
             raise BundleError(self.paths.root, [f"model outputs are {[o.name for o in self.session.get_outputs()]}, expected {list(OUTPUT_NAMES)}"])
 
@@ -284,7 +287,7 @@ class BundleRuntime:
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
             for name in OUTPUT_NAMES:
-                binding.bind_output(name, "cuda")
+                binding.bind_output(name, self._output_device)
             self.session.run_with_iobinding(binding)
             outs = binding.copy_outputs_to_cpu()
         else:

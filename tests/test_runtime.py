@@ -151,6 +151,16 @@ def test_setup_errors(bundle, tmp_path):
         BundleRuntime(tmp_path)
 
 
+def test_io_binding_path_gives_the_same_outputs(bundle, runtime):
+    bound = BundleRuntime(bundle, device="cpu", threads=1, io_binding=True, verify_checksums=False)
+    assert bound.use_io_binding and not runtime.use_io_binding
+    pixels = np.stack([runtime.preprocess(im) for im in _images()[:3]])
+    text = runtime.embed_labels(["a", "b", "c"])
+    a, b = runtime.run(pixels, text), bound.run(pixels, text)
+    for name in ("logits", "embedding", "contributions", "top_feature_index"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-7)
+
+
 def test_auto_device_is_chosen_once(runtime):
     assert runtime.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert runtime.use_io_binding == (runtime.provider == "CUDAExecutionProvider")
