@@ -57,6 +57,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def rss_gib() -> float:
+    """Current resident set size (Linux /proc), GiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def matmul_flops(n: int, d: int, f: int, reps: int = 3) -> float:
     """Dense fp32 torch.mm FLOP/s for [n, d] x [d, f]."""
     a, b = torch.randn(n, d), torch.randn(d, f)
@@ -86,24 +95,30 @@ def main() -> None:
     L, d = backbone.n_layers, backbone.d_model
     n_img = 2 * (args.buffer_tokens // backbone.n_tokens + args.images_per_batch)
     dataset = RandomImages(n_img, backbone.image_size)
+    mem = {"backbone": rss_gib()}
     stream = ActivationStream(backbone, dataset, tokens="all", batch_tokens=args.batch_tokens,
                               buffer_tokens=args.buffer_tokens, images_per_batch=args.images_per_batch)
     t0 = time.perf_counter()
     stream.fill()
     fill_s = time.perf_counter() - t0
     act_tps = stream.stats.tokens_captured / fill_s
+    mem["after_buffer_fill"] = rss_gib()
+    mem["peak_after_fill"] = peak_rss_gib()
 
     clt_cfg = CLTConfig(L, d, args.features, activation="topk", k=args.k)
     cfg = TrainConfig(steps=args.steps + 1, batch_tokens=args.batch_tokens, lr=2e-4, warmup_steps=0)
     clt = CrossLayerTranscoder(clt_cfg).train()
     x, y = stream.peek(4096)
     clt.fit_normalisation(x, y)
+    del x, y
     opt = make_optimizer(clt, cfg)
     dead = torch.zeros(L, args.features, dtype=torch.bool)
     n_params = sum(p.numel() for p in clt.parameters() if p.requires_grad)
 
     x, y = stream.next_batch()
+    mem["clt_created"] = rss_gib()
     train_step(clt, opt, x, y, dead, cfg)  # warm-up: allocates gradients and Adam state
+    mem["after_first_step"] = rss_gib()
     mm_before = matmul_flops(args.batch_tokens, d, args.features)
     step_s = []
     for _ in range(args.steps):
@@ -134,6 +149,7 @@ def main() -> None:
         "ratio_needed": needed / mean_s / mm,
         "ratio_nominal": nominal / mean_s / mm,
         "peak_rss_gib": peak_rss_gib(),
+        "rss_gib_at": mem,
         "fvu_mean_last_step": float(loss.fvu.mean()),
     }
     print(f"[bench_training] {args.model} (random weights) L={L} d={d} F={Fn} k={k} batch={N} tokens, "
@@ -143,7 +159,8 @@ def main() -> None:
     print(f"  dense fp32 matmul    : {mm / 1e9:10.1f} GFLOP/s (torch.mm {N}x{d} @ {d}x{Fn})")
     print(f"  training, needed     : {out['train_gflops_needed']:10.1f} GFLOP/s = {100 * out['ratio_needed']:.0f}% of matmul (target >= 50%)")
     print(f"  training, nominal    : {out['train_gflops_nominal']:10.1f} GFLOP/s = {100 * out['ratio_nominal']:.0f}% of matmul (3x rule for the encoder)")
-    print(f"  peak RSS             : {out['peak_rss_gib']:10.2f} GiB (target <= 8 GiB)")
+    print(f"  peak RSS             : {out['peak_rss_gib']:10.2f} GiB (target <= 8 GiB); RSS at stages: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -161,7 +161,7 @@ def test_decoder_update_in_backward_matches_a_plain_adamw_step():
         cfg = TrainConfig(steps=3, lr=1e-2, grad_clip=1e6, decoder_update=mode)
         opt = make_optimizer(clt, cfg)
         for _ in range(3):
-            train_step(clt, opt, x, y, dead, cfg)
+            train_step(clt, opt, x.clone(), y.clone(), dead, cfg)  # the step normalises its batch in place
         if isinstance(opt, DecoderInBackwardAdamW):
             assert all(p.grad is None for p in clt.W_dec)  # freed right after their in-backward step
             opt.close()

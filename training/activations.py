@@ -162,7 +162,7 @@ class ActivationStream:
             self.fill()
         B, n = self.batch_tokens, self.n
         pos = torch.randperm(n, generator=self.rng)[:B]
-        out = self.buf[pos.to(self.device)].clone()
+        out = self.buf[pos.to(self.device)]  # advanced indexing: already a copy
         # move the tail's unpicked tokens into the picked holes, so the valid part stays contiguous
         picked = torch.zeros(n, dtype=torch.bool)
         picked[pos] = True

@@ -452,6 +452,7 @@ class CrossLayerTranscoder(nn.Module):
         sparsity_coef: float = 0.0,
         sparsity_c: float = 4.0,
         preact_coef: float = 3e-6,
+        inplace: bool = False,
     ) -> CLTLoss:
         """Training loss on raw samples [L, N, d].
 
@@ -461,11 +462,17 @@ class CrossLayerTranscoder(nn.Module):
         TopK/BatchTopK take a sparse path: pre-activations are computed without autograd, the
         active (and AuxK) entries are re-attached through `_GatherPreactAll`, so backward costs
         O(N*k*d) per layer instead of a dense [d, N] x [N, F] matmul and no [N, F] tensor is kept.
+        `inplace=True` normalises mlp_in / mlp_out in place (saves two batch-sized copies; the
+        caller must not reuse them).
         """
         cfg = self.cfg
         L = cfg.n_layers
-        x = mlp_in / self.in_scale[:, None, None]
-        y = mlp_out / self.out_scale[:, None, None]
+        if inplace:
+            x = mlp_in.div_(self.in_scale[:, None, None])
+            y = mlp_out.div_(self.out_scale[:, None, None])
+        else:
+            x = mlp_in / self.in_scale[:, None, None]
+            y = mlp_out / self.out_scale[:, None, None]
         sparse_path = cfg.activation in ("topk", "batchtopk")
         use_aux = dead_mask is not None and sparse_path and aux_coef > 0 and bool(dead_mask.any())
         codes: list[SparseCode] = []

@@ -300,6 +300,8 @@ def train_step(
 ) -> CLTLoss:
     """One optimiser step on raw activations x, y [L, N, d] (bf16 autocast on CUDA); returns the loss terms.
 
+    x and y are consumed: they are normalised in place.
+
     With `DecoderInBackwardAdamW` the decoder tensors are already updated when backward returns;
     clipping and `step()` here cover the remaining parameters (those that still hold a gradient).
     """
@@ -312,6 +314,7 @@ def train_step(
             aux_coef=cfg.aux_coef,
             sparsity_coef=cfg.sparsity_coef,
             preact_coef=cfg.preact_coef,
+            inplace=True,
         )
     opt.zero_grad(set_to_none=True)
     loss.total.float().backward()
