@@ -56,6 +56,7 @@ load: setup
 # Benchmarks: each script prints the ratios it measured in one run (README "Benchmarks").
 # bench_export.py keeps the ViT-B-32 bundle in $(ARTIFACTS)/bench/vitb32-bundle for `make load`.
 bench: setup
+	$(PY) scripts/bench_training.py --json $(ARTIFACTS)/bench/bench_training.json
 	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
 	$(PY) scripts/bench_score.py --bundle $(ARTIFACTS)/bench/vitb32-bundle --out $(ARTIFACTS)/bench/bench_score.json
 
