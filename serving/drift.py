@@ -27,7 +27,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -235,6 +235,31 @@ class DriftMonitor:
             f"{prefix}_images_total {self.total}",
         ]
         return "\n".join(lines) + "\n"
+
+    def collector(self, prefix: str = "cltvit_drift") -> Any:
+        """A prometheus_client collector of the live scores, for a process's own `/metrics`:
+        `prometheus_client.REGISTRY.register(monitor.collector())`."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        monitor = self
+
+        class _DriftCollector:
+            def collect(self) -> Iterator[Any]:
+                scores, means = monitor.scores(), monitor.window_mean()
+                g = GaugeMetricFamily(f"{prefix}_score", "Mean shift of the term's contribution share vs the reference, in reference std.", labels=["term"])
+                for t, v in zip(monitor.term_names, scores):
+                    g.add_metric([t], float(v))
+                yield g
+                yield GaugeMetricFamily(f"{prefix}_max_score", "Largest per-term mean-shift score over the window.",
+                                        value=float(scores.max()) if len(monitor) else 0.0)
+                m = GaugeMetricFamily(f"{prefix}_share_mean", "Mean contribution share of the term over the window.", labels=["term"])
+                for t, v in zip(monitor.term_names, means):
+                    m.add_metric([t], float(v))
+                yield m
+                yield GaugeMetricFamily(f"{prefix}_window_images", "Images in the current window.", value=len(monitor))
+                yield CounterMetricFamily(f"{prefix}_images", "Images seen by the monitor.", value=monitor.total)
+
+        return _DriftCollector()
 
     def write_metrics(self, path: str | Path) -> None:
         """Atomically write `prometheus()` to `path` (node_exporter textfile-collector style)."""

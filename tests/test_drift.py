@@ -78,6 +78,23 @@ def test_monitor_window_matches_direct_computation_and_exports_metrics(tmp_path:
         DriftMonitor(ref, window=0)
 
 
+def test_prometheus_client_collector_matches_the_text():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    rng = np.random.default_rng(5)
+    mon = DriftMonitor(DriftProfile.from_shares(rng.dirichlet(np.ones(5), size=100), TERMS), window=20)
+    mon.update(rng.dirichlet(np.ones(5), size=30))
+    registry = CollectorRegistry()
+    registry.register(mon.collector())
+    text = generate_latest(registry).decode()
+    for term, score in zip(TERMS, mon.scores()):
+        line = next(l for l in text.splitlines() if l.startswith(f'cltvit_drift_score{{term="{term}"}}'))
+        assert float(line.split()[-1]) == pytest.approx(score)
+    assert "cltvit_drift_images_total 30.0" in text and "cltvit_drift_window_images 20.0" in text
+    mon.update(rng.dirichlet(np.ones(5), size=5))  # live: the next scrape sees the new window
+    assert "cltvit_drift_images_total 35.0" in generate_latest(registry).decode()
+
+
 def _write_results(path: Path, shares: np.ndarray) -> None:
     with path.open("w") as f:
         f.write(json.dumps({"path": "bad.png", "error": "cannot identify image file"}) + "\n")
