@@ -222,12 +222,35 @@ def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str,
 _FLOAT, _INT64, _FLOAT16 = 1, 7, 10
 
 
+def _graph_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _check_opset(path: Path, m: Manifest, problems: list[str]) -> None:
+    """The graph's default-domain opset is the manifest's and one this installation can run."""
+    import onnx
+
+    try:
+        got = _graph_opset(path)
+    except Exception:
+        return  # reported by the signature check
+    newest = onnx.defs.onnx_opset_version()
+    if got is not None and got != m.opset:
+        problems.append(f"{path.name}: graph opset {got} differs from bundle.json opset {m.opset}")
+    if got is not None and got > newest:
+        problems.append(f"{path.name}: opset {got} is newer than this installation supports ({newest}); upgrade onnx/onnxruntime")
+
+
 def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str]) -> None:
     try:
         ins, outs = _graph_signature(path)
     except Exception as exc:  # corrupt protobuf
         problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
         return
+    _check_opset(path, m, problems)
     if tuple(ins) != MODEL_INPUTS:
         problems.append(f"{path.name}: inputs are {list(ins)}, expected {list(MODEL_INPUTS)}")
     if tuple(outs) != MODEL_OUTPUTS:
@@ -323,7 +346,7 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
 
     Checks: manifest schema and format version; every listed file present; sha256 of each file
     (`verify_checksums`); `labels.npy` dtype/shape/normalisation; image and text graph input and
-    output names, element types and static dims (`check_graphs`). All problems are collected
+    output names, element types and static dims, and image graph opsets (`check_graphs`). All problems are collected
     and raised together as one `BundleError`.
     """
     root = Path(root).resolve()

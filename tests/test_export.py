@@ -152,6 +152,12 @@ def test_graph_signature_checked(copy):
     assert "text_embeddings axis 1 is 32, expected 48" in text and "labels.npy: shape" in text
 
 
+def test_opset_must_match_the_graph(copy):
+    _edit_manifest(copy, lambda r: r.update(opset=18))
+    with pytest.raises(BundleError, match="graph opset 17 differs from bundle.json opset 18"):
+        load_bundle(copy)
+
+
 def test_manifest_model_rejects_unknown_keys(bundle):
     raw = json.loads((bundle / "bundle.json").read_text())
     Manifest.model_validate(raw)
