@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.activations import ActivationStream  # noqa: E402
 from training.backbone import load_backbone  # noqa: E402
 from training.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
-from training.trainer import TrainConfig, make_optimizer, train_step  # noqa: E402
+from training.trainer import TrainConfig, make_optimizer, release_text_tower, train_step  # noqa: E402
 
 
 class RandomImages:
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--buffer-tokens", type=int, default=8192)
     p.add_argument("--images-per-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
@@ -92,6 +92,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     backbone = load_backbone(args.model, None, device="cpu", seed=0)
+    release_text_tower(backbone)  # as cltvit-train does: training reads only the vision tower
     L, d = backbone.n_layers, backbone.d_model
     n_img = 2 * (args.buffer_tokens // backbone.n_tokens + args.images_per_batch)
     dataset = RandomImages(n_img, backbone.image_size)

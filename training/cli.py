@@ -146,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --pretrained: {exc}")
     except UnsupportedModel as exc:
         parser.error(f"argument --model: {exc}")
+    from .trainer import release_text_tower
+
+    release_text_tower(backbone)  # training reads only the vision tower
     try:
         clt_cfg = CLTConfig(
             n_layers=backbone.n_layers,
