@@ -111,11 +111,12 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     import onnx
 
     src, dst = Path(src), Path(dst)
+    floats = _float_tensors(onnx.load(str(src), load_external_data=False))  # types only: no weights loaded
     model = onnx.load(str(src), load_external_data=True)
     inside = set(block_nodes(model))
     if not inside:
         raise RuntimeError(f"{src}: found no transformer-block nodes to convert (export scope names changed?)")
-    _to_fp16(model, inside)
+    _to_fp16(model, inside, floats)
     if _is_large(src):
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=dst.name + ".data", size_threshold=1024)
@@ -124,13 +125,11 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _float_tensors(model: "onnx.ModelProto") -> set[str]:  # noqa: F821
-    """Names of all float32 tensors (inputs, initializers, node outputs), by ONNX type inference on a
-    weightless copy of the graph."""
+def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
+    """Names of all float32 tensors (inputs, initializers, node outputs), by ONNX type inference.
+    Strips `skeleton`'s weight data in place (pass a copy loaded without external data)."""
     import onnx
 
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
     for init in skeleton.graph.initializer:  # inference needs types and shapes only
         init.ClearField("raw_data")
         init.ClearField("float_data")
@@ -148,14 +147,14 @@ def _float_tensors(model: "onnx.ModelProto") -> set[str]:  # noqa: F821
     return out
 
 
-def _to_fp16(model: "onnx.ModelProto", inside: set[str]) -> None:  # noqa: F821
-    """In-place: nodes named in `inside` compute in float16 (see `convert_fp16`)."""
+def _to_fp16(model: "onnx.ModelProto", inside: set[str], floats: set[str]) -> None:  # noqa: F821
+    """In-place: nodes named in `inside` compute in float16 (see `convert_fp16`); `floats` names the
+    float32 tensors of the graph (`_float_tensors`)."""
     import onnx
     from onnx import helper, numpy_helper
 
     FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     g = model.graph
-    floats = _float_tensors(model)
     inits = {i.name: i for i in g.initializer}
     produced_inside = {o for n in g.node if n.name in inside for o in n.output}
     half_of: dict[str, str] = {}  # float32 tensor -> its float16 twin
