@@ -199,14 +199,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str, tuple[int, list]]]:
-    """{name: (onnx elem_type, dims)} of a graph's inputs and outputs, reading the protobuf only.
-
-    dims entries are ints (static) or strings (symbolic). External weight data is not loaded.
+def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str, tuple[int, list]], int | None]:
+    """({name: (onnx elem_type, dims)} of a graph's inputs, the same of its outputs, its default-domain
+    opset), reading the protobuf only. dims entries are ints (static) or strings (symbolic).
+    External weight data is not loaded.
     """
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
     def sig(values: Any) -> dict[str, tuple[int, list]]:
         out = {}
@@ -216,27 +217,16 @@ def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str,
             out[v.name] = (t.elem_type, dims)
         return out
 
-    return sig(model.graph.input), sig(model.graph.output)
+    return sig(model.graph.input), sig(model.graph.output), opset
 
 
 _FLOAT, _INT64, _FLOAT16 = 1, 7, 10
 
 
-def _graph_opset(path: Path) -> int | None:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _check_opset(path: Path, m: Manifest, problems: list[str]) -> None:
+def _check_opset(path: Path, got: int | None, m: Manifest, problems: list[str]) -> None:
     """The graph's default-domain opset is the manifest's and one this installation can run."""
     import onnx
 
-    try:
-        got = _graph_opset(path)
-    except Exception:
-        return  # reported by the signature check
     newest = onnx.defs.onnx_opset_version()
     if got is not None and got != m.opset:
         problems.append(f"{path.name}: graph opset {got} differs from bundle.json opset {m.opset}")
@@ -246,11 +236,11 @@ def _check_opset(path: Path, m: Manifest, problems: list[str]) -> None:
 
 def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str]) -> None:
     try:
-        ins, outs = _graph_signature(path)
+        ins, outs, opset = _graph_signature(path)
     except Exception as exc:  # corrupt protobuf
         problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
         return
-    _check_opset(path, m, problems)
+    _check_opset(path, opset, m, problems)
     if tuple(ins) != MODEL_INPUTS:
         problems.append(f"{path.name}: inputs are {list(ins)}, expected {list(MODEL_INPUTS)}")
     if tuple(outs) != MODEL_OUTPUTS:
@@ -288,7 +278,7 @@ def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str
 
 def _check_text_graph(path: Path, m: Manifest, problems: list[str]) -> None:
     try:
-        ins, outs = _graph_signature(path)
+        ins, outs, _ = _graph_signature(path)
     except Exception as exc:
         problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
         return
