@@ -98,7 +98,7 @@ def _cli(out: Path, steps: int) -> list[str]:
 
 def test_kill_and_rerun_resumes_from_last_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = _cli(out, steps=400)
+    cmd = _cli(out, steps=200)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     latest = out / "checkpoints" / "LATEST"
@@ -109,16 +109,16 @@ def test_kill_and_rerun_resumes_from_last_checkpoint(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
     killed_at = int(latest.read_text().split("-")[1])
-    assert 0 < killed_at < 400
+    assert 0 < killed_at < 200
     assert not (out / "clt.json").exists()  # no final checkpoint yet
 
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"step {killed_at} of 400" in done.stdout
+    assert f"step {killed_at} of 200" in done.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(5, 401, 5))  # no gap, no duplicate across the kill
+    assert steps == list(range(5, 201, 5))  # no gap, no duplicate across the kill
     meta = json.loads((out / "clt.json").read_text())
-    assert meta["metrics"]["steps"] == 400 and meta["step"] == 400
+    assert meta["metrics"]["steps"] == 200 and meta["step"] == 200
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     # the resumed run started from trained weights, not from scratch
     assert rows[killed_at + 5]["fvu_mean"] < rows[5]["fvu_mean"]

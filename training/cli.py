@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32, ViT-B-16, cltvit-tiny")
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a checkpoint file; default: random weights")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    g.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind")
     g.add_argument("--data-dir", default=None, help="dataset root (fashion-mnist: defaults to Debian's dataset-fashion-mnist files)")
@@ -123,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .trainer import TrainConfig, TrainingError, train_clt
     from .vit import UnsupportedModel
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     register_project_configs()
     if args.model not in open_clip.list_models():
         parser.error(f"argument --model: unknown open_clip architecture {args.model!r} (e.g. ViT-B-32, ViT-B-16, cltvit-tiny)")
