@@ -132,6 +132,7 @@ class Stage:
     def __init__(self, root: Path, name: str, key_obj: Any) -> None:
         self.root, self.name, self.key = root, name, _key(key_obj)
         self.path = root / "stages" / f"{name}.json"
+        self._cpu0 = time.process_time()
 
     def cached(self) -> dict[str, Any] | None:
         """The stage's record if its key matches and every output still has its recorded sha256."""
@@ -150,7 +151,7 @@ class Stage:
         return rec
 
     def finish(self, files: Sequence[Path], seconds: float, **info: Any) -> dict[str, Any]:
-        rec = {"stage": self.name, "key": self.key, "seconds": seconds,
+        rec = {"stage": self.name, "key": self.key, "seconds": seconds, "cpu_seconds": time.process_time() - self._cpu0,
                "files": {str(p.relative_to(self.root)): file_sha256(p) for p in files}, **info}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -363,8 +364,10 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
     summary = {
         "out": str(out),
         "config": cfg.to_dict(),
-        "stages": {k: {"seconds": v["seconds"], "key": v["key"], "files": v["files"]} for k, v in recs.items()},
+        "stages": {k: {"seconds": v["seconds"], "cpu_seconds": v.get("cpu_seconds"), "key": v["key"], "files": v["files"]}
+                   for k, v in recs.items()},
         "stage_seconds_total": sum(v["seconds"] for v in recs.values()),
+        "stage_cpu_seconds_total": sum(v.get("cpu_seconds", float("nan")) for v in recs.values()),
         "wall_seconds_this_call": time.time() - t0,
         "zero_shot_top1": recs["clip"]["zero_shot_top1"],
         "evaluation": recs.get("eval", {}).get("summary"),
