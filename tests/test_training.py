@@ -173,3 +173,18 @@ def test_decoder_update_in_backward_matches_a_plain_adamw_step():
         torch.testing.assert_close(params["in_backward"][k], v, rtol=1e-5, atol=1e-6, msg=k)
         moved += int(not torch.equal(v, base.state_dict()[k]))
     assert moved >= 4
+
+
+@pytest.mark.parametrize("activation, cross_layer", [("batchtopk", True), ("topk", False), ("jumprelu", True)])
+def test_training_runs_with_dead_features_for_every_activation(tmp_path, tiny_backbone, activation, cross_layer):
+    ds = RandomPixels(64, tiny_backbone.image_size)
+    clt_cfg = CLTConfig(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=96, k=4, activation=activation, cross_layer=cross_layer)
+    cfg = TrainConfig(steps=12, batch_tokens=128, lr=2e-3, warmup_steps=2, buffer_tokens=512, images_per_batch=16,
+                      log_every=4, checkpoint_every=12, dead_after_tokens=128, eval_batches=1)
+    _, metrics = train_clt(tiny_backbone, ds, clt_cfg, cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["fvu"])).all() for r in rows)
+    assert rows[-1]["fvu_mean"] < rows[0]["fvu_mean"]
+    if activation != "jumprelu":  # AuxK runs once features count as dead
+        assert max(r["dead_fraction"] for r in rows) > 0 and max(r["aux"] for r in rows) > 0
+    assert metrics["steps"] == 12
