@@ -709,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=10, help="seeds of the random-layer baselines")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", required=True, help="output directory for report.json / report.md / PNGs")
     return p
 
@@ -724,6 +725,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError(f"--limit must be >= 1, got {args.limit}")
         if args.batch_size < 1:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.threads < 0:
+            raise EvaluationError(f"--threads must be >= 0, got {args.threads}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         meta = read_meta(args.clt)
         recorded = meta.get("backbone", {})
         model = args.model or recorded.get("model")
