@@ -188,3 +188,13 @@ def test_training_runs_with_dead_features_for_every_activation(tmp_path, tiny_ba
     if activation != "jumprelu":  # AuxK runs once features count as dead
         assert max(r["dead_fraction"] for r in rows) > 0 and max(r["aux"] for r in rows) > 0
     assert metrics["steps"] == 12
+
+
+def test_cli_help_lists_the_main_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--pretrained", "--dataset", "--data-dir", "--features", "--k", "--activation", "--steps",
+                 "--out", "--tokens", "--lr", "--batch-tokens", "--device", "--seed", "--no-cross-layer"):
+        assert flag in text, flag

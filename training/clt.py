@@ -13,7 +13,7 @@ Shapes (L layers, d = d_model, F features per layer, N tokens, k active features
   per-token inference threshold, a running mean of the smallest activation kept in training.
 - `in_scale`, `out_scale` [L]: scalar normalisation estimated from data. The encoder sees
   `x / in_scale[l]`; decoded outputs are multiplied by `out_scale[j]`. All public methods take and
-  return raw (unnormalised) activations; normalised space is internal (`encode_normalised`, `loss`).
+  return raw (unnormalised) activations; normalised space is internal (`loss`, `decode_source`).
 
 Reconstruction of target layer j: `mlp_out_j ~= out_scale[j] * (sum_{i<=j} a_i @ W_dec[i][j-i] + b_dec[j])`.
 Decoding never forms a dense [N, F] x [F, d] product: active features are gathered (`sparse_decode`).
