@@ -613,7 +613,6 @@ def measure_transcoder(
 
 def compare_clt_plt(
     backbone: Any,
-    train_dataset: Any,
     pixels: torch.Tensor,
     labels: torch.Tensor,
     text: torch.Tensor,

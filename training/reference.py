@@ -257,7 +257,7 @@ def stage_comparison(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: Tensor
 
     px, y, text = test
     n = min(cfg.comparison_images, len(px))
-    res = compare_clt_plt(bb, train_ds, px[:n], y[:n], text, d, train_one, cfg.comparison_ks, min(1000, n), log=log)
+    res = compare_clt_plt(bb, px[:n], y[:n], text, d, train_one, cfg.comparison_ks, min(1000, n), log=log)
     return st.finish([d / "comparison.json", d / "r2_vs_l0.png"], time.time() - t0, verdict=res["verdict"])
 
 
