@@ -159,3 +159,14 @@ def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path):
     assert rc == 0 and (tmp_path / "cli" / "report.md").exists()
     assert main(["--clt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert main(["--clt", str(tmp_path / "ckpt"), "--limit", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_comparison_verdict_per_k():
+    from training.evaluate import comparison_verdict
+
+    row = lambda kind, k, r2, acc: {"kind": kind, "k": k, "r2": r2, "accuracy_all": acc}  # noqa: E731
+    rows = [row("clt", 4, 0.9, 0.80), row("plt", 4, 0.8, 0.79), row("clt", 8, 0.95, 0.80), row("plt", 8, 0.9, 0.81)]
+    v = comparison_verdict(rows)
+    assert v["per_k"]["4"] == {"r2": True, "accuracy_all": True, "r2_gap": pytest.approx(0.1), "accuracy_all_gap": pytest.approx(0.01)}
+    assert v["per_k"]["8"]["accuracy_all"] is False
+    assert v["clt_better_r2_everywhere"] is True and v["clt_better_accuracy_everywhere"] is False
