@@ -138,6 +138,8 @@ class BundleRuntime:
     `variant`: a key of the manifest's `variants` ('fp32', 'int8', 'fp16').
     `threads`: ONNX Runtime intra-op threads (None: ORT's default).
     `io_binding`: run through an ORT IO binding (None: exactly when the provider is CUDA).
+    `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
+    threads need the CPU between batches).
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class BundleRuntime:
         label_cache_size: int = 64,
         verify_checksums: bool = True,
         io_binding: bool | None = None,
+        spinning: bool = True,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise RuntimeSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -179,6 +182,9 @@ class BundleRuntime:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if not spinning:  # idle ORT worker threads sleep instead of busy-waiting (servers sharing the CPU)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -71,6 +71,7 @@ class ServeSettings(BaseModel):
     max_image_bytes: int = MAX_BYTES
     max_image_pixels: int = MAX_PIXELS
     verify_checksums: bool = True
+    ort_spinning: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "ServeSettings":
@@ -83,6 +84,7 @@ class ServeSettings(BaseModel):
         }
         values: dict[str, Any] = {k: env[v] for k, v in keys.items() if env.get(v, "").strip()}
         values["verify_checksums"] = env.get("CLTVIT_NO_VERIFY", "") not in ("1", "true", "True")
+        values["ort_spinning"] = env.get("CLTVIT_ORT_SPINNING", "") in ("1", "true", "True")
         return cls(**values)
 
     @property
@@ -342,7 +344,8 @@ class CltvitService:
             raise RuntimeError("CLTVIT_BUNDLE is not set: point it at a bundle directory (cltvit-serve --bundle DIR)")
         self.settings = settings
         self.runtime = BundleRuntime(settings.bundle, device=settings.device, variant=settings.variant,  # type: ignore[arg-type]
-                                     threads=settings.threads, verify_checksums=settings.verify_checksums)
+                                     threads=settings.threads, verify_checksums=settings.verify_checksums,
+                                     spinning=settings.ort_spinning)
         self.metrics = ServiceMetrics(self.runtime.term_names)
         H, W = self.runtime.image_size
         self.runtime.run(np.zeros((1, 3, H, W), np.float32))  # warm-up: first ORT run allocates
