@@ -503,6 +503,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     for unit, f in report["faithfulness"].items():
         lines.append(f"\n- unit `{unit}`: layer = {', '.join('+'.join(g) for g in f['unit_terms'][:2])}, ...; "
                      f"top-1 layer histogram {f['top1_layer_histogram']}")
+    ft = report.get("finetune")
+    if ft:
+        b, a = ft["before"], ft["after"]
+        lines += ["", f"## Fine-tuning through the replacement ({ft['config']['loss']}, {ft['config']['steps']} steps)", "",
+                  f"On {ft['check_images']} test images: R^2 {b['r2']:.4f} -> {a['r2']:.4f}; top-1 with all layers replaced at "
+                  f"CLS {_pct(b['accuracy_cls'])} -> {_pct(a['accuracy_cls'])}, at all tokens {_pct(b['accuracy_all'])} -> "
+                  f"{_pct(a['accuracy_all'])} (unmodified {_pct(b['accuracy_unmodified'])})."]
     if "comparison" in report:
         lines += ["", render_comparison(report["comparison"])]
     return "\n".join(lines) + "\n"
