@@ -18,7 +18,8 @@ groups concurrent requests into one ONNX Runtime call. Images travel to it as ba
 
 Configuration (environment, read once at import; see `ServeSettings`): CLTVIT_BUNDLE (required),
 CLTVIT_DEVICE, CLTVIT_VARIANT, CLTVIT_THREADS, CLTVIT_MAX_BATCH_SIZE, CLTVIT_MAX_LATENCY_MS,
-CLTVIT_TIMEOUT_S, CLTVIT_API_TOKEN (bearer-token auth on everything but /livez /readyz /healthz).
+CLTVIT_TIMEOUT_S, CLTVIT_API_TOKEN (bearer-token auth on everything but /livez /readyz /healthz),
+CLTVIT_NO_VERIFY (skip sha256 checks), CLTVIT_ORT_SPINNING (1: let idle ORT threads busy-wait).
 """
 from __future__ import annotations
 
