@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
 import torch
@@ -74,6 +76,31 @@ def _weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """Whether the weight hub answers a TCP connect within `timeout_s` (a cheap check before downloading)."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(enabled: bool) -> Iterator[None]:
+    """Make huggingface_hub use its local cache only (no retries against an unreachable hub)."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _create(spec: BackboneSpec, device: torch.device) -> tuple[nn.Module, Callable, Any]:
     register_project_configs()
     if spec.model not in open_clip.list_models():
@@ -90,10 +117,12 @@ def _create(spec: BackboneSpec, device: torch.device) -> tuple[nn.Module, Callab
                 f"(known tags: {', '.join(tags) or 'none'})"
             )
     torch.manual_seed(spec.seed)
+    offline = pretrained is not None and not os.path.isfile(pretrained) and not _hub_reachable()
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=pretrained, device=device
-        )
+        with _hub_offline(offline):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=pretrained, device=device
+            )
     except Exception as exc:  # network or hub failure deep inside open_clip / huggingface_hub
         if pretrained is not None and not os.path.isfile(pretrained):
             raise BackboneError(
