@@ -190,7 +190,11 @@ class BundleRuntime:
             opts.inter_op_num_threads = 1
         providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(self.paths.model_for(variant)), opts, providers=providers)
+            # ORT 1.31's NCHWc layout pass crashes on fp16 graphs on the CPU provider: skip it there.
+            disabled = ["NchwcTransformer"] if variant == "fp16" and not use_cuda else None
+            self.session = ort.InferenceSession(
+                str(self.paths.model_for(variant)), opts, providers=providers, disabled_optimizers=disabled
+            )
             self.text_session = ort.InferenceSession(str(self.paths.text), opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
             raise RuntimeSetupError(f"ONNX Runtime could not open the graphs of {self.paths.root}: {exc}") from exc

@@ -164,3 +164,18 @@ def test_io_binding_path_gives_the_same_outputs(bundle, runtime):
 def test_auto_device_is_chosen_once(runtime):
     assert runtime.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert runtime.use_io_binding == (runtime.provider == "CUDAExecutionProvider")
+
+
+def test_fp16_variant_runs_on_the_cpu_provider(tmp_path):
+    """fp16 graphs crash ORT's NCHWc pass on CPU unless the runtime disables it; outputs track fp32."""
+    from export.testing import make_tiny_bundle
+
+    # observe mode: logits are the backbone's own (no TopK selection that fp16 noise could flip)
+    b = make_tiny_bundle(tmp_path / "fp16", mode="observe", variants=("fp16",))
+    fp32 = BundleRuntime(b, device="cpu")
+    fp16 = BundleRuntime(b, device="cpu", variant="fp16")
+    pixels = np.stack([fp32.preprocess(im) for im in _images()])
+    a, h = fp32.run(pixels), fp16.run(pixels)
+    assert np.abs(a.logits - h.logits).max() <= 1e-2  # the tolerance tests/test_parity_quant.py states
+    # the decomposition stays fp32 inside the fp16 graph: contributions sum to that graph's own logits
+    np.testing.assert_allclose(h.contributions.sum(1), h.logits, rtol=1e-4, atol=1e-4)
