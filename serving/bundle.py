@@ -191,12 +191,9 @@ class BundlePaths:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str, tuple[int, list]], int | None]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .bundle import BundleError, Manifest, load_bundle
+from .bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
 from .images import ImageError
 from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, TermContribution
 from .tokenizer import ClipTokenizer
@@ -29,15 +29,7 @@ MAX_LABELS = 1000
 MAX_LABEL_CHARS = 200
 MAX_RESIZED_PIXELS = 16_000_000  # intermediate size before the center crop (a 1x50000 image would need 224x11.2M)
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-OUTPUT_NAMES = (
-    "logits",
-    "embedding",
-    "contributions",
-    "top_feature_layer",
-    "top_feature_index",
-    "top_feature_activation",
-    "top_feature_contribution",
-)
+OUTPUT_NAMES = MODEL_OUTPUTS  # the graph outputs, in bundle order (docs/bundle.md)
 
 
 class LabelError(ValueError):

@@ -29,11 +29,9 @@ class CheckpointError(RuntimeError):
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
+    """Hex sha256 of a file."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
