@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serving.score import IMAGE_EXTENSIONS, ScoreError, ScoreSummary, arrow_schema, discover
+from serving.score import IMAGE_EXTENSIONS, ScoreError, ScoreSummary, arrow_schema, discover, open_explainer
 
 
 def _ray() -> Any:
@@ -126,8 +126,6 @@ def score_with_ray(
 ) -> ScoreSummary:
     """Score every image below `root` with Ray Data into the directory `out` (JSONL or Parquet shards)."""
     from serving.bundle import BundleError, read_manifest
-    from serving.explainer import Explainer
-
     ray = _ray()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -137,17 +135,12 @@ def score_with_ray(
         import shutil
 
         shutil.rmtree(out) if out.is_dir() else out.unlink()
-    from serving.runtime import LabelError, RuntimeSetupError
-
-    try:  # validate the bundle, labels and variant here, before any Ray worker starts
+    # validate the bundle, labels and variant here, before any Ray worker starts
+    try:
         manifest = read_manifest(bundle)
-        probe = Explainer(bundle, labels=labels, top_k=top_k, device="cpu", variant=variant, threads=1)
     except BundleError as e:
         raise ScoreError(f"argument --bundle: {e}") from None
-    except RuntimeSetupError as e:
-        raise ScoreError(f"argument --variant: {e}") from None
-    except LabelError as e:
-        raise ScoreError(f"argument --{'top-k' if 'top_k' in str(e) else 'labels'}: {e}") from None
+    probe = open_explainer(bundle, labels=labels, top_k=top_k, device="cpu", variant=variant, threads=1)
     labels = probe.label_names if labels is not None else None
     top_k = probe.top_k
     del probe

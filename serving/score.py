@@ -377,26 +377,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def load_explainer(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(Explainer, DriftMonitor or None) from the CLI arguments; ScoreError names the bad argument.
-
-    Shared by cltvit-score and cltvit-stream (`bundle`, `labels`, `top_k`, `device`, `variant`,
-    `threads`, `reference`, `window`).
-    """
+def open_explainer(bundle: str | Path, *, labels: Sequence[str] | None, top_k: int, device: str = "auto",
+                   variant: str = "fp32", threads: int | None = None) -> Any:
+    """An `Explainer`; a bad bundle, variant, device, thread count or label set becomes a ScoreError
+    naming the CLI argument. Shared by the local and the Ray engines."""
     from serving.bundle import BundleError
-    from serving.drift import DriftError
     from serving.explainer import Explainer
     from serving.runtime import LabelError, RuntimeSetupError
 
     try:
-        explainer = Explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
-                              variant=args.variant, threads=args.threads)
+        return Explainer(bundle, labels=labels, top_k=top_k, device=device, variant=variant, threads=threads)
     except BundleError as e:
         raise ScoreError(f"argument --bundle: {e}") from None
     except RuntimeSetupError as e:
         raise ScoreError(f"argument --{'threads' if 'threads' in str(e) else 'variant' if 'variant' in str(e) else 'device'}: {e}") from None
     except LabelError as e:
         raise ScoreError(f"argument --{'top-k' if 'top_k' in str(e) else 'labels'}: {e}") from None
+
+
+def load_explainer(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(Explainer, DriftMonitor or None) from the CLI arguments; ScoreError names the bad argument.
+
+    Shared by cltvit-score and cltvit-stream (`bundle`, `labels`, `top_k`, `device`, `variant`,
+    `threads`, `reference`, `window`).
+    """
+    from serving.drift import DriftError
+
+    explainer = open_explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
+                               variant=args.variant, threads=args.threads)
     try:
         monitor = explainer.monitor(args.reference, window=args.window) if args.reference else None
     except DriftError as e:
