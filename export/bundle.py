@@ -128,6 +128,9 @@ def export_bundle(
             files[name] = file_sha256(tmp / name)
             for ext in external_files(tmp / name) if name.endswith(".onnx") else []:
                 files[ext] = file_sha256(tmp / ext)
+        for f in tmp.iterdir():  # exporter leftovers nothing refers to (torch's _Constant_*_attr__value files)
+            if f.name not in files:
+                f.unlink()
         manifest = {
             "format_version": FORMAT_VERSION,
             "backbone": backbone.identity(),

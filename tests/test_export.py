@@ -52,6 +52,8 @@ def test_bundle_manifest_matches_the_model(bundle, tiny_backbone):
                             "bpe_simple_vocab_16e6.txt.gz", }
     for name, digest in m.files.items():
         assert file_sha256(bundle / name) == digest
+    # nothing unlisted travels with a bundle (exporter leftovers are removed)
+    assert {f.name for f in bundle.iterdir()} == set(m.files) | {"bundle.json"}
     assert paths.model == bundle.resolve() / "model.onnx" and paths.model_for("int8").name == "model.int8.onnx"
     with pytest.raises(KeyError, match="no 'bf16' variant"):
         paths.model_for("bf16")
