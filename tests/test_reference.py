@@ -120,6 +120,21 @@ def test_second_build_reuses_every_stage(smoke):
     assert second["stages"] == first["stages"]
 
 
+def test_parallel_comparison_worker_gives_the_same_comparison(smoke, tmp_path):
+    """jobs=2 trains the CLT-vs-PLT comparison in a spawned process beside the CLT stage: same results."""
+    out, _, _ = smoke
+    other = tmp_path / "ref2"
+    (other / "stages").mkdir(parents=True)
+    for rel in ("clip/model.pt", "clip/clip.json", "stages/clip.json"):  # reuse the CLIP, redo the rest
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_bytes((out / rel).read_bytes())
+    summary = build(other, budget("smoke"), device="cpu", log=lambda s: None, skip=("eval", "export"), jobs=2)
+    assert "comparison" in summary["stages"]
+    a = json.loads((out / "comparison" / "comparison.json").read_text())
+    b = json.loads((other / "comparison" / "comparison.json").read_text())
+    assert a["rows"] == b["rows"]
+
+
 def test_cli_rejects_unknown_stage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", "--out", "/tmp/never", "--force", "nonsense"])

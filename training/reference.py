@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -330,9 +331,34 @@ def check_targets(clip_rec: dict[str, Any], summary: dict[str, Any] | None, cmp_
     return {k: {**v, "target": TARGETS.get(k, "CLT > PLT on R^2 and all-token accuracy at every k")} for k, v in out.items()}
 
 
+def _stage_inputs(out: Path, cfg: BuildConfig, data_dir: str | None, device: str | None, clip_rec: dict[str, Any]
+                  ) -> tuple[Backbone, TensorImages, FashionMNIST, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the stages after `clip` read: (backbone, train set, test set, test pixels, test labels, class text embeddings)."""
+    bb = load_backbone(REF_MODEL, str(out / "clip" / "model.pt"), device=device)
+    if bb.fingerprint != clip_rec["weights_sha256_16"]:
+        raise BuildError(f"{out / 'clip' / 'model.pt'} does not load to the recorded weights; rerun with --force clip")
+    train, train_px, train_y = load_fashion_tensors(bb, "train", data_dir, cfg.clt_train_limit)
+    train_ds = TensorImages(train_px, train_y, {**train.description(), "tensorised": True})
+    test_ds, test_px, test_y = load_fashion_tensors(bb, "test", data_dir)
+    text = bb.class_embeddings(test_ds.class_names, test_ds.templates)
+    return bb, train_ds, test_ds, test_px, test_y, text
+
+
+def _comparison_worker(out: str, cfg: BuildConfig, data_dir: str | None, device: str | None, threads: int,
+                       clip_rec: dict[str, Any]) -> None:
+    """Child process of `build`: the CLT-vs-PLT comparison stage on the other core (writes its stage record)."""
+    torch.set_num_threads(max(threads, 1))
+    bb, train_ds, _, test_px, test_y, text = _stage_inputs(Path(out), cfg, data_dir, device, clip_rec)
+    stage_comparison(Path(out), cfg, bb, train_ds, (test_px, test_y, text), clip_rec, lambda m: print(m, flush=True))
+
+
 def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str | None = None, device: str | None = None,
-          skip: Sequence[str] = (), force: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or reuse) every stage not in `skip`; stages in `force` are redone. Returns build.json's content."""
+          skip: Sequence[str] = (), force: Sequence[str] = (), log: Callable[[str], None] = print,
+          jobs: int = 1) -> dict[str, Any]:
+    """Run (or reuse) every stage not in `skip`; stages in `force` are redone. Returns build.json's content.
+
+    `jobs` > 1 runs the comparison stage in a second process beside the CLT stage (both need only the CLIP).
+    """
     cfg = cfg or budget("full")
     for s in (*skip, *force):
         if s not in STAGES:
@@ -347,16 +373,23 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
     torch.manual_seed(cfg.seed)
     recs: dict[str, Any] = {}
     recs["clip"] = stage_clip(out, cfg, data_dir, device, log)
-    bb = load_backbone(REF_MODEL, str(out / "clip" / "model.pt"), device=device)
-    if bb.fingerprint != recs["clip"]["weights_sha256_16"]:
-        raise BuildError(f"{out / 'clip' / 'model.pt'} does not load to the recorded weights; rerun with --force clip")
-    train, train_px, train_y = load_fashion_tensors(bb, "train", data_dir, cfg.clt_train_limit)
-    train_ds = TensorImages(train_px, train_y, {**train.description(), "tensorised": True})
-    test_ds, test_px, test_y = load_fashion_tensors(bb, "test", data_dir)
-    text = bb.class_embeddings(test_ds.class_names, test_ds.templates)
-    n_check = min(cfg.finetune_check_images, len(test_y))
-    recs["clt"] = stage_clt(out, cfg, bb, train_ds, (test_px[:n_check], test_y[:n_check], text), recs["clip"], log)
-    if "comparison" not in skip:
+    worker = None
+    if "comparison" not in skip and jobs > 1:  # the comparison needs only the CLIP: run it beside the CLT stage
+        worker = mp.get_context("spawn").Process(
+            target=_comparison_worker, name="cltvit-comparison",
+            args=(str(out), cfg, data_dir, device, torch.get_num_threads(), recs["clip"]),
+        )
+        worker.start()
+    try:
+        bb, train_ds, test_ds, test_px, test_y, text = _stage_inputs(out, cfg, data_dir, device, recs["clip"])
+        n_check = min(cfg.finetune_check_images, len(test_y))
+        recs["clt"] = stage_clt(out, cfg, bb, train_ds, (test_px[:n_check], test_y[:n_check], text), recs["clip"], log)
+    finally:
+        if worker is not None:
+            worker.join()
+    if worker is not None and worker.exitcode != 0:
+        log(f"comparison: the parallel worker exited with code {worker.exitcode}; running the stage here")
+    if "comparison" not in skip:  # cached when the worker finished it
         recs["comparison"] = stage_comparison(out, cfg, bb, train_ds, (test_px, test_y, text), recs["clip"], log)
     if "eval" not in skip:
         recs["eval"] = stage_eval(out, cfg, bb, test_ds, (test_px, test_y, text), recs["clt"], recs.get("comparison"), log)
@@ -395,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads were measured "
                         "up to 18x slower per step than one; 0 keeps torch's default)")
+    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes: 2 (default on >= 2 cores) trains the CLT-vs-PLT comparison beside the CLT, "
+                        "each process with --threads torch threads; 1 runs every stage in turn")
     b.add_argument("--no-finetune", action="store_true", help="skip the replacement-matching phase of the CLT stage")
     b.add_argument("--finetune-loss", choices=("kl", "cosine"), help="match loss of the fine-tuning phase (default kl)")
     return p
@@ -409,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 0:
         print(f"cltvit-reference: error: --threads must be >= 0, got {args.threads}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"cltvit-reference: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = budget(args.budget)
@@ -418,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.finetune = replace(cfg.finetune, loss=args.finetune_loss)
     try:
         summary = build(args.out, cfg, data_dir=args.data_dir, device=args.device, skip=args.skip, force=args.force,
-                        log=lambda s: print(s, flush=True))
+                        log=lambda s: print(s, flush=True), jobs=args.jobs)
     except (BuildError, BackboneError, CheckpointError, DatasetError) as exc:
         print(f"cltvit-reference: error: {exc}", file=sys.stderr)
         return 2
