@@ -25,15 +25,6 @@ from training.evaluate import (
 from training.vit import capture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core test machine two OpenMP threads thrash (measured >10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tiny_backbone):
     ds = FashionMNIST("test", limit=32)

@@ -13,15 +13,6 @@ from training.reference import STAGES, Stage, budget, build, main
 from training.reference_clip import augment, preprocess_stats, tensorise, unicl_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core test machine two OpenMP threads thrash (measured >10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ref_backbone():
     return load_backbone("cltvit-ref", None, device="cpu", seed=0)
