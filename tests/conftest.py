@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,17 @@ import torch
 # one intra-op thread: test tensors are small, and on a shared 2-core machine two OpenMP threads
 # per process oversubscribe the cores (measured: a 150-step tiny training run 8 s -> 97 s).
 torch.set_num_threads(int(os.environ.get("CLTVIT_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    """The default tiny serving bundle (cltvit-tiny + a random CLT, cls mode), exported once per session.
+
+    Read-only: a test that needs a damaged bundle copies it first.
+    """
+    from export.testing import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -123,13 +123,6 @@ def test_cli_reference_and_compare(tmp_path: Path, capsys):
 
 
 # -- on a real bundle with real images ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
 def _write_pngs(root: Path, images) -> Path:
     for i, im in enumerate(images):
         (root / f"{i % 4}").mkdir(parents=True, exist_ok=True)

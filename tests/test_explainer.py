@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +15,6 @@ import serving
 from serving.cli import running_server
 
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="module")

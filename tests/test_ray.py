@@ -2,7 +2,6 @@
 engine for the same real Fashion-MNIST folder (with unreadable files), as JSONL and as Parquet."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -10,13 +10,6 @@ from serving.runtime import MAX_LABELS, BundleRuntime, LabelError, RuntimeSetupE
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def runtime(bundle):
     return BundleRuntime(bundle, device="cpu", threads=1)
 

@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
     root = tmp_path_factory.mktemp("images")
     good, bad = make_image_folder(root, n=240)

@@ -12,7 +12,6 @@ import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +23,6 @@ from serving.images import decode_image
 from serving.runtime import BundleRuntime
 
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="module")

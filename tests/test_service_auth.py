@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
@@ -16,13 +15,6 @@ from serving.cli import running_server
 from serving.client import CltvitClient, ServiceError
 
 TOKEN = "s3cret-token-for-tests"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="module")

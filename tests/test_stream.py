@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import selectors
 import subprocess
 import sys
@@ -16,13 +15,6 @@ from _scoring import assert_same_records, make_image_folder
 from serving.stream import parse_line
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from export.testing import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="module")

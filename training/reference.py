@@ -31,13 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .backbone import PROJECT_CONFIG_DIR, Backbone, load_backbone
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from .clt import CLTConfig, CrossLayerTranscoder
+from .clt import CLTConfig
 from .data import FashionMNIST
 from .evaluate import EvalConfig, compare_clt_plt, evaluate, measure_transcoder
 from .finetune import FinetuneConfig, finetune_clt

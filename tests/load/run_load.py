@@ -18,7 +18,6 @@ import csv
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
