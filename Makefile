@@ -49,7 +49,7 @@ LOAD_MIN_RATIO ?=
 LOAD_ENDPOINT ?= classify
 load: setup
 	@if [ "$(LOAD_BUNDLE)" = "$(BUNDLE)" ]; then $(MAKE) --no-print-directory reference-bundle; fi
-	$(PY) tests/load/run_load.py --bundle $(LOAD_BUNDLE) --users $(LOAD_USERS) --duration $(LOAD_SECONDS) \
+	$(PY) scripts/load/run_load.py --bundle $(LOAD_BUNDLE) --users $(LOAD_USERS) --duration $(LOAD_SECONDS) \
 	  --endpoint $(LOAD_ENDPOINT) --max-batch-size $(LOAD_USERS) --p95-ms $(LOAD_P95_MS) \
 	  $(if $(LOAD_MIN_RATIO),--min-ratio $(LOAD_MIN_RATIO)) --out $(ARTIFACTS)/load
 

@@ -1,10 +1,5 @@
-"""Export: the fused ViT + CLT explainer ONNX graph, the text tower, reduced-precision variants, bundles.
+"""Export: the fused ViT + CLT explainer ONNX graph, the text tower, reduced-precision variants, the bundle writer.
 
-`export_bundle(backbone, clt, mode, labels, templates, out_dir)` writes a bundle (docs/bundle.md);
-`load_bundle(dir)` validates one (re-exported from the torch-free `serving.bundle`).
+`export.writer.export_bundle(backbone, clt, mode, labels, templates, out_dir)` writes a bundle; the
+format itself (and `load_bundle`, which validates one) lives in the torch-free `bundle` package.
 """
-from serving.bundle import BundleError, BundlePaths, Manifest, load_bundle
-
-from .bundle import ExportError, export_bundle
-
-__all__ = ["BundleError", "BundlePaths", "ExportError", "Manifest", "export_bundle", "load_bundle"]

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from serving.bundle import BundleError
+from bundle import BundleError
+from training.model.backbone import BackboneError, load_backbone
+from training.model.checkpoint import CheckpointError, load_checkpoint
+
+from .writer import ExportError, export_bundle
 
 
 def read_lines(path: str, what: str) -> list[str]:
@@ -45,11 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from training.backbone import BackboneError, load_backbone
-    from training.checkpoint import CheckpointError, load_checkpoint
-
-    from .bundle import ExportError, export_bundle
-
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ("int8", "fp16")]
     if bad:

@@ -1,6 +1,6 @@
 """The fused explainer graph: ViT + CLT + additive decomposition as one ONNX model.
 
-`FusedExplainer.forward(pixels, text_embeddings)` calls `training.decompose.decompose` unchanged, so
+`FusedExplainer.forward(pixels, text_embeddings)` calls `training.model.decompose.decompose` unchanged, so
 the eager reference and the exported graph share one source of truth. Inputs and outputs are named
 as in docs/bundle.md (`MODEL_INPUTS`, `MODEL_OUTPUTS`); batch B and class count C are dynamic.
 """
@@ -12,11 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import onnx
 import torch
 from torch import nn
 
-from serving.bundle import MODEL_INPUTS, MODEL_OUTPUTS
-from training.decompose import MODES, decompose
+from bundle.format import MODEL_INPUTS, MODEL_OUTPUTS, MODES
+from training.model.decompose import decompose
 
 DEFAULT_OPSET = 17
 
@@ -114,7 +115,6 @@ def torch_export(
 
 def consolidate(path: Path) -> Path:
     """If an export scattered weights over many external files, gather them into `<name>.data`."""
-    import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     ext = {
@@ -136,7 +136,6 @@ def consolidate(path: Path) -> Path:
 
 def external_files(path: str | Path) -> list[str]:
     """Names (relative to the graph's folder) of the external weight files a graph refers to."""
-    import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     names = set()

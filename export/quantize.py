@@ -15,13 +15,20 @@ that variant's own logits to fp32 rounding; only the terms' values move.
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
+
+import onnx
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from .fused import consolidate
 
 BLOCK_SCOPE = re.compile(r"^/(attn|mlp|ln_1|ln_2)(_\d+)?/")
 LARGE = 1_800_000_000  # bytes: save weights externally above this (protobuf's limit is 2 GiB)
 
 
-def block_nodes(model: "onnx.ModelProto", op_types: tuple[str, ...] | None = None) -> list[str]:  # noqa: F821
+def block_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] | None = None) -> list[str]:
     """Names of the nodes inside the transformer blocks' attention/MLP/LN scopes."""
     return [n.name for n in model.graph.node if BLOCK_SCOPE.match(n.name) and (op_types is None or n.op_type in op_types)]
 
@@ -39,10 +46,7 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     ORT's dynamic quantizer skips Gemm, so the blocks' Gemms (attention out_proj) are first
     rewritten as MatMul + Add in a temporary copy.
     """
-    import tempfile
 
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
     large = _is_large(src)
@@ -68,7 +72,6 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
 
 def _gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:  # noqa: F821
     """Rewrite the named Gemm nodes (alpha = beta = 1, no transA, constant B) as MatMul (+ Add)."""
-    from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     done = 0
@@ -108,7 +111,6 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     a float16 round trip): float inputs entering the block scopes get one Cast to float16, float
     tensors leaving them one Cast back to float32, block initializers / constants become float16.
     """
-    import onnx
 
     src, dst = Path(src), Path(dst)
     floats = _float_tensors(onnx.load(str(src), load_external_data=False))  # types only: no weights loaded
@@ -128,7 +130,6 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
 def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
     """Names of all float32 tensors (inputs, initializers, node outputs), by ONNX type inference.
     Strips `skeleton`'s weight data in place (pass a copy loaded without external data)."""
-    import onnx
 
     for init in skeleton.graph.initializer:  # inference needs types and shapes only
         init.ClearField("raw_data")
@@ -150,8 +151,6 @@ def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
 def _to_fp16(model: "onnx.ModelProto", inside: set[str], floats: set[str]) -> None:  # noqa: F821
     """In-place: nodes named in `inside` compute in float16 (see `convert_fp16`); `floats` names the
     float32 tensors of the graph (`_float_tensors`)."""
-    import onnx
-    from onnx import helper, numpy_helper
 
     FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     g = model.graph
@@ -236,7 +235,6 @@ def _toposort(model: "onnx.ModelProto") -> None:  # noqa: F821
 
 def _rename_external(path: Path) -> Path:
     """Gather whatever external weight files the quantizer wrote into `<name>.data` (see fused.consolidate)."""
-    from .fused import consolidate
 
     return consolidate(path)
 

@@ -1,26 +1,14 @@
-"""Small bundles for tests: the `cltvit-tiny` backbone (random weights) with a random CLT."""
+"""Small bundles for tests and benchmarks: the `cltvit-tiny` backbone (random weights) with a random CLT."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from training.backbone import load_backbone
-from training.clt import CLTConfig, CrossLayerTranscoder
 from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
+from training.model.backbone import load_backbone
+from training.testing import random_clt
 
-from .bundle import export_bundle
-
-
-def random_clt(n_layers: int, d_model: int, n_features: int = 128, k: int = 8, seed: int = 0, noise: float = 0.01) -> CrossLayerTranscoder:
-    """A CLT with random decoders, small random encoder/decoder biases, eval mode."""
-    torch.manual_seed(seed)
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, k=k)).eval()
-    with torch.no_grad():
-        for p in clt.parameters():
-            p.add_(noise * torch.randn_like(p))
-    return clt
+from .writer import export_bundle
 
 
 def make_tiny_bundle(

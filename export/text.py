@@ -8,7 +8,7 @@ import open_clip
 import torch
 from torch import nn
 
-from serving.bundle import TEXT_INPUTS, TEXT_OUTPUTS
+from bundle.format import TEXT_INPUTS, TEXT_OUTPUTS
 
 from .fused import DEFAULT_OPSET, torch_export
 

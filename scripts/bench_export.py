@@ -73,7 +73,7 @@ def ort_session(path: Path, threads: int):
 
 
 def bundle_matches(bundle: Path, fingerprint: str, n_features: int, k: int, variant: str) -> bool:
-    from serving.bundle import BundleError, load_bundle
+    from bundle import BundleError, load_bundle
 
     try:
         m, _ = load_bundle(bundle, verify_checksums=False)
@@ -101,12 +101,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    from export.bundle import export_bundle
+    from bundle import load_bundle
     from export.fused import export_plain
-    from export.testing import random_clt
-    from serving.bundle import load_bundle
-    from training.backbone import load_backbone
+    from export.writer import export_bundle
     from training.data import FASHION_MNIST_CLASSES
+    from training.model.backbone import load_backbone
+    from training.testing import random_clt
 
     log(f"# bench_export: {args.model}, F={args.n_features}, k={args.k}, {args.threads} threads, load avg {loadavg()}")
     backbone = load_backbone(args.model, None, device="cpu", seed=0)

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.explainer import Explainer  # noqa: E402
+from serving.jobs.score import ScoreSummary, discover, score_folder  # noqa: E402
 from serving.runtime import BundleRuntime  # noqa: E402
-from serving.score import ScoreSummary, discover, score_folder  # noqa: E402
 
 
 def write_images(folder: Path, n: int, size: int) -> None:

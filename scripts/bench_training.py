@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.activations import ActivationStream  # noqa: E402
-from training.backbone import load_backbone  # noqa: E402
-from training.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+from training.model.backbone import load_backbone  # noqa: E402
+from training.model.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
 from training.trainer import TrainConfig, make_optimizer, release_text_tower, train_step  # noqa: E402
 
 

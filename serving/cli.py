@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .bundle import BundleError, load_bundle
+from bundle import BundleError, load_bundle
 
 SERVICE_IMPORT = "serving.service:CltvitService"
 

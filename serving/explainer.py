@@ -13,7 +13,7 @@ format of `cltvit-score` and `cltvit-stream`) are
      "shares": {term: float}}
 
 `shares` are `ImageResult.term_shares` (|contribution| / sum |contribution| of each term in the
-predicted logit, serving.drift.term_shares); `top` entries also carry the raw `logit`;
+predicted logit, serving.shares.term_shares); `top` entries also carry the raw `logit`;
 `error` records (unreadable input) carry no other fields than `path` and `error`.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from serving.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
-from serving.images import ImageError, decode_image
-from serving.runtime import BundleRuntime, LabelError, RawOutputs, validate_labels
+from .images import ImageError, decode_image
+from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
+from .runtime import BundleRuntime, LabelError, RawOutputs, validate_labels
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 # Batch jobs see the same decoding limits as the HTTP service (decompression bombs, huge files).

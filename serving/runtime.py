@@ -19,16 +19,16 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
-from .images import ImageError
+from bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
+
+from .preprocess import Preprocessor
 from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, TermContribution
+from .shares import term_shares
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 200
-MAX_RESIZED_PIXELS = 16_000_000  # intermediate size before the center crop (a 1x50000 image would need 224x11.2M)
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 OUTPUT_NAMES = MODEL_OUTPUTS  # the graph outputs, in bundle order (docs/bundle.md)
 
 
@@ -164,8 +164,7 @@ class BundleRuntime:
         self.templates: list[str] = list(m.labels.templates)
         self.image_size: tuple[int, int] = (int(m.preprocess.image_size[0]), int(m.preprocess.image_size[1]))
         self.embed_dim = int(m.backbone.embed_dim)
-        self._mean = np.asarray(m.preprocess.mean, dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(m.preprocess.std, dtype=np.float32).reshape(3, 1, 1)
+        self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
         self._label_cache = _LRU(label_cache_size)
@@ -200,42 +199,16 @@ class BundleRuntime:
 
     # ------------------------------------------------------------------ preprocessing
     def resize_crop(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> uint8 [H, W, 3] after open_clip's eval resize and center crop (no scaling yet).
-
-        Raises `ImageError` when the resized intermediate would exceed MAX_RESIZED_PIXELS (extreme aspect ratios).
-        """
-        spec = self.manifest.preprocess
-        H, W = self.image_size
-        im = image if image.mode == "RGB" else image.convert("RGB")
-        resample = _RESAMPLE[spec.interpolation]
-        w, h = im.size
-        if spec.resize == "squash":
-            size = (W, H)
-        elif spec.resize == "shortest" and H == W:  # torchvision Resize(int): short side -> H, long truncated
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = H, int(H * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-        else:  # open_clip ResizeKeepRatio (longest = 0 for 'shortest', 1 for 'longest')
-            longest = 1.0 if spec.resize == "longest" else 0.0
-            ratio_h, ratio_w = h / H, w / W
-            ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-            size = (round(w / ratio), round(h / ratio))
-        if size[0] * size[1] > MAX_RESIZED_PIXELS:
-            raise ImageError(
-                f"image of {w}x{h} pixels has too extreme an aspect ratio: resizing it for the model would "
-                f"make {size[0]}x{size[1]} pixels (limit {MAX_RESIZED_PIXELS:,})"
-            )
-        arr = np.asarray(im.resize(size, resample), dtype=np.uint8)
-        return _center_crop_or_pad(arr, H, W)
+        """RGB image -> uint8 [H, W, 3] (`Preprocessor.resize_crop` of this bundle's spec)."""
+        return self.preprocessor.resize_crop(image)
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> float32 [B, 3, H, W]: /255, (x - mean) / std (as torchvision does)."""
-        x = batch.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
-        return np.ascontiguousarray((x - self._mean) / self._std, dtype=np.float32)
+        """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] (`Preprocessor.normalize`)."""
+        return self.preprocessor.normalize(batch)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """PIL image -> float32 [3, H, W], identical to open_clip's eval transform."""
-        return self.normalize(self.resize_crop(image)[None])[0]
+        return self.preprocessor(image)
 
     # ------------------------------------------------------------------ labels
     def embed_texts(self, prompts: Sequence[str], chunk: int = 256) -> np.ndarray:
@@ -324,8 +297,7 @@ class BundleRuntime:
             order = np.argsort(-logits, kind="stable")[:k]
             pred = int(order[0])
             residual = float(np.abs(contrib.sum(0) - logits).max())
-            mags = np.abs(contrib[:, pred])
-            shares = (mags / mags.sum()) if mags.sum() > 0 else np.zeros_like(mags)
+            shares = term_shares(contrib[None], np.array([pred]))[0]
             top = [LabelScore(label=label_names[c], probability=float(probs[c]), logit=float(logits[c])) for c in order]
             explanations = features = None
             if detail:
@@ -390,15 +362,3 @@ class BundleRuntime:
             "terms": len(self.term_names),
         }
 
-
-def _center_crop_or_pad(arr: np.ndarray, H: int, W: int) -> np.ndarray:
-    """uint8 [h, w, 3] -> [H, W, 3]: zero-pad when smaller, then torchvision's center crop rounding."""
-    h, w = arr.shape[:2]
-    if h < H or w < W:
-        pt, pl = (max(H - h, 0)) // 2, (max(W - w, 0)) // 2
-        pb, pr = (max(H - h, 0) + 1) // 2, (max(W - w, 0) + 1) // 2
-        arr = np.pad(arr, ((pt, pb), (pl, pr), (0, 0)))
-        h, w = arr.shape[:2]
-    top = int(round((h - H) / 2.0))
-    left = int(round((w - W) / 2.0))
-    return np.ascontiguousarray(arr[top : top + H, left : left + W])

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny open_clip backbones with random weights, small CLTs."""
+"""Shared fixtures: tiny open_clip backbones with random weights, small random CLTs, tiny bundles.
+
+Tests mirror the packages (tests/bundle, tests/training, tests/export, tests/serving, tests/pipeline);
+every fixture that exports a bundle is session-scoped, so each kind of bundle is exported once per run.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from export.testing import make_tiny_bundle
+from training.model.backbone import load_backbone
+from training.testing import random_clt
 
 # one intra-op thread: test tensors are small, and on a shared 2-core machine two OpenMP threads
 # per process oversubscribe the cores (measured: a 150-step tiny training run 8 s -> 97 s).
@@ -18,26 +26,21 @@ def bundle(tmp_path_factory) -> Path:
 
     Read-only: a test that needs a damaged bundle copies it first.
     """
-    from export.testing import make_tiny_bundle
-
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_backbone():
-    from training.backbone import load_backbone
+def variant_bundle(tmp_path_factory) -> Path:
+    """The tiny bundle with its reduced-precision variants (int8, fp16). Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "fp16"))
 
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
     return load_backbone("cltvit-tiny", None, device="cpu", seed=0)
 
 
 @pytest.fixture()
 def tiny_clt(tiny_backbone):
-    from training.clt import CLTConfig, CrossLayerTranscoder
-
-    torch.manual_seed(0)
-    cfg = CLTConfig(n_layers=tiny_backbone.n_layers, d_model=tiny_backbone.d_model, n_features=128, k=8)
-    clt = CrossLayerTranscoder(cfg).eval()
-    with torch.no_grad():
-        for p in clt.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return clt
+    """A random CLT fitting `tiny_backbone` (F=128, k=8), the same one `make_tiny_bundle` exports."""
+    return random_clt(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=128, k=8, seed=0)

@@ -15,14 +15,15 @@ continues with the next unread images and refills its buffer from them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .backbone import Backbone
-from .vit import TOKEN_SETS, TokenSet, capture
+from .model.backbone import Backbone
+from .model.vit import TOKEN_SETS, TokenSet, capture
 
 
 class _Preprocessed(Dataset):
@@ -120,8 +121,6 @@ class ActivationStream:
 
     def _capture_next(self) -> int:
         """Run one group of images through the ViT and append its tokens to the buffer; returns the count."""
-        import time
-
         if self._images is None:
             self._images = self._image_batches()
         pixels = next(self._images).to(self.device)

@@ -1,6 +1,6 @@
-"""`cltvit-train`: train a cross-layer transcoder on an open_clip ViT from the command line.
+"""Console scripts of the training stage: `cltvit-train` (train a CLT) and `cltvit-eval` (evaluate one).
 
-Example:
+`cltvit-train` example:
     cltvit-train --model ViT-B-32 --pretrained openai --dataset cifar100 --data-dir DIR \
         --features 6144 --k 32 --activation topk --steps 20000 --out runs/b32
 
@@ -14,6 +14,19 @@ import json
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
+
+import open_clip
+import torch
+from torch.utils.data import Subset
+
+from .data import DATASETS, DatasetError, load_dataset
+from .evaluation.metrics import EvaluationError
+from .evaluation.report import EvalConfig, evaluate_clt
+from .model.backbone import BackboneError, load_backbone, pick_device, register_project_configs
+from .model.checkpoint import CheckpointError, load_checkpoint, read_meta
+from .model.clt import CLTConfig
+from .model.vit import UnsupportedModel
+from .trainer import TrainConfig, TrainingError, release_text_tower, train_clt
 
 PROG = "cltvit-train"
 
@@ -59,8 +72,6 @@ _nonneg_float = _float_at_least(0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-
     p = _Parser(prog=PROG, description="Train a cross-layer transcoder (CLT) on the MLPs of an open_clip ViT.")
     g = p.add_argument_group("backbone")
     g.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32, ViT-B-16, cltvit-tiny")
@@ -115,17 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a directory")
 
-    import open_clip
-
-    from .backbone import BackboneError, load_backbone, pick_device, register_project_configs
-    from .clt import CLTConfig
-    from .data import DatasetError, load_dataset
-    from .trainer import TrainConfig, TrainingError, train_clt
-    from .vit import UnsupportedModel
-
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     register_project_configs()
     if args.model not in open_clip.list_models():
@@ -139,8 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
     if args.limit is not None and args.limit < len(dataset):
-        from torch.utils.data import Subset
-
         full = dataset
         dataset = Subset(full, range(args.limit))
         dataset.description = lambda: {**full.description(), "size": args.limit, "limit": args.limit}  # type: ignore[attr-defined]
@@ -150,8 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --pretrained: {exc}")
     except UnsupportedModel as exc:
         parser.error(f"argument --model: {exc}")
-    from .trainer import release_text_tower
-
     release_text_tower(backbone)  # training reads only the vision tower
     try:
         clt_cfg = CLTConfig(
@@ -193,6 +190,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --dataset/--data-dir: {exc}")
     summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
     print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
+    return 0
+
+
+# ---------------------------------------------------------------------- cltvit-eval
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cltvit-eval", description="Evaluate a CLT on a backbone and a labelled dataset.")
+    p.add_argument("--clt", required=True, help="CLT checkpoint directory (clt.json + clt.safetensors)")
+    p.add_argument("--model", help="open_clip architecture (default: the one recorded in the checkpoint)")
+    p.add_argument("--pretrained", help="open_clip tag or checkpoint file (default: the one recorded in the checkpoint)")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder, cifar100, imagenet100")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir")
+    p.add_argument("--class-list")
+    p.add_argument("--limit", type=int, help="evaluate on the first N images")
+    p.add_argument("--fidelity-images", type=int, default=2000)
+    p.add_argument("--cproj-images", type=int, default=1000)
+    p.add_argument("--seeds", type=int, default=10, help="seeds of the random-layer baselines")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", required=True, help="output directory for report.json / report.md / PNGs")
+    return p
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-eval`; returns 0, or 2 with one error line."""
+    args = build_eval_parser().parse_args(argv)
+
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise EvaluationError(f"--limit must be >= 1, got {args.limit}")
+        if args.batch_size < 1:
+            raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.threads < 0:
+            raise EvaluationError(f"--threads must be >= 0, got {args.threads}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        meta = read_meta(args.clt)
+        recorded = meta.get("backbone", {})
+        model = args.model or recorded.get("model")
+        pretrained = args.pretrained if args.pretrained is not None else recorded.get("pretrained")
+        if not model:
+            raise EvaluationError("--model is needed: the checkpoint records no backbone")
+        backbone = load_backbone(model, pretrained, device=args.device, seed=recorded.get("seed") or 0)
+        clt, _ = load_checkpoint(args.clt, backbone, device=backbone.device)
+        dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
+        cfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, fidelity_images=args.fidelity_images,
+                         cproj_images=args.cproj_images, random_seeds=args.seeds)
+        report = evaluate_clt(backbone, clt, dataset, args.out, cfg, extra={"checkpoint": str(args.clt)})
+    except (EvaluationError, BackboneError, CheckpointError, DatasetError) as exc:
+        print(f"cltvit-eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report["summary"], indent=1))
+    print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
 
 

@@ -16,6 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+
+from bundle.format import IMAGE_EXTENSIONS
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 FASHION_MNIST_CLASSES = (
@@ -37,7 +40,6 @@ GENERIC_TEMPLATES = (
     "a bright photo of a {}.",
     "a cropped photo of a {}.",
 )
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class DatasetError(ValueError):
@@ -205,10 +207,8 @@ class CIFAR100(LabelledDataset):
     templates = GENERIC_TEMPLATES
 
     def __init__(self, data_dir: str | Path, split: str = "train", download: bool = True) -> None:
-        from torchvision.datasets import CIFAR100 as TV
-
         try:
-            self.ds = TV(str(data_dir), train=split == "train", download=download)
+            self.ds = TorchvisionCIFAR100(str(data_dir), train=split == "train", download=download)
         except Exception as exc:
             raise DatasetError(
                 f"CIFAR-100 could not be loaded from {data_dir} ({type(exc).__name__}: {exc}); without network, "

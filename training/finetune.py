@@ -24,8 +24,8 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from .clt import CrossLayerTranscoder
-from .vit import TOKEN_SETS, CltSplice, TokenSet, capture, forward
+from .model.clt import CrossLayerTranscoder
+from .model.vit import TOKEN_SETS, CltSplice, TokenSet, capture, forward
 
 MATCH_LOSSES = ("kl", "cosine")
 

@@ -27,11 +27,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .checkpoint import load_checkpoint, save_checkpoint
-from .clt import CLTConfig, CLTLoss, CrossLayerTranscoder
-from .vit import TOKEN_SETS, TokenSet
+from .activations import ActivationStream
+from .model.backbone import Backbone
+from .model.checkpoint import load_checkpoint, save_checkpoint
+from .model.clt import CLTConfig, CLTLoss, CrossLayerTranscoder
+from .model.vit import TOKEN_SETS, TokenSet
 
 STATE_FILE = "train_state.pt"
 LATEST = "LATEST"
@@ -291,7 +293,7 @@ def _read_metrics(path: Path, upto_step: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+def batch_metrics(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     """FVU and L0 per layer of `clt` in eval mode (inference activation rule) on held-out batches."""
     was_training = clt.training
     clt.eval()
@@ -360,10 +362,6 @@ def train_clt(
     Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`, `l0` [L],
     `l0_mean`, `dead_fraction`, `steps`, `tokens`).
     """
-    from tqdm.auto import tqdm
-
-    from .activations import ActivationStream
-
     cfg = train_cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -479,7 +477,7 @@ def train_clt(
             opt.close()
 
     eval_data = [stream.next_batch() for _ in range(cfg.eval_batches)]
-    final = evaluate(clt, eval_data)
+    final = batch_metrics(clt, eval_data)
     final.update(
         steps=step,
         tokens=tokens_seen,
@@ -494,4 +492,4 @@ def load_trained(out_dir: str | Path, backbone: Backbone | None = None) -> tuple
     return load_checkpoint(out_dir, backbone)
 
 
-__all__ = ["TrainConfig", "TrainingError", "train_clt", "train_step", "make_optimizer", "DecoderInBackwardAdamW", "release_text_tower", "evaluate", "load_trained", "Checkpointer"]
+__all__ = ["TrainConfig", "TrainingError", "train_clt", "train_step", "make_optimizer", "DecoderInBackwardAdamW", "release_text_tower", "batch_metrics", "load_trained", "Checkpointer"]

@@ -1,0 +1,29 @@
+"""The bundle: the torch-free contract between `export/` (which writes it) and `serving/` (which reads it).
+
+- `bundle.format`: format version, file names, graph input/output names, MODES, VARIANTS, `term_names`.
+- `bundle.manifest`: `bundle.json` as pydantic models, `read_manifest`.
+- `bundle.validate`: `load_bundle(dir)` -> (Manifest, BundlePaths), or one `BundleError` listing every problem.
+- `bundle.checksums`: `file_sha256`.
+The format is described in docs/bundle.md.
+"""
+from .checksums import file_sha256
+from .format import (
+    FORMAT_VERSION,
+    IMAGE_EXTENSIONS,
+    MANIFEST,
+    MODEL_INPUTS,
+    MODEL_OUTPUTS,
+    MODES,
+    TEXT_INPUTS,
+    TEXT_OUTPUTS,
+    VARIANTS,
+    term_names,
+)
+from .manifest import BundleError, Manifest, PreprocessSpec, read_manifest
+from .validate import BundlePaths, load_bundle
+
+__all__ = [
+    "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES", "TEXT_INPUTS", "TEXT_OUTPUTS",
+    "VARIANTS", "BundleError", "BundlePaths", "Manifest", "PreprocessSpec", "file_sha256", "load_bundle",
+    "read_manifest", "term_names",
+]

@@ -1,0 +1,38 @@
+"""The bundle format's constants: version, file names, graph signatures, modes, variants, term names.
+
+A bundle (docs/bundle.md) is what `export/` writes and `serving/` reads. Everything here is plain
+Python so that both sides, and `training.model.decompose`, share one definition.
+"""
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+MODEL_INPUTS: tuple[str, ...] = ("pixels", "text_embeddings")
+MODEL_OUTPUTS: tuple[str, ...] = (
+    "logits",
+    "embedding",
+    "contributions",
+    "top_feature_layer",
+    "top_feature_index",
+    "top_feature_activation",
+    "top_feature_contribution",
+)
+TEXT_INPUTS: tuple[str, ...] = ("tokens",)
+TEXT_OUTPUTS: tuple[str, ...] = ("text_embeddings",)
+
+# Where the CLT replaces the MLPs: at the CLS token, at every token, or nowhere (the real MLPs run
+# and an explicit `error` term carries what the CLT misses).
+MODES: tuple[str, ...] = ("cls", "all", "observe")
+# Precision variants of the image graph: fp32 (always `model.onnx`), int8 (CPU), fp16 (CUDA).
+VARIANTS: tuple[str, ...] = ("fp32", "int8", "fp16")
+
+# Files read as images wherever the project walks a folder (training datasets, folder scoring,
+# the Ray engine), matched case-insensitively.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def term_names(n_layers: int) -> list[str]:
+    """The T = 2L + 3 additive terms of every logit, in the order of the `contributions` axis:
+    `embed`, `attn.0..L-1`, `clt.0..L-1`, `bias`, `error` (0 outside observe mode)."""
+    return ["embed", *[f"attn.{l}" for l in range(n_layers)], *[f"clt.{l}" for l in range(n_layers)], "bias", "error"]

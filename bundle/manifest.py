@@ -1,0 +1,162 @@
+"""`bundle.json` as pydantic models (format version 1, docs/bundle.md) and its reader.
+
+Torch-free (pydantic only). `read_manifest(dir)` parses and validates the manifest alone;
+`bundle.validate.load_bundle` also checks the files it lists.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .format import FORMAT_VERSION, MANIFEST, VARIANTS, term_names
+
+
+class BundleError(ValueError):
+    """A bundle directory is unusable; `problems` holds one message per problem found."""
+
+    def __init__(self, root: str | Path, problems: list[str]) -> None:
+        self.root = str(root)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid bundle {self.root} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneInfo(BaseModel):
+    """The open_clip backbone the graph was exported from (Backbone.identity())."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    model: str
+    pretrained: str | None = None
+    weights_sha256_16: str
+    n_layers: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+    embed_dim: int = Field(ge=1)
+    n_tokens: int = Field(ge=2)
+
+
+class CltInfo(_Strict):
+    """CLT config (CLTConfig as a dict), sha256 of its weights file, checkpoint path (None for a random CLT)."""
+
+    config: dict[str, Any]
+    sha256: str | None = None
+    checkpoint: str | None = None
+
+
+class PreprocessSpec(_Strict):
+    """open_clip's eval transform: RGB, resize shortest side (bicubic), center crop, /255, (x-mean)/std, CHW."""
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: Literal["shortest", "longest", "squash"] = "shortest"
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    crop: Literal["center"] = "center"
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"std must be positive, got {v}")
+        return v
+
+
+class TokenizerSpec(_Strict):
+    type: Literal["clip_bpe"] = "clip_bpe"
+    vocab_file: str
+    context_length: int = Field(ge=2)
+
+
+class LabelsSpec(_Strict):
+    """Default class names, the prompt templates their embeddings were made with, the [C, D] file."""
+
+    names: list[str] = Field(min_length=1)
+    templates: list[str] = Field(min_length=1)
+    embeddings_file: str
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if "{}" not in t]
+        if bad:
+            raise ValueError(f"every template needs a '{{}}' slot for the class name; bad: {bad}")
+        return v
+
+
+class Manifest(_Strict):
+    """`bundle.json`, format version 1 (docs/bundle.md)."""
+
+    format_version: int
+    backbone: BackboneInfo
+    clt: CltInfo
+    mode: Literal["cls", "all", "observe"]
+    term_names: list[str]
+    top_k_features: int = Field(ge=1)
+    logit_scale: float = Field(gt=0)
+    preprocess: PreprocessSpec
+    tokenizer: TokenizerSpec
+    labels: LabelsSpec
+    variants: dict[str, str]
+    opset: int = Field(ge=17)
+    versions: dict[str, str]
+    files: dict[str, str]
+
+    @field_validator("format_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"bundle format_version {v} is not supported by this server (supports {FORMAT_VERSION})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        want = term_names(self.backbone.n_layers)
+        if self.term_names != want:
+            raise ValueError(f"term_names {self.term_names} do not match the {self.backbone.n_layers}-layer model: expected {want}")
+        if self.variants.get("fp32") != "model.onnx":
+            raise ValueError("variants must map 'fp32' to 'model.onnx'")
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        for f in [*self.variants.values(), "text.onnx", self.labels.embeddings_file, self.tokenizer.vocab_file]:
+            if f not in self.files:
+                raise ValueError(f"{f} is referenced but has no sha256 in 'files'")
+        for f in self.files:
+            if Path(f).is_absolute() or ".." in Path(f).parts:
+                raise ValueError(f"file name {f!r} must be relative to the bundle directory")
+        return self
+
+    @property
+    def n_terms(self) -> int:
+        return len(self.term_names)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Parse and validate `bundle.json` alone (no file checks). Raises BundleError."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(root, [f"{root} is not a directory"])
+    if not path.is_file():
+        raise BundleError(root, [f"{MANIFEST} missing: not a bundle directory (make one with cltvit-export)"])
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(root, [f"{MANIFEST} is not valid JSON: {exc}"]) from None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{MANIFEST}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise BundleError(root, problems) from None
+
+

@@ -1,0 +1,162 @@
+"""Write a serving bundle directory (docs/bundle.md) from a backbone and a CLT."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
+from training.model.backbone import Backbone
+
+from .fused import DEFAULT_OPSET, export_explainer, external_files
+from .quantize import make_variant
+from .text import VOCAB_FILE, context_length, copy_vocab, export_text
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+LABELS_FILE = "labels.npy"
+
+
+class ExportError(ValueError):
+    """Bad arguments to the exporter (wrong mode, CLT not fitting the backbone, bad labels...)."""
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
+def export_versions() -> dict[str, str]:
+
+    return {"cltvit": _version("cltvit"), "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def preprocess_spec(visual: nn.Module) -> dict[str, Any]:
+    """The bundle's `preprocess` block from open_clip's preprocess config of the vision tower."""
+    cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", visual.image_size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    resize = cfg.get("resize_mode", "shortest")
+    if resize not in ("shortest", "longest", "squash"):
+        raise ExportError(f"unsupported resize mode {resize!r} in the model's preprocess config")
+    return {"image_size": list(size), "mean": list(cfg.get("mean", OPENAI_DATASET_MEAN)),
+            "std": list(cfg.get("std", OPENAI_DATASET_STD)), "resize": resize,
+            "interpolation": cfg.get("interpolation", "bicubic"), "crop": "center"}
+
+
+def check_labels(labels: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
+    names = [s.strip() for s in labels]
+    if not names or any(not s for s in names):
+        raise ExportError("labels must be a non-empty list of non-empty class names")
+    dup = sorted({s for s in names if names.count(s) > 1})
+    if dup:
+        raise ExportError(f"duplicate class names: {dup}")
+    temps = list(templates)
+    if not temps:
+        raise ExportError("templates must not be empty")
+    bad = [t for t in temps if "{}" not in t]
+    if bad:
+        raise ExportError(f"every template needs a '{{}}' slot for the class name; bad: {bad}")
+    return names, temps
+
+
+def export_bundle(
+    backbone: Backbone,
+    clt: nn.Module,
+    mode: str,
+    labels: Sequence[str],
+    templates: Sequence[str] | None,
+    out_dir: str | Path,
+    *,
+    top_k_features: int = 16,
+    variants: Sequence[str] = (),
+    checkpoint: str | None = None,
+    clt_sha256: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> Path:
+    """Export `model.onnx` (+ reduced-precision `variants`: "int8", "fp16"), `text.onnx`, `labels.npy`,
+    the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
+
+    `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
+    Returns `out_dir`.
+    """
+
+    if mode not in MODES:
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    unknown = sorted(set(variants) - {"int8", "fp16"})
+    if unknown:
+        raise ExportError(f"unknown variant(s) {unknown}; choose from int8, fp16")
+    names, temps = check_labels(labels, templates or DEFAULT_TEMPLATES)
+    cfg = clt.cfg
+    if (cfg.n_layers, cfg.d_model) != (backbone.n_layers, backbone.d_model):
+        raise ExportError(f"CLT (L={cfg.n_layers}, d={cfg.d_model}) does not fit backbone {backbone.spec.model} "
+                          f"(L={backbone.n_layers}, d={backbone.d_model})")
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        clt = clt.to("cpu").eval()
+        visual = backbone.visual
+        model_path = export_explainer(visual, clt, tmp / "model.onnx", logit_scale=backbone.logit_scale,
+                                      embed_dim=backbone.embed_dim, mode=mode, top_k_features=top_k_features, opset=opset)
+        export_text(backbone.model, backbone.tokenizer, tmp / "text.onnx", opset=opset)
+        copy_vocab(tmp)
+        emb = backbone.class_embeddings(names, temps).float().cpu().numpy().astype(np.float32)
+        np.save(tmp / LABELS_FILE, emb)
+        variant_files = {"fp32": "model.onnx"}
+        for v in variants:
+            variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx").name
+        files = {}
+        for name in [*variant_files.values(), "text.onnx", LABELS_FILE, VOCAB_FILE]:
+            files[name] = file_sha256(tmp / name)
+            for ext in external_files(tmp / name) if name.endswith(".onnx") else []:
+                files[ext] = file_sha256(tmp / ext)
+        for f in tmp.iterdir():  # exporter leftovers nothing refers to (torch's _Constant_*_attr__value files)
+            if f.name not in files:
+                f.unlink()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "backbone": backbone.identity(),
+            "clt": {"config": cfg.to_dict(), "sha256": clt_sha256, "checkpoint": checkpoint},
+            "mode": mode,
+            "term_names": term_names(cfg.n_layers),
+            "top_k_features": min(int(top_k_features), cfg.n_layers * cfg.inference_k),
+            "logit_scale": backbone.logit_scale,
+            "preprocess": preprocess_spec(visual),
+            "tokenizer": {"type": "clip_bpe", "vocab_file": VOCAB_FILE, "context_length": context_length(backbone.model, backbone.tokenizer)},
+            "labels": {"names": names, "templates": temps, "embeddings_file": LABELS_FILE},
+            "variants": variant_files,
+            "opset": opset,
+            "versions": export_versions(),
+            "files": files,
+        }
+        Manifest.model_validate(manifest)  # fail here, not in the server
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        load_bundle(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by a server
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,183 @@
+"""Console scripts of the batch jobs: `cltvit-score` (folder scoring, local or Ray), `cltvit-stream`
+(JSONL in, JSONL out) and `cltvit-drift` (reference profiles and drift reports).
+
+Bad arguments print one line naming the argument (`cltvit-score: error: argument --bundle: ...`)
+and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .drift import DriftError, DriftMonitor, DriftProfile, read_result_shares
+from .ray_engine import score_with_ray
+from .score import FORMATS, ScoreError, bundle_identity, open_explainer, score_folder
+from .stream import run_stream
+
+
+def load_explainer(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(Explainer, DriftMonitor or None) from the CLI arguments; ScoreError names the bad argument.
+
+    Shared by cltvit-score and cltvit-stream (`bundle`, `labels`, `top_k`, `device`, `variant`,
+    `threads`, `reference`, `window`).
+    """
+    explainer = open_explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
+                               variant=args.variant, threads=args.threads)
+    try:
+        monitor = explainer.monitor(args.reference, window=args.window) if args.reference else None
+    except DriftError as e:
+        raise ScoreError(f"argument --reference: {e}") from None
+    return explainer, monitor
+
+
+# ---------------------------------------------------------------------- cltvit-score
+def build_score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cltvit-score", description="Score every image below a folder with a bundle, one JSON line per image (resumable).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder of images (searched recursively)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (cltvit-export)")
+    p.add_argument("--out", type=Path, required=True, help="results file (.jsonl or .parquet); a directory for --engine ray")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from --out's extension, else jsonl")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (local) or inference actors (ray)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead of inference (local)")
+    p.add_argument("--labels", nargs="+", default=None, help="class names (default: the bundle's labels)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--variant", default="fp32", help="graph variant in the bundle (fp32, int8, fp16)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
+    p.add_argument("--window", type=int, default=500, help="drift window (images)")
+    p.add_argument("--metrics-file", type=Path, default=None, help="Prometheus textfile for drift metrics")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def score_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-score`."""
+    parser = build_score_parser()
+    args = parser.parse_args(argv)
+    fmt = args.format or ("parquet" if args.out.suffix == ".parquet" else "jsonl")
+    for name in ("batch_size", "top_k", "window", "prefetch"):
+        if getattr(args, name) < (0 if name == "prefetch" else 1):
+            parser.error(f"argument --{name.replace('_', '-')}: must be >= {0 if name == 'prefetch' else 1}, got {getattr(args, name)}")
+    if args.metrics_file is not None and args.reference is None:
+        parser.error("argument --metrics-file: needs --reference (the metrics are drift scores)")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"argument --workers: must be >= 1, got {args.workers}")
+    if not args.dir.is_dir() and not (args.engine == "ray" and "://" in str(args.dir)):
+        parser.error(f"argument DIR: {args.dir} is not a directory")
+    try:
+        if args.engine == "ray":
+            if args.reference is not None:
+                raise ScoreError("argument --reference: drift windows need one ordered stream; use --engine local, "
+                                 "or run `cltvit-drift compare` on the results")
+            summary = score_with_ray(
+                args.dir, args.out, bundle=args.bundle, fmt=fmt, batch_size=args.batch_size,
+                concurrency=args.workers or 1, labels=args.labels, top_k=args.top_k, address=args.ray_address,
+                device=args.device, variant=args.variant, threads=args.threads, overwrite=args.overwrite,
+            )
+        else:
+            explainer, monitor = load_explainer(args)
+            summary = score_folder(
+                args.dir, explainer, args.out, fmt=fmt, batch_size=args.batch_size,
+                workers=args.workers or min(4, os.cpu_count() or 1), prefetch=args.prefetch,
+                overwrite=args.overwrite, monitor=monitor, metrics_file=args.metrics_file,
+                progress=not args.quiet, bundle_id=bundle_identity(args.bundle), variant=args.variant,
+            )
+            if monitor is not None:
+                print(json.dumps({"drift": monitor.summary()}), file=sys.stderr)
+    except ScoreError as e:
+        print(f"cltvit-score: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cltvit-score: {summary.total} images, {summary.scored} scored now ({summary.errors} unreadable), "
+          f"{summary.skipped} already in {summary.out}; {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s",
+          file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- cltvit-stream
+def stream_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-stream`."""
+    p = argparse.ArgumentParser(prog="cltvit-stream", description="Image paths or JSON lines on stdin -> one JSON result per line on stdout, in order.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (cltvit-export)")
+    p.add_argument("--labels", nargs="+", default=None, help="class names (default: the bundle's labels)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16, help="most lines run together")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--variant", default="fp32")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
+    p.add_argument("--window", type=int, default=500, help="drift window (images)")
+    p.add_argument("--metrics-file", type=Path, default=None, help="Prometheus textfile for drift metrics")
+    args = p.parse_args(argv)
+    for name in ("top_k", "batch_size", "workers", "window"):
+        if getattr(args, name) < 1:
+            p.error(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.metrics_file is not None and args.reference is None:
+        p.error("argument --metrics-file: needs --reference (the metrics are drift scores)")
+
+    try:
+        explainer, monitor = load_explainer(args)
+    except ScoreError as e:
+        print(f"cltvit-stream: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_stream(explainer, sys.stdin, sys.stdout, batch_size=args.batch_size, workers=args.workers,
+                   monitor=monitor, metrics_file=args.metrics_file)
+    except BrokenPipeError:  # the consumer went away: stop quietly, like other pipeline tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+
+
+# ---------------------------------------------------------------------- cltvit-drift
+def _cmd_reference(args: argparse.Namespace) -> int:
+    names, shares = read_result_shares(args.results)
+    profile = DriftProfile.from_shares(shares, names, meta={"source": str(args.results)})
+    profile.save(args.out)
+    print(f"wrote reference profile of {profile.count} images, {len(names)} terms, to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    ref = DriftProfile.load(args.reference)
+    names, shares = read_result_shares(args.results)
+    ref.check_terms(names)
+    mon = DriftMonitor(ref, window=args.window or max(1, shares.shape[0]))
+    mon.update(shares)
+    print(json.dumps(mon.summary(), indent=2))
+    if args.metrics_file:
+        mon.write_metrics(args.metrics_file)
+    return 0
+
+
+def drift_main(argv: Iterable[str] | None = None) -> int:
+    """`cltvit-drift reference|compare`: save a reference profile or score drift of a results file."""
+    p = argparse.ArgumentParser(prog="cltvit-drift", description="Drift monitoring on per-layer contribution shares: save a reference profile, or score a results file against one.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reference", help="save a reference profile from cltvit-score results (JSONL)")
+    r.add_argument("results", type=Path, help="results JSONL written by cltvit-score or cltvit-stream")
+    r.add_argument("--out", type=Path, required=True, help="where to write the profile (JSON)")
+    c = sub.add_parser("compare", help="mean-shift drift of a results file against a reference profile")
+    c.add_argument("results", type=Path)
+    c.add_argument("--reference", type=Path, required=True, help="profile saved by `cltvit-drift reference`")
+    c.add_argument("--window", type=int, default=None, help="score only the last N results (default: all)")
+    c.add_argument("--metrics-file", type=Path, default=None, help="also write Prometheus text metrics here")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if getattr(args, "window", None) is not None and args.window < 1:
+        p.error(f"argument --window: must be >= 1, got {args.window}")
+    try:
+        return _cmd_reference(args) if args.cmd == "reference" else _cmd_compare(args)
+    except DriftError as e:
+        print(f"cltvit-drift: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,90 @@
+"""The bundle contract's validating loader (bundle.load_bundle): every problem of a damaged bundle is
+reported, one line each, before any ONNX Runtime session is made."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from bundle import BundleError, Manifest, file_sha256, load_bundle
+
+
+@pytest.fixture()
+def copy(variant_bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(variant_bundle, dst)
+    return dst
+
+
+def _edit_manifest(root, fn):
+    p = root / "bundle.json"
+    raw = json.loads(p.read_text())
+    fn(raw)
+    p.write_text(json.dumps(raw))
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(BundleError, match="bundle.json missing"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="is not a directory"):
+        load_bundle(tmp_path / "nope")
+
+
+def test_corrupt_and_missing_files_each_reported(copy):
+    (copy / "text.onnx").unlink()
+    with open(copy / "model.int8.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(BundleError) as exc:
+        load_bundle(copy)
+    probs = exc.value.problems
+    assert any(p.startswith("text.onnx: listed in bundle.json but missing") for p in probs), probs
+    assert any(p.startswith("model.int8.onnx: sha256 does not match") for p in probs), probs
+    assert len(probs) == 2, probs
+    assert "2 problem(s)" in str(exc.value)
+
+
+def test_unsupported_format_version(copy):
+    _edit_manifest(copy, lambda r: r.update(format_version=2))
+    with pytest.raises(BundleError, match="format_version 2 is not supported"):
+        load_bundle(copy)
+
+
+def test_term_names_must_fit_the_model(copy):
+    _edit_manifest(copy, lambda r: r["term_names"].pop())
+    with pytest.raises(BundleError, match="term_names"):
+        load_bundle(copy)
+
+
+def test_labels_shape_checked(copy):
+    np.save(copy / "labels.npy", np.eye(3, 32, dtype=np.float32))
+
+    def fix(raw):
+        raw["files"]["labels.npy"] = file_sha256(copy / "labels.npy")
+
+    _edit_manifest(copy, fix)
+    with pytest.raises(BundleError, match=r"labels.npy: shape \[3, 32\], expected \[10, 32\]"):
+        load_bundle(copy)
+
+
+def test_graph_signature_checked(copy):
+    """A graph whose text input has the wrong embedding width is caught before any session is made."""
+    _edit_manifest(copy, lambda r: r["backbone"].update(embed_dim=48))
+    with pytest.raises(BundleError) as exc:
+        load_bundle(copy)
+    text = "\n".join(exc.value.problems)
+    assert "text_embeddings axis 1 is 32, expected 48" in text and "labels.npy: shape" in text
+
+
+def test_opset_must_match_the_graph(copy):
+    _edit_manifest(copy, lambda r: r.update(opset=18))
+    with pytest.raises(BundleError, match="graph opset 17 differs from bundle.json opset 18"):
+        load_bundle(copy)
+
+
+def test_manifest_model_rejects_unknown_keys(variant_bundle):
+    raw = json.loads((variant_bundle / "bundle.json").read_text())
+    Manifest.model_validate(raw)
+    with pytest.raises(ValueError, match="extra"):
+        Manifest.model_validate({**raw, "surprise": 1})

@@ -1,0 +1,123 @@
+"""Reduced-precision variants (int8 for the CPU, fp16 for CUDA) against the fp32 graph.
+
+Stated tolerances (vs fp32, same inputs):
+- int8 (dynamic U8U8 quantization of the transformer blocks' matmuls): top-1 agreement >= 99% on
+  the reference model's Fashion-MNIST test set; on the random tiny model (near-uniform logits, a
+  much harder case) >= 95%, and in observe mode (logits are the backbone's, so the error is the
+  quantization's alone) max |logit error| <= 0.15. In cls mode a CLT feature that flips at the CLS
+  token moves a logit discontinuously (random CLT: a few percent of logits by up to ~1), so only
+  agreement is bounded there.
+- fp16 (transformer blocks in float16): top-1 agreement >= 99%, observe-mode logits (no CLT
+  feature selection in the logit path) within 1e-2 max abs.
+- both: contributions sum over terms to the variant's OWN logits to fp32 rounding (rel 1e-5).
+
+fp16 is a CUDA variant; on the CPU it runs here only with ORT's NCHWc layout pass disabled (ORT
+1.31 crashes in it on this graph), so these are correctness, not speed, checks.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from test_parity import assert_complete
+
+from bundle import load_bundle
+from export.quantize import make_variant
+from export.testing import make_tiny_bundle
+
+REFERENCE = Path(os.environ.get("CLTVIT_REFERENCE_BUNDLE", Path(__file__).parents[2] / "artifacts/reference/bundle"))
+N_TINY = 512
+
+
+def session(path: Path, variant: str) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 2
+    disabled = ["NchwcTransformer"] if variant == "fp16" else None
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def fashion_pixels(manifest, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First n Fashion-MNIST test images preprocessed as the bundle states (numpy + Pillow only)."""
+    from PIL import Image
+
+    from training.data import FashionMNIST
+
+    ds = FashionMNIST("test", limit=n)
+    pp = manifest.preprocess
+    H, W = pp.image_size
+    mean, std = np.array(pp.mean, np.float32)[:, None, None], np.array(pp.std, np.float32)[:, None, None]
+    out = []
+    for img in ds.images:
+        im = Image.fromarray(img, mode="L").convert("RGB")
+        if im.size != (W, H):
+            s = max(H / im.height, W / im.width)
+            im = im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC)
+            left, top = (im.width - W) // 2, (im.height - H) // 2
+            im = im.crop((left, top, left + W, top + H))
+        out.append((np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std)
+    return np.stack(out).astype(np.float32), ds.labels
+
+
+def run_all(sess: ort.InferenceSession, pixels: np.ndarray, text: np.ndarray, batch: int = 128) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    parts = [dict(zip(names, sess.run(None, {"pixels": pixels[i : i + batch], "text_embeddings": text})))
+             for i in range(0, len(pixels), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in names}
+
+
+def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return float((a["logits"].argmax(1) == b["logits"].argmax(1)).mean())
+
+
+@pytest.fixture(scope="module", params=["cls", "observe"])
+def tiny(request, tmp_path_factory):
+    root = make_tiny_bundle(tmp_path_factory.mktemp("q") / request.param, mode=request.param, variants=("int8", "fp16"))
+    m, paths = load_bundle(root)
+    pixels, _ = fashion_pixels(m, N_TINY)
+    text = np.load(paths.labels)
+    outs = {v: run_all(session(p, v), pixels, text) for v, p in paths.models.items()}
+    return request.param, outs
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_variant_contributions_sum_to_its_own_logits(tiny, variant):
+    _, outs = tiny
+    assert_complete(outs[variant])
+    assert not np.array_equal(outs[variant]["logits"], outs["fp32"]["logits"])  # it is a different computation
+
+
+def test_int8_tolerance_tiny(tiny):
+    mode, outs = tiny
+    assert agreement(outs["int8"], outs["fp32"]) >= 0.95
+    if mode == "observe":  # logits are the backbone's own: the quantization error alone
+        assert np.abs(outs["int8"]["logits"] - outs["fp32"]["logits"]).max() <= 0.15
+
+
+def test_fp16_tolerance_tiny(tiny):
+    mode, outs = tiny
+    assert agreement(outs["fp16"], outs["fp32"]) >= 0.99
+    if mode == "observe":
+        assert np.abs(outs["fp16"]["logits"] - outs["fp32"]["logits"]).max() <= 1e-2
+        assert np.abs(outs["fp16"]["embedding"] - outs["fp32"]["embedding"]).max() <= 1e-2 * np.abs(outs["fp32"]["embedding"]).max()
+
+
+@pytest.mark.skipif(not (REFERENCE / "bundle.json").is_file(), reason=f"no reference bundle at {REFERENCE} (make it with `cltvit-reference build`)")
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_reference_model_agreement(variant, tmp_path):
+    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000)."""
+    m, paths = load_bundle(REFERENCE, verify_checksums=False)
+    path = paths.models.get(variant) or make_variant(paths.model, variant, tmp_path / f"model.{variant}.onnx")
+    n = int(os.environ.get("CLTVIT_REFERENCE_N", "10000"))
+    pixels, labels = fashion_pixels(m, n)
+    text = np.load(paths.labels)
+    ref = run_all(session(paths.model, "fp32"), pixels, text)
+    got = run_all(session(path, variant), pixels, text)
+    agree = agreement(got, ref)
+    print(f"{variant}: agreement {agree:.4f}, accuracy {np.mean(got['logits'].argmax(1) == labels):.4f} "
+          f"(fp32 {np.mean(ref['logits'].argmax(1) == labels):.4f}), max |dlogit| {np.abs(got['logits'] - ref['logits']).max():.4f}")
+    assert agree >= 0.99
+    assert_complete(got)

@@ -1,0 +1,156 @@
+"""Reference CLIP: exact preprocessing, the contrastive loss, stage caching, and a smoke build."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.cache import Stage
+from pipeline.cli import main
+from pipeline.reference import STAGES, budget, build
+from training.clip import augment, preprocess_stats, tensorise, unicl_loss
+from training.data import FashionMNIST
+from training.model.backbone import load_backbone
+
+
+@pytest.fixture(scope="module")
+def ref_backbone():
+    return load_backbone("cltvit-ref", None, device="cpu", seed=0)
+
+
+def test_reference_config_shape(ref_backbone):
+    assert ref_backbone.n_layers >= 8
+    assert ref_backbone.n_tokens == 17 and ref_backbone.image_size == (28, 28)
+    assert ref_backbone.model.vocab_size == 49408
+    assert ref_backbone.tokenizer(["a photo of a bag."]).shape == (1, 32)
+
+
+def test_tensorise_equals_open_clip_preprocess(ref_backbone):
+    ds = FashionMNIST("test", limit=6)
+    mean, std = preprocess_stats(ref_backbone.preprocess)
+    fast = tensorise(ds.images, mean, std)
+    slow = torch.stack([ref_backbone.preprocess(ds[i][0]) for i in range(6)])
+    assert torch.allclose(fast, slow, atol=1e-6)
+
+
+def test_augment_flips_and_shifts_within_bounds():
+    x = torch.randn(64, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = augment(x, 0, g)
+    same = (y == x).flatten(1).all(1)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | flipped).all()) and 0 < int(flipped.sum()) < 64
+    z = augment(x, 1, torch.Generator().manual_seed(1))
+    assert z.shape == x.shape
+    # every output pixel is an input pixel of the (possibly flipped) image, or zero padding
+    vals = set(x.flatten().tolist()) | {0.0}
+    assert set(z.flatten().tolist()) <= vals
+
+
+def test_unicl_loss_reduces_to_clip_with_one_caption_per_class():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(5, 8), dim=-1)
+    txt = F.normalize(torch.randn(5, 8), dim=-1)
+    labels = torch.arange(5)
+    logits = 10 * img @ txt.T
+    clip = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    assert torch.allclose(unicl_loss(img, txt, labels, torch.arange(5), torch.tensor(10.0)), clip, atol=1e-6)
+    # aligned embeddings score better than random ones
+    assert unicl_loss(txt, txt, labels, torch.arange(5), torch.tensor(10.0)) < clip
+
+
+def test_stage_record_detects_changed_outputs(tmp_path):
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abc")
+    st = Stage(tmp_path, "x", {"k": 1})
+    assert st.cached() is None
+    st.finish([f], 1.0, value=3)
+    assert st.cached()["value"] == 3
+    assert Stage(tmp_path, "x", {"k": 2}).cached() is None  # other inputs
+    f.write_bytes(b"abd")
+    assert st.cached() is None  # output changed
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    logs: list[str] = []
+    summary = build(out, budget("smoke"), device="cpu", log=logs.append)
+    return out, summary, logs
+
+
+def test_smoke_build_produces_every_artifact(smoke):
+    out, summary, _ = smoke
+    for rel in ("clip/model.pt", "clip/clip.json", "clt/clt.safetensors", "clt/clt.json", "comparison/comparison.json",
+                "comparison/r2_vs_l0.png", "eval/report.json", "eval/report.md", "eval/c_proj.json", "eval/c_proj.png",
+                "eval/deletion.png", "eval/replacement.png", "eval/fidelity.png", "bundle/bundle.json", "bundle/model.onnx",
+                "bundle/text.onnx", "build.json"):
+        assert (out / rel).is_file() and (out / rel).stat().st_size > 0, rel
+    for s in STAGES:
+        rec = json.loads((out / "stages" / f"{s}.json").read_text())
+        assert rec["files"] and rec["key"], s
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert set(report) >= {"fidelity", "replacement", "c_proj", "faithfulness", "comparison", "summary", "finetune"}
+    assert {r["kind"] for r in report["comparison"]["rows"]} == {"clt", "plt"}
+    assert set(summary["targets"]) >= {"zero_shot_top1", "r2_mean", "cosine_mean", "drop_cls", "drop_all_tokens",
+                                       "faithfulness_cost_ratio", "clt_beats_plt"}
+    assert 0 <= summary["zero_shot_top1"] <= 1
+    clip = json.loads((out / "clip" / "clip.json").read_text())
+    assert clip["weights_sha256_16"] == load_backbone("cltvit-ref", str(out / "clip" / "model.pt"), device="cpu").fingerprint
+    from bundle import load_bundle
+
+    load_bundle(out / "bundle")
+
+
+def test_second_build_reuses_every_stage(smoke):
+    out, first, _ = smoke
+    logs: list[str] = []
+    second = build(out, budget("smoke"), device="cpu", log=logs.append)
+    assert [line for line in logs if "cached" in line] == [line for line in logs], logs
+    assert len(logs) == len(STAGES)
+    assert second["stages"] == first["stages"]
+
+
+def test_parallel_comparison_worker_gives_the_same_comparison(smoke, tmp_path):
+    """jobs=2 trains the CLT-vs-PLT comparison in a spawned process beside the CLT stage: same results."""
+    out, _, _ = smoke
+    other = tmp_path / "ref2"
+    (other / "stages").mkdir(parents=True)
+    for rel in ("clip/model.pt", "clip/clip.json", "stages/clip.json"):  # reuse the CLIP, redo the rest
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_bytes((out / rel).read_bytes())
+    summary = build(other, budget("smoke"), device="cpu", log=lambda s: None, skip=("eval", "export"), jobs=2)
+    assert "comparison" in summary["stages"]
+    a = json.loads((out / "comparison" / "comparison.json").read_text())
+    b = json.loads((other / "comparison" / "comparison.json").read_text())
+    assert a["rows"] == b["rows"]
+
+
+def test_cli_rejects_unknown_stage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--out", "/tmp/never", "--force", "nonsense"])
+    assert e.value.code == 2
+
+
+def test_finetune_reduces_the_match_loss(tiny_backbone):
+    from training.finetune import FinetuneConfig, finetune_clt
+    from training.model.clt import CLTConfig, CrossLayerTranscoder
+    from training.model.vit import capture
+
+    torch.manual_seed(0)
+    pixels = torch.randn(16, 3, *tiny_backbone.image_size)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=tiny_backbone.n_layers, d_model=tiny_backbone.d_model, n_features=64, k=8))
+    cap = capture(tiny_backbone.visual, pixels)
+    L, B, T, d = cap.mlp_in.shape
+    clt.fit_normalisation(cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d))
+    before = {k: v.clone() for k, v in tiny_backbone.visual.state_dict().items()}
+    cfg = FinetuneConfig(steps=25, batch_images=16, lr=3e-3, loss="cosine", recon_coef=0.0)
+    stats = finetune_clt(tiny_backbone.visual, clt, pixels, cfg, log=lambda s: None)
+    assert stats["match_last"] < stats["match_first"]
+    assert all(torch.equal(v, tiny_backbone.visual.state_dict()[k]) for k, v in before.items())  # backbone frozen
+    with pytest.raises(ValueError, match="text_embeddings"):
+        finetune_clt(tiny_backbone.visual, clt, pixels, FinetuneConfig(steps=1, loss="kl"))
+    with pytest.raises(ValueError, match="finetune loss"):
+        FinetuneConfig(loss="mse")  # type: ignore[arg-type]

@@ -1,0 +1,31 @@
+"""Backbone loading: project configs, clear errors for unknown names, tags and unreachable weight hubs."""
+from __future__ import annotations
+
+import pytest
+
+from training.model.backbone import BackboneError, _hub_reachable, load_backbone
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(BackboneError, match="unknown open_clip architecture 'ViT-Nope'"):
+        load_backbone("ViT-Nope")
+
+
+def test_unknown_tag_lists_known_ones():
+    with pytest.raises(BackboneError, match="neither a file nor a known tag.*openai"):
+        load_backbone("ViT-B-32", "no-such-tag")
+
+
+@pytest.mark.skipif(_hub_reachable(), reason="the weight hub is reachable: this test is for offline machines")
+def test_pretrained_tag_offline_says_how_to_supply_weights():
+    with pytest.raises(BackboneError) as err:
+        load_backbone("ViT-B-32", "openai")
+    msg = str(err.value)
+    assert "ViT-B-32/openai" in msg and "file path as --pretrained" in msg
+    assert err.value.__cause__ is None  # no stack trace from deep inside the hub client
+
+
+def test_same_seed_same_fingerprint_other_seed_differs():
+    a = load_backbone("cltvit-tiny", seed=0).fingerprint
+    assert a == load_backbone("cltvit-tiny", seed=0).fingerprint
+    assert a != load_backbone("cltvit-tiny", seed=1).fingerprint

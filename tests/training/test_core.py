@@ -1,0 +1,57 @@
+"""Basics of the explicit ViT forward (training/vit.py) and the decomposition (training/decompose.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.model import vit
+from training.model.decompose import MODES, decompose, term_names
+
+
+@pytest.fixture(scope="module")
+def pixels(tiny_backbone) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    h, w = tiny_backbone.image_size
+    return torch.randn(3, 3, h, w, generator=g)
+
+
+@torch.no_grad()
+def test_forward_equals_open_clip_exactly(tiny_backbone, pixels):
+    ours = vit.forward(tiny_backbone.visual, pixels).embedding
+    theirs = tiny_backbone.visual(pixels)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("tokens", ["all", "cls", "patches"])
+@torch.no_grad()
+def test_captured_mlp_outputs_spliced_back_reproduce_embedding(tiny_backbone, pixels, tokens):
+    visual = tiny_backbone.visual
+    cap = vit.capture(visual, pixels, tokens)
+    L, B, T = tiny_backbone.n_layers, pixels.shape[0], tiny_backbone.n_tokens
+    expect_t = {"all": T, "cls": 1, "patches": T - 1}[tokens]
+    assert cap.mlp_in.shape == (L, B, expect_t, tiny_backbone.d_model) == cap.mlp_out.shape
+    res = vit.forward(visual, pixels, vit.FixedOutputs(cap.mlp_out, range(L), tokens))
+    assert (res.embedding - visual(pixels)).abs().max() <= 1e-5
+    # perturbing the spliced outputs must change the embedding (the splice is really used)
+    noise = torch.randn(cap.mlp_out.shape, generator=torch.Generator().manual_seed(3))
+    bumped = vit.forward(visual, pixels, vit.FixedOutputs(cap.mlp_out + noise, range(L), tokens))
+    assert (bumped.embedding - res.embedding).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_decomposition_is_complete(tiny_backbone, tiny_clt, pixels, mode):
+    C = 5
+    text = torch.nn.functional.normalize(torch.randn(C, tiny_backbone.embed_dim, generator=torch.Generator().manual_seed(2)), dim=-1)
+    d = decompose(tiny_backbone.visual, tiny_clt, pixels, text, tiny_backbone.logit_scale, mode=mode, top_k_features=4)
+    B, L = pixels.shape[0], tiny_backbone.n_layers
+    assert d.contributions.shape == (B, len(term_names(L)), C)
+    torch.testing.assert_close(d.contributions.sum(1), d.logits, atol=1e-4, rtol=1e-5)
+    # the terms in embedding space add up to the (unnormalised) embedding
+    torch.testing.assert_close(d.term_emb.sum(1), d.embedding, atol=1e-4, rtol=1e-5)
+    if mode == "observe":  # the original model's logits, error term carries the CLT's miss
+        torch.testing.assert_close(d.embedding, tiny_backbone.visual(pixels), atol=1e-5, rtol=0)
+        assert d.term_resid[:, -1].abs().max() > 0
+    else:
+        assert d.term_resid[:, -1].abs().max() == 0
+    assert d.top_layer.shape == d.top_index.shape == (B, 4)

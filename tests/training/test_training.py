@@ -1,0 +1,200 @@
+"""Training pipeline: activation stream, a short real training run, kill-and-resume, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from training.activations import ActivationStream
+from training.cli import main as cli_main
+from training.data import FashionMNIST
+from training.model import vit
+from training.model.checkpoint import load_checkpoint
+from training.model.clt import CLTConfig
+from training.trainer import TrainConfig, train_clt
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class RandomPixels(Dataset):
+    """Preprocessed-looking random images [3, H, W] (the stream passes tensors through unchanged)."""
+
+    def __init__(self, n: int, size: tuple[int, int], seed: int = 0) -> None:
+        self.x = torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], 0
+
+
+@pytest.mark.parametrize("tokens", ["all", "cls", "patches"])
+def test_stream_serves_distinct_paired_tokens_shuffled_across_images(tiny_backbone, tokens):
+    ds = RandomPixels(24, tiny_backbone.image_size)
+    per_image = {"all": tiny_backbone.n_tokens, "cls": 1, "patches": tiny_backbone.n_tokens - 1}[tokens]
+    total = len(ds) * per_image
+    batch = per_image * 2 if tokens != "cls" else 4
+    stream = ActivationStream(tiny_backbone, ds, tokens=tokens, batch_tokens=batch, buffer_tokens=total, images_per_batch=len(ds), seed=3)
+    x, y = stream.next_batch()
+    L, d = tiny_backbone.n_layers, tiny_backbone.d_model
+    assert x.shape == y.shape == (L, batch, d) and x.dtype == torch.float32
+    ref = vit.capture(tiny_backbone.visual, ds.x, tokens)  # [L, B, T', d]
+    ref_in = ref.mlp_in.permute(1, 2, 0, 3).reshape(total, L * d)
+    ref_out = ref.mlp_out.permute(1, 2, 0, 3).reshape(total, L * d)
+    served, outs = [x], [y]
+    # the first fill holds the whole first epoch; the buffer is refilled only below half, so the
+    # first half of the epoch is served from it without repetition
+    while sum(t.shape[1] for t in served) + batch <= total // 2:
+        a, b = stream.next_batch()
+        served.append(a)
+        outs.append(b)
+    got_in = torch.cat(served, 1).permute(1, 0, 2).reshape(-1, L * d)
+    got_out = torch.cat(outs, 1).permute(1, 0, 2).reshape(-1, L * d)
+    match = torch.cdist(got_in, ref_in).argmin(1)
+    torch.testing.assert_close(got_in, ref_in[match])
+    torch.testing.assert_close(got_out, ref_out[match])  # inputs and outputs stay paired
+    assert match.unique().numel() == got_in.shape[0] >= total // 2 - batch  # no token served twice
+    first_images = (match[:batch] // per_image).unique().numel()
+    assert first_images >= min(len(ds), batch) // 2  # a batch mixes tokens of many images
+
+
+def test_short_training_run_brings_fvu_below_0_2(tmp_path, tiny_backbone):
+    ds = FashionMNIST("train", limit=1000)
+    clt_cfg = CLTConfig(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=256, k=8)
+    cfg = TrainConfig(steps=120, batch_tokens=512, lr=3e-3, warmup_steps=5, buffer_tokens=4096, images_per_batch=64,
+                      log_every=5, checkpoint_every=60)
+    clt, metrics = train_clt(tiny_backbone, ds, clt_cfg, cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5, 121, 5))
+    for key in ("fvu", "fvu_mean", "l0", "dead_fraction", "lr"):
+        assert key in rows[0]
+    assert len(rows[0]["fvu"]) == tiny_backbone.n_layers
+    assert rows[0]["fvu_mean"] > 0.8  # starts near (or above) 1
+    assert metrics["fvu_mean"] < 0.2, metrics
+    assert metrics["l0_mean"] <= 8
+    back, meta = load_checkpoint(tmp_path, tiny_backbone)
+    assert meta["metrics"]["fvu_mean"] == metrics["fvu_mean"]
+    assert meta["data"]["name"] == "fashion-mnist" and meta["data"]["tokens"] == "all"
+    assert all(torch.equal(a, b) for a, b in zip(clt.state_dict().values(), back.state_dict().values()))
+
+
+def _cli(out: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "training.cli", "--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--limit", "600",
+        "--features", "64", "--k", "4", "--steps", str(steps), "--batch-tokens", "128", "--buffer-tokens", "1024",
+        "--images-per-batch", "32", "--checkpoint-every", "20", "--log-every", "5", "--lr", "3e-3",
+        "--warmup-steps", "5", "--no-progress", "--out", str(out),
+    ]
+
+
+def test_kill_and_rerun_resumes_from_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = _cli(out, steps=200)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    latest = out / "checkpoints" / "LATEST"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+    killed_at = int(latest.read_text().split("-")[1])
+    assert 0 < killed_at < 200
+    assert not (out / "clt.json").exists()  # no final checkpoint yet
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"step {killed_at} of 200" in done.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 201, 5))  # no gap, no duplicate across the kill
+    meta = json.loads((out / "clt.json").read_text())
+    assert meta["metrics"]["steps"] == 200 and meta["step"] == 200
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    # the resumed run started from trained weights, not from scratch
+    assert rows[killed_at + 5]["fvu_mean"] < rows[5]["fvu_mean"]
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--model", "ViT-Nope", "--dataset", "fashion-mnist", "--steps", "5"], "--model"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "-3"], "--steps"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--features", "8", "--k", "9"], "--k"),
+        (["--model", "cltvit-tiny", "--dataset", "folder", "--steps", "5"], "--data-dir"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--steps", "5"], "--data-dir"),
+        (["--model", "cltvit-tiny", "--dataset", "imagenet", "--steps", "5"], "--dataset"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--lr", "zero"], "--lr"),
+    ],
+)
+def test_bad_cli_argument_gives_one_line_error_and_status_2(tmp_path, capsys, args, names):
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*args, "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("cltvit-train: error: ") and names in err, err
+    assert "Traceback" not in err
+
+
+def test_decoder_update_in_backward_matches_a_plain_adamw_step():
+    from training.model.clt import CrossLayerTranscoder
+    from training.trainer import DecoderInBackwardAdamW, make_optimizer, train_step
+
+    torch.manual_seed(0)
+    base = CrossLayerTranscoder(CLTConfig(3, 16, 48, k=4)).train()
+    x, y = torch.randn(3, 64, 16), torch.randn(3, 64, 16)
+    base.fit_normalisation(x, y)
+    dead = torch.zeros(3, 48, dtype=torch.bool)
+    params = {}
+    for mode in ("in_backward", "after"):
+        clt = CrossLayerTranscoder(base.cfg)
+        clt.load_state_dict(base.state_dict())
+        cfg = TrainConfig(steps=3, lr=1e-2, grad_clip=1e6, decoder_update=mode)
+        opt = make_optimizer(clt, cfg)
+        for _ in range(3):
+            train_step(clt, opt, x.clone(), y.clone(), dead, cfg)  # the step normalises its batch in place
+        if isinstance(opt, DecoderInBackwardAdamW):
+            assert all(p.grad is None for p in clt.W_dec)  # freed right after their in-backward step
+            opt.close()
+            clt.loss(x, y).total.backward()
+            assert all(p.grad is not None for p in clt.W_dec)  # hooks removed: gradients stay
+        params[mode] = {k: v.detach().clone() for k, v in clt.named_parameters()}
+    moved = 0
+    for k, v in params["after"].items():
+        torch.testing.assert_close(params["in_backward"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        moved += int(not torch.equal(v, base.state_dict()[k]))
+    assert moved >= 4
+
+
+@pytest.mark.parametrize("activation, cross_layer", [("batchtopk", True), ("topk", False), ("jumprelu", True)])
+def test_training_runs_with_dead_features_for_every_activation(tmp_path, tiny_backbone, activation, cross_layer):
+    ds = RandomPixels(64, tiny_backbone.image_size)
+    clt_cfg = CLTConfig(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=96, k=4, activation=activation, cross_layer=cross_layer)
+    cfg = TrainConfig(steps=12, batch_tokens=128, lr=2e-3, warmup_steps=2, buffer_tokens=512, images_per_batch=16,
+                      log_every=4, checkpoint_every=12, dead_after_tokens=128, eval_batches=1)
+    _, metrics = train_clt(tiny_backbone, ds, clt_cfg, cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["fvu"])).all() for r in rows)
+    assert rows[-1]["fvu_mean"] < rows[0]["fvu_mean"]
+    if activation != "jumprelu":  # AuxK runs once features count as dead
+        assert max(r["dead_fraction"] for r in rows) > 0 and max(r["aux"] for r in rows) > 0
+    assert metrics["steps"] == 12
+
+
+def test_cli_help_lists_the_main_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--pretrained", "--dataset", "--data-dir", "--features", "--k", "--activation", "--steps",
+                 "--out", "--tokens", "--lr", "--batch-tokens", "--device", "--seed", "--no-cross-layer"):
+        assert flag in text, flag
