@@ -7,7 +7,7 @@ ARTIFACTS ?= artifacts
 BUNDLE ?= $(ARTIFACTS)/reference/bundle
 PORT ?= 3000
 
-.PHONY: setup data test serve reference-bundle bench load clean
+.PHONY: setup data test serve reference-bundle reference bench load clean
 
 setup: $(VENV)/.installed data
 
@@ -27,16 +27,23 @@ data:
 test: setup
 	$(PY) -m pytest -q
 
-# The main command: build the reference bundle on first run (when BUNDLE is the default), then
-# serve it on $(PORT). Any bundle: make serve BUNDLE=path/to/bundle. Auth: CLTVIT_API_TOKEN=... make serve
+# The main command: on first run (when BUNDLE is the default) export the reference bundle from the
+# weights shipped in pipeline/reference_weights/ (seconds), then serve it on $(PORT).
+# Any bundle: make serve BUNDLE=path/to/bundle. Auth: CLTVIT_API_TOKEN=... make serve
 serve: setup reference-bundle
 	$(VENV)/bin/cltvit-serve --bundle $(BUNDLE) --port $(PORT)
 
 reference-bundle:
 	@if [ ! -f $(BUNDLE)/bundle.json ]; then \
-	  if [ "$(BUNDLE)" = "$(ARTIFACTS)/reference/bundle" ]; then $(VENV)/bin/cltvit-reference build --out $(ARTIFACTS)/reference; \
+	  if [ "$(BUNDLE)" = "$(ARTIFACTS)/reference/bundle" ]; then $(VENV)/bin/cltvit-reference export --out $(BUNDLE) --overwrite; \
 	  else echo "no bundle at $(BUNDLE) (bundle.json missing)" >&2; exit 2; fi; \
 	fi
+
+# Retrain the reference model from scratch (about 18 minutes on 2 cores): CLIP, CLT, CLT-vs-PLT
+# comparison, evaluation report, bundle, all in $(ARTIFACTS)/reference-build. To make those weights
+# the shipped ones: $(VENV)/bin/cltvit-reference ship --build $(ARTIFACTS)/reference-build
+reference: setup
+	$(VENV)/bin/cltvit-reference build --out $(ARTIFACTS)/reference-build
 
 # Load test: serve LOAD_BUNDLE on 127.0.0.1, Locust headless (LOAD_USERS users, LOAD_SECONDS s), CSV in
 # $(ARTIFACTS)/load; fails on any failed request or p95 > LOAD_P95_MS; prints service/raw images/s.

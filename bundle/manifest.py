@@ -29,7 +29,8 @@ class _Strict(BaseModel):
 
 
 class BackboneInfo(BaseModel):
-    """The open_clip backbone the graph was exported from (Backbone.identity())."""
+    """The open_clip backbone the graph was exported from (Backbone.identity()): `pretrained` is a tag or a file
+    name, `weights_sha256_16` the hash of the vision tower's weights."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     model: str
@@ -42,7 +43,8 @@ class BackboneInfo(BaseModel):
 
 
 class CltInfo(_Strict):
-    """CLT config (CLTConfig as a dict), sha256 of its weights file, checkpoint path (None for a random CLT)."""
+    """CLT config (CLTConfig as a dict), sha256 of its weights file, the checkpoint directory's name (None for a
+    random CLT). Names, never paths: a bundle travels between machines."""
 
     config: dict[str, Any]
     sha256: str | None = None

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_backbone(args.backbone, args.pretrained, device="cpu", seed=args.seed)
         clt, meta = load_checkpoint(args.clt, backbone)
         out = export_bundle(backbone, clt, args.mode, labels, templates, args.out, top_k_features=args.top_k_features,
-                            variants=variants, checkpoint=str(Path(args.clt).resolve()), clt_sha256=meta.get("sha256"),
+                            variants=variants, checkpoint=Path(args.clt).resolve().name, clt_sha256=meta.get("sha256"),
                             opset=args.opset, overwrite=args.overwrite)
     except (BackboneError, CheckpointError, ExportError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"cltvit-export: error: {exc}", file=sys.stderr)

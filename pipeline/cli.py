@@ -1,11 +1,20 @@
-"""`cltvit-reference`: build the reference model (CLIP, CLT, comparison, evaluation, bundle) into a directory."""
+"""`cltvit-reference`: the reference model.
+
+  cltvit-reference export --out artifacts/reference/bundle   # serving bundle from the shipped weights (seconds)
+  cltvit-reference build --out artifacts/reference-build     # retrain everything (~18 min on 2 cores)
+  cltvit-reference ship --build artifacts/reference-build    # make the build's weights the shipped ones
+
+Errors print one line naming the argument and exit with status 2.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -15,6 +24,9 @@ from training.model.backbone import BackboneError
 from training.model.checkpoint import CheckpointError
 
 from .reference import BUDGETS, STAGES, BuildError, budget, build
+from .shipped import WEIGHTS_DIR, export_shipped, ship
+
+BUILD_MINUTES = 18  # a full build on a 2-core CPU with --jobs 2 (docs/reference.md)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +47,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "each process with --threads torch threads; 1 runs every stage in turn")
     b.add_argument("--no-finetune", action="store_true", help="skip the replacement-matching phase of the CLT stage")
     b.add_argument("--finetune-loss", choices=("kl", "cosine"), help="match loss of the fine-tuning phase (default kl)")
+    e = sub.add_parser("export", help="write the serving bundle from the shipped weights (seconds)")
+    e.add_argument("--out", required=True, help="bundle directory to write (e.g. artifacts/reference/bundle)")
+    e.add_argument("--weights", default=str(WEIGHTS_DIR), help="shipped-weights folder (default: the project's)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    sh = sub.add_parser("ship", help="round a finished build's CLIP and CLT to float16 into the shipped-weights folder, measured")
+    sh.add_argument("--build", required=True, help="directory of a finished `cltvit-reference build`")
+    sh.add_argument("--to", default=str(WEIGHTS_DIR), help="shipped-weights folder to (re)write (default: the project's)")
+    sh.add_argument("--data-dir", help="directory with the Fashion-MNIST idx files (default: Debian's dataset-fashion-mnist)")
+    sh.add_argument("--limit", type=int, help="measure on the first N test images (default: all 10,000)")
     return p
+
+
+def _error(message: str) -> int:
+    print(f"cltvit-reference: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        if args.command == "export":
+            if Path(args.out).exists() and not args.overwrite:
+                return _error(f"argument --out: {args.out} exists; pass --overwrite to replace it")
+            t0 = time.time()
+            out = export_shipped(args.out, args.weights, overwrite=args.overwrite)
+            print(f"wrote the reference bundle {out} from {args.weights} in {time.time() - t0:.1f} s")
+            return 0
+        if args.command == "ship":
+            manifest = ship(args.build, args.to, data_dir=args.data_dir, limit=args.limit, command=f"cltvit-reference build --out {args.build}",
+                            log=lambda m: print(m, flush=True))
+            print(json.dumps({"to": args.to, "float16": manifest["measured"]["float16"]}, indent=1, default=float))
+            return 0
+    except (BuildError, BackboneError, CheckpointError, DatasetError) as exc:
+        return _error(str(exc))
+    return _build(args)
 
+
+def _build(args: argparse.Namespace) -> int:
     if args.threads < 0:
         print(f"cltvit-reference: error: --threads must be >= 0, got {args.threads}", file=sys.stderr)
         return 2
@@ -54,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.finetune = None
     elif args.finetune_loss and cfg.finetune is not None:
         cfg.finetune = replace(cfg.finetune, loss=args.finetune_loss)
+    print(f"cltvit-reference: building the reference model into {args.out}; a full build takes about "
+          f"{BUILD_MINUTES} minutes on a 2-core CPU (stages already finished there are reused)", flush=True)
     try:
         summary = build(args.out, cfg, data_dir=args.data_dir, device=args.device, skip=args.skip, force=args.force,
                         log=lambda s: print(s, flush=True), jobs=args.jobs)

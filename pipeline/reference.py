@@ -232,7 +232,7 @@ def stage_eval(out: Path, cfg: BuildConfig, bb: Backbone, test_ds: FashionMNIST,
     clt, meta = load_checkpoint(out / "clt", bb)
     px, y, _ = test
     n = len(px) if cfg.eval.limit is None else min(cfg.eval.limit, len(px))
-    extra: dict[str, Any] = {"checkpoint": str(out / "clt"), "finetune": meta.get("finetune")}
+    extra: dict[str, Any] = {"checkpoint": "clt", "finetune": meta.get("finetune")}
     if cmp_rec:
         extra["comparison"] = json.loads((out / "comparison" / "comparison.json").read_text())
     report = evaluate_clt(bb, clt, test_ds, d, cfg.eval, pixels_labels=(px[:n], y[:n]), extra=extra, log=log)
@@ -250,7 +250,7 @@ def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, A
     clt, meta = load_checkpoint(out / "clt", bb)
     test = FashionMNIST.class_names, FashionMNIST.templates
     path = export_bundle(bb, clt, "cls", list(test[0]), list(test[1]), out / "bundle", variants=cfg.export_variants,
-                         checkpoint=str((out / "clt").resolve()), clt_sha256=meta.get("sha256"), overwrite=True)
+                         checkpoint="clt", clt_sha256=meta.get("sha256"), overwrite=True)
     files = sorted(p for p in path.iterdir() if p.is_file())
     log(f"export: bundle in {path}")
     return st.finish(files, time.time() - t0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from export.testing import make_tiny_bundle
+from pipeline.shipped import export_shipped
 from training.model.backbone import load_backbone
 from training.testing import random_clt
 
@@ -33,6 +34,12 @@ def bundle(tmp_path_factory) -> Path:
 def variant_bundle(tmp_path_factory) -> Path:
     """The tiny bundle with its reduced-precision variants (int8, fp16). Read-only."""
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "fp16"))
+
+
+@pytest.fixture(scope="session")
+def reference_bundle(tmp_path_factory) -> Path:
+    """The reference model's bundle (fp32 + int8 + fp16), exported from the shipped weights (seconds). Read-only."""
+    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "fp16"))
 
 
 @pytest.fixture(scope="session")

@@ -233,6 +233,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         pretrained = args.pretrained if args.pretrained is not None else recorded.get("pretrained")
         if not model:
             raise EvaluationError("--model is needed: the checkpoint records no backbone")
+        if args.pretrained is None and pretrained and not Path(pretrained).is_file() \
+                and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+            raise EvaluationError(f"argument --pretrained: the checkpoint records its backbone weights as the file "
+                                  f"{pretrained!r} (a name, not a path); pass that file's path with --pretrained")
         backbone = load_backbone(model, pretrained, device=args.device, seed=recorded.get("seed") or 0)
         clt, _ = load_checkpoint(args.clt, backbone, device=backbone.device)
         dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)

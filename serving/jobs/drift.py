@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PROFILE_FORMAT = "cltvit-drift-profile"
 PROFILE_VERSION = 1
@@ -218,6 +217,9 @@ class DriftMonitor:
     def collector(self, prefix: str = "cltvit_drift") -> Any:
         """A prometheus_client collector of the live scores, for a process's own `/metrics`:
         `prometheus_client.REGISTRY.register(monitor.collector())`."""
+        # imported here: a module-level import would load prometheus_client before a BentoML worker sets up
+        # its multiprocess metrics directory, and that worker's /metrics would then miss its own metrics
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         monitor = self
 
         class _DriftCollector:

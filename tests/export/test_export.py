@@ -13,7 +13,9 @@ from bundle import MODEL_OUTPUTS, file_sha256, load_bundle, term_names
 from export.cli import main as cli_main
 from export.writer import ExportError, export_bundle
 from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
+from training.model.backbone import load_backbone
 from training.model.checkpoint import save_checkpoint
+from training.model.decompose import decompose
 from training.testing import random_clt
 
 
@@ -104,21 +106,27 @@ def test_export_bundle_argument_errors(tiny_backbone, tmp_path):
 
 
 def test_cli_writes_a_valid_bundle(tiny_backbone, tmp_path, capsys):
+    weights = tmp_path / "weights" / "tiny-clip.pt"
+    weights.parent.mkdir()
+    torch.save(tiny_backbone.model.state_dict(), weights)
+    backbone = load_backbone("cltvit-tiny", str(weights), device="cpu")
     clt = random_clt(tiny_backbone.n_layers, tiny_backbone.d_model, seed=5)
-    ckpt = save_checkpoint(tmp_path / "ckpt", clt, tiny_backbone.identity())
+    ckpt = save_checkpoint(tmp_path / "ckpt", clt, backbone.identity())
     (tmp_path / "labels.txt").write_text("cat\n\n# comment\ndog\nbird\n")
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
     out = tmp_path / "bundle"
-    rc = cli_main(["--backbone", "cltvit-tiny", "--clt", str(ckpt), "--mode", "observe", "--labels",
-                   str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"), "--out", str(out)])
+    rc = cli_main(["--backbone", "cltvit-tiny", "--pretrained", str(weights), "--clt", str(ckpt), "--mode", "observe",
+                   "--labels", str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"), "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     m, _ = load_bundle(out)
     assert m.mode == "observe" and m.labels.names == ["cat", "dog", "bird"] and len(m.labels.templates) == 2
     assert m.clt.sha256 == json.loads((ckpt / "clt.json").read_text())["sha256"]
     assert m.clt.config["n_features"] == 128
+    # a bundle travels: names and hashes, never the exporting machine's paths
+    assert str(tmp_path) not in (out / "bundle.json").read_text()
+    assert (m.backbone.pretrained, m.clt.checkpoint) == ("tiny-clip.pt", "ckpt")
+    assert m.backbone.weights_sha256_16 == backbone.fingerprint == tiny_backbone.fingerprint
     # the bundle's graph computes with the checkpoint's CLT
-    from training.model.decompose import decompose
-
     px = torch.randn(2, 3, 32, 32)
     text = torch.from_numpy(np.load(out / "labels.npy"))
     (logits, *_), = [_session(out / "model.onnx").run(None, {"pixels": px.numpy(), "text_embeddings": text.numpy()})]

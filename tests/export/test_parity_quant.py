@@ -25,10 +25,8 @@ import pytest
 from test_parity import assert_complete
 
 from bundle import load_bundle
-from export.quantize import make_variant
 from export.testing import make_tiny_bundle
 
-REFERENCE = Path(os.environ.get("CLTVIT_REFERENCE_BUNDLE", Path(__file__).parents[2] / "artifacts/reference/bundle"))
 N_TINY = 512
 
 
@@ -105,12 +103,12 @@ def test_fp16_tolerance_tiny(tiny):
         assert np.abs(outs["fp16"]["embedding"] - outs["fp32"]["embedding"]).max() <= 1e-2 * np.abs(outs["fp32"]["embedding"]).max()
 
 
-@pytest.mark.skipif(not (REFERENCE / "bundle.json").is_file(), reason=f"no reference bundle at {REFERENCE} (make it with `cltvit-reference build`)")
 @pytest.mark.parametrize("variant", ["int8", "fp16"])
-def test_reference_model_agreement(variant, tmp_path):
-    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000)."""
-    m, paths = load_bundle(REFERENCE, verify_checksums=False)
-    path = paths.models.get(variant) or make_variant(paths.model, variant, tmp_path / f"model.{variant}.onnx")
+def test_reference_model_agreement(variant, reference_bundle):
+    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000), on the
+    bundle exported from the shipped reference weights."""
+    m, paths = load_bundle(reference_bundle, verify_checksums=False)
+    path = paths.models[variant]
     n = int(os.environ.get("CLTVIT_REFERENCE_N", "10000"))
     pixels, labels = fashion_pixels(m, n)
     text = np.load(paths.labels)

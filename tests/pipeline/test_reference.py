@@ -6,10 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from bundle import load_bundle
 from pipeline.cache import Stage
 from pipeline.cli import main
 from pipeline.reference import STAGES, budget, build
+from pipeline.shipped import CLIP_FILE, FILES, export_shipped, load_shipped, measure, read_manifest, ship
 from training.clip import augment, preprocess_stats, tensorise, unicl_loss
 from training.data import FashionMNIST
 from training.model.backbone import load_backbone
@@ -99,8 +102,6 @@ def test_smoke_build_produces_every_artifact(smoke):
     assert 0 <= summary["zero_shot_top1"] <= 1
     clip = json.loads((out / "clip" / "clip.json").read_text())
     assert clip["weights_sha256_16"] == load_backbone("cltvit-ref", str(out / "clip" / "model.pt"), device="cpu").fingerprint
-    from bundle import load_bundle
-
     load_bundle(out / "bundle")
 
 
@@ -126,6 +127,21 @@ def test_parallel_comparison_worker_gives_the_same_comparison(smoke, tmp_path):
     a = json.loads((out / "comparison" / "comparison.json").read_text())
     b = json.loads((other / "comparison" / "comparison.json").read_text())
     assert a["rows"] == b["rows"]
+
+
+def test_ship_rounds_a_build_to_float16_and_measures_it(smoke, tmp_path):
+    """`cltvit-reference ship` on the smoke build: float16 files that load back to the recorded figures, and a
+    bundle exported from them that validates."""
+    out, _, _ = smoke
+    to = tmp_path / "weights"
+    manifest = ship(out, to, limit=64, log=lambda m: None)
+    assert set(manifest["files"]) == set(FILES) and read_manifest(to)["files"] == manifest["files"]
+    state = load_file(str(to / CLIP_FILE))
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
+    backbone, clt, _ = load_shipped(to)
+    assert measure(backbone, clt, limit=64)["accuracy_all"] == manifest["measured"]["float16"]["accuracy_all"]
+    bundle = export_shipped(tmp_path / "bundle", to, variants=())
+    assert load_bundle(bundle)[0].backbone.weights_sha256_16 == backbone.fingerprint
 
 
 def test_cli_rejects_unknown_stage(capsys):

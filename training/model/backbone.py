@@ -182,10 +182,17 @@ class Backbone:
         return _weights_fingerprint(self.visual)
 
     def identity(self) -> dict[str, Any]:
-        """What a CLT checkpoint records about its backbone."""
+        """What a CLT checkpoint and a bundle record about the backbone: portable identifiers only.
+
+        `pretrained` is the open_clip tag, or the checkpoint file's name (never the path of the machine
+        that loaded it); `weights_sha256_16` identifies the weights themselves.
+        """
+        pretrained = self.spec.pretrained
+        if pretrained is not None and os.path.isfile(pretrained):
+            pretrained = Path(pretrained).name
         return {
             "model": self.spec.model,
-            "pretrained": self.spec.pretrained,
+            "pretrained": pretrained,
             "seed": self.spec.seed if self.spec.pretrained is None else None,
             "weights_sha256_16": self.fingerprint,
             "n_layers": self.n_layers,

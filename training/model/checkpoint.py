@@ -36,15 +36,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    out_dir: str | Path, clt: CrossLayerTranscoder, backbone: dict[str, Any], **extra: Any
+    out_dir: str | Path, clt: CrossLayerTranscoder, backbone: dict[str, Any], *, dtype: torch.dtype | None = None, **extra: Any
 ) -> Path:
     """Write `clt.safetensors` and `clt.json` into `out_dir` atomically; returns `out_dir`.
 
-    `backbone` is `Backbone.identity()`; `extra` (e.g. data=..., metrics=...) goes into the JSON.
+    `backbone` is `Backbone.identity()`; `dtype` (e.g. torch.float16) stores the floating-point tensors
+    in that precision (`load_checkpoint` casts them back to the module's float32); `extra` (e.g.
+    data=..., metrics=...) goes into the JSON.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in clt.state_dict().items()}
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in clt.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "cltvit-clt", "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, out / WEIGHTS)
