@@ -8,22 +8,27 @@ The format is described in docs/bundle.md.
 """
 from .checksums import file_sha256
 from .format import (
+    CORE_OUTPUTS,
     FORMAT_VERSION,
     IMAGE_EXTENSIONS,
     MANIFEST,
     MODEL_INPUTS,
     MODEL_OUTPUTS,
     MODES,
+    SPATIAL_OUTPUTS,
+    SUPPORTED_FORMAT_VERSIONS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
     VARIANTS,
+    model_outputs,
     term_names,
 )
-from .manifest import BundleError, Manifest, PreprocessSpec, read_manifest
+from .manifest import BundleError, Manifest, PreprocessSpec, SpatialSpec, read_manifest
 from .validate import BundlePaths, load_bundle
 
 __all__ = [
-    "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES", "TEXT_INPUTS", "TEXT_OUTPUTS",
-    "VARIANTS", "BundleError", "BundlePaths", "Manifest", "PreprocessSpec", "file_sha256", "load_bundle",
+    "CORE_OUTPUTS", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES",
+    "SPATIAL_OUTPUTS", "SUPPORTED_FORMAT_VERSIONS", "TEXT_INPUTS", "TEXT_OUTPUTS", "VARIANTS", "BundleError",
+    "BundlePaths", "Manifest", "PreprocessSpec", "SpatialSpec", "file_sha256", "load_bundle", "model_outputs",
     "read_manifest", "term_names",
 ]

@@ -5,11 +5,14 @@ Python so that both sides, and `training.model.decompose`, share one definition.
 """
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+# 2: optional spatial outputs (`manifest.spatial`). Version 1 bundles (no spatial outputs) still load.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST = "bundle.json"
 
 MODEL_INPUTS: tuple[str, ...] = ("pixels", "text_embeddings")
-MODEL_OUTPUTS: tuple[str, ...] = (
+# outputs every image graph has
+CORE_OUTPUTS: tuple[str, ...] = (
     "logits",
     "embedding",
     "contributions",
@@ -18,6 +21,21 @@ MODEL_OUTPUTS: tuple[str, ...] = (
     "top_feature_activation",
     "top_feature_contribution",
 )
+# where in the image (graphs exported with spatial maps, `manifest.spatial` set): for the S top classes
+# spatial_class int64 [B, S], spatial_contributions [B, S, L, T], spatial_bias [B, S, L, 2]; for the
+# predicted class spatial_head_contributions [B, L, H, T] (docs/bundle.md)
+SPATIAL_OUTPUTS: tuple[str, ...] = (
+    "spatial_class",
+    "spatial_contributions",
+    "spatial_bias",
+    "spatial_head_contributions",
+)
+MODEL_OUTPUTS: tuple[str, ...] = CORE_OUTPUTS + SPATIAL_OUTPUTS  # a graph with spatial maps (the default export)
+
+
+def model_outputs(spatial: bool) -> tuple[str, ...]:
+    """The image graph's output names, in order, with or without the spatial outputs."""
+    return MODEL_OUTPUTS if spatial else CORE_OUTPUTS
 TEXT_INPUTS: tuple[str, ...] = ("tokens",)
 TEXT_OUTPUTS: tuple[str, ...] = ("text_embeddings",)
 

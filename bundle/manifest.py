@@ -1,4 +1,4 @@
-"""`bundle.json` as pydantic models (format version 1, docs/bundle.md) and its reader.
+"""`bundle.json` as pydantic models (format versions 1 and 2, docs/bundle.md) and its reader.
 
 Torch-free (pydantic only). `read_manifest(dir)` parses and validates the manifest alone;
 `bundle.validate.load_bundle` also checks the files it lists.
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .format import FORMAT_VERSION, MANIFEST, VARIANTS, term_names
+from .format import FORMAT_VERSION, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
 
 
 class BundleError(ValueError):
@@ -91,8 +91,28 @@ class LabelsSpec(_Strict):
         return v
 
 
+class SpatialSpec(_Strict):
+    """The graph's spatial outputs (format 2): maps for the `top_k` best classes, over a `grid`
+    (rows, columns) of patches, per head for `heads` heads. Tokens T = 1 + rows * columns (CLS first)."""
+
+    top_k: int = Field(ge=1)
+    grid: tuple[int, int]
+    heads: int = Field(ge=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _positive_grid(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"grid must be positive, got {v}")
+        return v
+
+    @property
+    def n_tokens(self) -> int:
+        return 1 + self.grid[0] * self.grid[1]
+
+
 class Manifest(_Strict):
-    """`bundle.json`, format version 1 (docs/bundle.md)."""
+    """`bundle.json`, format version 2 (docs/bundle.md); version 1 is the same without `spatial`."""
 
     format_version: int
     backbone: BackboneInfo
@@ -108,12 +128,15 @@ class Manifest(_Strict):
     opset: int = Field(ge=17)
     versions: dict[str, str]
     files: dict[str, str]
+    spatial: SpatialSpec | None = None
 
     @field_validator("format_version")
     @classmethod
     def _version(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
-            raise ValueError(f"bundle format_version {v} is not supported by this server (supports {FORMAT_VERSION})")
+        if v not in SUPPORTED_FORMAT_VERSIONS:
+            newer = " (a newer cltvit wrote it: upgrade this installation)" if v > FORMAT_VERSION else ""
+            raise ValueError(f"bundle format_version {v} is not supported by this installation "
+                             f"(supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}){newer}")
         return v
 
     @model_validator(mode="after")
@@ -132,6 +155,12 @@ class Manifest(_Strict):
         for f in self.files:
             if Path(f).is_absolute() or ".." in Path(f).parts:
                 raise ValueError(f"file name {f!r} must be relative to the bundle directory")
+        if self.spatial is not None:
+            if self.format_version < 2:
+                raise ValueError("'spatial' needs format_version 2")
+            if self.spatial.n_tokens != self.backbone.n_tokens:
+                raise ValueError(f"spatial grid {list(self.spatial.grid)} gives {self.spatial.n_tokens} tokens, "
+                                 f"the backbone has {self.backbone.n_tokens}")
         return self
 
     @property

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .checksums import file_sha256
-from .format import MANIFEST, MODEL_INPUTS, MODEL_OUTPUTS, TEXT_INPUTS, TEXT_OUTPUTS
+from .format import MANIFEST, MODEL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, model_outputs
 from .manifest import BundleError, Manifest, read_manifest
 
 
@@ -83,8 +83,11 @@ def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str
     _check_opset(path, opset, m, problems)
     if tuple(ins) != MODEL_INPUTS:
         problems.append(f"{path.name}: inputs are {list(ins)}, expected {list(MODEL_INPUTS)}")
-    if tuple(outs) != MODEL_OUTPUTS:
-        problems.append(f"{path.name}: outputs are {list(outs)}, expected {list(MODEL_OUTPUTS)}")
+    expected = model_outputs(m.spatial is not None)
+    if tuple(outs) != expected:
+        what = "with" if m.spatial is not None else "without"
+        problems.append(f"{path.name}: outputs are {list(outs)}, expected {list(expected)} "
+                        f"(bundle.json declares a graph {what} spatial maps)")
         return
     H, W = m.preprocess.image_size
     D, T, K = m.backbone.embed_dim, m.n_terms, m.top_k_features
@@ -99,6 +102,14 @@ def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str
         "top_feature_activation": (_FLOAT, [None, K]),
         "top_feature_contribution": (_FLOAT, [None, K]),
     }
+    if m.spatial is not None:
+        S, L, H, N = m.spatial.top_k, m.backbone.n_layers, m.spatial.heads, m.spatial.n_tokens
+        want.update({
+            "spatial_class": (_INT64, [None, S]),
+            "spatial_contributions": (_FLOAT, [None, S, L, N]),
+            "spatial_bias": (_FLOAT, [None, S, L, 2]),
+            "spatial_head_contributions": (_FLOAT, [None, L, H, N]),
+        })
     for name, (etype, dims) in {**ins, **outs}.items():
         if name not in want:
             continue

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--labels", required=True, help="text file: one class name per line")
     ap.add_argument("--templates", default=None, help="text file: one prompt template with '{}' per line (default: 'a photo of a {}.')")
     ap.add_argument("--top-k-features", type=int, default=16, help="top CLT features reported per image")
+    ap.add_argument("--spatial-top-k", type=int, default=5,
+                    help="classes per image with spatial maps (where in the image; docs/spatial.md); 0: none")
     ap.add_argument("--variants", default="", help="comma-separated reduced-precision variants: int8 (CPU), fp16 (CUDA)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--out", required=True, help="bundle directory to write")
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--variants: unknown {bad}; choose from int8, fp16")
     if args.top_k_features < 1:
         ap.error("--top-k-features must be >= 1")
+    if args.spatial_top_k < 0:
+        ap.error("--spatial-top-k must be >= 0 (0: no spatial maps)")
     if args.opset < 17:
         ap.error("--opset must be >= 17")
     t0 = time.perf_counter()
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_backbone(args.backbone, args.pretrained, device="cpu", seed=args.seed)
         clt, meta = load_checkpoint(args.clt, backbone)
         out = export_bundle(backbone, clt, args.mode, labels, templates, args.out, top_k_features=args.top_k_features,
-                            variants=variants, checkpoint=Path(args.clt).resolve().name, clt_sha256=meta.get("sha256"),
+                            spatial_top_k=args.spatial_top_k, variants=variants, checkpoint=Path(args.clt).resolve().name, clt_sha256=meta.get("sha256"),
                             opset=args.opset, overwrite=args.overwrite)
     except (BackboneError, CheckpointError, ExportError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"cltvit-export: error: {exc}", file=sys.stderr)

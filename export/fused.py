@@ -2,7 +2,10 @@
 
 `FusedExplainer.forward(pixels, text_embeddings)` calls `training.model.decompose.decompose` unchanged, so
 the eager reference and the exported graph share one source of truth. Inputs and outputs are named
-as in docs/bundle.md (`MODEL_INPUTS`, `MODEL_OUTPUTS`); batch B and class count C are dynamic.
+as in docs/bundle.md (`MODEL_INPUTS`, `model_outputs(spatial)`); batch B and class count C are dynamic.
+With `spatial_top_k` S > 0 (the default, 5) the graph also returns the spatial maps of the S best
+classes (`SPATIAL_OUTPUTS`); the attention softmax weights they are made from are the ones the
+blocks' outputs are made from.
 """
 from __future__ import annotations
 
@@ -16,24 +19,31 @@ import onnx
 import torch
 from torch import nn
 
-from bundle.format import MODEL_INPUTS, MODEL_OUTPUTS, MODES
+from bundle.format import MODEL_INPUTS, MODES, model_outputs
 from training.model.decompose import decompose
 
 DEFAULT_OPSET = 17
+DEFAULT_SPATIAL_TOP_K = 5  # classes with spatial maps: the service's default top-k
 
 
 class FusedExplainer(nn.Module):
     """pixels [B,3,H,W], text_embeddings [C,D] -> (logits [B,C], embedding [B,D], contributions [B,T,C],
-    top_feature_layer / top_feature_index int64 [B,K], top_feature_activation / top_feature_contribution [B,K])."""
+    top_feature_layer / top_feature_index int64 [B,K], top_feature_activation / top_feature_contribution [B,K])
+    and, with spatial_top_k S > 0, (spatial_class int64 [B,S], spatial_contributions [B,S,L,N],
+    spatial_bias [B,S,L,2], spatial_head_contributions [B,L,H,N]) with N tokens (docs/bundle.md)."""
 
-    def __init__(self, visual: nn.Module, clt: nn.Module, logit_scale: float, mode: str = "cls", top_k_features: int = 16) -> None:
+    def __init__(self, visual: nn.Module, clt: nn.Module, logit_scale: float, mode: str = "cls", top_k_features: int = 16,
+                 spatial_top_k: int = DEFAULT_SPATIAL_TOP_K) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if top_k_features < 1:
             raise ValueError(f"top_k_features must be >= 1, got {top_k_features}")
+        if spatial_top_k < 0:
+            raise ValueError(f"spatial_top_k must be >= 0 (0: no spatial maps), got {spatial_top_k}")
         self.visual, self.clt = visual, clt
         self.logit_scale, self.mode, self.top_k_features = float(logit_scale), mode, int(top_k_features)
+        self.spatial_top_k = int(spatial_top_k)
         # Each source layer's total residual write [F, d], computed once: otherwise the graph would
         # carry every decoder twice (as stored, and reshaped for the sparse gather) and re-sum it per call.
         with torch.no_grad():
@@ -45,10 +55,14 @@ class FusedExplainer(nn.Module):
         writes = [getattr(self, f"total_write_{i}") for i in range(clt.cfg.n_layers)]
         clt.total_write_matrix = writes.__getitem__  # instance attribute shadows the method for this call
         try:
-            d = decompose(self.visual, clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features)
+            d = decompose(self.visual, clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features,
+                          self.spatial_top_k)
         finally:
             del clt.total_write_matrix
-        return (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
+        core = (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
+        if d.spatial is None:
+            return core
+        return (*core, d.spatial.classes, d.spatial.tokens, d.spatial.bias, d.spatial.heads)
 
 
 class PlainClassifier(nn.Module):
@@ -162,14 +176,36 @@ def export_explainer(
     embed_dim: int,
     mode: str = "cls",
     top_k_features: int = 16,
+    spatial_top_k: int = DEFAULT_SPATIAL_TOP_K,
     opset: int = DEFAULT_OPSET,
 ) -> Path:
-    """Write the fused explainer graph (docs/bundle.md `model.onnx`) to `path`."""
-    module = FusedExplainer(visual, clt, logit_scale, mode, top_k_features)
+    """Write the fused explainer graph (docs/bundle.md `model.onnx`) to `path`; `spatial_top_k` 0
+    leaves the spatial outputs out."""
+    module = FusedExplainer(visual, clt, logit_scale, mode, top_k_features, spatial_top_k)
+    outputs = model_outputs(spatial_top_k > 0)
     dyn = {"pixels": {0: "B"}, "text_embeddings": {0: "C"}, "logits": {0: "B", 1: "C"}, "embedding": {0: "B"},
            "contributions": {0: "B", 2: "C"}}
-    dyn.update({n: {0: "B"} for n in MODEL_OUTPUTS[3:]})
-    return torch_export(module, example_inputs(visual, embed_dim), path, list(MODEL_INPUTS), list(MODEL_OUTPUTS), dyn, opset)
+    dyn.update({n: {0: "B"} for n in outputs[3:]})
+    args = example_inputs(visual, embed_dim)
+    path = torch_export(module, args, path, list(MODEL_INPUTS), list(outputs), dyn, opset)
+    with export_context(module), torch.no_grad():
+        shapes = {n: list(t.shape) for n, t in zip(outputs, module.eval()(*args))}
+    return declare_static_dims(path, shapes, dyn)
+
+
+def declare_static_dims(path: Path, shapes: dict[str, list[int]], dynamic_axes: dict[str, dict[int, str]]) -> Path:
+    """Write the fixed sizes of the graph's outputs (every axis not in `dynamic_axes`, taken from
+    `shapes`, an example run's output shapes) into its declared output types, where the exporter left
+    symbolic names, so that `bundle.load_bundle` can check them. The weights are not touched."""
+    model = onnx.load(str(path), load_external_data=False)
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, size in enumerate(shapes.get(out.name, [])):
+            if axis < len(dims) and axis not in dynamic_axes.get(out.name, {}):
+                dims[axis].Clear()
+                dims[axis].dim_value = int(size)
+    onnx.save_model(model, str(path))
+    return path
 
 
 def export_plain(visual: nn.Module, path: str | Path, *, logit_scale: float, embed_dim: int, opset: int = DEFAULT_OPSET) -> Path:

@@ -20,6 +20,7 @@ def make_tiny_bundle(
     n_features: int = 128,
     k: int = 8,
     top_k_features: int = 16,
+    spatial_top_k: int = 5,
     variants: Sequence[str] = (),
     seed: int = 0,
     overwrite: bool = True,
@@ -28,4 +29,4 @@ def make_tiny_bundle(
     backbone = load_backbone("cltvit-tiny", None, device="cpu", seed=seed)
     clt = random_clt(backbone.n_layers, backbone.d_model, n_features, k, seed)
     return export_bundle(backbone, clt, mode, labels, templates, out_dir, top_k_features=top_k_features,
-                         variants=variants, overwrite=overwrite)
+                         spatial_top_k=spatial_top_k, variants=variants, overwrite=overwrite)

@@ -19,8 +19,9 @@ from torch import nn
 
 from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
 from training.model.backbone import Backbone
+from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
-from .fused import DEFAULT_OPSET, export_explainer, external_files
+from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, external_files
 from .quantize import make_variant
 from .text import VOCAB_FILE, context_length, copy_vocab, export_text
 
@@ -58,6 +59,21 @@ def preprocess_spec(visual: nn.Module) -> dict[str, Any]:
             "interpolation": cfg.get("interpolation", "bicubic"), "crop": "center"}
 
 
+def spatial_spec(backbone: Backbone, top_k: int) -> dict[str, Any]:
+    """The manifest's `spatial` block: `top_k` classes, the patch grid (rows, columns), heads per layer.
+    Raises ExportError when the backbone's attention has a structure the spatial maps do not cover."""
+    try:
+        check_spatial_supported(backbone.visual)
+    except UnsupportedModel as exc:
+        raise ExportError(f"spatial maps are not supported for {backbone.spec.model}: {exc}; export with spatial_top_k=0 "
+                          f"(--spatial-top-k 0)") from None
+    grid = tuple(int(g) for g in backbone.visual.grid_size)
+    heads = {int(blk.attn.num_heads) for blk in blocks(backbone.visual)}
+    if len(heads) != 1:
+        raise ExportError(f"spatial maps need the same number of heads in every layer, got {sorted(heads)}")
+    return {"top_k": int(top_k), "grid": list(grid), "heads": heads.pop()}
+
+
 def check_labels(labels: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
     names = [s.strip() for s in labels]
     if not names or any(not s for s in names):
@@ -83,6 +99,7 @@ def export_bundle(
     out_dir: str | Path,
     *,
     top_k_features: int = 16,
+    spatial_top_k: int = DEFAULT_SPATIAL_TOP_K,
     variants: Sequence[str] = (),
     checkpoint: str | None = None,
     clt_sha256: str | None = None,
@@ -93,7 +110,8 @@ def export_bundle(
     the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
 
     `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
-    Returns `out_dir`.
+    `spatial_top_k`: classes per image with spatial maps (where in the image, docs/bundle.md); 0 leaves
+    the spatial outputs out. Returns `out_dir`.
     """
 
     if mode not in MODES:
@@ -102,6 +120,9 @@ def export_bundle(
     if unknown:
         raise ExportError(f"unknown variant(s) {unknown}; choose from int8, fp16")
     names, temps = check_labels(labels, templates or DEFAULT_TEMPLATES)
+    if spatial_top_k < 0:
+        raise ExportError(f"spatial_top_k must be >= 0 (0: no spatial maps), got {spatial_top_k}")
+    spatial = spatial_spec(backbone, spatial_top_k) if spatial_top_k > 0 else None
     cfg = clt.cfg
     if (cfg.n_layers, cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise ExportError(f"CLT (L={cfg.n_layers}, d={cfg.d_model}) does not fit backbone {backbone.spec.model} "
@@ -115,7 +136,8 @@ def export_bundle(
         clt = clt.to("cpu").eval()
         visual = backbone.visual
         model_path = export_explainer(visual, clt, tmp / "model.onnx", logit_scale=backbone.logit_scale,
-                                      embed_dim=backbone.embed_dim, mode=mode, top_k_features=top_k_features, opset=opset)
+                                      embed_dim=backbone.embed_dim, mode=mode, top_k_features=top_k_features,
+                                      spatial_top_k=spatial_top_k, opset=opset)
         export_text(backbone.model, backbone.tokenizer, tmp / "text.onnx", opset=opset)
         copy_vocab(tmp)
         emb = backbone.class_embeddings(names, temps).float().cpu().numpy().astype(np.float32)
@@ -146,6 +168,7 @@ def export_bundle(
             "opset": opset,
             "versions": export_versions(),
             "files": files,
+            "spatial": spatial,
         }
         Manifest.model_validate(manifest)  # fail here, not in the server
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -5,6 +5,7 @@ every fixture that exports a bundle is session-scoped, so each kind of bundle is
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def bundle(tmp_path_factory) -> Path:
 def variant_bundle(tmp_path_factory) -> Path:
     """The tiny bundle with its reduced-precision variants (int8, fp16). Read-only."""
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "fp16"))
+
+
+@pytest.fixture(scope="session")
+def v1_bundle(tmp_path_factory) -> Path:
+    """A format-1 bundle as older cltvit versions wrote it: the tiny model without spatial outputs and
+    a manifest with `format_version` 1 and no `spatial` key. Read-only."""
+    root = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-v1", spatial_top_k=0)
+    raw = json.loads((root / "bundle.json").read_text())
+    raw["format_version"] = 1
+    del raw["spatial"]
+    (root / "bundle.json").write_text(json.dumps(raw, indent=2))
+    return root
 
 
 @pytest.fixture(scope="session")

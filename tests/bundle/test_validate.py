@@ -46,9 +46,44 @@ def test_corrupt_and_missing_files_each_reported(copy):
 
 
 def test_unsupported_format_version(copy):
-    _edit_manifest(copy, lambda r: r.update(format_version=2))
-    with pytest.raises(BundleError, match="format_version 2 is not supported"):
+    _edit_manifest(copy, lambda r: r.update(format_version=3))
+    with pytest.raises(BundleError, match="format_version 3 is not supported by this installation .supports 1, 2.*upgrade"):
         load_bundle(copy)
+
+
+def test_format_1_bundle_still_loads(v1_bundle):
+    """A version-1 bundle (no spatial outputs, no `spatial` key) loads as it is."""
+    m, _ = load_bundle(v1_bundle)
+    assert m.format_version == 1 and m.spatial is None
+    assert "spatial" not in json.loads((v1_bundle / "bundle.json").read_text())
+
+
+def test_spatial_declaration_must_match_the_graph(copy, v1_bundle, tmp_path):
+    """bundle.json declaring spatial maps the graph lacks (or the reverse) is one clear problem per graph."""
+    _edit_manifest(copy, lambda r: r.update(spatial=None))
+    with pytest.raises(BundleError) as exc:
+        load_bundle(copy)
+    assert len(exc.value.problems) == 3  # fp32, int8, fp16
+    assert "outputs are" in exc.value.problems[0] and "declares a graph without spatial maps" in exc.value.problems[0]
+    old = tmp_path / "v1"
+    shutil.copytree(v1_bundle, old)
+    _edit_manifest(old, lambda r: r.update(format_version=2, spatial={"top_k": 5, "grid": [4, 4], "heads": 4}))
+    with pytest.raises(BundleError, match="declares a graph with spatial maps"):
+        load_bundle(old)
+    _edit_manifest(old, lambda r: r.update(format_version=1))
+    with pytest.raises(BundleError, match="'spatial' needs format_version 2"):
+        load_bundle(old)
+
+
+def test_spatial_grid_and_shapes_checked(copy):
+    _edit_manifest(copy, lambda r: r.update(spatial={"top_k": 5, "grid": [3, 4], "heads": 4}))
+    with pytest.raises(BundleError, match="spatial grid \\[3, 4\\] gives 13 tokens, the backbone has 17"):
+        load_bundle(copy)
+    _edit_manifest(copy, lambda r: r.update(spatial={"top_k": 3, "grid": [4, 4], "heads": 2}))
+    with pytest.raises(BundleError) as exc:
+        load_bundle(copy)
+    text = "\n".join(exc.value.problems)
+    assert "spatial_class axis 1 is 5, expected 3" in text and "spatial_head_contributions axis 2 is 4, expected 2" in text
 
 
 def test_term_names_must_fit_the_model(copy):

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bundle import MODEL_OUTPUTS, file_sha256, load_bundle, term_names
+from bundle import CORE_OUTPUTS, MODEL_OUTPUTS, file_sha256, load_bundle, term_names
 from export.cli import main as cli_main
 from export.writer import ExportError, export_bundle
 from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
@@ -32,7 +32,8 @@ def _session(path):
 
 def test_bundle_manifest_matches_the_model(bundle, tiny_backbone):
     m, paths = load_bundle(bundle)
-    assert m.format_version == 1 and m.mode == "cls" and m.opset >= 17
+    assert m.format_version == 2 and m.mode == "cls" and m.opset >= 17
+    assert m.spatial is not None and (m.spatial.top_k, m.spatial.grid, m.spatial.heads) == (5, (4, 4), 4)
     assert m.term_names == term_names(tiny_backbone.n_layers)
     assert m.backbone.weights_sha256_16 == tiny_backbone.fingerprint
     assert m.backbone.embed_dim == tiny_backbone.embed_dim
@@ -71,6 +72,10 @@ def test_model_graph_signature(bundle):
     assert [o.name for o in sess.get_outputs()] == list(MODEL_OUTPUTS)
     out = sess.run(None, {"pixels": np.zeros((3, 3, 32, 32), np.float32), "text_embeddings": np.load(bundle / "labels.npy")})
     assert out[0].shape == (3, 10) and out[2].shape == (3, 11, 10) and out[3].shape == (3, 16)
+    assert [o.shape for o in out[7:]] == [(3, 5), (3, 5, 4, 17), (3, 5, 4, 2), (3, 4, 4, 17)]
+    # fixed sizes are declared in the graph, so that load_bundle can check them
+    assert [[d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in onnx.load(str(bundle / "model.onnx")).graph.output][7:] \
+        == [["B", 5], ["B", 5, 4, 17], ["B", 5, 4, 2], ["B", 4, 4, 17]]
 
 
 def test_variants_have_reduced_precision(bundle):
@@ -83,7 +88,8 @@ def test_variants_have_reduced_precision(bundle):
     n16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert n16 >= 4 * 4  # at least the 4 blocks' qkv/out/fc/proj weights
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT] * 2
-    assert [o.type.tensor_type.elem_type for o in fp16.graph.output] == [onnx.TensorProto.FLOAT] * 2 + [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT64, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT]
+    F, I = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    assert [o.type.tensor_type.elem_type for o in fp16.graph.output] == [F, F, F, I, I, F, F, I, F, F, F]
     onnx.checker.check_model(fp16, full_check=True)
 
 
@@ -102,6 +108,8 @@ def test_export_bundle_argument_errors(tiny_backbone, tmp_path):
         export_bundle(tiny_backbone, clt, "cls", ["a"], None, tmp_path)
     with pytest.raises(ExportError, match="unknown variant"):
         export_bundle(tiny_backbone, clt, "cls", ["a"], None, tmp_path / "x", variants=["bf16"])
+    with pytest.raises(ExportError, match="spatial_top_k must be >= 0"):
+        export_bundle(tiny_backbone, clt, "cls", ["a"], None, tmp_path / "x", spatial_top_k=-1)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob("*.tmp"))
 
 
@@ -116,10 +124,12 @@ def test_cli_writes_a_valid_bundle(tiny_backbone, tmp_path, capsys):
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
     out = tmp_path / "bundle"
     rc = cli_main(["--backbone", "cltvit-tiny", "--pretrained", str(weights), "--clt", str(ckpt), "--mode", "observe",
-                   "--labels", str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"), "--out", str(out)])
+                   "--labels", str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"), "--out", str(out),
+                   "--spatial-top-k", "0"])
     assert rc == 0, capsys.readouterr().err
     m, _ = load_bundle(out)
     assert m.mode == "observe" and m.labels.names == ["cat", "dog", "bird"] and len(m.labels.templates) == 2
+    assert m.spatial is None and [o.name for o in _session(out / "model.onnx").get_outputs()] == list(CORE_OUTPUTS)
     assert m.clt.sha256 == json.loads((ckpt / "clt.json").read_text())["sha256"]
     assert m.clt.config["n_features"] == 128
     # a bundle travels: names and hashes, never the exporting machine's paths
@@ -148,3 +158,6 @@ def test_cli_errors_name_the_problem(tiny_backbone, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--variants", "int4"])
     assert "--variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--spatial-top-k", "-2"])
+    assert "--spatial-top-k must be >= 0" in capsys.readouterr().err

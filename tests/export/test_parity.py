@@ -1,8 +1,10 @@
 """Parity of the fused ONNX graph (ONNX Runtime, CPU provider) with the eager `decompose`, tiny model.
 
-For every mode x batch (1, 7, 64) x class count (1, 10, 1000): logits, embedding and contributions
-within 1e-4 max abs, identical top-1, the same top features, and completeness of the ONNX
-contributions (they sum over terms to the ONNX logits). Also on real Fashion-MNIST test images.
+For every mode x batch (1, 7, 64) x class count (1, 10, 1000): logits, embedding, contributions and
+the spatial maps within 1e-4 max abs, identical top-1, the same top features and spatial classes,
+completeness of the ONNX contributions (they sum over terms to the ONNX logits) and of the ONNX
+spatial maps (per class and layer they sum to the ONNX `attn.l` term). Also on real Fashion-MNIST
+test images, and with ONNX Runtime's graph optimisations off (they must not change the outputs).
 """
 from __future__ import annotations
 
@@ -11,18 +13,21 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bundle import MODEL_OUTPUTS
+from bundle import model_outputs
 from export.fused import export_explainer
 from training.model.decompose import MODES, decompose
 from training.testing import random_clt
 
 ATOL = 1e-4
+SPATIAL_TOP_K = 5
 
 
-def ort_session(path) -> ort.InferenceSession:
+def ort_session(path, optimize: bool = True) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -31,11 +36,13 @@ def random_text(n: int, dim: int, seed: int) -> torch.Tensor:
     return t / t.norm(dim=-1, keepdim=True)
 
 
-def eager_outputs(backbone, clt, pixels, text, mode, top_k) -> dict[str, np.ndarray]:
+def eager_outputs(backbone, clt, pixels, text, mode, top_k, spatial_top_k: int = SPATIAL_TOP_K) -> dict[str, np.ndarray]:
     with torch.no_grad():
-        d = decompose(backbone.visual, clt, pixels, text, backbone.logit_scale, mode, top_k)
-    vals = (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
-    return {n: v.numpy() for n, v in zip(MODEL_OUTPUTS, vals)}
+        d = decompose(backbone.visual, clt, pixels, text, backbone.logit_scale, mode, top_k, spatial_top_k)
+    vals = [d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution]
+    if d.spatial is not None:
+        vals += [d.spatial.classes, d.spatial.tokens, d.spatial.bias, d.spatial.heads]
+    return {n: v.numpy() for n, v in zip(model_outputs(d.spatial is not None), vals)}
 
 
 def onnx_outputs(sess: ort.InferenceSession, pixels: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
@@ -51,15 +58,44 @@ def assert_complete(got: dict[str, np.ndarray], rel: float = 1e-5) -> None:
     assert err <= rel * scale, f"contributions miss the logits by {err:.3g} (> {rel} x {scale:.3g})"
 
 
+def spatial_residual(out: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(max |attn.l term - (its spatial cells + bias parts)| over images, spatial classes and layers,
+    max |attn.l term|): how exactly a graph's spatial maps decompose its own layer terms."""
+    cls = out["spatial_class"]
+    L = out["spatial_contributions"].shape[2]
+    attn = out["contributions"][:, 1 : 1 + L].astype(np.float64)  # [B, L, C]
+    want = np.take_along_axis(attn, np.maximum(cls, 0)[:, None, :], 2).transpose(0, 2, 1)  # [B, S, L]
+    got = out["spatial_contributions"].astype(np.float64).sum(-1) + out["spatial_bias"].astype(np.float64).sum(-1)
+    valid = (cls >= 0)[:, :, None]
+    assert (np.abs(out["spatial_contributions"]) * ~valid[..., None]).max(initial=0) == 0, "padding rows must be zero"
+    return float(np.abs(np.where(valid, got - want, 0)).max()), float(np.abs(attn).max())
+
+
+def assert_spatial_complete(got: dict[str, np.ndarray], rel: float = 1e-5) -> None:
+    """The graph's spatial maps sum, per image, class and layer, to its own attn.l terms; per-head maps sum
+    to the predicted class's map."""
+    err, scale = spatial_residual(got)
+    assert err <= rel * max(1.0, scale), f"spatial maps miss the attention terms by {err:.3g} (> {rel} x {scale:.3g})"
+    heads = got["spatial_head_contributions"].astype(np.float64).sum(2)
+    assert np.abs(heads - got["spatial_contributions"][:, 0]).max() <= rel * max(1.0, scale)
+    C = got["logits"].shape[1]  # the first min(C, S) rows are classes, the rest padding
+    assert (got["spatial_class"][:, :C] >= 0).all() and (got["spatial_class"][:, C:] == -1).all()
+
+
 def assert_parity(eager: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float = ATOL) -> None:
     """The checks every parity test makes (see the module docstring)."""
-    assert list(got) == list(MODEL_OUTPUTS)
-    for name in ("logits", "embedding", "contributions", "top_feature_activation", "top_feature_contribution"):
+    assert list(got) == list(eager)
+    spatial = "spatial_class" in got
+    floats = ["logits", "embedding", "contributions", "top_feature_activation", "top_feature_contribution"]
+    for name in floats + (["spatial_contributions", "spatial_bias", "spatial_head_contributions"] if spatial else []):
         assert got[name].shape == eager[name].shape, name
         err = np.abs(got[name] - eager[name]).max()
         assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
     assert (got["logits"].argmax(1) == eager["logits"].argmax(1)).all(), "top-1 differs"
     assert_complete(got)
+    if spatial:
+        assert_spatial_complete(got)
+        assert (got["spatial_class"] == eager["spatial_class"]).all(), "spatial classes differ"
     # top features: same (layer, index) wherever the ranking is not a near tie
     c = np.abs(eager["top_feature_contribution"])
     clear = np.abs(c[:, :-1] - c[:, 1:]) > 10 * atol
@@ -82,8 +118,9 @@ def sessions(tiny_setup, tmp_path_factory):
     out = {}
     for mode in MODES:
         path = export_explainer(backbone.visual, clt, root / f"{mode}.onnx", logit_scale=backbone.logit_scale,
-                                embed_dim=backbone.embed_dim, mode=mode, top_k_features=16)
+                                embed_dim=backbone.embed_dim, mode=mode, top_k_features=16, spatial_top_k=SPATIAL_TOP_K)
         out[mode] = ort_session(path)
+        out[mode + "-unoptimised"] = ort_session(path, optimize=False)
     return out
 
 
@@ -98,7 +135,38 @@ def test_random_inputs(tiny_setup, sessions, mode, batch, n_classes):
     got = onnx_outputs(sessions[mode], pixels, text)
     assert got["contributions"].shape == (batch, 2 * backbone.n_layers + 3, n_classes)
     assert got["top_feature_index"].shape == (batch, 16)
+    assert got["spatial_contributions"].shape == (batch, SPATIAL_TOP_K, backbone.n_layers, backbone.n_tokens)
     assert_parity(eager_outputs(backbone, clt, pixels, text, mode, 16), got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_graph_optimisations_do_not_change_outputs(tiny_setup, sessions, mode):
+    """ONNX Runtime's graph optimisations (level ALL, as served) against none: same outputs to fp32 rounding."""
+    backbone, _ = tiny_setup
+    H, W = backbone.image_size
+    pixels = torch.randn(16, 3, H, W, generator=torch.Generator().manual_seed(5))
+    text = random_text(10, backbone.embed_dim, seed=5)
+    opt, plain = onnx_outputs(sessions[mode], pixels, text), onnx_outputs(sessions[mode + "-unoptimised"], pixels, text)
+    for name in opt:
+        if opt[name].dtype == np.int64:
+            assert (opt[name] == plain[name]).all(), name
+        else:
+            assert np.abs(opt[name] - plain[name]).max() <= 1e-5 * max(1.0, float(np.abs(plain[name]).max())), name
+    assert_spatial_complete(plain)
+
+
+def test_graph_without_spatial_maps(tiny_setup, tmp_path):
+    """spatial_top_k=0: the format-1 outputs only, identical to the spatial graph's."""
+    backbone, clt = tiny_setup
+    path = export_explainer(backbone.visual, clt, tmp_path / "plain.onnx", logit_scale=backbone.logit_scale,
+                            embed_dim=backbone.embed_dim, mode="cls", top_k_features=16, spatial_top_k=0)
+    sess = ort_session(path)
+    H, W = backbone.image_size
+    pixels = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(6))
+    text = random_text(10, backbone.embed_dim, seed=6)
+    got = onnx_outputs(sess, pixels, text)
+    assert list(got) == list(model_outputs(False))
+    assert_parity(eager_outputs(backbone, clt, pixels, text, "cls", 16, spatial_top_k=0), got)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,18 @@ so contributions sum to the logits exactly (up to float rounding).
 
 Modes: `cls` (CLT replaces the MLPs at the CLS token), `all` (at every token), `observe` (the model
 runs unchanged; logits are the original model's and `error` carries what the CLT misses).
+
+Where in the image (`spatial_top_k` = S > 0). Block l's attention writes to the CLS token
+  attn_cls_l = g_l * ( sum_h sum_m a[l,h,0,m] W_O[h] (W_V[h] LN1(x_m) + b_V[h]) + b_O ),
+with a the CLS query's softmax weights, g_l the layer scale. Each class logit reads a residual
+vector r linearly, logit_c(r) = <r, u_c>, with u_c = logit_scale / ||e|| / sigma *
+centre(gamma_post * proj t_c) (ln_post's scale frozen, as for the terms above). So the `attn.l` term
+of class c splits exactly into one scalar per head h and source token m,
+  a[l,h,0,m] * <LN1(x_m), W_V[h]^T W_O[h]^T (g_l * u_c)>,
+plus the value-bias part <W_O b_V, g_l * u_c> (softmax rows sum to 1) and the output-bias part
+<b_O, g_l * u_c>. The class direction is folded in first (W_O^T, then W_V^T), so each cell is one
+dot product of size d: the cost is O(S L d (d + H T)) per image, not a [L, T, H, d] tensor.
+Token 0 is the CLS->CLS cell; tokens 1.. are the patches in row-major grid order.
 """
 from __future__ import annotations
 
@@ -22,10 +34,26 @@ from torch import nn
 
 from bundle.format import MODES, term_names
 
-from .vit import CltSplice, ForwardResult, forward
+from .vit import CltSplice, ForwardResult, blocks, check_spatial_supported, forward, layer_scale
 
 Mode = Literal["cls", "all", "observe"]
-__all__ = ["MODES", "Decomposition", "Mode", "decompose", "frozen_ln_map", "splice_for_mode", "term_names"]
+__all__ = ["MODES", "Decomposition", "Mode", "SpatialDecomposition", "class_directions", "decompose", "frozen_ln_map",
+           "spatial_parts", "spatial_weights", "splice_for_mode", "term_names"]
+
+
+@dataclass
+class SpatialDecomposition:
+    """Where in the image, for the S top classes of each image (by logit, best first; rows past the
+    class count C are padding: class -1 and zeros), in logit units:
+    classes [B, S] int64; tokens [B, S, L, T] (heads summed; token 0 = CLS->CLS, 1.. = patches,
+    row-major); bias [B, S, L, 2] (value-bias part, output-bias part); heads [B, L, H, T] (the
+    per-head split of `tokens` for the first class, the prediction).
+    For every class and layer, tokens.sum(T) + bias.sum(2) == that class's `attn.l` contribution."""
+
+    classes: torch.Tensor
+    tokens: torch.Tensor
+    bias: torch.Tensor
+    heads: torch.Tensor
 
 
 @dataclass
@@ -43,6 +71,7 @@ class Decomposition:
     top_index: torch.Tensor
     top_activation: torch.Tensor
     top_contribution: torch.Tensor
+    spatial: SpatialDecomposition | None = None
 
 
 def splice_for_mode(clt: nn.Module, mode: Mode) -> CltSplice:
@@ -55,12 +84,17 @@ def splice_for_mode(clt: nn.Module, mode: Mode) -> CltSplice:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def frozen_inv_sigma(visual: nn.Module, cls_resid: torch.Tensor) -> torch.Tensor:
+    """ln_post's scale 1/sigma [B, 1] at the final CLS residual [B, d], frozen for the decomposition."""
+    var = cls_resid.var(dim=-1, unbiased=False, keepdim=True)
+    return torch.rsqrt(var + visual.ln_post.eps)
+
+
 def frozen_ln_map(visual: nn.Module, cls_resid: torch.Tensor, terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Map residual-space terms [B, T', d] linearly to embedding space [B, T', D] with ln_post's scale
     frozen at `cls_resid` [B, d]. Returns (mapped terms, the embedding of ln_post's shift [D])."""
     ln = visual.ln_post
-    var = cls_resid.var(dim=-1, unbiased=False, keepdim=True)  # [B, 1]
-    inv_sigma = torch.rsqrt(var + ln.eps)[:, None, :]  # [B, 1, 1]
+    inv_sigma = frozen_inv_sigma(visual, cls_resid)[:, None, :]  # [B, 1, 1]
     centred = terms - terms.mean(dim=-1, keepdim=True)
     mapped = centred * inv_sigma * ln.weight
     shift = ln.bias
@@ -68,6 +102,79 @@ def frozen_ln_map(visual: nn.Module, cls_resid: torch.Tensor, terms: torch.Tenso
         mapped = mapped @ visual.proj
         shift = shift @ visual.proj
     return mapped, shift
+
+
+def class_directions(visual: nn.Module, cls_resid: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor,
+                     text: torch.Tensor) -> torch.Tensor:
+    """The residual-space vectors u [B, S, d] with logit_c(r) = <r, u_c> for any residual term r
+    (ln_post's scale frozen at `cls_resid` [B, d]; `norm` [B, 1] = ||e||; `text` [B, S, D] normalised)."""
+    ln = visual.ln_post
+    dirs = text @ visual.proj.T if visual.proj is not None else text  # [B, S, d]
+    dirs = dirs * ln.weight
+    dirs = dirs - dirs.mean(dim=-1, keepdim=True)
+    return dirs * (scale * frozen_inv_sigma(visual, cls_resid) / norm)[:, :, None]
+
+
+def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every block's attention weights, layer scale g_l folded in, laid out for `spatial_parts`:
+    O [d, L*d] (column block l is g_l * W_O[l], so u @ O stacks W_O[l]^T (g_l * u) for all layers,
+    heads concatenated), V [L*H, dh, d] (per-layer, per-head value matrices), b_V [L*H, dh, 1] (value
+    biases), b_O [d, L] (g_l * output bias)."""
+    check_spatial_supported(visual)
+    outs, values, vbias, obias = [], [], [], []
+    for blk in blocks(visual):
+        attn = blk.attn
+        d, H = attn.embed_dim, attn.num_heads
+        g = layer_scale(blk, d)
+        outs.append(g[:, None] * attn.out_proj.weight)
+        values.append(attn.in_proj_weight[2 * d :].reshape(H, d // H, d))
+        b_in = attn.in_proj_bias if attn.in_proj_bias is not None else attn.in_proj_weight.new_zeros(3 * d)
+        vbias.append(b_in[2 * d :].reshape(H, d // H, 1))
+        b_out = attn.out_proj.bias if attn.out_proj.bias is not None else attn.in_proj_weight.new_zeros(d)
+        obias.append(g * b_out)
+    return torch.cat(outs, 1), torch.cat(values, 0), torch.cat(vbias, 0), torch.stack(obias, 1)
+
+
+def spatial_parts(
+    res: ForwardResult, u: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split every layer's attention term, for the class directions u [B, S, d], into
+    (cells [L, B, H, S, T] per head and source token, value-bias parts [L, B, S] (heads summed),
+    output-bias parts [B, S, L]); `res` must come from `forward(..., record_attention=True)`,
+    `weights` from `spatial_weights`. All layers at once: one GEMM folds W_O^T into u, one batched
+    matmul per (layer, head) W_V^T, one per (layer, image) the dot products with the tokens."""
+    O, V, b_v, b_o = weights
+    S, d = u.shape[1], u.shape[2]
+    L = b_o.shape[1]
+    H, dh = V.shape[0] // L, V.shape[1]
+    u2 = u.reshape(-1, d)  # [B*S, d]
+    o = torch.matmul(u2, O).reshape(-1, L * H, dh).transpose(0, 1)  # [L*H, B*S, dh]: W_O[l,h]^T (g_l * u)
+    w = torch.matmul(o, V).reshape(L, H, -1, S, d).transpose(1, 2)  # [L, B, H, S, d]: W_V^T W_O^T (g * u)
+    tokens_t = res.attn_in.unsqueeze(2).transpose(-1, -2)  # [L, B, 1, d, T]
+    cells = torch.matmul(w, tokens_t) * res.attn_weights.unsqueeze(3)  # [L, B, H, S, T]
+    value_bias = torch.matmul(o, b_v).reshape(L, H, -1, S).sum(1)  # [L, B, S]
+    out_bias = torch.matmul(u2, b_o).reshape(-1, S, L)  # [B, S, L]
+    return cells, value_bias, out_bias
+
+
+def _spatial(
+    visual: nn.Module, res: ForwardResult, logits: torch.Tensor, text_embeddings: torch.Tensor, norm: torch.Tensor,
+    scale: torch.Tensor, top: int,
+) -> SpatialDecomposition:
+    """`SpatialDecomposition` of the `top` best classes of each image (padded past C, see there)."""
+    # pad with -inf columns so that topk(top) works for any class count C (also C < top)
+    pad = torch.full_like(logits[:, :1], float("-inf")).expand(-1, top)
+    vals, idx = torch.cat([logits, pad], 1).topk(top, dim=1)  # [B, S]
+    text = torch.cat([text_embeddings, text_embeddings.new_zeros(top, text_embeddings.shape[1])], 0)
+    t_sel = text.index_select(0, idx.reshape(-1)).reshape(-1, top, text.shape[1])  # [B, S, D]; zeros for padding
+    u = class_directions(visual, res.cls_resid, norm, scale, t_sel)
+    cells, value_bias, out_bias = spatial_parts(res, u, spatial_weights(visual))
+    return SpatialDecomposition(
+        classes=torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1)),
+        tokens=cells.sum(2).permute(1, 2, 0, 3),  # [B, S, L, T]
+        bias=torch.stack([value_bias.permute(1, 2, 0), out_bias], -1),  # [B, S, L, 2]
+        heads=cells[:, :, :, 0].transpose(0, 1),  # [B, L, H, T]
+    )
 
 
 def decompose(
@@ -78,11 +185,14 @@ def decompose(
     logit_scale: torch.Tensor | float,
     mode: Mode = "cls",
     top_k_features: int = 16,
+    spatial_top_k: int = 0,
 ) -> Decomposition:
     """Run the (spliced) ViT on pixels [B, 3, H, W] and decompose its logits against L2-normalised
-    text embeddings [C, D]. Trace-friendly: used as-is by the ONNX exporter."""
+    text embeddings [C, D]; with `spatial_top_k` S > 0 also split the attention terms of the S best
+    classes over heads and source tokens (`Decomposition.spatial`). Trace-friendly: used as-is by the
+    ONNX exporter."""
     splice = splice_for_mode(clt, mode)
-    res: ForwardResult = forward(visual, pixels, splice)
+    res: ForwardResult = forward(visual, pixels, splice, record_attention=spatial_top_k > 0)
     L = clt.cfg.n_layers
     B, d = res.cls_resid.shape
     # residual-space terms at the CLS token
@@ -130,4 +240,5 @@ def decompose(
         top_index=pick(idxs),
         top_activation=pick(acts),
         top_contribution=torch.gather(all_c, 1, order),
+        spatial=_spatial(visual, res, logits, text_embeddings, norm, scale, spatial_top_k) if spatial_top_k > 0 else None,
     )

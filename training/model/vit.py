@@ -5,8 +5,13 @@ called in order, so no fused fast path (nn.MultiheadAttention's native kernel, a
 skip a capture point; `forward(visual, pixels)` equals `visual(pixels)` exactly (tested).
 
 Shapes: B images, T = 1 + n_patches tokens (CLS first), d = transformer width, D = embedding dim,
-L = number of residual blocks. "MLP input" is the LN2 output of a block, "MLP output" is what the
-block adds to the residual stream after its MLP (layer scale included).
+L = number of residual blocks, H = attention heads. "MLP input" is the LN2 output of a block, "MLP
+output" is what the block adds to the residual stream after its MLP (layer scale included).
+
+With `record_attention=True` the forward also keeps, per block, the attention's input (LN1 output)
+and the CLS query's per-head softmax weights, taken from the block's own `nn.MultiheadAttention`
+call (`need_weights=True`): the same softmax that makes the block's output, so the per-head,
+per-source-token split of the CLS output (`decompose.spatial_parts`) is exact.
 """
 from __future__ import annotations
 
@@ -52,6 +57,38 @@ def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(block, "attention"):  # open_clip ResidualAttentionBlock (nn.MultiheadAttention)
         return block.ls_1(block.attention(q_x=block.ln_1(x)))
     return block.ls_1(block.ln_attn(block.attn(block.ln_1(x))))  # CustomResidualAttentionBlock
+
+
+def attention_recorded(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(what the attention sub-block adds [B, T, d], its input LN1(x) [B, T, d], the CLS query's
+    softmax weights over source tokens [B, H, T]) from the residual stream x [B, T, d].
+
+    The block's own attention module computes the weights together with its output (one softmax),
+    so they are the weights that made the output. Needs `check_spatial_supported`."""
+    h = block.ln_1(x)
+    out, weights = block.attn(h, h, h, need_weights=True, average_attn_weights=False)  # weights [B, H, T, T]
+    return block.ls_1(out), h, weights[:, :, 0]
+
+
+def check_spatial_supported(visual: nn.Module) -> None:
+    """Raise `UnsupportedModel` unless every block's attention is a batch-first `nn.MultiheadAttention`
+    with packed q/k/v projections, no extra key/value biases, and an identity or diagonal layer scale:
+    the structure the per-head, per-token decomposition (`decompose.spatial_parts`) is written for."""
+    check_supported(visual)
+    for i, blk in enumerate(blocks(visual)):
+        attn = getattr(blk, "attn", None)
+        if not hasattr(blk, "attention") or not isinstance(attn, nn.MultiheadAttention):
+            raise UnsupportedModel(f"block {i} ({type(blk).__name__}) has no nn.MultiheadAttention: spatial maps need one")
+        if not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedModel(f"block {i}: attention must be batch-first with packed q/k/v and no bias_k/bias_v/zero-attn")
+        if not isinstance(blk.ls_1, nn.Identity) and not isinstance(getattr(blk.ls_1, "gamma", None), torch.Tensor):
+            raise UnsupportedModel(f"block {i}: layer scale {type(blk.ls_1).__name__} is neither identity nor diagonal")
+
+
+def layer_scale(block: nn.Module, d: int) -> torch.Tensor:
+    """The attention sub-block's layer scale as a vector [d] (ones when it is the identity)."""
+    gamma = getattr(block.ls_1, "gamma", None)
+    return gamma if isinstance(gamma, torch.Tensor) else block.ln_1.weight.new_ones(d)
 
 
 def mlp_in(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -102,22 +139,33 @@ class MlpReplacement(Protocol):
 
 @dataclass
 class ForwardResult:
-    """embedding [B, D]; CLS-token pieces of the final residual: embed_cls [B, d], attn_cls / mlp_cls [L, B, d]."""
+    """embedding [B, D]; CLS-token pieces of the final residual: embed_cls [B, d], attn_cls / mlp_cls [L, B, d].
+    With `record_attention`: attn_in [L, B, T, d] (each block's LN1 output) and attn_weights [L, B, H, T]
+    (the CLS query's softmax weights per head and source token); None otherwise."""
 
     embedding: torch.Tensor
     cls_resid: torch.Tensor
     embed_cls: torch.Tensor
     attn_cls: torch.Tensor
     mlp_cls: torch.Tensor
+    attn_in: torch.Tensor | None = None
+    attn_weights: torch.Tensor | None = None
 
 
-def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | None = None) -> ForwardResult:
-    """Run the ViT block by block; `replace` may substitute any MLP output (see `MlpReplacement`)."""
+def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | None = None,
+            record_attention: bool = False) -> ForwardResult:
+    """Run the ViT block by block; `replace` may substitute any MLP output (see `MlpReplacement`);
+    `record_attention` keeps the attention inputs and CLS-query weights (module docstring)."""
     x = embed(visual, pixels)
     embed_cls = x[:, 0]
-    attn_cls, mlp_cls = [], []
+    attn_cls, mlp_cls, attn_in, attn_weights = [], [], [], []
     for layer, block in enumerate(blocks(visual)):
-        a = attention_out(block, x)
+        if record_attention:
+            a, h, w = attention_recorded(block, x)
+            attn_in.append(h)
+            attn_weights.append(w)
+        else:
+            a = attention_out(block, x)
         x = x + a
         h = mlp_in(block, x)
         fn = lambda t, b=block: mlp_out(b, t)  # noqa: E731
@@ -126,7 +174,8 @@ def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | N
         attn_cls.append(a[:, 0])
         mlp_cls.append(m[:, 0])
     cls = x[:, 0]
-    return ForwardResult(project(visual, cls), cls, embed_cls, torch.stack(attn_cls), torch.stack(mlp_cls))
+    recorded = (torch.stack(attn_in), torch.stack(attn_weights)) if record_attention else (None, None)
+    return ForwardResult(project(visual, cls), cls, embed_cls, torch.stack(attn_cls), torch.stack(mlp_cls), *recorded)
 
 
 @dataclass
