@@ -1,4 +1,5 @@
 """`cltvit-serve --bundle DIR [--port 3000]`: validate a bundle, then serve it with BentoML.
+`cltvit-explain IMAGE --bundle DIR [--heatmap out.png] [--json]`: explain one image in process.
 
 The bundle is validated here first (manifest, checksums, graph signatures, variant), so a missing,
 corrupt or mismatched bundle stops the start with one clear message and exit status 2 instead of
@@ -8,6 +9,12 @@ is read from the environment only (CLTVIT_API_TOKEN), never from the command lin
 
 `running_server(...)` starts the same command as a child process and waits until it is ready
 (used by the tests and the load test).
+
+`cltvit-explain` runs the bundle in this process (serving.Explainer, no server) and prints a summary
+(top labels, the largest terms of the predicted logit, the summed patch map) or, with `--json`, the
+whole `ImageResult`; `--heatmap PNG` writes the image with the predicted label's map laid over it.
+Its outputs are independent steps after one explanation (`explain_outputs`), so a new output format
+is one more argument and one more function.
 """
 from __future__ import annotations
 
@@ -22,9 +29,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from bundle import BundleError, load_bundle
+
+from .explainer import Explainer, read_image
+from .images import ImageError
+from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable
+from .schemas import ImageResult
 
 SERVICE_IMPORT = "serving.service:CltvitService"
 
@@ -159,6 +173,122 @@ def running_server(
                 proc.wait()
         if log is not subprocess.DEVNULL:
             log.close()
+
+
+# ---------------------------------------------------------------------- cltvit-explain
+def build_explain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cltvit-explain",
+        description="Explain one image with a bundle, in this process (no server): top labels, which layers made "
+        "the prediction, and where in the image.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
+    p.add_argument("--bundle", default=os.environ.get("CLTVIT_BUNDLE"),
+                   help="bundle directory written by cltvit-export (default: $CLTVIT_BUNDLE)")
+    p.add_argument("--labels", nargs="+", default=None, help="class names (default: the bundle's labels)")
+    p.add_argument("--top-k", type=int, default=5, help="labels reported (default 5)")
+    p.add_argument("--heads", action="store_true", help="also per-head maps of the predicted label (in --json)")
+    p.add_argument("--heatmap", metavar="PNG", default=None,
+                   help="write the image (its own size) with the predicted label's patch map laid over it")
+    p.add_argument("--heatmap-label", default=None, help="the label whose map --heatmap draws (default: the predicted one)")
+    p.add_argument("--heatmap-layer", type=int, default=None, help="draw one attention layer's map instead of the sum")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of a summary")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--variant", default="fp32", help="graph variant from the bundle's 'variants' (fp32, int8, fp16)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    return p
+
+
+def format_grid(grid: list[list[float]], indent: str = "  ") -> str:
+    """A [rows][columns] map as aligned signed numbers, one row per line."""
+    return "\n".join(indent + " ".join(f"{v:+9.4f}" for v in row) for row in grid)
+
+
+def render_text(result: ImageResult, term_names: list[str], n_terms: int = 6) -> str:
+    """The human summary `cltvit-explain` prints without --json."""
+    top = result.top[0]
+    lines = [f"predicted: {result.predicted} (probability {top.probability:.3f}, logit {top.logit:.3f})",
+             "top: " + ", ".join(f"{t.label} {t.probability:.3f}" for t in result.top)]
+    if result.explanations:
+        terms = sorted(result.explanations[0].terms, key=lambda t: -abs(t.value))[:n_terms]
+        lines.append(f"largest terms of the {result.predicted!r} logit: "
+                     + ", ".join(f"{t.term} {t.value:+.3f} ({t.share:+.0%})" for t in terms))
+    sp = result.spatial
+    if sp is not None and sp.classes and sp.classes[0].label == result.predicted:
+        c = sp.classes[0]
+        rows, cols = sp.grid
+        lines.append(f"where in the image: {rows}x{cols} patches, attention layers summed, logit units "
+                     f"(all attention {c.attention:+.3f} = patches {float(np.sum(c.total)):+.3f} + CLS->CLS "
+                     f"{sum(c.cls):+.3f} + biases {sum(c.value_bias) + sum(c.output_bias):+.3f}):")
+        lines.append(format_grid(c.total))
+    elif sp is None:
+        lines.append("where in the image: this bundle has no spatial maps (re-export it with cltvit-export)")
+    return "\n".join(lines)
+
+
+def write_heatmap(args: argparse.Namespace, explainer: Explainer, image: Any, result: ImageResult) -> str:
+    """--heatmap: the overlay PNG; returns a line for stderr."""
+    label = args.heatmap_label
+    have = {c.label for c in result.spatial.classes} if result.spatial is not None else set()
+    img = explainer.heatmap(image, result=result if label is None or label in have else None, label=label,
+                            layer=args.heatmap_layer)
+    img.save(args.heatmap, format="PNG")
+    what = f"layer {args.heatmap_layer}" if args.heatmap_layer is not None else "attention layers summed"
+    return f"wrote {args.heatmap} ({img.width}x{img.height}, {label or result.predicted}, {what}; red raised the logit, blue lowered it)"
+
+
+def explain_outputs(args: argparse.Namespace, explainer: Explainer, image: Any, result: ImageResult) -> None:
+    """Everything `cltvit-explain` writes after the explanation, in order."""
+    if args.heatmap:
+        print(write_heatmap(args, explainer, image, result), file=sys.stderr)
+    if args.json:
+        print(result.model_dump_json(indent=1))
+    else:
+        print(render_text(result, explainer.term_names))
+
+
+def explain_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-explain`; 0, or 2 with one error line naming the argument."""
+    parser = build_explain_parser()
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    if not args.bundle:
+        return fail("argument --bundle: required (or set CLTVIT_BUNDLE)")
+    if args.top_k < 1:
+        return fail(f"argument --top-k: must be >= 1, got {args.top_k}")
+    if args.threads is not None and args.threads < 1:
+        return fail(f"argument --threads: must be >= 1, got {args.threads}")
+    if (args.heatmap_label is not None or args.heatmap_layer is not None) and not args.heatmap:
+        return fail("argument --heatmap-label/--heatmap-layer: needs --heatmap PNG")
+    try:
+        explainer = Explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
+                              variant=args.variant, threads=args.threads)
+    except BundleError as e:
+        return fail(f"argument --bundle: {e}")
+    except RuntimeSetupError as e:
+        return fail(f"argument --{'threads' if 'threads' in str(e) else 'variant' if 'variant' in str(e) else 'device'}: {e}")
+    except LabelError as e:
+        return fail(f"argument --labels: {e}")
+    if explainer.runtime.spatial is None:
+        for flag, on in (("--heads", args.heads), ("--heatmap", args.heatmap)):
+            if on:
+                return fail(f"argument {flag}: {explainer.runtime.spatial_unavailable_message()}")
+    try:
+        image = read_image(args.image)
+    except (ImageError, TypeError) as e:
+        return fail(f"argument IMAGE: {e}")
+    (result,) = explainer.explain([image], heads=args.heads)
+    try:
+        explain_outputs(args, explainer, image, result)
+    except (LabelError, SpatialUnavailable) as e:
+        return fail(f"argument --heatmap-{'layer' if 'layer' in str(e) else 'label'}: {e}")
+    except OSError as e:
+        return fail(f"argument --heatmap: cannot write {args.heatmap}: {e.strerror or e}")
+    return 0
 
 
 if __name__ == "__main__":

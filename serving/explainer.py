@@ -3,6 +3,7 @@
     from serving import Explainer
     ex = Explainer("artifacts/reference/bundle")
     results = ex.explain(["shirt.png", pil_image, jpeg_bytes])   # list[ImageResult], as the service returns
+    ex.heatmap("shirt.png").save("shirt-where.png")               # where in the image, as a PNG overlay
     records = ex.score(["shirt.png"])                             # flat dicts, as cltvit-score writes
     ex.reference_profile(images).save("reference.json")           # drift reference (serving.drift)
 
@@ -14,7 +15,9 @@ format of `cltvit-score` and `cltvit-stream`) are
 
 `shares` are `ImageResult.term_shares` (|contribution| / sum |contribution| of each term in the
 predicted logit, serving.shares.term_shares); `top` entries also carry the raw `logit`;
-`error` records (unreadable input) carry no other fields than `path` and `error`.
+`error` records (unreadable input) carry no other fields than `path` and `error`. With
+`Explainer(spatial=True)` records also carry `spatial`: the predicted label's maps (`ClassMap` without
+per-head maps, plus `grid` and `residual`; serving/spatial.py).
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .heatmap import overlay
 from .images import ImageError, decode_image
 from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
-from .runtime import BundleRuntime, LabelError, RawOutputs, validate_labels
+from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, validate_labels
+from .schemas import ImageResult
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 # Batch jobs see the same decoding limits as the HTTP service (decompression bombs, huge files).
@@ -56,11 +61,22 @@ def read_image(image: ImageInput, max_bytes: int = MAX_FILE_BYTES) -> Image.Imag
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or a uint8 array")
 
 
+def spatial_record(result: ImageResult) -> dict[str, Any] | None:
+    """The predicted label's maps as a flat record field: grid, residual and the `ClassMap` fields
+    without per-head maps (None when the result has no map for the predicted label)."""
+    sp = result.spatial
+    if sp is None or not sp.classes or sp.classes[0].label != result.predicted:
+        return None
+    return {"grid": list(sp.grid), "residual": sp.residual, **sp.classes[0].model_dump(exclude={"heads", "heads_cls"})}
+
+
 class Explainer:
     """A bundle, a label set and a top-k: explain or score images in process.
 
     bundle: a bundle directory (docs/bundle.md) or an already built `BundleRuntime`.
     labels: custom class names (embedded once with the bundle's text graph); None = the bundle's.
+    spatial: records (`score`, `assemble`) carry the predicted label's spatial maps; raises
+    `SpatialUnavailable` when the bundle has none.
     """
 
     def __init__(
@@ -72,8 +88,12 @@ class Explainer:
         device: str = "auto",
         variant: str = "fp32",
         threads: int | None = None,
+        spatial: bool = False,
     ) -> None:
         self.runtime = bundle if isinstance(bundle, BundleRuntime) else BundleRuntime(bundle, device=device, variant=variant, threads=threads)
+        if spatial and self.runtime.spatial is None:
+            raise SpatialUnavailable(self.runtime.spatial_unavailable_message())
+        self.spatial = spatial
         if labels is not None:
             labels = validate_labels(labels)
             self.label_names = labels
@@ -87,11 +107,44 @@ class Explainer:
         self.term_names: list[str] = list(self.runtime.term_names)
 
     # -- the service's result objects -------------------------------------------------------------
-    def explain(self, images: Sequence[ImageInput], *, top_k: int | None = None, detail: bool = True) -> list[Any]:
-        """`ImageResult`s (serving.schemas) for `images`, exactly as the HTTP service computes them."""
+    def explain(self, images: Sequence[ImageInput], *, top_k: int | None = None, detail: bool = True,
+                spatial: bool = True, heads: bool = False) -> list[ImageResult]:
+        """`ImageResult`s (serving.schemas) for `images`, exactly as the HTTP service computes them.
+
+        `spatial`: where in the image, per top label (when the bundle has spatial maps); `heads`: also
+        per attention head for the predicted label (raises `SpatialUnavailable` without maps)."""
         pil = [read_image(im) for im in images]
         labels = self.label_names if self.text_embeddings is not None else None
-        return self.runtime.explain(pil, labels=labels, top_k=top_k or self.top_k, detail=detail)
+        return self.runtime.explain(pil, labels=labels, top_k=top_k or self.top_k, detail=detail, spatial=spatial, heads=heads)
+
+    def heatmap(self, image: ImageInput, *, result: ImageResult | None = None, label: str | None = None,
+                layer: int | None = None, alpha: float = 0.7) -> Image.Image:
+        """The image at its own size with a spatial map laid over it (serving.heatmap.overlay): red
+        patches raised `label`'s logit (default: the predicted label), blue ones lowered it, summed over
+        the attention layers (or one `layer`). Pass the image's `result` from `explain` to skip re-running it.
+
+        Raises `SpatialUnavailable` (bundle without maps) or `LabelError` (label not among the labels
+        with maps, bad layer)."""
+        pil = read_image(image)
+        if self.runtime.spatial is None:
+            raise SpatialUnavailable(self.runtime.spatial_unavailable_message())
+        if result is None:
+            top = min(len(self.label_names), max(self.top_k, self.runtime.spatial.top_k))  # every label with a map
+            (result,) = self.explain([pil], top_k=top, detail=False)
+        if result.spatial is None:
+            raise SpatialUnavailable("this result has no spatial maps: explain with spatial=True")
+        want = result.predicted if label is None else label
+        maps = {c.label: c for c in result.spatial.classes}
+        if want not in maps:
+            raise LabelError(f"label {want!r} has no spatial map in this result (maps for: {', '.join(maps)})")
+        cmap = maps[want]
+        if layer is None:
+            grid = np.asarray(cmap.total)
+        elif 0 <= layer < len(cmap.layers):
+            grid = np.asarray(cmap.layers[layer])
+        else:
+            raise LabelError(f"layer {layer} is out of range: the model has {len(cmap.layers)} attention layers")
+        return overlay(pil, grid, self.runtime.preprocessor.view_box(*pil.size), alpha=alpha)
 
     # -- flat records for batch jobs and pipelines ------------------------------------------------
     def load(self, image: ImageInput) -> np.ndarray:
@@ -107,17 +160,20 @@ class Explainer:
 
     def records_from_outputs(self, raw: RawOutputs) -> list[dict[str, Any]]:
         """Records from the graph's outputs, built by `BundleRuntime.results` (the service's own code)."""
-        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False)
-        return [
-            {
+        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False, spatial=self.spatial)
+        records = []
+        for r in results:
+            rec: dict[str, Any] = {
                 "path": None,
                 "error": None,
                 "label": r.predicted,
                 "top": [{"label": t.label, "probability": t.probability, "logit": t.logit} for t in r.top],
                 "shares": dict(zip(self.term_names, r.term_shares)),
             }
-            for r in results
-        ]
+            if self.spatial and r.spatial is not None:
+                rec["spatial"] = spatial_record(r)
+            records.append(rec)
+        return records
 
     def score(self, images: Sequence[ImageInput], paths: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """One record per image (unreadable ones get `error`); `paths` fill the records' `path`."""

@@ -33,10 +33,22 @@ class Preprocessor:
 
         Raises `ImageError` when the resized intermediate would exceed MAX_RESIZED_PIXELS (extreme aspect ratios).
         """
-        spec = self.spec
         H, W = self.image_size
         im = image if image.mode == "RGB" else image.convert("RGB")
         w, h = im.size
+        size = self.resized_size(w, h)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:
+            raise ImageError(
+                f"image of {w}x{h} pixels has too extreme an aspect ratio: resizing it for the model would "
+                f"make {size[0]}x{size[1]} pixels (limit {MAX_RESIZED_PIXELS:,})"
+            )
+        arr = np.asarray(im.resize(size, _RESAMPLE[self.spec.interpolation]), dtype=np.uint8)
+        return center_crop_or_pad(arr, H, W)
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) an image of w x h pixels is resized to before the center crop."""
+        spec = self.spec
+        H, W = self.image_size
         if spec.resize == "squash":
             size = (W, H)
         elif spec.resize == "shortest" and H == W:  # torchvision Resize(int): short side -> H, long truncated
@@ -48,13 +60,17 @@ class Preprocessor:
             ratio_h, ratio_w = h / H, w / W
             ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
             size = (round(w / ratio), round(h / ratio))
-        if size[0] * size[1] > MAX_RESIZED_PIXELS:
-            raise ImageError(
-                f"image of {w}x{h} pixels has too extreme an aspect ratio: resizing it for the model would "
-                f"make {size[0]}x{size[1]} pixels (limit {MAX_RESIZED_PIXELS:,})"
-            )
-        arr = np.asarray(im.resize(size, _RESAMPLE[spec.interpolation]), dtype=np.uint8)
-        return center_crop_or_pad(arr, H, W)
+        return size
+
+    def view_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in the pixel coordinates of a w x h image: the region the model
+        sees after resize and center crop (it reaches outside the image where the crop zero-pads).
+        Used to lay patch maps over the original image."""
+        H, W = self.image_size
+        rw, rh = self.resized_size(w, h)
+        pt, pl, top, left = crop_offsets(rh, rw, H, W)
+        sx, sy = w / rw, h / rh
+        return ((left - pl) * sx, (top - pt) * sy, (left - pl + W) * sx, (top - pt + H) * sy)
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> float32 [B, 3, H, W]: /255, (x - mean) / std (as torchvision does)."""
@@ -66,14 +82,18 @@ class Preprocessor:
         return self.normalize(self.resize_crop(image)[None])[0]
 
 
+def crop_offsets(h: int, w: int, H: int, W: int) -> tuple[int, int, int, int]:
+    """(pad top, pad left, crop top, crop left) that `center_crop_or_pad` uses on an h x w array."""
+    pt, pl = max(H - h, 0) // 2, max(W - w, 0) // 2
+    h, w = max(h, H), max(w, W)
+    return pt, pl, int(round((h - H) / 2.0)), int(round((w - W) / 2.0))
+
+
 def center_crop_or_pad(arr: np.ndarray, H: int, W: int) -> np.ndarray:
     """uint8 [h, w, 3] -> [H, W, 3]: zero-pad when smaller, then torchvision's center crop rounding."""
     h, w = arr.shape[:2]
+    pt, pl, top, left = crop_offsets(h, w, H, W)
     if h < H or w < W:
-        pt, pl = (max(H - h, 0)) // 2, (max(W - w, 0)) // 2
-        pb, pr = (max(H - h, 0) + 1) // 2, (max(W - w, 0) + 1) // 2
+        pb, pr = max(H - h, 0) - pt, max(W - w, 0) - pl
         arr = np.pad(arr, ((pt, pb), (pl, pr), (0, 0)))
-        h, w = arr.shape[:2]
-    top = int(round((h - H) / 2.0))
-    left = int(round((w - W) / 2.0))
     return np.ascontiguousarray(arr[top : top + H, left : left + W])

@@ -4,14 +4,15 @@
 variant) and the text graph once, on CUDA (with IO binding) when a GPU is present, else on CPU.
 The HTTP service and the folder-scoring / monitoring tools all wrap this class.
 
-Shapes: B images, C labels, D embedding dim, T = 2L + 3 terms, K = top_k_features.
+Shapes: B images, C labels, D embedding dim, T = 2L + 3 terms, K = top_k_features; with spatial
+maps S = spatial top-k classes, H heads, N = 1 + rows * columns tokens.
 """
 from __future__ import annotations
 
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -19,17 +20,18 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
+from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundle, model_outputs
 
 from .preprocess import Preprocessor
-from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, TermContribution
+from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, SpatialExplanation, TermContribution
 from .shares import term_shares
+from .spatial import spatial_explanation
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 200
-OUTPUT_NAMES = MODEL_OUTPUTS  # the graph outputs, in bundle order (docs/bundle.md)
+OUTPUT_NAMES = MODEL_OUTPUTS  # every output an image graph may have, in bundle order; a bundle's own: BundleRuntime.output_names
 
 
 class LabelError(ValueError):
@@ -38,6 +40,10 @@ class LabelError(ValueError):
 
 class RuntimeSetupError(RuntimeError):
     """The runtime could not be created (bad variant, CUDA requested but absent, ...)."""
+
+
+class SpatialUnavailable(ValueError):
+    """Spatial maps were required but the bundle has none (format 1, or exported with --spatial-top-k 0)."""
 
 
 def validate_labels(labels: Sequence[str]) -> list[str]:
@@ -87,14 +93,23 @@ class RawOutputs:
     top_feature_index: np.ndarray  # [B, K] int64
     top_feature_activation: np.ndarray  # [B, K] float32
     top_feature_contribution: np.ndarray  # [B, K] float32
+    # spatial maps (bundles with `spatial`; None otherwise)
+    spatial_class: np.ndarray | None = None  # [B, S] int64, -1 = padding
+    spatial_contributions: np.ndarray | None = None  # [B, S, L, N] float32
+    spatial_bias: np.ndarray | None = None  # [B, S, L, 2] float32
+    spatial_head_contributions: np.ndarray | None = None  # [B, L, H, N] float32
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
+    @property
+    def has_spatial(self) -> bool:
+        return self.spatial_class is not None
+
     def select(self, indices: Sequence[int]) -> "RawOutputs":
         """The outputs of the images at `indices` (along the batch axis)."""
         idx = np.asarray(indices, dtype=np.int64)
-        return RawOutputs(*[getattr(self, f)[idx] for f in OUTPUT_NAMES])
+        return RawOutputs(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx] for f in fields(self)})
 
 
 class _LRU:
@@ -164,6 +179,8 @@ class BundleRuntime:
         self.templates: list[str] = list(m.labels.templates)
         self.image_size: tuple[int, int] = (int(m.preprocess.image_size[0]), int(m.preprocess.image_size[1]))
         self.embed_dim = int(m.backbone.embed_dim)
+        self.spatial: SpatialSpec | None = m.spatial
+        self.output_names: list[str] = list(model_outputs(m.spatial is not None))
         self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
@@ -194,8 +211,8 @@ class BundleRuntime:
             raise RuntimeSetupError("device='cuda' was requested but ONNX Runtime could not use CUDA on this machine")
         self.use_io_binding = (self.provider == "CUDAExecutionProvider") if io_binding is None else bool(io_binding)
         self._output_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        if [o.name for o in self.session.get_outputs()] != list(OUTPUT_NAMES):
-            raise BundleError(self.paths.root, [f"model outputs are {[o.name for o in self.session.get_outputs()]}, expected {list(OUTPUT_NAMES)}"])
+        if [o.name for o in self.session.get_outputs()] != self.output_names:
+            raise BundleError(self.paths.root, [f"model outputs are {[o.name for o in self.session.get_outputs()]}, expected {self.output_names}"])
 
     # ------------------------------------------------------------------ preprocessing
     def resize_crop(self, image: Image.Image) -> np.ndarray:
@@ -261,13 +278,13 @@ class BundleRuntime:
             binding = self.session.io_binding()
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
-            for name in OUTPUT_NAMES:
+            for name in self.output_names:
                 binding.bind_output(name, self._output_device)
             self.session.run_with_iobinding(binding)
             outs = binding.copy_outputs_to_cpu()
         else:
-            outs = self.session.run(list(OUTPUT_NAMES), feeds)
-        return RawOutputs(*[np.asarray(o) for o in outs])
+            outs = self.session.run(self.output_names, feeds)
+        return RawOutputs(**{n: np.asarray(o) for n, o in zip(self.output_names, outs)})
 
     def results(
         self,
@@ -277,11 +294,18 @@ class BundleRuntime:
         top_k: int | None = None,
         detail: bool = True,
         include_embedding: bool = False,
+        spatial: bool = False,
+        heads: bool = False,
     ) -> list[ImageResult]:
         """Turn raw outputs into one `ImageResult` per image (see schemas.py for the fields' units).
 
-        `top_k` labels are reported (None: min(5, C)); it must be in [1, C].
+        `top_k` labels are reported (None: min(5, C)); it must be in [1, C]. `spatial` adds the maps of
+        those top labels that the graph has maps for (the first `manifest.spatial.top_k`; none when the
+        bundle has no spatial maps); `heads` also the per-head maps of the predicted label, and raises
+        `SpatialUnavailable` when the bundle has no spatial maps.
         """
+        if heads and not raw.has_spatial:
+            raise SpatialUnavailable(self.spatial_unavailable_message())
         C = raw.logits.shape[1]
         if len(label_names) != C:
             raise ValueError(f"{len(label_names)} label names for {C} logits")
@@ -325,9 +349,24 @@ class BundleRuntime:
                     completeness_residual=residual,
                     term_shares=[float(s) for s in shares],
                     embedding=[float(v) for v in raw.embedding[b]] if include_embedding else None,
+                    spatial=self._spatial(raw, b, order, label_names, heads) if (spatial or heads) and raw.has_spatial else None,
                 )
             )
         return out
+
+    def _spatial(self, raw: RawOutputs, b: int, order: np.ndarray, label_names: Sequence[str], heads: bool) -> SpatialExplanation:
+        assert self.spatial is not None and raw.spatial_class is not None  # checked by the caller
+        return spatial_explanation(
+            order=[int(c) for c in order], label_names=label_names, logits=raw.logits[b], contributions=raw.contributions[b],
+            classes=raw.spatial_class[b], tokens=raw.spatial_contributions[b], bias=raw.spatial_bias[b],  # type: ignore[index]
+            head_tokens=raw.spatial_head_contributions[b] if heads else None,  # type: ignore[index]
+            grid=(int(self.spatial.grid[0]), int(self.spatial.grid[1])),
+        )
+
+    def spatial_unavailable_message(self) -> str:
+        return (f"bundle {self.bundle_dir} has no spatial maps (format {self.manifest.format_version}"
+                f"{', exported with --spatial-top-k 0' if self.manifest.format_version >= 2 else ''}); "
+                f"re-export it with cltvit-export to get them")
 
     def explain(
         self,
@@ -337,17 +376,23 @@ class BundleRuntime:
         detail: bool = True,
         *,
         include_embedding: bool = False,
+        spatial: bool = False,
+        heads: bool = False,
     ) -> list[ImageResult]:
         """Classify and explain PIL images in one batch against `labels` (default: the bundle's).
 
-        `top_k` None reports min(5, C) labels; `detail` adds per-term explanations and top features.
+        `top_k` None reports min(5, C) labels; `detail` adds per-term explanations and top features;
+        `spatial` / `heads` add the maps (see `results`).
         """
+        if heads and self.spatial is None:
+            raise SpatialUnavailable(self.spatial_unavailable_message())
         if not images:
             return []
         names = self.label_names if labels is None else validate_labels(labels)
         text = self.embed_labels(None if labels is None else names)
         pixels = np.stack([self.preprocess(im) for im in images])
-        return self.results(self.run(pixels, text), names, top_k=top_k, detail=detail, include_embedding=include_embedding)
+        return self.results(self.run(pixels, text), names, top_k=top_k, detail=detail, include_embedding=include_embedding,
+                            spatial=spatial, heads=heads)
 
     def describe(self) -> dict:
         """Short description for logs and /info."""
@@ -360,5 +405,6 @@ class BundleRuntime:
             "provider": self.provider,
             "labels": len(self.label_names),
             "terms": len(self.term_names),
+            "spatial": None if self.spatial is None else self.spatial.model_dump(mode="json"),
         }
 

@@ -4,7 +4,9 @@ Units: `logit` values are zero-shot logits (logit_scale * cosine similarity); `p
 softmax over the label set in use; a term's `value` is its additive contribution to a logit (the
 values of all terms sum to the logit); `share` = value / logit (signed); `term_shares` are
 |contribution| / sum |contribution| to the predicted logit, per term, in `term_names` order
-(non-negative, summing to 1), the compact per-layer summary used by monitoring.
+(non-negative, summing to 1), the compact per-layer summary used by monitoring. Spatial maps
+(`SpatialExplanation`) are in logit units too: each cell is one source token's share of a class
+logit through one attention layer (docs/spatial.md).
 """
 from __future__ import annotations
 
@@ -50,6 +52,41 @@ class FeatureContribution(_Model):
     contribution: float
 
 
+class ClassMap(_Model):
+    """Where in the image one class's logit comes from through the attention blocks, in logit units.
+
+    For every layer l: sum(layers[l]) + cls[l] + value_bias[l] + output_bias[l] equals the class's
+    `attn.l` term (to `SpatialExplanation.residual`). Grids are [rows][columns] of patches, row-major
+    from the image's top-left corner.
+    """
+
+    label: str
+    logit: float
+    attention: float = Field(description="sum of the class's attn.l terms: what the maps below split up")
+    total: list[list[float]] = Field(description="[rows][columns]: the patch cells summed over layers")
+    layers: list[list[list[float]]] = Field(description="[layers][rows][columns]: each attention layer's patch cells")
+    cls: list[float] = Field(description="[layers]: the CLS->CLS cell (the CLS token reading itself) per layer")
+    value_bias: list[float] = Field(description="[layers]: the attention's value-bias part per layer")
+    output_bias: list[float] = Field(description="[layers]: the attention's output-bias part per layer")
+    heads: list[list[list[list[float]]]] | None = Field(
+        default=None, description="[layers][heads][rows][columns]: per-head patch cells (predicted class, on request)"
+    )
+    heads_cls: list[list[float]] | None = Field(default=None, description="[layers][heads]: per-head CLS->CLS cells (with heads)")
+
+
+class SpatialExplanation(_Model):
+    """Per top class (at most the bundle's spatial top-k, best first), the patch grid per attention
+    layer and summed over layers. Values are rounded to 7 significant digits."""
+
+    grid: tuple[int, int] = Field(description="(rows, columns) of the patch grid")
+    layers: list[str] = Field(description="the attention terms the maps split, in order (attn.0, attn.1, ...)")
+    classes: list[ClassMap]
+    residual: float = Field(
+        description="max over classes and layers of |attn.l term - its spatial parts|: 0 up to float rounding in "
+        "fp32 graphs; the attention's own rounding error in int8/fp16 variants"
+    )
+
+
 class ImageResult(_Model):
     """Everything the runtime knows about one image (what `BundleRuntime.explain` returns)."""
 
@@ -66,6 +103,8 @@ class ImageResult(_Model):
     )
     term_shares: list[float] = Field(description="|contribution| share of each term in the predicted logit, term_names order")
     embedding: list[float] | None = Field(default=None, description="unnormalised image embedding [D]")
+    spatial: SpatialExplanation | None = Field(default=None, description="where in the image (when requested and the "
+                                               "bundle has spatial maps)")
 
 
 class ClassifyResponse(_Model):
@@ -85,6 +124,10 @@ class ExplainResponse(_Model):
     top_features: list[FeatureContribution]
     completeness_residual: float
     term_shares: list[float]
+    spatial: SpatialExplanation | None = Field(
+        default=None, description="where in the image: patch maps per top class (null when the bundle has none or "
+        "spatial=false)"
+    )
 
 
 class EmbedResponse(_Model):
@@ -115,3 +158,5 @@ class InfoResponse(_Model):
     limits: dict[str, int]
     batching: dict[str, int]
     auth: bool
+    spatial: dict[str, Any] | None = Field(default=None, description="the bundle's spatial maps: top_k, grid, heads "
+                                           "(null: none)")

@@ -2,7 +2,8 @@
 
 Endpoints (all JSON out; errors are 4xx with `{"error": "...", "field": "..."}`):
   POST /classify  image -> top labels with probabilities
-  POST /explain   image -> the same plus per-term contributions, top CLT features, completeness residual
+  POST /explain   image -> the same plus per-term contributions, top CLT features, completeness residual,
+                  and where in the image (patch maps per top label; `heads=true` adds per-head maps)
   POST /embed     image -> image embedding plus the per-term contribution shares
   GET|POST /info  what is served (backbone, CLT, mode, labels, term names, versions, limits)
   POST /infer_batch  the adaptive-batching stage the three endpoints above go through (see below)
@@ -134,6 +135,8 @@ def _image_before(value: Any) -> Any:
 
 ImageIn = Annotated[Path, BeforeValidator(_image_before)]
 IMAGE_DOC = "the image: a multipart file part, or in JSON a base64 string (data: URL prefix allowed)"
+SPATIAL_DOC = "where in the image: patch maps per top label (up to the bundle's spatial top-k), per layer and summed"
+HEADS_DOC = "also per-head patch maps of the predicted label (needs a bundle with spatial maps)"
 
 
 class BatchItem(BaseModel):
@@ -146,6 +149,8 @@ class BatchItem(BaseModel):
     top_k: Optional[int] = Field(default=None, ge=1, le=MAX_TOP_K)
     detail: bool = True
     embedding: bool = False
+    spatial: bool = False
+    heads: bool = False
 
 
 class BatchOutcome(BaseModel):
@@ -364,6 +369,7 @@ class CltvitService:
                     "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS, "max_top_k": MAX_TOP_K},
             batching={"max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms},
             auth=bool(s.api_token),
+            spatial=None if m.spatial is None else m.spatial.model_dump(mode="json"),
         )
 
     def _image_bytes(self, image: Path | None) -> bytes:
@@ -390,16 +396,20 @@ class CltvitService:
         return names
 
     async def _result(self, endpoint: str, ctx: bentoml.Context, image: Path | None, labels: list[str] | None,
-                      top_k: int | None, *, detail: bool, embedding: bool) -> ImageResult | JSONResponse:
+                      top_k: int | None, *, detail: bool, embedding: bool, spatial: bool = False,
+                      heads: bool = False) -> ImageResult | JSONResponse:
         """Validate, decode, go through the batching stage; a JSONResponse (4xx) for client mistakes."""
         try:
+            if heads and self.runtime.spatial is None:
+                raise RequestError(400, self.runtime.spatial_unavailable_message(), "heads")
             names = self._check_labels(labels, top_k)
             data = self._image_bytes(image)
             pixels = await anyio.to_thread.run_sync(self._prepare, data)
             if names is not None:  # embed a new label set off the event loop, before batching
                 await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
             item = BatchItem(pixels=base64.b64encode(pixels.tobytes()).decode("ascii"), height=pixels.shape[0],
-                             width=pixels.shape[1], labels=names, top_k=top_k, detail=detail, embedding=embedding)
+                             width=pixels.shape[1], labels=names, top_k=top_k, detail=detail, embedding=embedding,
+                             spatial=spatial, heads=heads)
             outcome = await self._infer(item)
             if outcome.error is not None or outcome.result is None:
                 raise RequestError(outcome.status if outcome.status >= 400 else 400, outcome.error or "no result", outcome.field)
@@ -438,15 +448,17 @@ class CltvitService:
 
     @bentoml.api(route="/explain")
     async def explain(self, ctx: bentoml.Context, image: ImageIn = Field(None, description=IMAGE_DOC), labels: Labels = None,
-                      top_k: TopK = None) -> ExplainResponse:
-        """Top labels plus, for each, the additive per-term decomposition of its logit and the top CLT features."""
-        res = await self._result("explain", ctx, image, labels, top_k, detail=True, embedding=False)
+                      top_k: TopK = None, spatial: bool = Field(True, description=SPATIAL_DOC),
+                      heads: bool = Field(False, description=HEADS_DOC)) -> ExplainResponse:
+        """Top labels plus, for each, the additive per-term decomposition of its logit, the top CLT features,
+        and where in the image (patch maps per attention layer and summed; docs/spatial.md)."""
+        res = await self._result("explain", ctx, image, labels, top_k, detail=True, embedding=False, spatial=spatial, heads=heads)
         if isinstance(res, Response):
             return res  # type: ignore[return-value]
         return ExplainResponse(
             predicted=res.predicted, top=res.top, term_names=self.runtime.term_names,
             explanations=res.explanations or [], top_features=res.top_features or [],
-            completeness_residual=res.completeness_residual, term_shares=res.term_shares,
+            completeness_residual=res.completeness_residual, term_shares=res.term_shares, spatial=res.spatial,
         )
 
     @bentoml.api(route="/embed")
@@ -505,7 +517,7 @@ class CltvitService:
                 item = items[i]
                 try:
                     (res,) = self.runtime.results(raw_out.select([j]), names, top_k=item.top_k, detail=item.detail,
-                                                  include_embedding=item.embedding)
+                                                  include_embedding=item.embedding, spatial=item.spatial, heads=item.heads)
                     out[i] = BatchOutcome(result=res)
                 except LabelError as exc:
                     out[i] = BatchOutcome(error=str(exc), field="top_k", status=400)

@@ -23,10 +23,10 @@ def load_explainer(args: argparse.Namespace) -> tuple[Any, Any]:
     """(Explainer, DriftMonitor or None) from the CLI arguments; ScoreError names the bad argument.
 
     Shared by cltvit-score and cltvit-stream (`bundle`, `labels`, `top_k`, `device`, `variant`,
-    `threads`, `reference`, `window`).
+    `threads`, `reference`, `window`, `spatial`).
     """
     explainer = open_explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
-                               variant=args.variant, threads=args.threads)
+                               variant=args.variant, threads=args.threads, spatial=args.spatial)
     try:
         monitor = explainer.monitor(args.reference, window=args.window) if args.reference else None
     except DriftError as e:
@@ -55,6 +55,8 @@ def build_score_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
     p.add_argument("--window", type=int, default=500, help="drift window (images)")
     p.add_argument("--metrics-file", type=Path, default=None, help="Prometheus textfile for drift metrics")
+    p.add_argument("--spatial", action="store_true",
+                   help="records carry the predicted label's patch maps (where in the image; local engine)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -79,6 +81,8 @@ def score_main(argv: Sequence[str] | None = None) -> int:
             if args.reference is not None:
                 raise ScoreError("argument --reference: drift windows need one ordered stream; use --engine local, "
                                  "or run `cltvit-drift compare` on the results")
+            if args.spatial:
+                raise ScoreError("argument --spatial: spatial maps are written by --engine local only")
             summary = score_with_ray(
                 args.dir, args.out, bundle=args.bundle, fmt=fmt, batch_size=args.batch_size,
                 concurrency=args.workers or 1, labels=args.labels, top_k=args.top_k, address=args.ray_address,
@@ -119,6 +123,7 @@ def stream_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
     p.add_argument("--window", type=int, default=500, help="drift window (images)")
     p.add_argument("--metrics-file", type=Path, default=None, help="Prometheus textfile for drift metrics")
+    p.add_argument("--spatial", action="store_true", help="records carry the predicted label's patch maps (where in the image)")
     args = p.parse_args(argv)
     for name in ("top_k", "batch_size", "workers", "window"):
         if getattr(args, name) < 1:

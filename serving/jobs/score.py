@@ -2,6 +2,7 @@
 
     cltvit-score DIR --bundle B --out results.jsonl [--format jsonl|parquet] [--batch-size 32]
                  [--workers 4] [--labels a b c] [--top-k 5] [--reference ref.json] [--engine local|ray]
+                 [--spatial]
 
 Local engine: images are discovered recursively (by extension, sorted by relative path), decoded and
 preprocessed by a thread pool that runs `--prefetch` batches ahead of inference (PIL and ONNX
@@ -19,6 +20,9 @@ by path) when it completes.
 With `--reference` (a profile from `cltvit-drift reference`) every record carries `drift`: the
 mean-shift scores of the last `--window` images' contribution shares against the reference
 (serving.jobs.drift); `--metrics-file` keeps a Prometheus textfile of them up to date.
+
+With `--spatial` every record carries `spatial`: the predicted label's patch maps per attention layer
+and summed (serving.explainer.spatial_record; local engine only).
 
 `--engine ray` runs the same scoring on Ray Data (serving.jobs.ray_engine); `--out` is then a directory.
 """
@@ -41,7 +45,7 @@ from bundle import BundleError
 from bundle.format import IMAGE_EXTENSIONS
 
 from ..explainer import Explainer
-from ..runtime import LabelError, RuntimeSetupError
+from ..runtime import LabelError, RuntimeSetupError, SpatialUnavailable
 
 FORMATS = ("jsonl", "parquet")
 
@@ -121,10 +125,11 @@ class RunMeta:
     variant: str
     labels: list[str]
     top_k: int
+    spatial: bool = False  # added later: meta files without it were written without spatial maps
 
     def check(self, other: dict[str, Any], meta_path: Path) -> None:
         for key, value in self.__dict__.items():
-            if other.get(key) != value:
+            if other.get(key, getattr(type(self), key, None)) != value:
                 raise ScoreError(
                     f"{meta_path}: the existing output was made with {key}={other.get(key)!r}, this run has "
                     f"{key}={value!r}; rerun with the same arguments to resume, or pass --overwrite"
@@ -210,7 +215,8 @@ def score_folder(
     out.parent.mkdir(parents=True, exist_ok=True)
     journal = out if fmt == "jsonl" else out.with_name(out.name + ".partial.jsonl")
     meta_path = out.with_name(out.name + ".meta.json")
-    meta = RunMeta(str(root), bundle_id, variant, list(explainer.label_names), int(explainer.top_k))
+    spatial = bool(getattr(explainer, "spatial", False))
+    meta = RunMeta(str(root), bundle_id, variant, list(explainer.label_names), int(explainer.top_k), spatial)
     if overwrite:
         for p in (out, journal, meta_path):
             p.unlink(missing_ok=True)
@@ -260,7 +266,8 @@ def score_folder(
     bar.close()
     seconds = time.perf_counter() - start
     if fmt == "parquet":
-        write_parquet(out, sorted(read_journal(journal), key=lambda r: r["path"]), explainer.term_names, explainer.top_k)
+        write_parquet(out, sorted(read_journal(journal), key=lambda r: r["path"]), explainer.term_names, explainer.top_k,
+                      spatial=spatial)
         journal.unlink()
     return ScoreSummary(len(paths), len(todo), errors, len(paths) - len(todo), seconds, out)
 
@@ -276,24 +283,33 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
-def arrow_schema(term_names: Sequence[str]) -> Any:
-    """The Arrow schema of result records (shares as a struct with one float field per term)."""
+def arrow_schema(term_names: Sequence[str], spatial: bool = False) -> Any:
+    """The Arrow schema of result records (shares as a struct with one float field per term; with
+    `spatial` the predicted label's maps as a struct, see serving.explainer.spatial_record)."""
     pa = _pyarrow()
-    return pa.schema([
+    fields = [
         ("path", pa.string()),
         ("error", pa.string()),
         ("label", pa.string()),
         ("top", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64()), ("logit", pa.float64())]))),
         ("shares", pa.struct([(t, pa.float64()) for t in term_names])),
-    ])
+    ]
+    if spatial:
+        f64, vec = pa.float64(), pa.list_(pa.float64())
+        fields.append(("spatial", pa.struct([
+            ("grid", pa.list_(pa.int64())), ("residual", f64), ("label", pa.string()), ("logit", f64), ("attention", f64),
+            ("total", pa.list_(vec)), ("layers", pa.list_(pa.list_(vec))), ("cls", vec), ("value_bias", vec), ("output_bias", vec),
+        ])))
+    return pa.schema(fields)
 
 
-def write_parquet(path: Path, records: list[dict[str, Any]], term_names: Sequence[str], top_k: int) -> None:
+def write_parquet(path: Path, records: list[dict[str, Any]], term_names: Sequence[str], top_k: int,
+                  spatial: bool = False) -> None:
     """Write records (drift fields dropped) to `path` atomically."""
     pa = _pyarrow()
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(term_names)
+    schema = arrow_schema(term_names, spatial)
     cols = [f.name for f in schema]
     table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in records], schema=schema)
     tmp = path.with_name(path.name + ".tmp")
@@ -311,11 +327,13 @@ def read_parquet(path: str | Path) -> list[dict[str, Any]]:
 
 
 def open_explainer(bundle: str | Path, *, labels: Sequence[str] | None, top_k: int, device: str = "auto",
-                   variant: str = "fp32", threads: int | None = None) -> Any:
-    """An `Explainer`; a bad bundle, variant, device, thread count or label set becomes a ScoreError
-    naming the CLI argument. Shared by the local and the Ray engines."""
+                   variant: str = "fp32", threads: int | None = None, spatial: bool = False) -> Any:
+    """An `Explainer`; a bad bundle, variant, device, thread count or label set, or spatial maps asked of
+    a bundle without them, becomes a ScoreError naming the CLI argument. Shared by the local and the Ray engines."""
     try:
-        return Explainer(bundle, labels=labels, top_k=top_k, device=device, variant=variant, threads=threads)
+        return Explainer(bundle, labels=labels, top_k=top_k, device=device, variant=variant, threads=threads, spatial=spatial)
+    except SpatialUnavailable as e:
+        raise ScoreError(f"argument --spatial: {e}") from None
     except BundleError as e:
         raise ScoreError(f"argument --bundle: {e}") from None
     except RuntimeSetupError as e:

@@ -139,6 +139,32 @@ def test_info_get_and_post(server, runtime):
     assert info["batching"]["max_batch_size"] == 32
 
 
+def test_explain_returns_spatial_maps(server, runtime):
+    """/explain carries where in the image (per top label, per layer and summed), per-head maps on request,
+    equal to the in-process runtime's; spatial=false leaves them out."""
+    data = fmnist_png(5)
+    http = post(server, "explain", data, top_k=3).json()
+    (local,) = runtime.explain([decode_image(data)], top_k=3, spatial=True)
+    sp = http["spatial"]
+    assert sp["grid"] == [4, 4] and sp["layers"] == [t for t in runtime.term_names if t.startswith("attn.")]
+    assert [c["label"] for c in sp["classes"]] == [t["label"] for t in http["top"]]
+    for h, l in zip(sp["classes"], local.spatial.classes):
+        np.testing.assert_allclose(h["layers"], l.layers, rtol=1e-4, atol=1e-6)
+        attn = [t["value"] for t in next(e for e in http["explanations"] if e["label"] == h["label"])["terms"]
+                if t["term"].startswith("attn.")]
+        parts = np.sum(h["layers"], axis=(1, 2)) + np.add(h["cls"], h["value_bias"]) + h["output_bias"]
+        np.testing.assert_allclose(parts, attn, atol=1e-5)
+        assert h["heads"] is None
+    heads = post(server, "explain", data, top_k=3, heads=True).json()["spatial"]["classes"][0]["heads"]
+    assert np.asarray(heads).shape == (4, 4, 4, 4)
+    json_body = requests.post(f"{server}/explain", json={"image": base64.b64encode(data).decode(), "heads": True},
+                              timeout=TIMEOUT).json()
+    assert np.asarray(json_body["spatial"]["classes"][0]["heads"]).shape == (4, 4, 4, 4)
+    assert post(server, "explain", data, spatial=False).json()["spatial"] is None
+    info = requests.get(f"{server}/info", timeout=TIMEOUT).json()
+    assert info["spatial"] == {"top_k": 5, "grid": [4, 4], "heads": 4}
+
+
 def test_openapi_has_models(server):
     spec = requests.get(f"{server}/docs.json", timeout=TIMEOUT).json()
     for route in ("/classify", "/explain", "/embed", "/info"):
@@ -146,9 +172,17 @@ def test_openapi_has_models(server):
     schemas = spec["components"]["schemas"]
     for model in ("ClassifyResponse", "ExplainResponse", "EmbedResponse", "InfoResponse"):
         assert model + "IODescriptor" in schemas, model  # BentoML's name for a response model
-    for model in ("LabelScore", "ClassExplanation", "TermContribution", "FeatureContribution"):
+    for model in ("LabelScore", "ClassExplanation", "TermContribution", "FeatureContribution", "SpatialExplanation", "ClassMap"):
         assert model in schemas, model
     assert "image" in schemas["classify__Input"]["properties"] and "top_k" in schemas["explain__Input"]["properties"]
+    assert {"spatial", "heads"} <= set(schemas["explain__Input"]["properties"])
+    # the response schema shows the spatial maps down to the grids' element type
+    spatial = schemas["ExplainResponseIODescriptor"]["properties"]["spatial"]
+    assert "#/components/schemas/SpatialExplanation" in json.dumps(spatial)
+    assert schemas["SpatialExplanation"]["properties"]["classes"]["items"]["$ref"].endswith("/ClassMap")
+    layers = schemas["ClassMap"]["properties"]["layers"]
+    assert layers["type"] == "array" and layers["items"]["items"]["items"]["type"] == "number"
+    assert {"grid", "layers", "classes", "residual"} <= set(schemas["SpatialExplanation"]["required"])
 
 
 # ---------------------------------------------------------------------- converted image kinds

@@ -1,0 +1,227 @@
+"""Where in the image on the serving side (ONNX Runtime only): runtime results, the heatmap PNG, the
+Python API, `cltvit-explain`, folder scoring and the stream with `--spatial`, format-1 bundles, and the
+response size on the ViT-B-16 architecture (slow: a real bundle with a 14x14 grid)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _scoring import fashion_images, make_image_folder, read_jsonl
+from PIL import Image
+
+import serving
+from serving.cli import explain_main
+from serving.heatmap import overlay
+from serving.jobs.cli import score_main
+from serving.runtime import BundleRuntime, SpatialUnavailable
+from serving.schemas import ImageResult
+from serving.spatial import round_significant, spatial_explanation
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle) -> BundleRuntime:
+    return BundleRuntime(bundle, device="cpu", threads=1)
+
+
+def _image(w: int = 60, h: int = 40, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def assert_maps_complete(result: ImageResult, term_names: list[str], rel: float = 1e-5) -> None:
+    """Each map's parts add up, per layer, to its label's attn.l term in the same result."""
+    sp = result.spatial
+    assert sp is not None and sp.classes
+    terms = {e.label: dict((t.term, t.value) for t in e.terms) for e in result.explanations}
+    L = len(sp.layers)
+    assert sp.layers == [t for t in term_names if t.startswith("attn.")]
+    scale = max(abs(v) for t in terms.values() for k, v in t.items() if k.startswith("attn."))
+    for c in sp.classes:
+        layers = np.asarray(c.layers)
+        assert layers.shape == (L, *sp.grid) and np.asarray(c.total).shape == tuple(sp.grid)
+        np.testing.assert_allclose(np.asarray(c.total), layers.sum(0), atol=1e-6 * max(1.0, scale))
+        parts = layers.sum((1, 2)) + np.asarray(c.cls) + np.asarray(c.value_bias) + np.asarray(c.output_bias)
+        want = np.array([terms[c.label][f"attn.{l}"] for l in range(L)])
+        assert np.abs(parts - want).max() <= rel * max(1.0, scale), c.label
+        assert c.attention == pytest.approx(want.sum(), abs=1e-5 * max(1.0, scale))
+    assert sp.residual <= 1e-6 * max(1.0, scale)
+
+
+def test_runtime_maps_sum_to_the_attention_terms(runtime):
+    images = [img for img, _ in fashion_images(6)] + [_image()]
+    results = runtime.explain(images, top_k=7, spatial=True, heads=True)
+    for r in results:
+        sp = r.spatial
+        assert sp.grid == (4, 4)
+        # maps for the first min(top_k, spatial top-k) labels, in the result's order
+        assert [c.label for c in sp.classes] == [t.label for t in r.top][: runtime.spatial.top_k]
+        assert_maps_complete(r, runtime.term_names)
+        heads = np.asarray(sp.classes[0].heads)
+        assert heads.shape == (4, 4, 4, 4)  # layers, heads, rows, columns
+        np.testing.assert_allclose(heads.sum(1), np.asarray(sp.classes[0].layers), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sp.classes[0].heads_cls).sum(1), sp.classes[0].cls, atol=1e-6)
+        assert all(c.heads is None for c in sp.classes[1:])
+    plain = runtime.explain(images[:1], top_k=7)[0]
+    assert plain.spatial is None  # off unless asked
+    assert runtime.explain(images[:1], top_k=2, spatial=True)[0].spatial.classes[0].heads is None
+
+
+def test_fewer_labels_than_the_spatial_top_k(runtime):
+    names = ["a shoe", "a bag", "a shirt"]
+    (r,) = runtime.explain([_image()], labels=names, top_k=3, spatial=True)
+    assert [c.label for c in r.spatial.classes] == [t.label for t in r.top]
+    assert_maps_complete(r, runtime.term_names)
+
+
+def test_rounding_to_significant_digits():
+    x = np.array([0.0, 1.23456789e-7, -98765.4321, 0.1 + 2e-17, 3.0], np.float32)
+    r = round_significant(x)
+    assert np.all(np.abs(r - x.astype(np.float64)) <= 5e-7 * np.abs(x.astype(np.float64)))
+    assert json.dumps(r.tolist()) == "[0.0, 1.234568e-07, -98765.43, 0.1, 3.0]"
+
+
+def test_format_1_bundle_serves_without_maps(v1_bundle):
+    rt = BundleRuntime(v1_bundle, device="cpu", threads=1)
+    assert rt.spatial is None and rt.describe()["spatial"] is None
+    (r,) = rt.explain([_image()], spatial=True)
+    assert r.spatial is None and r.explanations
+    with pytest.raises(SpatialUnavailable, match="has no spatial maps .format 1.*re-export"):
+        rt.explain([_image()], heads=True)
+    with pytest.raises(SpatialUnavailable):
+        serving.Explainer(v1_bundle, spatial=True)
+    with pytest.raises(SpatialUnavailable):
+        serving.Explainer(v1_bundle).heatmap(_image())
+
+
+# ---------------------------------------------------------------------- heatmap
+def test_overlay_colours_the_right_patches():
+    """One positive cell top-left, one negative bottom-right of a 2x2 grid over a 40x20 box that starts
+    at x = 10 of a 60x20 grey image: red there, blue there, untouched outside the box and at zero."""
+    grey = Image.new("RGB", (60, 20), (128, 128, 128))
+    out = np.asarray(overlay(grey, np.array([[1.0, 0.0], [0.0, -0.5]]), (10, 0, 50, 20), alpha=1.0)).astype(int)
+    assert out.shape == (20, 60, 3)
+    assert (out[:, :10] == 128).all() and (out[:, 50:] == 128).all()  # outside the model's view
+    r, g, b = out[5, 15]
+    assert r > 150 and b < 60  # +1: full red
+    r, g, b = out[15, 45]
+    assert b > r and b > 128  # -0.5: half-way to blue
+    assert (out[5, 40] == 128).all() and (out[15, 15] == 128).all()  # zero cells leave the image
+
+
+def test_heatmap_has_the_images_size_and_is_not_constant(bundle):
+    ex = serving.Explainer(bundle)
+    grey = Image.new("RGB", (90, 50), (128, 128, 128))
+    img = ex.heatmap(grey)
+    arr = np.asarray(img)
+    assert img.size == (90, 50) and img.mode == "RGB"
+    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 2  # patches coloured differently
+    # torchvision: short side 50 -> 32, long side int(32 * 90 / 50) = 57, crop left round(12.5) = 12 of 57
+    box = ex.runtime.preprocessor.view_box(90, 50)
+    assert box == pytest.approx((12 * 90 / 57, 0.0, 44 * 90 / 57, 50.0))
+    assert (arr[:, :18] == 128).all() and (arr[:, 70:] == 128).all()
+    fashion = fashion_images(1)[0][0]
+    (res,) = ex.explain([fashion], top_k=5)
+    other = res.spatial.classes[2].label
+    a, b = np.asarray(ex.heatmap(fashion, result=res)), np.asarray(ex.heatmap(fashion, label=other, layer=1))
+    assert a.shape == b.shape == (28, 28, 3) and not np.array_equal(a, b)
+    with pytest.raises(serving.explainer.LabelError, match="no spatial map"):
+        ex.heatmap(fashion, label="not a label")
+    with pytest.raises(serving.explainer.LabelError, match="layer 9 is out of range"):
+        ex.heatmap(fashion, layer=9)
+
+
+# ---------------------------------------------------------------------- cltvit-explain
+def test_cli_explain(bundle, tmp_path, capsys):
+    src = tmp_path / "in.png"
+    _image(70, 45).save(src)
+    png = tmp_path / "out.png"
+    assert explain_main([str(src), "--bundle", str(bundle), "--heatmap", str(png), "--heads", "--json", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    result = ImageResult.model_validate_json(out)
+    assert result.spatial.classes[0].heads is not None
+    assert f"wrote {png} (70x45" in err
+    heat = Image.open(png)
+    assert heat.size == (70, 45) and heat.format == "PNG"
+    assert explain_main([str(src), "--bundle", str(bundle), "--top-k", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"predicted: {result.predicted}" in text and "where in the image: 4x4 patches" in text
+    assert len([line for line in text.splitlines() if line.startswith("    ") or line.startswith("   -")]) >= 4
+
+
+def test_cli_explain_errors_name_the_argument(bundle, v1_bundle, tmp_path, capsys):
+    src = tmp_path / "in.png"
+    _image().save(src)
+    cases = [
+        ([str(src), "--bundle", str(tmp_path)], "argument --bundle"),
+        ([str(tmp_path / "missing.png"), "--bundle", str(bundle)], "argument IMAGE"),
+        ([str(src), "--bundle", str(bundle), "--top-k", "0"], "argument --top-k"),
+        ([str(src), "--bundle", str(bundle), "--labels", "a", "a"], "argument --labels"),
+        ([str(src), "--bundle", str(bundle), "--heatmap-label", "bag"], "needs --heatmap"),
+        ([str(src), "--bundle", str(bundle), "--heatmap", str(tmp_path / "h.png"), "--heatmap-label", "zebra"],
+         "argument --heatmap-label"),
+        ([str(src), "--bundle", str(bundle), "--heatmap", str(tmp_path / "h.png"), "--heatmap-layer", "7"],
+         "argument --heatmap-layer"),
+        ([str(src), "--bundle", str(bundle), "--heatmap", str(tmp_path / "no" / "dir" / "h.png")], "argument --heatmap"),
+        ([str(src), "--bundle", str(v1_bundle), "--heads"], "argument --heads: bundle"),
+    ]
+    for argv, words in cases:
+        assert explain_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("cltvit-explain: error: ") and words in err, (argv, err)
+
+
+# ---------------------------------------------------------------------- batch jobs
+def test_score_and_stream_with_spatial(bundle, v1_bundle, tmp_path, capsys):
+    root = tmp_path / "imgs"
+    good, broken = make_image_folder(root, n=12)
+    out = tmp_path / "r.jsonl"
+    assert score_main([str(root), "--bundle", str(bundle), "--out", str(out), "--spatial", "--quiet", "--threads", "1"]) == 0
+    records = {r["path"]: r for r in read_jsonl(out)}
+    ex = serving.Explainer(bundle, threads=1)
+    for rel in good[:4]:
+        rec = records[rel]
+        (res,) = ex.explain([root / rel])
+        want = res.spatial.classes[0]
+        assert rec["spatial"]["label"] == rec["label"] == want.label and rec["spatial"]["grid"] == [4, 4]
+        np.testing.assert_allclose(rec["spatial"]["total"], want.total, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(rec["spatial"]["layers"], want.layers, rtol=1e-5, atol=1e-7)
+    assert all("spatial" not in records[b] for b in broken)
+    # a resume must use the same setting
+    assert score_main([str(root), "--bundle", str(bundle), "--out", str(out), "--quiet"]) == 2
+    assert "spatial=True" in capsys.readouterr().err
+    assert score_main([str(root), "--bundle", str(v1_bundle), "--out", str(tmp_path / "v1.jsonl"), "--spatial"]) == 2
+    assert "argument --spatial: bundle" in capsys.readouterr().err
+    pq = tmp_path / "r.parquet"
+    pytest.importorskip("pyarrow")
+    from serving.jobs.score import read_parquet
+
+    assert score_main([str(root), "--bundle", str(bundle), "--out", str(pq), "--spatial", "--quiet", "--threads", "1"]) == 0
+    rows = {r["path"]: r for r in read_parquet(pq)}
+    np.testing.assert_allclose(rows[good[0]]["spatial"]["total"], records[good[0]]["spatial"]["total"])
+    cmd = [sys.executable, "-c", "import sys; from serving.jobs.cli import stream_main; sys.exit(stream_main())",
+           "--bundle", str(bundle), "--spatial", "--threads", "1"]
+    stream = subprocess.run(cmd, input="".join(f"{root / rel}\n" for rel in good[:3]), capture_output=True, text=True, timeout=120)
+    assert stream.returncode == 0, stream.stderr
+    lines = [json.loads(line) for line in stream.stdout.splitlines()]
+    assert [r["spatial"]["total"] for r in lines] == [records[rel]["spatial"]["total"] for rel in good[:3]]
+
+
+# ---------------------------------------------------------------------- response size
+def test_response_size_is_bounded_for_vit_b16():
+    """The largest spatial part of an /explain response for a ViT-B/16 bundle (S = 5 classes, L = 12, 12 heads,
+    14x14 grid), with random float32 values of mixed magnitude: below 200 kB, below 600 kB with per-head maps."""
+    rng = np.random.default_rng(0)
+    S, L, H, N = 5, 12, 12, 197
+
+    def noise(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
+
+    args = dict(order=list(range(1000)), label_names=[f"label {i}" for i in range(1000)], logits=noise(1000),
+                contributions=noise(2 * L + 3, 1000), classes=np.arange(S), tokens=noise(S, L, N), bias=noise(S, L, 2),
+                grid=(14, 14))
+    small = len(spatial_explanation(**args, head_tokens=None).model_dump_json())
+    big = len(spatial_explanation(**args, head_tokens=noise(L, H, N)).model_dump_json())
+    print(f"ViT-B/16 spatial JSON: {small} bytes, with per-head maps {big} bytes")
+    assert small < 200_000 and big < 600_000
