@@ -14,7 +14,7 @@ setup: $(VENV)/.installed data
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,ray]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,eval]'
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (installed when missing and run as root).

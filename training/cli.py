@@ -1,4 +1,5 @@
-"""Console scripts of the training stage: `cltvit-train` (train a CLT) and `cltvit-eval` (evaluate one).
+"""Console scripts of the training stage: `cltvit-train` (train a CLT), `cltvit-eval` (evaluate one) and
+`cltvit-eval-spatial` (faithfulness and cost of the spatial maps alone, docs/spatial.md).
 
 `cltvit-train` example:
     cltvit-train --model ViT-B-32 --pretrained openai --dataset cifar100 --data-dir DIR \
@@ -20,12 +21,17 @@ import torch
 from torch.utils.data import Subset
 
 from .data import DATASETS, DatasetError, load_dataset
-from .evaluation.metrics import EvaluationError
+from bundle.provenance import machine_info
+
+from .evaluation import spatial as spatial_eval
+from .evaluation.metrics import EvaluationError, dataset_tensors
+from .evaluation.plots import plot_spatial_deletion
 from .evaluation.report import EvalConfig, evaluate_clt
 from .model.backbone import BackboneError, load_backbone, pick_device, register_project_configs
 from .model.checkpoint import CheckpointError, load_checkpoint, read_meta
 from .model.clt import CLTConfig
 from .model.vit import UnsupportedModel
+from .testing import random_clt
 from .trainer import TrainConfig, TrainingError, release_text_tower, train_clt
 
 PROG = "cltvit-train"
@@ -208,10 +214,30 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cproj-images", type=int, default=1000)
     p.add_argument("--seeds", type=int, default=10, help="seeds of the random-layer baselines")
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--spatial-images", type=int, default=0,
+                   help="also test the spatial maps' faithfulness on the first N images (deletion vs random patches and "
+                        "Integrated Gradients; needs the eval extra); 0: skip")
     p.add_argument("--device")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", required=True, help="output directory for report.json / report.md / PNGs")
     return p
+
+
+def _load_evaluated(args: argparse.Namespace) -> tuple:
+    """(backbone, CLT) of `--clt` with the backbone it records (or `--model` / `--pretrained`)."""
+    meta = read_meta(args.clt)
+    recorded = meta.get("backbone", {})
+    model = args.model or recorded.get("model")
+    pretrained = args.pretrained if args.pretrained is not None else recorded.get("pretrained")
+    if not model:
+        raise EvaluationError("--model is needed: the checkpoint records no backbone")
+    if args.pretrained is None and pretrained and not Path(pretrained).is_file() \
+            and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        raise EvaluationError(f"argument --pretrained: the checkpoint records its backbone weights as the file "
+                              f"{pretrained!r} (a name, not a path); pass that file's path with --pretrained")
+    backbone = load_backbone(model, pretrained, device=args.device, seed=recorded.get("seed") or 0)
+    clt, _ = load_checkpoint(args.clt, backbone, device=backbone.device)
+    return backbone, clt
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -225,29 +251,92 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads < 0:
             raise EvaluationError(f"--threads must be >= 0, got {args.threads}")
+        if args.spatial_images < 0:
+            raise EvaluationError(f"--spatial-images must be >= 0, got {args.spatial_images}")
         if args.threads:
             torch.set_num_threads(args.threads)
-        meta = read_meta(args.clt)
-        recorded = meta.get("backbone", {})
-        model = args.model or recorded.get("model")
-        pretrained = args.pretrained if args.pretrained is not None else recorded.get("pretrained")
-        if not model:
-            raise EvaluationError("--model is needed: the checkpoint records no backbone")
-        if args.pretrained is None and pretrained and not Path(pretrained).is_file() \
-                and pretrained not in open_clip.list_pretrained_tags_by_model(model):
-            raise EvaluationError(f"argument --pretrained: the checkpoint records its backbone weights as the file "
-                                  f"{pretrained!r} (a name, not a path); pass that file's path with --pretrained")
-        backbone = load_backbone(model, pretrained, device=args.device, seed=recorded.get("seed") or 0)
-        clt, _ = load_checkpoint(args.clt, backbone, device=backbone.device)
+        backbone, clt = _load_evaluated(args)
         dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
         cfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, fidelity_images=args.fidelity_images,
-                         cproj_images=args.cproj_images, random_seeds=args.seeds)
+                         cproj_images=args.cproj_images, random_seeds=args.seeds, spatial_images=args.spatial_images)
         report = evaluate_clt(backbone, clt, dataset, args.out, cfg, extra={"checkpoint": str(args.clt)})
     except (EvaluationError, BackboneError, CheckpointError, DatasetError) as exc:
         print(f"cltvit-eval: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
+
+# ---------------------------------------------------------------------- cltvit-eval-spatial
+def build_spatial_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cltvit-eval-spatial", description="Faithfulness (deletion test against random patches and "
+                "Integrated Gradients) and time per explanation of the spatial maps (docs/spatial.md).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--clt", help="CLT checkpoint directory; the backbone it records (or --model / --pretrained)")
+    src.add_argument("--random", metavar="ARCH", help="random-weight open_clip ARCH and a random CLT: times only")
+    p.add_argument("--model", help="open_clip architecture (default: the one recorded in the checkpoint)")
+    p.add_argument("--pretrained", help="open_clip tag or weights file (default: the one recorded in the checkpoint)")
+    p.add_argument("--n-features", type=_int_at_least(1), default=6144, help="features of the random CLT (--random)")
+    p.add_argument("--k", type=_int_at_least(1), default=32, help="k of the random CLT (--random)")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder, cifar100, imagenet100")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir")
+    p.add_argument("--class-list")
+    p.add_argument("--images", type=_int_at_least(1), default=None, help="deletion test on the first N images (default all)")
+    p.add_argument("--mode", choices=("cls", "all", "observe"), default="cls", help="the model explained (as served)")
+    p.add_argument("--ig-steps", type=_int_at_least(1), default=50)
+    p.add_argument("--random-seeds", type=_int_at_least(1), default=3, help="seeds of the random-patch baseline")
+    p.add_argument("--time-images", type=_int_at_least(1), default=50, help="images timed per method")
+    p.add_argument("--time-images-ig", type=_int_at_least(1), default=20, help="images timed for Integrated Gradients")
+    p.add_argument("--onnx", default=None, help="a fused graph (a bundle's model.onnx) to time in ONNX Runtime too")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=250)
+    p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--device")
+    p.add_argument("--out", required=True, help="output directory for spatial.json / spatial.md / spatial_deletion.png")
+    return p
+
+
+def spatial_eval_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-eval-spatial`; returns 0, or 2 with one error line."""
+    args = build_spatial_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = spatial_eval.SpatialEvalConfig(images=args.images, batch_size=args.batch_size, random_seeds=args.random_seeds,
+                                         ig_steps=args.ig_steps, mode=args.mode, time_images=args.time_images,
+                                         time_images_ig=args.time_images_ig)
+    try:
+        if args.onnx is not None and not Path(args.onnx).is_file():
+            raise EvaluationError(f"argument --onnx: {args.onnx} is not a file")
+        if args.random:
+            backbone = load_backbone(args.random, None, device=args.device, seed=0)
+            clt = random_clt(backbone.n_layers, backbone.d_model, n_features=args.n_features, k=args.k, seed=0)
+            n = max(cfg.time_images, cfg.time_images_ig)
+            H, W = backbone.image_size
+            pixels, labels = torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(0)), None
+            g = torch.Generator().manual_seed(1)
+            text = torch.nn.functional.normalize(torch.randn(10, backbone.embed_dim, generator=g), dim=-1)
+        else:
+            backbone, clt = _load_evaluated(args)
+            dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
+            pixels, labels = dataset_tensors(backbone, dataset, args.images)
+            text = backbone.class_embeddings(dataset.class_names, dataset.templates)
+        section = spatial_eval.evaluate_spatial(backbone, clt, pixels, labels, text, cfg, onnx_model=args.onnx)
+    except (EvaluationError, BackboneError, CheckpointError, DatasetError, UnsupportedModel) as exc:
+        print(f"cltvit-eval-spatial: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    section["machine"] = machine_info(threads=args.threads)
+    section["command"] = "cltvit-eval-spatial " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "spatial.json").write_text(json.dumps(section, indent=1))
+    md = spatial_eval.render_markdown(section)
+    mach = section["machine"]
+    md += f"\nMachine: {mach['cpu']} ({', '.join(mach['isa'])}), {args.threads} thread(s). Command: `{section['command']}`\n"
+    (out / "spatial.md").write_text(md)
+    if "deletion" in section:
+        plot_spatial_deletion(section, out / "spatial_deletion.png")
+    print(md)
     return 0
 
 

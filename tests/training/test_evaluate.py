@@ -146,8 +146,11 @@ def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path):
 
     save_checkpoint(tmp_path / "ckpt", clt, tiny_backbone.identity())
     rc = main(["--clt", str(tmp_path / "ckpt"), "--limit", "12", "--batch-size", "6", "--fidelity-images", "6",
-               "--cproj-images", "6", "--seeds", "2", "--out", str(tmp_path / "cli")])
+               "--cproj-images", "6", "--seeds", "2", "--spatial-images", "6", "--out", str(tmp_path / "cli")])
     assert rc == 0 and (tmp_path / "cli" / "report.md").exists()
+    assert "6. Where in the image" in (tmp_path / "cli" / "report.md").read_text()  # the optional spatial section
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["spatial"]["deletion"]["images"] == 6
+    assert (tmp_path / "cli" / "spatial_deletion.png").stat().st_size > 0
     assert main(["--clt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert main(["--clt", str(tmp_path / "ckpt"), "--limit", "0", "--out", str(tmp_path / "x")]) == 2
 

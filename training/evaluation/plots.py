@@ -98,3 +98,24 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_spatial_deletion(section: dict[str, Any], path: Path) -> None:
+    """The deletion curves (normalised logit and accuracy) of every method as a PNG."""
+    dl = section["deletion"]
+    f = np.array(dl["fractions"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m, style in zip(section["deletion"]["methods"], ("o-", "s--", "^-")):
+        c = dl["methods"][m]
+        lg = np.array(c["logit"])
+        axes[0].plot(f * 100, (lg - lg[-1]) / (lg[0] - lg[-1]), style, label=f"{m} (AUC {c['auc_logit']:.3f})")
+        axes[1].plot(f * 100, np.array(c["accuracy"]) * 100, style, label=f"{m} (AUC {c['auc_accuracy']:.3f})")
+    axes[0].set_ylabel("logit of the predicted class (normalised)")
+    axes[1].set_ylabel("accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("patches deleted (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -24,6 +24,9 @@ Sections of the report (report.json / report.md in the output directory, plus PN
    (mean over seeds), after keeping only the top-k layers (k = 0..L; the other terms stay), and the
    deletion curve (accuracy after deleting the k highest-ranked vs k random layers).
 5. Optional `comparison` (CLT vs per-layer transcoder at k = 4, 8, 16, 32): see `compare_clt_plt`.
+6. Optional `spatial` (`EvalConfig.spatial_images` > 0): where in the image, the spatial maps'
+   deletion test against random patches and Integrated Gradients and the time per explanation
+   (`evaluation.spatial`; needs captum, the `eval` extra).
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ from .metrics import (
     layer_contributions,
     replacement_accuracy,
 )
-from .plots import plot_cproj, plot_deletion, plot_fidelity, plot_replacement
+from .plots import plot_cproj, plot_deletion, plot_fidelity, plot_replacement, plot_spatial_deletion
+from .spatial import SpatialEvalConfig, evaluate_spatial, render_markdown as render_spatial
 
 
 @dataclass
@@ -65,6 +69,7 @@ class EvalConfig:
     random_seeds: int = 10
     top_k_features: int = 16
     seed: int = 0
+    spatial_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +142,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{_pct(a['accuracy_all'])} (unmodified {_pct(b['accuracy_unmodified'])})."]
     if "comparison" in report:
         lines += ["", render_comparison(report["comparison"])]
+    if "spatial" in report:
+        lines += ["", render_spatial(report["spatial"], title="6. Where in the image: faithfulness and cost (`spatial_deletion.png`)")]
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +184,11 @@ def evaluate_clt(
     log("eval: faithfulness")
     logits, contribs = layer_contributions(visual, clt, pixels, text, backbone.logit_scale, cfg.batch_size)
     fa = {u: faithfulness(logits, contribs, labels, u, cfg.random_seeds, cfg.seed) for u in FAITHFULNESS_UNITS}
+    spatial = None
+    if cfg.spatial_images > 0:
+        log(f"eval: spatial maps on {min(cfg.spatial_images, len(pixels))} images")
+        scfg = SpatialEvalConfig(images=cfg.spatial_images, batch_size=cfg.batch_size, seed=cfg.seed)
+        spatial = evaluate_spatial(backbone, clt, pixels, labels, text, scfg, log=log)
     report: dict[str, Any] = {
         "backbone": backbone.identity(),
         "clt": {"config": clt.cfg.to_dict()},
@@ -186,6 +198,7 @@ def evaluate_clt(
         "replacement": rep,
         "c_proj": cp,
         "faithfulness": fa,
+        **({"spatial": spatial} if spatial is not None else {}),
         **(extra or {}),
     }
     report["summary"] = summarise(report)
@@ -195,6 +208,8 @@ def evaluate_clt(
     plot_deletion(fa, out / "deletion.png")
     plot_replacement(rep, out / "replacement.png")
     plot_fidelity(fid, out / "fidelity.png")
+    if spatial is not None:
+        plot_spatial_deletion(spatial, out / "spatial_deletion.png")
     write_report(out, report)
     return report
 

@@ -1,0 +1,103 @@
+"""The spatial maps' evaluation (training/evaluation/spatial.py, `cltvit-eval-spatial`) on the tiny model:
+patch geometry, the deletion mechanics, the Integrated Gradients baseline wired to the right target and
+baseline (its completeness axiom, an independent check of Captum's output), and the CLI's outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.cli import spatial_eval_main
+from training.evaluation import spatial as se
+from training.model.checkpoint import save_checkpoint
+
+pytest.importorskip("captum")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_backbone):
+    from training.data import FashionMNIST
+    from training.evaluation.metrics import dataset_tensors
+
+    ds = FashionMNIST("test", limit=12)
+    pixels, labels = dataset_tensors(tiny_backbone, ds)
+    return pixels, labels, tiny_backbone.class_embeddings(ds.class_names, ds.templates)
+
+
+def test_patch_masks_tile_the_image(tiny_backbone):
+    masks = se.patch_masks(tiny_backbone.visual)
+    assert masks.shape == (16, 32, 32)
+    assert (masks.sum(0) == 1).all()  # every pixel in exactly one patch
+    assert masks[1, 0, 8:16].all() and masks[4, 8:16, 0].all()  # row-major: patch 1 right of 0, patch 4 below
+    assert se.deletion_steps(16) == list(range(17))
+    assert se.deletion_steps(196) == [round(f * 196 / 20) for f in range(21)]
+
+
+def test_deletion_curves_start_at_the_image_and_end_at_the_fill(tiny_backbone, tiny_clt, data):
+    pixels, labels, text = data
+    visual, scale = tiny_backbone.visual, tiny_backbone.logit_scale
+    masks = se.patch_masks(visual)
+    fill = pixels.mean(dim=(0, 2, 3))
+    with torch.no_grad():
+        logits = se.model_logits(visual, tiny_clt, pixels, text, scale, "cls")
+        gone = se.model_logits(visual, tiny_clt, fill.view(1, 3, 1, 1).expand_as(pixels), text, scale, "cls")
+    target = logits.argmax(1)
+    order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(len(pixels))])
+    logit, correct = se.deletion_curves(visual, tiny_clt, pixels, labels, text, scale, "cls", target, order, fill, masks,
+                                        [0, 1, 16])
+    np.testing.assert_allclose(logit[:, 0], logits.gather(1, target[:, None])[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(logit[:, 2], gone.gather(1, target[:, None])[:, 0].numpy(), atol=1e-5)
+    assert (correct[:, 0] == (logits.argmax(1) == labels).numpy()).all()
+    # deleting one patch changes exactly that patch's pixels: same as doing it by hand for image 0
+    x = pixels[:1].clone()
+    x[:, :, masks[order[0, 0]]] = fill.view(1, 3, 1)
+    with torch.no_grad():
+        by_hand = se.model_logits(visual, tiny_clt, x, text, scale, "cls")[0, target[0]]
+    assert abs(float(by_hand) - logit[0, 1]) <= 1e-5
+
+
+def test_integrated_gradients_are_complete(tiny_backbone, tiny_clt, data):
+    """IG's completeness axiom: the patch scores sum to logit(image) - logit(baseline) of the target class
+    (up to the integral's error), so the baseline and the target are the ones meant."""
+    pixels, _, text = data
+    visual, scale = tiny_backbone.visual, tiny_backbone.logit_scale
+    fill = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    baseline = fill.expand(1, 3, 32, 32)
+    px = pixels[:4]
+    with torch.no_grad():
+        logits = se.model_logits(visual, tiny_clt, px, text, scale, "observe")
+        base = se.model_logits(visual, tiny_clt, baseline, text, scale, "observe")
+    target = logits.argmax(1)
+    scores = se.ig_scores(visual, tiny_clt, px, text, scale, "observe", target, baseline, 50, se.patch_masks(visual))
+    want = logits.gather(1, target[:, None])[:, 0] - base[0, target]
+    assert scores.shape == (4, 16)
+    np.testing.assert_allclose(scores.sum(1).numpy(), want.numpy(), rtol=0.05, atol=1e-3)
+
+
+def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_clt, tiny_backbone.identity())
+    out = tmp_path / "eval"
+    rc = spatial_eval_main(["--clt", str(ckpt), "--model", "cltvit-tiny", "--images", "10", "--batch-size", "5",
+                            "--ig-steps", "8", "--random-seeds", "2", "--time-images", "3", "--time-images-ig", "2",
+                            "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "spatial.json").read_text())
+    dl = report["deletion"]
+    assert dl["images"] == 10 and dl["steps"] == list(range(17))
+    for m in se.METHODS:
+        c = dl["methods"][m]
+        assert len(c["logit"]) == 17 and 0 <= c["auc_accuracy"] <= 1
+    assert dl["methods"]["ours"]["logit"][0] == pytest.approx(dl["methods"]["ig"]["logit"][0])  # the same images
+    assert dl["methods"]["ours"]["logit"][-1] == pytest.approx(dl["methods"]["random"]["logit"][-1], abs=1e-4)  # all gone
+    assert set(report["times"]["methods"]) == {"forward", "ours", "ig"}
+    assert report["machine"]["threads"] == 1 and "cpu" in report["machine"]
+    md = (out / "spatial.md").read_text()
+    assert "| ours |" in md and "IG / ours (eager)" in md and (out / "spatial_deletion.png").stat().st_size > 0
+    assert spatial_eval_main(["--random", "cltvit-tiny", "--n-features", "64", "--k", "4", "--time-images", "2",
+                              "--time-images-ig", "1", "--ig-steps", "4", "--out", str(tmp_path / "r")]) == 0
+    assert "deletion" not in json.loads((tmp_path / "r" / "spatial.json").read_text())
+    capsys.readouterr()
+    assert spatial_eval_main(["--random", "cltvit-tiny", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path)]) == 2
+    assert "argument --onnx" in capsys.readouterr().err

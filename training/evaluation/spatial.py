@@ -1,0 +1,319 @@
+"""Faithfulness and cost of the spatial maps (where in the image; docs/spatial.md).
+
+Deletion test (`deletion_test`). For every image, the class c the model predicts (the model being
+explained: the CLT-spliced ViT in `mode`, as served) and a ranking of the P patches by a method's
+score for c, highest first. Patches are deleted in that order, replaced by the dataset mean (per
+channel, in preprocessed pixels), and the model re-run: one patch at a time on grids of at most 16
+patches, in steps of 5 % of the patches on finer grids. Recorded per step: the mean logit of c and the
+accuracy (prediction == true label). Methods on the same images and the same deletion budget:
+- `ours`: the spatial map of c summed over layers (`decompose(..., spatial_top_k=1)`, patch cells).
+- `random`: a random order per image (mean curve over `random_seeds` seeds).
+- `ig`: Captum's Integrated Gradients of c's logit w.r.t. the pixels (`ig_steps` steps, Gauss-Legendre,
+  the dataset-mean image as baseline), summed over channels and each patch's pixels.
+AUC: trapezoid over the deleted fraction in [0, 1] of the mean logit curve normalised to 1 before and
+0 after deleting everything (every method ends at the same all-mean image), so a curve that falls at
+once has AUC ~0 and a linear fall 0.5; lower is faster. Accuracy curves get the same trapezoid, raw.
+
+Time per explanation (`explanation_times`): one image per call, median over images, CPU time of
+this thread (robust to other processes on a shared machine) and wall time: `forward` (logits only,
+the unexplained model), `ours` (the whole `decompose` with spatial maps, eager), `ours_onnx` (the
+bundle's fused graph in ONNX Runtime, when given), `ig` (Integrated Gradients, the same steps).
+
+The maps are the direct path through attention: what each attention layer read from each patch
+and wrote straight into the CLS token. Effects that reach the CLS token through later layers (a patch
+changing what a later MLP/CLT or attention computes) are in other terms; Integrated Gradients sees
+those total effects. `direct_share` reports how much of the predicted logit the attention terms carry.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.decompose import Mode, decompose, splice_for_mode
+from ..model.vit import forward
+from .metrics import EvaluationError
+
+METHODS = ("ours", "random", "ig")
+
+
+@dataclass
+class SpatialEvalConfig:
+    """`images`: how many of the given images the deletion test uses (None: all); `time_images` /
+    `time_images_ig`: images timed per method; `ig_steps`: Integrated Gradients steps; `mode`: the
+    model explained (as the bundle serves it)."""
+
+    images: int | None = None
+    batch_size: int = 250
+    random_seeds: int = 3
+    ig_steps: int = 50
+    ig_batch: int = 8
+    mode: Mode = "cls"
+    time_images: int = 50
+    time_images_ig: int = 20
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- the model and its patches
+def model_logits(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float,
+                 mode: Mode) -> torch.Tensor:
+    """Logits [B, C] of the model `decompose` explains in `mode` (differentiable; no decomposition)."""
+    e = forward(visual, pixels, splice_for_mode(clt, mode)).embedding
+    return scale * (e / e.norm(dim=-1, keepdim=True)) @ text.T
+
+
+def patch_geometry(visual: nn.Module) -> tuple[int, int, int, int]:
+    """(grid rows, grid columns, patch height, patch width) of an open_clip ViT."""
+    gh, gw = (int(g) for g in visual.grid_size)
+    ph, pw = (int(p) for p in visual.patch_size)
+    return gh, gw, ph, pw
+
+
+def patch_masks(visual: nn.Module) -> torch.Tensor:
+    """bool [P, H, W]: the pixels of each patch (row-major, as the spatial maps' tokens 1..P)."""
+    gh, gw, ph, pw = patch_geometry(visual)
+    masks = torch.zeros(gh * gw, gh * ph, gw * pw, dtype=torch.bool)
+    for p in range(gh * gw):
+        r, c = divmod(p, gw)
+        masks[p, r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = True
+    return masks
+
+
+def deletion_steps(n_patches: int) -> list[int]:
+    """Patches deleted at each step: every count up to 16 patches, else 0, 5 %, ..., 100 % of them."""
+    if n_patches <= 16:
+        return list(range(n_patches + 1))
+    return sorted({int(round(f * n_patches / 20)) for f in range(21)})
+
+
+# ---------------------------------------------------------------------- scores per method
+def ig_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float, mode: Mode,
+              target: torch.Tensor, baseline: torch.Tensor, steps: int, masks: torch.Tensor) -> torch.Tensor:
+    """Integrated Gradients (Captum) of the target logits w.r.t. pixels [B, 3, H, W], summed per patch: [B, P]."""
+    try:
+        from captum.attr import IntegratedGradients  # optional `eval` extra, needed only for this baseline
+    except ImportError:
+        raise EvaluationError("the Integrated Gradients baseline needs captum: pip install 'cltvit[eval]'") from None
+    ig = IntegratedGradients(lambda x: model_logits(visual, clt, x, text, scale, mode))
+    attr = ig.attribute(pixels, baselines=baseline.expand_as(pixels), target=target, n_steps=steps,
+                        internal_batch_size=steps * len(pixels))
+    per_pixel = attr.detach().sum(1)  # [B, H, W]
+    return torch.einsum("bhw,phw->bp", per_pixel, masks.to(per_pixel.dtype))
+
+
+# ---------------------------------------------------------------------- deletion
+@torch.no_grad()
+def deletion_curves(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
+                    scale: float, mode: Mode, target: torch.Tensor, order: torch.Tensor, fill: torch.Tensor,
+                    masks: torch.Tensor, steps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(logit of `target` [B, S], correct [B, S] bool) after deleting the first k patches of `order`
+    [B, P] for each k in `steps`; deleted pixels take the per-channel `fill` [3]."""
+    logit, correct = [], []
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))  # rank of every patch
+    for k in steps:
+        gone = (rank < k).to(masks.dtype)  # [B, P]
+        pix_gone = torch.einsum("bp,phw->bhw", gone.float(), masks.float()).bool()[:, None]  # [B, 1, H, W]
+        x = torch.where(pix_gone, fill.view(1, 3, 1, 1), pixels)
+        lg = model_logits(visual, clt, x, text, scale, mode)
+        logit.append(lg.gather(1, target[:, None])[:, 0])
+        correct.append(lg.argmax(1) == labels)
+    return torch.stack(logit, 1).numpy(), torch.stack(correct, 1).numpy()
+
+
+def normalised_auc(curve: np.ndarray, fractions: np.ndarray) -> float:
+    """Trapezoid area over `fractions` of `curve` rescaled to 1 at the start and 0 at the end."""
+    span = curve[0] - curve[-1]
+    y = (curve - curve[-1]) / span if abs(span) > 1e-12 else np.ones_like(curve)
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(fractions)) / 2)
+
+
+def raw_auc(curve: np.ndarray, fractions: np.ndarray) -> float:
+    return float(np.sum((curve[1:] + curve[:-1]) * np.diff(fractions)) / 2)
+
+
+def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
+                  cfg: SpatialEvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The deletion test of the module docstring on `pixels` [N, 3, H, W] / `labels` [N]; text [C, D]
+    normalised. Returns curves, AUCs, their ratios and the direct (attention) share of the logit."""
+    visual, scale, mode = backbone.visual, float(backbone.logit_scale), cfg.mode
+    n = len(pixels) if cfg.images is None else min(cfg.images, len(pixels))
+    pixels, labels = pixels[:n], labels[:n]
+    masks = patch_masks(visual)
+    P = masks.shape[0]
+    steps = deletion_steps(P)
+    fractions = np.array(steps, dtype=np.float64) / P
+    fill = pixels.mean(dim=(0, 2, 3))  # dataset mean per channel, preprocessed
+    baseline = fill.view(1, 3, 1, 1).expand(1, 3, *pixels.shape[2:])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in METHODS}
+    direct = []
+    t0 = time.perf_counter()
+    for i in range(0, n, cfg.batch_size):
+        px, y = pixels[i : i + cfg.batch_size], labels[i : i + cfg.batch_size]
+        with torch.no_grad():
+            d = decompose(visual, clt, px, text, scale, mode, spatial_top_k=1)
+        target = d.spatial.classes[:, 0]  # the predicted class
+        ours = d.spatial.tokens[:, 0, :, 1:].sum(1)  # [B, P]: its map summed over layers
+        L = backbone.n_layers
+        c = d.contributions.gather(2, target[:, None, None].expand(-1, d.contributions.shape[1], 1))[..., 0]  # [B, T]
+        direct.append((c[:, 1 : 1 + L].abs().sum(1) / c.abs().sum(1)).numpy())
+        orders = {"ours": ours.argsort(dim=1, descending=True, stable=True)}
+        for j in range(0, len(px), cfg.ig_batch):
+            sl = slice(j, j + cfg.ig_batch)
+            scores = ig_scores(visual, clt, px[sl], text, scale, mode, target[sl], baseline, cfg.ig_steps, masks)
+            orders.setdefault("ig_parts", []).append(scores.argsort(dim=1, descending=True, stable=True))
+        orders["ig"] = torch.cat(orders.pop("ig_parts"))
+        for m in ("ours", "ig"):
+            curves[m].append(deletion_curves(visual, clt, px, y, text, scale, mode, target, orders[m], fill, masks, steps))
+        for _ in range(cfg.random_seeds):
+            rnd = torch.rand(len(px), P, generator=gen).argsort(1)
+            curves["random"].append(deletion_curves(visual, clt, px, y, text, scale, mode, target, rnd, fill, masks, steps))
+        log(f"spatial eval: deletion on {min(i + cfg.batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)")
+    out: dict[str, Any] = {"images": n, "patches": P, "steps": steps, "fractions": fractions.tolist(), "methods": {}}
+    for m, parts in curves.items():
+        if m == "random":  # per batch, `random_seeds` consecutive runs: average them per image
+            logit = _mean_over_seeds([p[0] for p in parts], cfg.random_seeds)
+            correct = _mean_over_seeds([p[1].astype(np.float64) for p in parts], cfg.random_seeds)
+        else:
+            logit = np.concatenate([p[0] for p in parts])
+            correct = np.concatenate([p[1] for p in parts]).astype(np.float64)
+        mean_logit, accuracy = logit.mean(0), correct.mean(0)
+        out["methods"][m] = {"logit": mean_logit.tolist(), "accuracy": accuracy.tolist(),
+                             "auc_logit": normalised_auc(mean_logit, fractions), "auc_accuracy": raw_auc(accuracy, fractions)}
+    ms = out["methods"]
+    out["ratios"] = {
+        "ours_vs_random_logit": ms["ours"]["auc_logit"] / ms["random"]["auc_logit"],
+        "ours_vs_ig_logit": ms["ours"]["auc_logit"] / ms["ig"]["auc_logit"],
+        "ours_vs_random_accuracy": ms["ours"]["auc_accuracy"] / ms["random"]["auc_accuracy"],
+        "ours_vs_ig_accuracy": ms["ours"]["auc_accuracy"] / ms["ig"]["auc_accuracy"],
+    }
+    share = np.concatenate(direct)
+    out["direct_share"] = {"mean": float(share.mean()), "median": float(np.median(share))}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _mean_over_seeds(parts: list[np.ndarray], seeds: int) -> np.ndarray:
+    """Per batch the `seeds` consecutive arrays [B, S] averaged, batches concatenated: [N, S]."""
+    return np.concatenate([np.mean(parts[i : i + seeds], 0) for i in range(0, len(parts), seeds)])
+
+
+# ---------------------------------------------------------------------- time per explanation
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(CPU seconds of this thread, wall seconds) of one call of fn."""
+    c0, w0 = time.thread_time(), time.perf_counter()
+    fn()
+    return time.thread_time() - c0, time.perf_counter() - w0
+
+
+def explanation_times(backbone: Any, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, cfg: SpatialEvalConfig,
+                      onnx_model: str | Path | None = None, spatial_top_k: int = 5,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Seconds per explanation, one image per call (module docstring), medians over images; the ratios
+    ig / ours (eager) and ig / ours_onnx. `onnx_model`: a fused graph (a bundle's model.onnx) to time in
+    ONNX Runtime with one thread, fed the same images."""
+    visual, scale, mode = backbone.visual, float(backbone.logit_scale), cfg.mode
+    fill = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    baseline = fill.expand(1, 3, *pixels.shape[2:])
+    runs: dict[str, Callable[[torch.Tensor], Any]] = {
+        "forward": lambda x: model_logits(visual, clt, x, text, scale, mode),
+        "ours": lambda x: decompose(visual, clt, x, text, scale, mode, spatial_top_k=spatial_top_k),
+    }
+    if onnx_model is not None:
+        import onnxruntime as ort  # only to time a bundle's graph; training never needs it otherwise
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(onnx_model), so, providers=["CPUExecutionProvider"])
+        text_np = text.numpy().astype(np.float32)
+        runs["ours_onnx"] = lambda x: sess.run(None, {"pixels": x.numpy(), "text_embeddings": text_np})
+
+    def ig_one(x: torch.Tensor) -> Any:
+        with torch.no_grad():
+            target = model_logits(visual, clt, x, text, scale, mode).argmax(1)
+        return ig_scores(visual, clt, x, text, scale, mode, target, baseline, cfg.ig_steps, patch_masks(visual))
+
+    runs["ig"] = ig_one
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "ig_steps": cfg.ig_steps, "methods": {}}
+    for name, fn in runs.items():
+        n = min(len(pixels), cfg.time_images_ig if name == "ig" else cfg.time_images)
+        cpu, wall = [], []
+        with torch.no_grad() if name != "ig" else torch.enable_grad():
+            fn(pixels[:1])  # warm-up (first-call allocations)
+            for i in range(n):
+                c, w = _timed(lambda: fn(pixels[i : i + 1]))  # noqa: B023 (called at once)
+                cpu.append(c)
+                wall.append(w)
+        out["methods"][name] = {"images": n, "cpu_s": float(np.median(cpu)), "wall_s": float(np.median(wall))}
+        log(f"spatial eval: {name}: {out['methods'][name]['cpu_s'] * 1e3:.2f} ms CPU per image (median of {n})")
+    m = out["methods"]
+    out["ratios"] = {"ig_vs_ours": m["ig"]["cpu_s"] / m["ours"]["cpu_s"], "ours_vs_forward": m["ours"]["cpu_s"] / m["forward"]["cpu_s"]}
+    if "ours_onnx" in m:
+        out["ratios"]["ig_vs_ours_onnx"] = m["ig"]["cpu_s"] / m["ours_onnx"]["cpu_s"]
+    return out
+
+
+# ---------------------------------------------------------------------- report
+def evaluate_spatial(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: torch.Tensor | None, text: torch.Tensor,
+                     cfg: SpatialEvalConfig | None = None, *, onnx_model: str | Path | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The deletion test (when `labels` are given; skipped for random-weight models) and the times per
+    explanation, as one report section (`render_markdown` prints it)."""
+    cfg = cfg or SpatialEvalConfig()
+    if clt.cfg.n_layers != backbone.n_layers:
+        raise EvaluationError(f"CLT has L={clt.cfg.n_layers}, the backbone L={backbone.n_layers}")
+    clt = clt.eval()
+    gh, gw, ph, pw = patch_geometry(backbone.visual)
+    out: dict[str, Any] = {"config": cfg.to_dict(), "grid": [gh, gw], "patch": [ph, pw], "model": backbone.spec.model}
+    if labels is not None:
+        out["deletion"] = deletion_test(backbone, clt, pixels, labels, text, cfg, log)
+    out["times"] = explanation_times(backbone, clt, pixels, text, cfg, onnx_model=onnx_model, log=log)
+    return out
+
+
+def render_markdown(section: dict[str, Any], title: str = "Where in the image: faithfulness and cost") -> str:
+    """An evaluation section (from `evaluate_spatial`) as Markdown tables."""
+    cfg = section["config"]
+    lines = [f"## {title}", "",
+             f"Model `{section['model']}`, {section['grid'][0]}x{section['grid'][1]} patches of "
+             f"{section['patch'][0]}x{section['patch'][1]} pixels, mode `{cfg['mode']}`.", ""]
+    dl = section.get("deletion")
+    if dl:
+        ms, r = dl["methods"], dl["ratios"]
+        lines += [f"Deletion test on {dl['images']} images ({len(dl['steps']) - 1} steps; deleted patches take the dataset "
+                  f"mean; random: mean of {cfg['random_seeds']} seeds; IG: {cfg['ig_steps']} steps, mean-image baseline). "
+                  "AUC of the normalised logit curve (1 = no drop until everything is deleted, lower falls faster) and of "
+                  "the accuracy curve:", "",
+                  "| method | AUC logit | AUC accuracy | logit after 1 / 2 / 4 patches | accuracy after 1 / 2 / 4 patches |",
+                  "|---|---|---|---|---|"]
+        steps = dl["steps"]
+        at = [steps.index(k) if k in steps else None for k in (1, 2, 4)]
+        for m in METHODS:
+            c = ms[m]
+            lg = " / ".join(f"{c['logit'][i]:.2f}" if i is not None else "-" for i in at)
+            ac = " / ".join(f"{100 * c['accuracy'][i]:.1f}%" if i is not None else "-" for i in at)
+            lines.append(f"| {m} | {c['auc_logit']:.3f} | {c['auc_accuracy']:.3f} | {lg} | {ac} |")
+        lines += ["", f"Before deletion: mean logit {ms['ours']['logit'][0]:.2f}, accuracy {100 * ms['ours']['accuracy'][0]:.2f}%. "
+                  f"AUC ratios (logit): ours / random **{r['ours_vs_random_logit']:.3f}** (target <= 0.5), ours / IG "
+                  f"**{r['ours_vs_ig_logit']:.3f}** (target <= 1); accuracy: ours / random {r['ours_vs_random_accuracy']:.3f}, "
+                  f"ours / IG {r['ours_vs_ig_accuracy']:.3f}. The attention terms carry {100 * dl['direct_share']['mean']:.1f}% "
+                  f"of the predicted logit's |terms| on average (median {100 * dl['direct_share']['median']:.1f}%).", ""]
+    tm = section["times"]
+    lines += [f"Time per explanation, one image per call, median CPU time of one thread ({tm['threads']} torch thread(s)):", "",
+              "| method | ms per image (CPU) | ms (wall) | images |", "|---|---|---|---|"]
+    for name, m in tm["methods"].items():
+        lines.append(f"| {name} | {m['cpu_s'] * 1e3:.2f} | {m['wall_s'] * 1e3:.2f} | {m['images']} |")
+    rr = tm["ratios"]
+    lines += ["", f"IG / ours (eager): **{rr['ig_vs_ours']:.0f}x**" + (f", IG / ours (ONNX Runtime): **{rr['ig_vs_ours_onnx']:.0f}x**"
+              if "ig_vs_ours_onnx" in rr else "") + f" (target >= 50x); ours / unexplained forward: {rr['ours_vs_forward']:.2f}x.", ""]
+    return "\n".join(lines)
