@@ -66,6 +66,7 @@ bench: setup
 	$(PY) scripts/bench_training.py --json $(ARTIFACTS)/bench/bench_training.json
 	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
 	$(PY) scripts/bench_score.py --bundle $(ARTIFACTS)/bench/vitb32-bundle --out $(ARTIFACTS)/bench/bench_score.json
+	$(PY) scripts/bench_spatial.py --work $(ARTIFACTS)/bench --json $(ARTIFACTS)/bench/bench_spatial.json
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

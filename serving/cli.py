@@ -199,9 +199,10 @@ def build_explain_parser() -> argparse.ArgumentParser:
     return p
 
 
-def format_grid(grid: list[list[float]], indent: str = "  ") -> str:
-    """A [rows][columns] map as aligned signed numbers, one row per line."""
-    return "\n".join(indent + " ".join(f"{v:+9.4f}" for v in row) for row in grid)
+def format_grid(cells: list[float], grid: tuple[int, int], indent: str = "  ") -> str:
+    """A row-major map of rows x columns cells as aligned signed numbers, one row per line."""
+    rows, cols = grid
+    return "\n".join(indent + " ".join(f"{v:+9.4f}" for v in cells[r * cols : (r + 1) * cols]) for r in range(rows))
 
 
 def render_text(result: ImageResult, term_names: list[str], n_terms: int = 6) -> str:
@@ -219,8 +220,8 @@ def render_text(result: ImageResult, term_names: list[str], n_terms: int = 6) ->
         rows, cols = sp.grid
         lines.append(f"where in the image: {rows}x{cols} patches, attention layers summed, logit units "
                      f"(all attention {c.attention:+.3f} = patches {float(np.sum(c.total)):+.3f} + CLS->CLS "
-                     f"{sum(c.cls):+.3f} + biases {sum(c.value_bias) + sum(c.output_bias):+.3f}):")
-        lines.append(format_grid(c.total))
+                     f"{sum(c.cls_cell):+.3f} + biases {sum(c.value_bias) + sum(c.output_bias):+.3f}):")
+        lines.append(format_grid(c.total, sp.grid))
     elif sp is None:
         lines.append("where in the image: this bundle has no spatial maps (re-export it with cltvit-export)")
     return "\n".join(lines)

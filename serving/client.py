@@ -97,8 +97,11 @@ class CltvitClient:
         out = self._call("classify", image=self._as_path(image), labels=list(labels) if labels else labels, top_k=top_k)
         return ClassifyResponse.model_validate(out)
 
-    def explain(self, image: ImageLike, labels: Sequence[str] | None = None, top_k: int | None = None) -> ExplainResponse:
-        out = self._call("explain", image=self._as_path(image), labels=list(labels) if labels else labels, top_k=top_k)
+    def explain(self, image: ImageLike, labels: Sequence[str] | None = None, top_k: int | None = None, *,
+                spatial: bool = True, heads: bool = False) -> ExplainResponse:
+        """`spatial`: where in the image per top label (`ExplainResponse.spatial`); `heads`: per-head maps too."""
+        out = self._call("explain", image=self._as_path(image), labels=list(labels) if labels else labels, top_k=top_k,
+                         spatial=spatial, heads=heads)
         return ExplainResponse.model_validate(out)
 
     def embed(self, image: ImageLike, labels: Sequence[str] | None = None) -> EmbedResponse:

@@ -67,7 +67,7 @@ def spatial_record(result: ImageResult) -> dict[str, Any] | None:
     sp = result.spatial
     if sp is None or not sp.classes or sp.classes[0].label != result.predicted:
         return None
-    return {"grid": list(sp.grid), "residual": sp.residual, **sp.classes[0].model_dump(exclude={"heads", "heads_cls"})}
+    return {"grid": list(sp.grid), "residual": sp.residual, **sp.classes[0].model_dump(exclude={"heads", "heads_cls_cell"})}
 
 
 class Explainer:
@@ -139,11 +139,12 @@ class Explainer:
             raise LabelError(f"label {want!r} has no spatial map in this result (maps for: {', '.join(maps)})")
         cmap = maps[want]
         if layer is None:
-            grid = np.asarray(cmap.total)
+            cells = cmap.total
         elif 0 <= layer < len(cmap.layers):
-            grid = np.asarray(cmap.layers[layer])
+            cells = cmap.layers[layer]
         else:
             raise LabelError(f"layer {layer} is out of range: the model has {len(cmap.layers)} attention layers")
+        grid = np.asarray(cells, np.float64).reshape(result.spatial.grid)
         return overlay(pil, grid, self.runtime.preprocessor.view_box(*pil.size), alpha=alpha)
 
     # -- flat records for batch jobs and pipelines ------------------------------------------------

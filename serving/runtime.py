@@ -25,7 +25,7 @@ from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundl
 from .preprocess import Preprocessor
 from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, SpatialExplanation, TermContribution
 from .shares import term_shares
-from .spatial import spatial_explanation
+from .spatial import spatial_explanations
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -312,6 +312,7 @@ class BundleRuntime:
         k = min(5, C) if top_k is None else int(top_k)
         if not 1 <= k <= C:
             raise LabelError(f"top_k={k} is out of range: it must be between 1 and the number of labels ({C})")
+        spatial_maps = self._spatial(raw, label_names, k, heads) if (spatial or heads) and raw.has_spatial else None
         out: list[ImageResult] = []
         for b in range(len(raw)):
             logits = raw.logits[b].astype(np.float64)
@@ -349,17 +350,19 @@ class BundleRuntime:
                     completeness_residual=residual,
                     term_shares=[float(s) for s in shares],
                     embedding=[float(v) for v in raw.embedding[b]] if include_embedding else None,
-                    spatial=self._spatial(raw, b, order, label_names, heads) if (spatial or heads) and raw.has_spatial else None,
+                    spatial=spatial_maps[b] if spatial_maps is not None else None,
                 )
             )
         return out
 
-    def _spatial(self, raw: RawOutputs, b: int, order: np.ndarray, label_names: Sequence[str], heads: bool) -> SpatialExplanation:
+    def _spatial(self, raw: RawOutputs, label_names: Sequence[str], k: int, heads: bool) -> list[SpatialExplanation]:
+        """The batch's maps for each image's top-k labels (those the graph has maps for)."""
         assert self.spatial is not None and raw.spatial_class is not None  # checked by the caller
-        return spatial_explanation(
-            order=[int(c) for c in order], label_names=label_names, logits=raw.logits[b], contributions=raw.contributions[b],
-            classes=raw.spatial_class[b], tokens=raw.spatial_contributions[b], bias=raw.spatial_bias[b],  # type: ignore[index]
-            head_tokens=raw.spatial_head_contributions[b] if heads else None,  # type: ignore[index]
+        orders = np.argsort(-raw.logits, axis=1, kind="stable")[:, :k]
+        return spatial_explanations(
+            orders=orders.tolist(), label_names=label_names, logits=raw.logits, contributions=raw.contributions,
+            classes=raw.spatial_class, tokens=raw.spatial_contributions, bias=raw.spatial_bias,  # type: ignore[arg-type]
+            head_tokens=raw.spatial_head_contributions if heads else None,
             grid=(int(self.spatial.grid[0]), int(self.spatial.grid[1])),
         )
 

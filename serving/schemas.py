@@ -55,30 +55,31 @@ class FeatureContribution(_Model):
 class ClassMap(_Model):
     """Where in the image one class's logit comes from through the attention blocks, in logit units.
 
-    For every layer l: sum(layers[l]) + cls[l] + value_bias[l] + output_bias[l] equals the class's
-    `attn.l` term (to `SpatialExplanation.residual`). Grids are [rows][columns] of patches, row-major
-    from the image's top-left corner.
+    For every layer l: sum(layers[l]) + cls_cell[l] + value_bias[l] + output_bias[l] equals the class's
+    `attn.l` term (to `SpatialExplanation.residual`). A patch map is a flat list of rows x columns
+    cells, row-major from the image's top-left patch (`SpatialExplanation.grid` gives the shape):
+    patch (r, c) is entry r * columns + c.
     """
 
     label: str
     logit: float
     attention: float = Field(description="sum of the class's attn.l terms: what the maps below split up")
-    total: list[list[float]] = Field(description="[rows][columns]: the patch cells summed over layers")
-    layers: list[list[list[float]]] = Field(description="[layers][rows][columns]: each attention layer's patch cells")
-    cls: list[float] = Field(description="[layers]: the CLS->CLS cell (the CLS token reading itself) per layer")
+    total: list[float] = Field(description="[rows * columns], row-major: the patch cells summed over layers")
+    layers: list[list[float]] = Field(description="[layers][rows * columns]: each attention layer's patch cells")
+    cls_cell: list[float] = Field(description="[layers]: the CLS->CLS cell (the CLS token reading itself) per layer")
     value_bias: list[float] = Field(description="[layers]: the attention's value-bias part per layer")
     output_bias: list[float] = Field(description="[layers]: the attention's output-bias part per layer")
-    heads: list[list[list[list[float]]]] | None = Field(
-        default=None, description="[layers][heads][rows][columns]: per-head patch cells (predicted class, on request)"
+    heads: list[list[list[float]]] | None = Field(
+        default=None, description="[layers][heads][rows * columns]: per-head patch cells (predicted class, on request)"
     )
-    heads_cls: list[list[float]] | None = Field(default=None, description="[layers][heads]: per-head CLS->CLS cells (with heads)")
+    heads_cls_cell: list[list[float]] | None = Field(default=None, description="[layers][heads]: per-head CLS->CLS cells (with heads)")
 
 
 class SpatialExplanation(_Model):
     """Per top class (at most the bundle's spatial top-k, best first), the patch grid per attention
     layer and summed over layers. Values are rounded to 7 significant digits."""
 
-    grid: tuple[int, int] = Field(description="(rows, columns) of the patch grid")
+    grid: tuple[int, int] = Field(description="(rows, columns) of the patch grid; maps list its cells row-major")
     layers: list[str] = Field(description="the attention terms the maps split, in order (attn.0, attn.1, ...)")
     classes: list[ClassMap]
     residual: float = Field(

@@ -3,8 +3,9 @@
 The graph (docs/bundle.md, format 2) returns, for its S top classes of each image, the split of every
 attention term `attn.l` over source tokens (token 0 = CLS, then the patches row-major) plus the
 value-bias and output-bias parts, and for the predicted class the same per head. This module turns
-one image's arrays into the response model: per class the [rows][columns] patch grid per layer and
-summed over layers, the CLS->CLS cell and the two bias parts per layer, per-head grids on request.
+the arrays into the response model: per class the patch grid (flat, row-major, with the grid's
+shape) per layer and summed over layers, the CLS->CLS cell and the two bias parts per layer,
+per-head grids on request.
 
 Size: per class L * N + (rows * columns) + 3 L numbers (N = 1 + rows * columns), at most S classes;
 per-head maps add L * H * N for one class. Values are rounded to 7 significant digits (float32 carries
@@ -31,22 +32,24 @@ def round_significant(x: np.ndarray, digits: int = SIGNIFICANT_DIGITS) -> np.nda
     return np.round(x * scale) / scale
 
 
-def spatial_residual(contributions: np.ndarray, classes: np.ndarray, tokens: np.ndarray, bias: np.ndarray) -> float:
-    """max over an image's spatial classes and layers of |attn.l term - (its cells + bias parts)|.
-
-    contributions [T, C], classes [S] int (-1 = padding), tokens [S, L, N], bias [S, L, 2]."""
-    L = tokens.shape[1]
-    valid = np.flatnonzero(classes >= 0)
-    if valid.size == 0:
-        return 0.0
-    want = contributions[1 : 1 + L][:, classes[valid]].T.astype(np.float64)  # [S', L]
-    got = tokens[valid].astype(np.float64).sum(-1) + bias[valid].astype(np.float64).sum(-1)
-    return float(np.abs(got - want).max())
+def attention_terms(contributions: np.ndarray, classes: np.ndarray, n_layers: int) -> np.ndarray:
+    """The attn.l terms [B, S, L] (float64) of each image's spatial classes (padding rows: class 0's).
+    contributions [B, T, C], classes [B, S] int (-1 = padding)."""
+    attn = np.take_along_axis(contributions[:, 1 : 1 + n_layers], np.maximum(classes, 0)[:, None, :], 2)  # [B, L, S]
+    return attn.transpose(0, 2, 1).astype(np.float64)
 
 
-def spatial_explanation(
+def spatial_residuals(attn: np.ndarray, classes: np.ndarray, tokens: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per image, max over its spatial classes and layers of |attn.l term - (its cells + bias parts)|:
+    attn [B, S, L] (`attention_terms`), classes [B, S], tokens [B, S, L, N], bias [B, S, L, 2] -> [B]."""
+    parts = tokens.sum(-1, dtype=np.float64) + bias.sum(-1, dtype=np.float64)  # [B, S, L]
+    err = np.abs(parts - attn) * (classes >= 0)[:, :, None]
+    return err.reshape(len(err), -1).max(1, initial=0.0)
+
+
+def spatial_explanations(
     *,
-    order: Sequence[int],
+    orders: Sequence[Sequence[int]],
     label_names: Sequence[str],
     logits: np.ndarray,
     contributions: np.ndarray,
@@ -55,36 +58,49 @@ def spatial_explanation(
     bias: np.ndarray,
     head_tokens: np.ndarray | None,
     grid: tuple[int, int],
-) -> SpatialExplanation:
-    """One image's maps for the classes in `order` (its top classes, best first) that the graph has
-    maps for. logits [C], contributions [T, C], classes [S], tokens [S, L, N], bias [S, L, 2] (the
-    image's rows of the graph outputs); head_tokens [L, H, N] adds per-head grids to the predicted
-    class (classes[0]); None leaves them out."""
+) -> list[SpatialExplanation]:
+    """The maps of a batch, one `SpatialExplanation` per image, for the classes in `orders[b]` (image b's
+    top classes, best first) that the graph has maps for. Arrays are the graph outputs: logits [B, C],
+    contributions [B, T, C], classes [B, S], tokens [B, S, L, N], bias [B, S, L, 2]; head_tokens
+    [B, L, H, N] adds per-head grids to each image's predicted class (classes[b, 0]), None leaves them out.
+
+    Vectorised over the batch (rounding, sums, residuals, list conversion happen once per array), and
+    the models are built with `model_construct`: their contents come from the graph's own float arrays
+    in the declared shapes, and validating some 10^3 - 10^4 floats per image again would cost more than
+    the graph's spatial outputs themselves (scripts/bench_spatial.py)."""
     rows, cols = grid
-    L, N = tokens.shape[1], tokens.shape[2]
+    B, S, L, N = tokens.shape
     if N != 1 + rows * cols:
         raise ValueError(f"spatial maps have {N} tokens, a {rows}x{cols} grid needs {1 + rows * cols}")
-    row_of = {int(c): s for s, c in enumerate(classes) if c >= 0}
-    picked = [(int(c), row_of[int(c)]) for c in order if int(c) in row_of]
-    maps = []
-    if picked:
-        sel = np.array([s for _, s in picked])
-        t = round_significant(tokens[sel])  # [S', L, N]
-        grids = t[:, :, 1:].reshape(len(sel), L, rows, cols)
-        totals = round_significant(tokens[sel][:, :, 1:].astype(np.float64).sum(1)).reshape(len(sel), rows, cols)
-        b = round_significant(bias[sel])  # [S', L, 2]
-        attention = contributions[1 : 1 + L][:, [c for c, _ in picked]].astype(np.float64).sum(0)
-        for i, (c, s) in enumerate(picked):
-            extra = {}
-            if head_tokens is not None and s == 0:
-                h = round_significant(head_tokens)  # [L, H, N]
-                extra = {"heads": h[:, :, 1:].reshape(L, -1, rows, cols).tolist(), "heads_cls": h[:, :, 0].tolist()}
-            maps.append(ClassMap(
-                label=label_names[c], logit=float(logits[c]), attention=float(attention[i]), total=totals[i].tolist(),
-                layers=grids[i].tolist(), cls=t[i, :, 0].tolist(), value_bias=b[i, :, 0].tolist(),
-                output_bias=b[i, :, 1].tolist(), **extra,
+    t = round_significant(tokens)
+    cells = t[..., 1:].tolist()
+    cls_cells = t[..., 0].tolist()
+    totals = round_significant(tokens[..., 1:].sum(2, dtype=np.float64)).tolist()
+    b_r = round_significant(bias)
+    vbias, obias = b_r[..., 0].tolist(), b_r[..., 1].tolist()
+    attn = attention_terms(contributions, classes, L)
+    attention = attn.sum(2).tolist()
+    residuals = spatial_residuals(attn, classes, tokens, bias).tolist()
+    heads = head_cls = None
+    if head_tokens is not None:
+        h = round_significant(head_tokens)
+        heads = h[..., 1:].tolist()
+        head_cls = h[..., 0].tolist()
+    layer_names = [f"attn.{l}" for l in range(L)]
+    class_rows, logit_rows = classes.tolist(), logits.tolist()
+    out = []
+    for b in range(B):
+        row_of = {c: s for s, c in enumerate(class_rows[b]) if c >= 0}
+        maps = []
+        for c in orders[b]:
+            s = row_of.get(c)
+            if s is None:
+                continue
+            with_heads = heads is not None and s == 0
+            maps.append(ClassMap.model_construct(
+                label=label_names[c], logit=logit_rows[b][c], attention=attention[b][s], total=totals[b][s],
+                layers=cells[b][s], cls_cell=cls_cells[b][s], value_bias=vbias[b][s], output_bias=obias[b][s],
+                heads=heads[b] if with_heads else None, heads_cls_cell=head_cls[b] if with_heads else None,  # type: ignore[index]
             ))
-    return SpatialExplanation(
-        grid=(rows, cols), layers=[f"attn.{l}" for l in range(L)], classes=maps,
-        residual=spatial_residual(contributions, classes, tokens, bias),
-    )
+        out.append(SpatialExplanation.model_construct(grid=(rows, cols), layers=layer_names, classes=maps, residual=residuals[b]))
+    return out

@@ -298,7 +298,7 @@ def arrow_schema(term_names: Sequence[str], spatial: bool = False) -> Any:
         f64, vec = pa.float64(), pa.list_(pa.float64())
         fields.append(("spatial", pa.struct([
             ("grid", pa.list_(pa.int64())), ("residual", f64), ("label", pa.string()), ("logit", f64), ("attention", f64),
-            ("total", pa.list_(vec)), ("layers", pa.list_(pa.list_(vec))), ("cls", vec), ("value_bias", vec), ("output_bias", vec),
+            ("total", vec), ("layers", pa.list_(vec)), ("cls_cell", vec), ("value_bias", vec), ("output_bias", vec),
         ])))
     return pa.schema(fields)
 

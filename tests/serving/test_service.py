@@ -152,14 +152,14 @@ def test_explain_returns_spatial_maps(server, runtime):
         np.testing.assert_allclose(h["layers"], l.layers, rtol=1e-4, atol=1e-6)
         attn = [t["value"] for t in next(e for e in http["explanations"] if e["label"] == h["label"])["terms"]
                 if t["term"].startswith("attn.")]
-        parts = np.sum(h["layers"], axis=(1, 2)) + np.add(h["cls"], h["value_bias"]) + h["output_bias"]
+        parts = np.sum(h["layers"], axis=1) + np.add(h["cls_cell"], h["value_bias"]) + h["output_bias"]
         np.testing.assert_allclose(parts, attn, atol=1e-5)
         assert h["heads"] is None
     heads = post(server, "explain", data, top_k=3, heads=True).json()["spatial"]["classes"][0]["heads"]
-    assert np.asarray(heads).shape == (4, 4, 4, 4)
+    assert np.asarray(heads).shape == (4, 4, 16)
     json_body = requests.post(f"{server}/explain", json={"image": base64.b64encode(data).decode(), "heads": True},
                               timeout=TIMEOUT).json()
-    assert np.asarray(json_body["spatial"]["classes"][0]["heads"]).shape == (4, 4, 4, 4)
+    assert np.asarray(json_body["spatial"]["classes"][0]["heads"]).shape == (4, 4, 16)
     assert post(server, "explain", data, spatial=False).json()["spatial"] is None
     info = requests.get(f"{server}/info", timeout=TIMEOUT).json()
     assert info["spatial"] == {"top_k": 5, "grid": [4, 4], "heads": 4}
@@ -181,7 +181,7 @@ def test_openapi_has_models(server):
     assert "#/components/schemas/SpatialExplanation" in json.dumps(spatial)
     assert schemas["SpatialExplanation"]["properties"]["classes"]["items"]["$ref"].endswith("/ClassMap")
     layers = schemas["ClassMap"]["properties"]["layers"]
-    assert layers["type"] == "array" and layers["items"]["items"]["items"]["type"] == "number"
+    assert layers["type"] == "array" and layers["items"]["items"]["type"] == "number"
     assert {"grid", "layers", "classes", "residual"} <= set(schemas["SpatialExplanation"]["required"])
 
 

@@ -18,7 +18,7 @@ from serving.heatmap import overlay
 from serving.jobs.cli import score_main
 from serving.runtime import BundleRuntime, SpatialUnavailable
 from serving.schemas import ImageResult
-from serving.spatial import round_significant, spatial_explanation
+from serving.spatial import round_significant, spatial_explanations
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def assert_maps_complete(result: ImageResult, term_names: list[str], rel: float 
     scale = max(abs(v) for t in terms.values() for k, v in t.items() if k.startswith("attn."))
     for c in sp.classes:
         layers = np.asarray(c.layers)
-        assert layers.shape == (L, *sp.grid) and np.asarray(c.total).shape == tuple(sp.grid)
+        assert layers.shape == (L, sp.grid[0] * sp.grid[1]) and len(c.total) == sp.grid[0] * sp.grid[1]
         np.testing.assert_allclose(np.asarray(c.total), layers.sum(0), atol=1e-6 * max(1.0, scale))
-        parts = layers.sum((1, 2)) + np.asarray(c.cls) + np.asarray(c.value_bias) + np.asarray(c.output_bias)
+        parts = layers.sum(1) + np.asarray(c.cls_cell) + np.asarray(c.value_bias) + np.asarray(c.output_bias)
         want = np.array([terms[c.label][f"attn.{l}"] for l in range(L)])
         assert np.abs(parts - want).max() <= rel * max(1.0, scale), c.label
         assert c.attention == pytest.approx(want.sum(), abs=1e-5 * max(1.0, scale))
@@ -59,9 +59,9 @@ def test_runtime_maps_sum_to_the_attention_terms(runtime):
         assert [c.label for c in sp.classes] == [t.label for t in r.top][: runtime.spatial.top_k]
         assert_maps_complete(r, runtime.term_names)
         heads = np.asarray(sp.classes[0].heads)
-        assert heads.shape == (4, 4, 4, 4)  # layers, heads, rows, columns
+        assert heads.shape == (4, 4, 16)  # layers, heads, rows * columns
         np.testing.assert_allclose(heads.sum(1), np.asarray(sp.classes[0].layers), atol=1e-6)
-        np.testing.assert_allclose(np.asarray(sp.classes[0].heads_cls).sum(1), sp.classes[0].cls, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sp.classes[0].heads_cls_cell).sum(1), sp.classes[0].cls_cell, atol=1e-6)
         assert all(c.heads is None for c in sp.classes[1:])
     plain = runtime.explain(images[:1], top_k=7)[0]
     assert plain.spatial is None  # off unless asked
@@ -218,10 +218,12 @@ def test_response_size_is_bounded_for_vit_b16():
     def noise(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
 
-    args = dict(order=list(range(1000)), label_names=[f"label {i}" for i in range(1000)], logits=noise(1000),
-                contributions=noise(2 * L + 3, 1000), classes=np.arange(S), tokens=noise(S, L, N), bias=noise(S, L, 2),
-                grid=(14, 14))
-    small = len(spatial_explanation(**args, head_tokens=None).model_dump_json())
-    big = len(spatial_explanation(**args, head_tokens=noise(L, H, N)).model_dump_json())
+    args = dict(orders=[list(range(1000))], label_names=[f"label {i}" for i in range(1000)], logits=noise(1, 1000),
+                contributions=noise(1, 2 * L + 3, 1000), classes=np.arange(S)[None], tokens=noise(1, S, L, N),
+                bias=noise(1, S, L, 2), grid=(14, 14))
+    (small,) = spatial_explanations(**args, head_tokens=None)
+    (big,) = spatial_explanations(**args, head_tokens=noise(1, L, H, N))
+    assert len(small.classes) == S and np.asarray(big.classes[0].heads).shape == (L, H, 196)
+    small, big = len(small.model_dump_json()), len(big.model_dump_json())
     print(f"ViT-B/16 spatial JSON: {small} bytes, with per-head maps {big} bytes")
     assert small < 200_000 and big < 600_000

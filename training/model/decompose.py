@@ -149,9 +149,11 @@ def spatial_parts(
     H, dh = V.shape[0] // L, V.shape[1]
     u2 = u.reshape(-1, d)  # [B*S, d]
     o = torch.matmul(u2, O).reshape(-1, L * H, dh).transpose(0, 1)  # [L*H, B*S, dh]: W_O[l,h]^T (g_l * u)
-    w = torch.matmul(o, V).reshape(L, H, -1, S, d).transpose(1, 2)  # [L, B, H, S, d]: W_V^T W_O^T (g * u)
-    tokens_t = res.attn_in.unsqueeze(2).transpose(-1, -2)  # [L, B, 1, d, T]
-    cells = torch.matmul(w, tokens_t) * res.attn_weights.unsqueeze(3)  # [L, B, H, S, T]
+    w = torch.matmul(o, V).reshape(L, H, -1, S, d).transpose(1, 2).reshape(L, -1, H * S, d)  # [L, B, H*S, d]
+    T = res.attn_weights.shape[-1]
+    # one [H*S, d] x [d, T] product per (layer, image): W_V^T W_O^T (g * u) against every token's LN1 output
+    z = torch.matmul(w, res.attn_in.transpose(-1, -2)).reshape(L, -1, H, S, T)  # [L, B, H, S, T]
+    cells = z * res.attn_weights.unsqueeze(3)  # [L, B, H, S, T]
     value_bias = torch.matmul(o, b_v).reshape(L, H, -1, S).sum(1)  # [L, B, S]
     out_bias = torch.matmul(u2, b_o).reshape(-1, S, L)  # [B, S, L]
     return cells, value_bias, out_bias

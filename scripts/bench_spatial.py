@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Benchmark: explain with spatial maps against explain without, same machine, same run.
+
+For each model, two bundles that differ only in the spatial maps (`spatial_top_k` 5 vs 0):
+  - the reference model (exported from the shipped weights, pipeline/reference_weights/)
+  - the ViT-B-32 architecture (random weights, random CLT with F = 6144, k = 32 as scripts/bench_export.py)
+and for batch sizes 1 and 16, alternating calls of "explain" as /explain does it: `BundleRuntime.run`
+(the graph), `BundleRuntime.results` (with `spatial=True` on the spatial bundle) and the JSON of the
+response per image (`ExplainResponse.model_dump_json`). Times are the CPU time of the calling thread
+(ONNX Runtime runs its single intra-op thread on the caller, so this is the work done, less exposed
+to other processes on a shared machine) and wall time. Each round times both bundles back to back
+(alternating which goes first); the ratio reported is the median over rounds of with / without, for
+the graph alone and for the whole explain. Target: explain ratio <= 1.15 at batch 1 and 16 on both models.
+
+Also checks that ONNX Runtime's graph optimisations do not change the spatial outputs (level ALL, as
+served, against no optimisation) on one batch of each spatial bundle.
+
+Bundles are kept in --work (exported when missing or not matching; the ViT-B-32 ones take minutes
+and ~2 GB each).
+
+  python scripts/bench_spatial.py [--work artifacts/bench] [--weights pipeline/reference_weights] [--batches 1,16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundle import BundleError, load_bundle  # noqa: E402
+from bundle.provenance import machine_info  # noqa: E402
+from serving.runtime import BundleRuntime  # noqa: E402
+from serving.schemas import ExplainResponse  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def matching(bundle: Path, fingerprint: str, spatial: bool, clt: dict | None = None) -> bool:
+    """A valid `cls`-mode bundle of these backbone weights, with or without spatial maps (and this CLT shape)."""
+    try:
+        m, _ = load_bundle(bundle, verify_checksums=False)
+    except BundleError:
+        return False
+    same_clt = clt is None or all(m.clt.config.get(k) == v for k, v in clt.items())
+    return m.backbone.weights_sha256_16 == fingerprint and (m.spatial is not None) == spatial and m.mode == "cls" and same_clt
+
+
+def make_bundles(work: Path, weights: Path, model: str) -> dict[str, Path]:
+    """{"with": ..., "without": ...} bundles of `model` ("reference" or an open_clip architecture)."""
+    import torch
+
+    from export.writer import export_bundle
+    from pipeline.shipped import load_shipped
+    from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
+    from training.model.backbone import load_backbone
+    from training.testing import random_clt
+
+    torch.set_num_threads(1)
+    name = "reference" if model == "reference" else model.lower().replace("-", "")
+    out = {k: work / f"spatial-{name}-{k}" for k in ("with", "without")}
+    shape = None
+    if model == "reference":
+        backbone, clt, _ = load_shipped(weights)
+        labels, templates = FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
+    else:
+        backbone, clt = load_backbone(model, None, device="cpu", seed=0), None
+        labels, templates = FASHION_MNIST_CLASSES, ["a photo of a {}."]
+        shape = {"n_features": 6144, "k": 32}
+        shared = work / f"{name}-bundle"  # scripts/bench_export.py's bundle (spatial maps by default): reuse it
+        if matching(shared, backbone.fingerprint, True, shape):
+            out["with"] = shared
+    for key, path in out.items():
+        spatial = key == "with"
+        if matching(path, backbone.fingerprint, spatial, shape):
+            log(f"reusing {path}")
+            continue
+        if clt is None:
+            clt = random_clt(backbone.n_layers, backbone.d_model, n_features=6144, k=32, seed=0)
+        t0 = time.perf_counter()
+        export_bundle(backbone, clt, "cls", labels, templates, path, spatial_top_k=5 if spatial else 0, overwrite=True)
+        log(f"exported {path} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def check_optimisations(bundle: Path, pixels: np.ndarray, text: np.ndarray) -> float:
+    """max |output(ORT_ENABLE_ALL) - output(ORT_DISABLE_ALL)| over the float outputs, relative to each
+    output's largest magnitude; the int64 outputs must be equal."""
+    import onnxruntime as ort
+
+    _, paths = load_bundle(bundle, verify_checksums=False)
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level, so.intra_op_num_threads, so.log_severity_level = level, 1, 3
+        sess = ort.InferenceSession(str(paths.model), so, providers=["CPUExecutionProvider"])
+        outs.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"pixels": pixels, "text_embeddings": text}))))
+    worst = 0.0
+    for name, a in outs[0].items():
+        b = outs[1][name]
+        if a.dtype == np.int64:
+            if not np.array_equal(a, b):
+                raise AssertionError(f"{bundle.name}: {name} differs between optimisation levels")
+        else:
+            worst = max(worst, float(np.abs(a - b).max() / max(1e-12, float(np.abs(b).max()))))
+    return worst
+
+
+def response_json(rt: BundleRuntime, results: list) -> list[str]:
+    """The /explain response bodies of `results` (serving/service.py builds the same model)."""
+    return [ExplainResponse(predicted=r.predicted, top=r.top, term_names=rt.term_names, explanations=r.explanations or [],
+                            top_features=r.top_features or [], completeness_residual=r.completeness_residual,
+                            term_shares=r.term_shares, spatial=r.spatial).model_dump_json() for r in results]
+
+
+def bench(bundles: dict[str, Path], batch: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Per variant ("with", "without"): CPU and wall seconds of the graph and of the whole explain, per round."""
+    rts = {k: BundleRuntime(p, device="cpu", threads=1, spinning=False, verify_checksums=False) for k, p in bundles.items()}
+    H, W = rts["with"].image_size
+    pixels = np.random.default_rng(batch).standard_normal((batch, 3, H, W), dtype=np.float32)
+    names = rts["with"].label_names
+    times: dict[str, dict[str, list[float]]] = {k: {"graph_cpu": [], "graph_wall": [], "explain_cpu": [], "explain_wall": []}
+                                                 for k in rts}
+    for key, rt in rts.items():  # warm-up
+        response_json(rt, rt.results(rt.run(pixels), names, spatial=key == "with"))
+    order = list(rts)
+    for rnd in range(repeats):
+        for key in order[rnd % 2 :] + order[: rnd % 2]:
+            rt = rts[key]
+            c0, w0 = time.thread_time(), time.perf_counter()
+            raw = rt.run(pixels)
+            c1, w1 = time.thread_time(), time.perf_counter()
+            response_json(rt, rt.results(raw, names, spatial=key == "with"))
+            c2, w2 = time.thread_time(), time.perf_counter()
+            t = times[key]
+            t["graph_cpu"].append(c1 - c0)
+            t["graph_wall"].append(w1 - w0)
+            t["explain_cpu"].append(c2 - c0)
+            t["explain_wall"].append(w2 - w0)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "artifacts/bench")
+    ap.add_argument("--weights", type=Path, default=ROOT / "pipeline/reference_weights")
+    ap.add_argument("--models", default="reference,ViT-B-32")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--seconds", type=float, default=20.0, help="about this long per (model, batch) cell")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    info = machine_info(threads=1)
+    log(f"# bench_spatial: {info['cpu']} ({', '.join(info['isa'])}), 1 ORT thread; load avg "
+        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    record: dict = {"machine": info, "cells": []}
+    for model in args.models.split(","):
+        bundles = make_bundles(args.work, args.weights, model)
+        rt = BundleRuntime(bundles["with"], device="cpu", threads=1, verify_checksums=False)
+        H, W = rt.image_size
+        px = np.random.default_rng(0).standard_normal((4, 3, H, W), dtype=np.float32)
+        drift = check_optimisations(bundles["with"], px, rt.default_text)
+        log(f"{model}: ORT optimisations ALL vs none: max relative output difference {drift:.2e}")
+        record.setdefault("optimisation_check", {})[model] = drift
+        for batch in (int(b) for b in args.batches.split(",")):
+            t0 = time.perf_counter()
+            rt.run(np.zeros((batch, 3, H, W), np.float32))
+            per_call = time.perf_counter() - t0
+            repeats = int(min(1000, max(5, args.seconds / (2 * max(per_call, 1e-4)))))
+            t = bench(bundles, batch, repeats)
+            w, wo = t["with"], t["without"]
+
+            def ratio(key: str) -> float:  # median over rounds of the per-round ratio
+                return statistics.median(a / b for a, b in zip(w[key], wo[key]))
+
+            cell = {
+                "model": model, "batch": batch, "calls": repeats,
+                "graph_ms": {"with": statistics.median(w["graph_cpu"]) * 1e3, "without": statistics.median(wo["graph_cpu"]) * 1e3},
+                "explain_ms": {"with": statistics.median(w["explain_cpu"]) * 1e3,
+                               "without": statistics.median(wo["explain_cpu"]) * 1e3},
+                "graph_ratio": ratio("graph_cpu"), "explain_ratio": ratio("explain_cpu"),
+                "explain_wall_ratio": ratio("explain_wall"),
+            }
+            record["cells"].append(cell)
+            log(f"{model} batch {batch}: graph {cell['graph_ms']['with']:.2f} / {cell['graph_ms']['without']:.2f} ms CPU "
+                f"(x{cell['graph_ratio']:.3f}); explain {cell['explain_ms']['with']:.2f} / {cell['explain_ms']['without']:.2f} ms "
+                f"(x{cell['explain_ratio']:.3f}; wall x{cell['explain_wall_ratio']:.3f}); {repeats} calls each")
+    log("")
+    log("| model | batch | graph with / without (ms CPU) | ratio | explain with / without (ms CPU) | ratio | wall ratio |")
+    log("|---|---|---|---|---|---|---|")
+    for c in record["cells"]:
+        log(f"| {c['model']} | {c['batch']} | {c['graph_ms']['with']:.2f} / {c['graph_ms']['without']:.2f} | {c['graph_ratio']:.3f} | "
+            f"{c['explain_ms']['with']:.2f} / {c['explain_ms']['without']:.2f} | **{c['explain_ratio']:.3f}** | {c['explain_wall_ratio']:.3f} |")
+    worst = max(c["explain_ratio"] for c in record["cells"])
+    log(f"worst explain ratio {worst:.3f} (target <= 1.15); load avg at the end "
+        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1))
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
