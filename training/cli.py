@@ -285,6 +285,7 @@ def build_spatial_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--class-list")
     p.add_argument("--images", type=_int_at_least(1), default=None, help="deletion test on the first N images (default all)")
+    p.add_argument("--no-deletion", action="store_true", help="times only (no deletion test)")
     p.add_argument("--mode", choices=("cls", "all", "observe"), default="cls", help="the model explained (as served)")
     p.add_argument("--ig-steps", type=_int_at_least(1), default=50)
     p.add_argument("--random-seeds", type=_int_at_least(1), default=3, help="seeds of the random-patch baseline")
@@ -319,7 +320,9 @@ def spatial_eval_main(argv: Sequence[str] | None = None) -> int:
         else:
             backbone, clt = _load_evaluated(args)
             dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
-            pixels, labels = dataset_tensors(backbone, dataset, args.images)
+            timed = max(cfg.time_images, cfg.time_images_ig)
+            pixels, labels = dataset_tensors(backbone, dataset, timed if args.no_deletion else args.images)
+            labels = None if args.no_deletion else labels
             text = backbone.class_embeddings(dataset.class_names, dataset.templates)
         section = spatial_eval.evaluate_spatial(backbone, clt, pixels, labels, text, cfg, onnx_model=args.onnx)
     except (EvaluationError, BackboneError, CheckpointError, DatasetError, UnsupportedModel) as exc:

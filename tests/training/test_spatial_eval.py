@@ -98,6 +98,10 @@ def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
     assert spatial_eval_main(["--random", "cltvit-tiny", "--n-features", "64", "--k", "4", "--time-images", "2",
                               "--time-images-ig", "1", "--ig-steps", "4", "--out", str(tmp_path / "r")]) == 0
     assert "deletion" not in json.loads((tmp_path / "r" / "spatial.json").read_text())
+    assert spatial_eval_main(["--clt", str(ckpt), "--model", "cltvit-tiny", "--no-deletion", "--time-images", "2",
+                              "--time-images-ig", "1", "--ig-steps", "4", "--out", str(tmp_path / "t")]) == 0
+    timed = json.loads((tmp_path / "t" / "spatial.json").read_text())
+    assert "deletion" not in timed and timed["times"]["methods"]["ours"]["images"] == 2
     capsys.readouterr()
     assert spatial_eval_main(["--random", "cltvit-tiny", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path)]) == 2
     assert "argument --onnx" in capsys.readouterr().err
