@@ -69,10 +69,13 @@ class ClassMap(_Model):
     cls_cell: list[float] = Field(description="[layers]: the CLS->CLS cell (the CLS token reading itself) per layer")
     value_bias: list[float] = Field(description="[layers]: the attention's value-bias part per layer")
     output_bias: list[float] = Field(description="[layers]: the attention's output-bias part per layer")
-    heads: list[list[list[float]]] | None = Field(
-        default=None, description="[layers][heads][rows * columns]: per-head patch cells (predicted class, on request)"
+    heads: list[list[list[float]]] = Field(
+        default_factory=list,
+        description="[layers][heads][rows * columns]: per-head patch cells (predicted class with heads=true; else empty)",
     )
-    heads_cls_cell: list[list[float]] | None = Field(default=None, description="[layers][heads]: per-head CLS->CLS cells (with heads)")
+    heads_cls_cell: list[list[float]] = Field(
+        default_factory=list, description="[layers][heads]: per-head CLS->CLS cells (with heads; else empty)"
+    )
 
 
 class SpatialExplanation(_Model):

@@ -100,7 +100,7 @@ def spatial_explanations(
             maps.append(ClassMap.model_construct(
                 label=label_names[c], logit=logit_rows[b][c], attention=attention[b][s], total=totals[b][s],
                 layers=cells[b][s], cls_cell=cls_cells[b][s], value_bias=vbias[b][s], output_bias=obias[b][s],
-                heads=heads[b] if with_heads else None, heads_cls_cell=head_cls[b] if with_heads else None,  # type: ignore[index]
+                heads=heads[b] if with_heads else [], heads_cls_cell=head_cls[b] if with_heads else [],  # type: ignore[index]
             ))
         out.append(SpatialExplanation.model_construct(grid=(rows, cols), layers=layer_names, classes=maps, residual=residuals[b]))
     return out

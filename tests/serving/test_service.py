@@ -154,7 +154,7 @@ def test_explain_returns_spatial_maps(server, runtime):
                 if t["term"].startswith("attn.")]
         parts = np.sum(h["layers"], axis=1) + np.add(h["cls_cell"], h["value_bias"]) + h["output_bias"]
         np.testing.assert_allclose(parts, attn, atol=1e-5)
-        assert h["heads"] is None
+        assert h["heads"] == [] and h["heads_cls_cell"] == []
     heads = post(server, "explain", data, top_k=3, heads=True).json()["spatial"]["classes"][0]["heads"]
     assert np.asarray(heads).shape == (4, 4, 16)
     json_body = requests.post(f"{server}/explain", json={"image": base64.b64encode(data).decode(), "heads": True},

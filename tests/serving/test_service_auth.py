@@ -59,7 +59,7 @@ def test_client_helper_with_token(server):
         res = client.classify(Image.new("RGB", (50, 50), (10, 200, 10)), labels=["green", "red", "blue"], top_k=2)
         assert len(res.top) == 2 and res.predicted in {"green", "red", "blue"}
         ex = client.explain(Image.new("RGB", (50, 50), (10, 200, 10)), top_k=2, heads=True)
-        assert ex.spatial is not None and ex.spatial.classes[0].heads is not None  # where in the image, per head
+        assert ex.spatial is not None and len(ex.spatial.classes[0].heads) == 4  # where in the image, per head (4 layers)
         assert client.explain(Image.new("RGB", (50, 50), (10, 200, 10)), spatial=False).spatial is None
         with pytest.raises(ServiceError) as err:
             client.classify(b"not an image")

@@ -62,10 +62,10 @@ def test_runtime_maps_sum_to_the_attention_terms(runtime):
         assert heads.shape == (4, 4, 16)  # layers, heads, rows * columns
         np.testing.assert_allclose(heads.sum(1), np.asarray(sp.classes[0].layers), atol=1e-6)
         np.testing.assert_allclose(np.asarray(sp.classes[0].heads_cls_cell).sum(1), sp.classes[0].cls_cell, atol=1e-6)
-        assert all(c.heads is None for c in sp.classes[1:])
+        assert all(c.heads == [] and c.heads_cls_cell == [] for c in sp.classes[1:])
     plain = runtime.explain(images[:1], top_k=7)[0]
     assert plain.spatial is None  # off unless asked
-    assert runtime.explain(images[:1], top_k=2, spatial=True)[0].spatial.classes[0].heads is None
+    assert runtime.explain(images[:1], top_k=2, spatial=True)[0].spatial.classes[0].heads == []
 
 
 def test_fewer_labels_than_the_spatial_top_k(runtime):
@@ -140,7 +140,7 @@ def test_cli_explain(bundle, tmp_path, capsys):
     assert explain_main([str(src), "--bundle", str(bundle), "--heatmap", str(png), "--heads", "--json", "--threads", "1"]) == 0
     out, err = capsys.readouterr()
     result = ImageResult.model_validate_json(out)
-    assert result.spatial.classes[0].heads is not None
+    assert np.asarray(result.spatial.classes[0].heads).shape == (4, 4, 16)
     assert f"wrote {png} (70x45" in err
     heat = Image.open(png)
     assert heat.size == (70, 45) and heat.format == "PNG"
@@ -227,3 +227,38 @@ def test_response_size_is_bounded_for_vit_b16():
     small, big = len(small.model_dump_json()), len(big.model_dump_json())
     print(f"ViT-B/16 spatial JSON: {small} bytes, with per-head maps {big} bytes")
     assert small < 200_000 and big < 600_000
+
+
+# ---------------------------------------------------------------------- a finer grid: ViT-B-16 (14x14)
+@pytest.mark.slow
+def test_vit_b16_bundle_end_to_end(tmp_path_factory):
+    """A real ViT-B-16-architecture bundle (random weights, small random CLT): 14x14 maps per layer, complete
+    against the terms, per-head maps, the heatmap at the image's size, and the /explain JSON size."""
+    from export.writer import export_bundle
+    from training.data import FASHION_MNIST_CLASSES
+    from training.model.backbone import load_backbone
+    from training.testing import random_clt
+
+    backbone = load_backbone("ViT-B-16", None, device="cpu", seed=0)
+    clt = random_clt(backbone.n_layers, backbone.d_model, n_features=256, k=8, seed=3)
+    root = export_bundle(backbone, clt, "cls", FASHION_MNIST_CLASSES, ["a photo of a {}."],
+                         tmp_path_factory.mktemp("vitb16") / "bundle")
+    ex = serving.Explainer(root, threads=1)
+    assert ex.runtime.spatial.grid == (14, 14) and ex.runtime.spatial.heads == 12
+    photo = _image(320, 240, seed=4)
+    (res,) = ex.explain([photo], heads=True)
+    assert len(res.spatial.classes) == 5 and np.asarray(res.spatial.classes[0].layers).shape == (12, 196)
+    assert np.asarray(res.spatial.classes[0].heads).shape == (12, 12, 196)
+    assert_maps_complete(res, ex.term_names, rel=1e-4)
+    heat = ex.heatmap(photo, result=res)
+    assert heat.size == (320, 240) and len(np.unique(np.asarray(heat).reshape(-1, 3), axis=0)) > 100
+    from serving.schemas import ExplainResponse
+
+    body = ExplainResponse(predicted=res.predicted, top=res.top, term_names=ex.term_names, explanations=res.explanations,
+                           top_features=res.top_features, completeness_residual=res.completeness_residual,
+                           term_shares=res.term_shares, spatial=res.spatial)
+    with_heads = len(body.model_dump_json())
+    (plain,) = ex.explain([photo])
+    without_heads = len(body.model_copy(update={"spatial": plain.spatial}).model_dump_json())
+    print(f"ViT-B/16 /explain JSON: {without_heads} bytes, {with_heads} with per-head maps")
+    assert without_heads < 250_000 and with_heads < 700_000
