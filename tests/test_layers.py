@@ -31,7 +31,8 @@ TORCH_FREE = ("bundle", "serving")
 TORCH = {"torch", "torchvision", "open_clip", "safetensors"}
 # imports allowed inside functions: optional extras, and prometheus_client, which must not load
 # before a BentoML worker has set up its multiprocess metrics
-LATE_OK = {"ray", "ray.data", "pyarrow", "pyarrow.parquet", "prometheus_client", "prometheus_client.core", "serving.explainer"}
+LATE_OK = {"ray", "ray.data", "pyarrow", "pyarrow.parquet", "prometheus_client", "prometheus_client.core", "serving.explainer",
+           "captum.attr"}
 
 IMPORTS = [imp for f in graph.project_files() for imp in graph.imports_of(f)]
 

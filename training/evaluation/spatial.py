@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -242,8 +243,6 @@ def explanation_times(backbone: Any, clt: nn.Module, pixels: torch.Tensor, text:
         "ours": ours,
     }
     if onnx_model is not None:
-        import onnxruntime as ort  # only to time a bundle's graph; training never needs it otherwise
-
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
