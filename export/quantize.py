@@ -14,9 +14,12 @@ that variant's own logits to fp32 rounding; only the terms' values move.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from onnx import helper, numpy_helper
@@ -63,14 +66,27 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
         else:
             onnx.save_model(model, str(mid))
         del model
-        quantize_dynamic(
-            str(mid), str(dst), weight_type=QuantType.QInt8, reduce_range=True, per_channel=False, op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=nodes, use_external_data_format=large, extra_options={"MatMulConstBOnly": True},
-        )
+        with _quiet_root_logger():  # ORT advises shape-inference pre-processing on every call; the graph has static shapes
+            quantize_dynamic(
+                str(mid), str(dst), weight_type=QuantType.QInt8, reduce_range=True, per_channel=False, op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=nodes, use_external_data_format=large, extra_options={"MatMulConstBOnly": True},
+            )
     return _rename_external(dst)
 
 
-def _gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:  # noqa: F821
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Drop WARNING records from the root logger (onnxruntime.quantization logs its advice there)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _gemm_to_matmul(model: onnx.ModelProto, names: set[str]) -> int:
     """Rewrite the named Gemm nodes (alpha = beta = 1, no transA, constant B) as MatMul (+ Add)."""
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -127,7 +143,7 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
+def _float_tensors(skeleton: onnx.ModelProto) -> set[str]:
     """Names of all float32 tensors (inputs, initializers, node outputs), by ONNX type inference.
     Strips `skeleton`'s weight data in place (pass a copy loaded without external data)."""
 
@@ -148,7 +164,7 @@ def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
     return out
 
 
-def _to_fp16(model: "onnx.ModelProto", inside: set[str], floats: set[str]) -> None:  # noqa: F821
+def _to_fp16(model: onnx.ModelProto, inside: set[str], floats: set[str]) -> None:
     """In-place: nodes named in `inside` compute in float16 (see `convert_fp16`); `floats` names the
     float32 tensors of the graph (`_float_tensors`)."""
 
@@ -199,7 +215,7 @@ def _to_fp16(model: "onnx.ModelProto", inside: set[str], floats: set[str]) -> No
     _toposort(model)
 
 
-def _toposort(model: "onnx.ModelProto") -> None:  # noqa: F821
+def _toposort(model: onnx.ModelProto) -> None:
     """Order nodes so each comes after the producers of its inputs (stable: keeps the given order
     where possible); drops nodes whose outputs nothing uses any more (dead casts)."""
     graph = model.graph

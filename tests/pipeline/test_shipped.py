@@ -31,6 +31,7 @@ def shipped():
     return load_shipped()
 
 
+@pytest.mark.slow  # measures the 10,000 test images twice over (~2.5 CPU-minutes)
 def test_shipped_weights_reproduce_their_report(shipped):
     backbone, clt, manifest = shipped
     got = measure(backbone, clt)
