@@ -8,12 +8,13 @@ Shapes: B images, C labels, D embedding dim, T = 2L + 3 terms, K = top_k_feature
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -22,8 +23,8 @@ from PIL import Image
 from bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
 
 from .preprocess import Preprocessor
-from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, TermContribution
-from .shares import term_shares
+from .results import check_top_k, image_result
+from .schemas import ImageResult
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -97,27 +98,78 @@ class RawOutputs:
         return RawOutputs(*[getattr(self, f)[idx] for f in OUTPUT_NAMES])
 
 
-class _LRU:
-    """A small thread-safe LRU map (bounded memory for user-defined label sets)."""
+class LabelCache:
+    """Label-set embeddings keyed by content, bounded in bytes, LRU; safe under concurrency.
 
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+    Keys are sha256 digests of the label set and templates (so a key's size does not depend on
+    the labels'); an entry costs its array's bytes plus a fixed overhead. `get_or_compute` runs
+    `compute` once per key even when several threads ask for the same new key at the same time
+    (the others wait for it); a failing `compute` releases the key to the next caller.
+    """
+
+    ENTRY_OVERHEAD = 512  # dict slot, digest, array header (bytes, rounded up)
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._inflight: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> np.ndarray | None:
+    @staticmethod
+    def key(labels: Sequence[str], templates: Sequence[str]) -> bytes:
+        """Content key: sha256 over the length-prefixed UTF-8 labels and templates."""
+        h = hashlib.sha256()
+        for group in (labels, templates):
+            h.update(len(group).to_bytes(4, "little"))
+            for text in group:
+                data = text.encode("utf-8")
+                h.update(len(data).to_bytes(4, "little"))
+                h.update(data)
+        return h.digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
         with self._lock:
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
             return value
 
-    def put(self, key: tuple, value: np.ndarray) -> None:
+    def get_or_compute(self, key: bytes, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        while True:
+            with self._lock:
+                value = self._data.get(key)
+                if value is not None:
+                    self._data.move_to_end(key)
+                    return value
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    self._inflight[key] = threading.Event()
+                    break
+            waiting.wait()  # another thread is computing this key; then look again
+        try:
+            value = compute()
+            self._put(key, value)
+            return value
+        finally:
+            with self._lock:
+                self._inflight.pop(key).set()
+
+    def _put(self, key: bytes, value: np.ndarray) -> None:
+        cost = value.nbytes + self.ENTRY_OVERHEAD
         with self._lock:
+            if cost > self.max_bytes:
+                return  # larger than the whole cache: used once, not kept
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes + self.ENTRY_OVERHEAD
             self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+            self.nbytes += cost
+            while self.nbytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self.nbytes -= evicted.nbytes + self.ENTRY_OVERHEAD
 
     def __len__(self) -> int:
         return len(self._data)
@@ -132,6 +184,7 @@ class BundleRuntime:
     `io_binding`: run through an ORT IO binding (None: exactly when the provider is CUDA).
     `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
     threads need the CPU between batches).
+    `label_cache_bytes`: bound of the custom label-set embedding cache (`LabelCache`).
     """
 
     def __init__(
@@ -141,7 +194,7 @@ class BundleRuntime:
         device: Device = "auto",
         variant: str = "fp32",
         threads: int | None = None,
-        label_cache_size: int = 64,
+        label_cache_bytes: int = 64 << 20,
         verify_checksums: bool = True,
         io_binding: bool | None = None,
         spinning: bool = True,
@@ -167,7 +220,7 @@ class BundleRuntime:
         self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
-        self._label_cache = _LRU(label_cache_size)
+        self.label_cache = LabelCache(label_cache_bytes)
 
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
         opts = ort.SessionOptions()
@@ -224,7 +277,7 @@ class BundleRuntime:
         """float32 [C, D] class embeddings: mean of the normalised template embeddings, renormalised.
 
         `labels=None` (or the bundle's own labels with its templates) gives `labels.npy`. Custom sets
-        are validated (`validate_labels`) and cached in a bounded LRU keyed by (labels, templates).
+        are validated (`validate_labels`) and cached by content (`LabelCache`, bounded in bytes).
         """
         if labels is None:
             return self.default_text
@@ -234,16 +287,20 @@ class BundleRuntime:
             raise LabelError("every template needs a '{}' slot for the label")
         if names == self.label_names and tmpl == self.templates:
             return self.default_text
-        key = (tuple(names), tuple(tmpl))
-        cached = self._label_cache.get(key)
-        if cached is not None:
-            return cached
-        prompts = [t.format(n) for n in names for t in tmpl]
-        emb = self.embed_texts(prompts).astype(np.float64).reshape(len(names), len(tmpl), -1).mean(1)
+        return self.label_cache.get_or_compute(self.label_cache.key(names, tmpl), lambda: self._embed_label_set(names, tmpl))
+
+    def cached_labels(self, names: Sequence[str]) -> np.ndarray | None:
+        """The embeddings of an already validated label set with the bundle's templates, if cached (no compute)."""
+        if list(names) == self.label_names:
+            return self.default_text
+        return self.label_cache.get(self.label_cache.key(names, self.templates))
+
+    def _embed_label_set(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        prompts = [t.format(n) for n in names for t in templates]
+        emb = self.embed_texts(prompts).astype(np.float64).reshape(len(names), len(templates), -1).mean(1)
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True).clip(min=1e-12)
         out = np.ascontiguousarray(emb, dtype=np.float32)
         out.setflags(write=False)
-        self._label_cache.put(key, out)
         return out
 
     # ------------------------------------------------------------------ inference
@@ -285,49 +342,15 @@ class BundleRuntime:
         C = raw.logits.shape[1]
         if len(label_names) != C:
             raise ValueError(f"{len(label_names)} label names for {C} logits")
-        k = min(5, C) if top_k is None else int(top_k)
-        if not 1 <= k <= C:
-            raise LabelError(f"top_k={k} is out of range: it must be between 1 and the number of labels ({C})")
-        out: list[ImageResult] = []
-        for b in range(len(raw)):
-            logits = raw.logits[b].astype(np.float64)
-            contrib = raw.contributions[b].astype(np.float64)  # [T, C]
-            z = logits - logits.max()
-            probs = np.exp(z) / np.exp(z).sum()
-            order = np.argsort(-logits, kind="stable")[:k]
-            pred = int(order[0])
-            residual = float(np.abs(contrib.sum(0) - logits).max())
-            shares = term_shares(contrib[None], np.array([pred]))[0]
-            top = [LabelScore(label=label_names[c], probability=float(probs[c]), logit=float(logits[c])) for c in order]
-            explanations = features = None
-            if detail:
-                explanations = []
-                for c in order:
-                    lc = float(logits[c])
-                    terms = [
-                        TermContribution(term=t, value=float(v), share=float(v / lc) if lc != 0.0 else 0.0)
-                        for t, v in zip(self.term_names, contrib[:, c])
-                    ]
-                    explanations.append(ClassExplanation(label=label_names[c], logit=lc, terms=terms))
-                features = [
-                    FeatureContribution(layer=int(l), index=int(i), activation=float(a), contribution=float(cv))
-                    for l, i, a, cv in zip(
-                        raw.top_feature_layer[b], raw.top_feature_index[b],
-                        raw.top_feature_activation[b], raw.top_feature_contribution[b],
-                    )
-                ]
-            out.append(
-                ImageResult(
-                    predicted=label_names[pred],
-                    top=top,
-                    explanations=explanations,
-                    top_features=features,
-                    completeness_residual=residual,
-                    term_shares=[float(s) for s in shares],
-                    embedding=[float(v) for v in raw.embedding[b]] if include_embedding else None,
-                )
-            )
-        return out
+        try:
+            k = check_top_k(top_k, C)
+        except ValueError as exc:
+            raise LabelError(str(exc)) from None
+        return [
+            ImageResult.model_validate(image_result(raw, b, label_names, self.term_names, k=k, detail=detail,
+                                                    include_embedding=include_embedding))
+            for b in range(len(raw))
+        ]
 
     def explain(
         self,

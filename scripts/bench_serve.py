@@ -1,0 +1,374 @@
+#!/usr/bin/env python
+"""`make bench-serve`: the HTTP service against the framework's floor and the in-process ceiling, in one run.
+
+Measured in this order, on this machine, with `wrk` (C, one thread) posting the same multipart
+PNG upload back to back on loopback:
+1. Reference servers (scripts/bench_serve_services.py), at 1, 16 and 64 clients: BentoML's floor
+   (a trivial endpoint reading the upload), the floor plus a `bentoml.depends` batchable hop,
+   the floor plus the in-process MicroBatcher hop.
+2. `cltvit-serve` on the bundle: /classify and /explain at 1 client (fresh server), 16 and 64
+   clients, then 1 client again right after the loaded phases.
+3. In process, no HTTP (the engine's own code: decode -> preprocess -> ONNX Runtime -> results ->
+   JSON), at batch 1 and at the batch the service formed; and the bare ONNX Runtime call (raw).
+For every HTTP phase: requests/s, p50/p95 latency, failures, server CPU per request (the server's
+whole process tree, from /proc), of it the model thread's CPU (cltvit_model_cpu_seconds), mean
+served batch (cltvit_batch_size), the load generator's own CPU and the machine's other load (CPU
+not used by server or wrk, from /proc/stat). Then the issue's targets are checked as ratios of
+figures from this run; exit status 1 when one is missed and --strict is given.
+
+  python scripts/bench_serve.py --bundle artifacts/reference/bundle [--seconds 10] [--threads 1] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.cli import free_port, wait_ready  # noqa: E402
+
+LUA = ROOT / "scripts" / "wrk_multipart.lua"
+TICK = os.sysconf("SC_CLK_TCK")
+FMNIST = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist")) / "t10k-images-idx3-ubyte.gz"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------- machine
+def cpu_description() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"model name\s*:\s*(.+)", info)
+    flags = set((re.search(r"flags\s*:\s*(.+)", info) or re.search("()", "")).group(1).split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} threads, {' '.join(isa) or 'no AVX2'}"
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime of `root` and all its descendants (threads included), seconds."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        pid = int(d.name)
+        parents[pid] = int(rest[1])
+        times[pid] = int(rest[11]) + int(rest[12])
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(times.get(p, 0) for p in tree) / TICK
+
+
+# ---------------------------------------------------------------------- servers
+class Server:
+    """A server process group started with `cmd`; `pid` is the root of its process tree."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], url: str, log_path: Path) -> None:
+        self.name, self.url = name, url
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_ready(url, 300, self.proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def metrics(self) -> dict[str, float]:
+        """The batcher's counters from /metrics (retried: a scrape racing the last requests can miss families)."""
+        names = ("cltvit_batch_size_sum", "cltvit_batch_size_count", "cltvit_model_cpu_seconds_total")
+        for _ in range(10):
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
+                text = r.read().decode()
+            found = {n: re.findall(rf"^{n}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M) for n in names}
+            if all(found.values()):
+                return {n: sum(float(v) for v in vals) for n, vals in found.items()}
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.url}/metrics has no cltvit batcher metrics")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def run_wrk(url: str, image: Path, clients: int, seconds: float) -> tuple[dict[str, Any], float]:
+    """Run wrk (one thread): its JSON summary and its own CPU seconds (children's rusage before/after)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "-s", str(LUA), url, "--", str(image)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode != 0 or not line:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout[-500:]} {r.stderr[-500:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(line[-1]), cpu
+
+
+def phase(server: Server, path: str, image: Path, clients: int, seconds: float, label: str) -> dict[str, Any]:
+    """One measured load phase against `server`."""
+    m0 = server.metrics() if server.name == "cltvit" else {}
+    cpu0, (busy0, _) = tree_cpu_seconds(server.pid), machine_jiffies()
+    summary, wrk_cpu = run_wrk(server.url + path, image, clients, seconds)
+    cpu1, (busy1, _) = tree_cpu_seconds(server.pid), machine_jiffies()
+    m1 = server.metrics() if server.name == "cltvit" else {}
+    n = max(summary["requests"], 1)
+    wall = summary["duration_us"] / 1e6
+    server_cpu = cpu1 - cpu0
+    machine_busy = (busy1 - busy0) / TICK
+    failures = summary["err_status"] + summary["err_connect"] + summary["err_read"] + summary["err_write"] + summary["err_timeout"]
+    row: dict[str, Any] = {
+        "server": server.name, "endpoint": path, "clients": clients, "phase": label,
+        "requests": summary["requests"], "rps": summary["requests"] / wall, "p50_ms": summary["p50_us"] / 1e3,
+        "p95_ms": summary["p95_us"] / 1e3, "failures": failures,
+        "server_cpu_ms_per_req": 1e3 * server_cpu / n, "wrk_cpu_ms_per_req": 1e3 * wrk_cpu / n,
+        "wrk_cores": wrk_cpu / wall, "server_cores": server_cpu / wall,
+        "other_cores": max(machine_busy - server_cpu - wrk_cpu, 0.0) / wall,
+    }
+    if m1:
+        batches = m1["cltvit_batch_size_count"] - m0["cltvit_batch_size_count"]
+        row["mean_batch"] = (m1["cltvit_batch_size_sum"] - m0["cltvit_batch_size_sum"]) / batches if batches else float("nan")
+        row["model_cpu_ms_per_req"] = 1e3 * (m1["cltvit_model_cpu_seconds_total"] - m0["cltvit_model_cpu_seconds_total"]) / n
+    return row
+
+
+def fmt_row(r: dict[str, Any]) -> str:
+    extra = ""
+    if "mean_batch" in r:
+        extra = f" | batch {r['mean_batch']:5.2f} | model CPU {r['model_cpu_ms_per_req']:5.2f} ms"
+    return (f"{r['server']:<14} {r['endpoint']:<9} {r['phase']:<11} c={r['clients']:<3} {r['rps']:8.1f} req/s | "
+            f"p50 {r['p50_ms']:7.2f} ms p95 {r['p95_ms']:7.2f} ms | fail {r['failures']} | server CPU "
+            f"{r['server_cpu_ms_per_req']:5.2f} ms/req{extra} | wrk {r['wrk_cpu_ms_per_req']:5.3f} ms/req "
+            f"({r['wrk_cores']:.2f} cores) | other load {r['other_cores']:.2f} cores")
+
+
+# ---------------------------------------------------------------------- in process
+def in_process(bundle: str, threads: int | None, image_bytes: bytes, kind: str, batch: int, seconds: float) -> dict[str, float]:
+    """The engine's own per-request and per-batch code without HTTP: wall and CPU ms per image."""
+    from serving.engine import Job, ServingEngine
+    from serving.settings import ServeSettings
+
+    engine = _ENGINES.get((bundle, threads))
+    if engine is None:
+        engine = ServingEngine(ServeSettings(bundle=bundle, ort_threads=threads, device="auto"))
+        _ENGINES[(bundle, threads)] = engine
+    rt = engine.runtime
+    k = min(5, len(rt.label_names))
+
+    def once() -> None:
+        jobs = [Job(kind, engine._prepare(image_bytes), rt.default_text, rt.label_names, False, k)  # type: ignore[arg-type]
+                for _ in range(batch)]
+        for body in engine.run_batch(jobs):
+            assert isinstance(body, bytes)
+
+    return _timed(once, batch, seconds)
+
+
+def raw_runtime(bundle: str, threads: int | None, batch: int, seconds: float) -> dict[str, float]:
+    """The bare ONNX Runtime call on a preprocessed batch: wall and CPU ms per image."""
+    engine = _ENGINES[(bundle, threads)]
+    H, W = engine.runtime.image_size
+    px = np.random.default_rng(0).standard_normal((batch, 3, H, W), dtype=np.float32)
+    return _timed(lambda: engine.runtime.run(px), batch, seconds)
+
+
+_ENGINES: dict[tuple[str, int | None], Any] = {}
+
+
+def _timed(fn: Any, per_call: int, seconds: float) -> dict[str, float]:
+    fn()
+    walls, cpus = [], []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(walls) < 5:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {"wall_ms": 1e3 * statistics.median(walls) / per_call, "cpu_ms": 1e3 * statistics.median(cpus) / per_call,
+            "images_per_s": per_call / statistics.median(walls)}
+
+
+# ---------------------------------------------------------------------- main
+def make_upload(path: Path, size: int) -> bytes:
+    """Fashion-MNIST test image 0, bicubic-resized to size x size RGB, as PNG."""
+    import gzip
+
+    from PIL import Image
+
+    with gzip.open(FMNIST, "rb") as f:
+        arr = np.frombuffer(f.read(), np.uint8, offset=16)[: 28 * 28].reshape(28, 28)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").resize((size, size), Image.BICUBIC).convert("RGB").save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each load phase (default 10)")
+    ap.add_argument("--clients", default="1,16,64", help="client counts of the loaded phases (default 1,16,64)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of server and in-process runs (default 1)")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=96, help="side of the uploaded PNG in pixels (default 96)")
+    ap.add_argument("--skip-hops", action="store_true", help="measure only the floor, not the two batching-hop variants")
+    ap.add_argument("--serve-args", default="", help="extra cltvit-serve arguments (one string)")
+    ap.add_argument("--work", default="artifacts/bench/serve", help="folder for logs, the upload and the JSON")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        ap.error("wrk is not installed (Debian: apt-get install wrk)")
+    if not Path(args.bundle, "bundle.json").is_file():
+        ap.error(f"--bundle {args.bundle}: no bundle.json there")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    upload = work / "upload.png"
+    image_bytes = make_upload(upload, args.image_size)
+    clients = [int(c) for c in args.clients.split(",")]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    log(f"# bench_serve: {cpu_description()}; load avg {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    log(f"# upload: {len(image_bytes)} bytes PNG ({args.image_size}x{args.image_size} RGB); phases of {args.seconds:g} s; "
+        f"ORT threads {args.threads}; wrk one thread")
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> dict[str, Any]:
+        rows.append(row)
+        log(fmt_row(row))
+        return row
+
+    def warm(server: Server, path: str) -> None:
+        run_wrk(server.url + path, upload, 1, 1)
+
+    # 1. reference servers
+    refs = [("floor", "Floor")] + ([] if args.skip_hops else [("depends-hop", "FloorDepends"), ("batcher-hop", "FloorBatcher")])
+    for name, cls in refs:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bentoml", "serve", f"scripts.bench_serve_services:{cls}", "--host", "127.0.0.1", "--port", str(port)]
+        server = Server(name, cmd, env, f"http://127.0.0.1:{port}", work / f"{name}.log")
+        try:
+            warm(server, "/floor")
+            record(phase(server, "/floor", upload, 1, args.seconds, "fresh"))
+            for c in clients:
+                if c > 1:
+                    record(phase(server, "/floor", upload, c, args.seconds, "loaded"))
+            record(phase(server, "/floor", upload, 1, args.seconds, "after-load"))
+        finally:
+            server.stop()
+
+    # 2. the service
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "--bundle", args.bundle, "--host", "127.0.0.1", "--port", str(port),
+           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *args.serve_args.split()]
+    server = Server("cltvit", cmd, env, f"http://127.0.0.1:{port}", work / "cltvit.log")
+    try:
+        for ep in ("/classify", "/explain"):
+            warm(server, ep)
+        for ep in ("/classify", "/explain"):
+            record(phase(server, ep, upload, 1, args.seconds, "fresh"))
+        for ep in ("/classify", "/explain"):
+            for c in clients:
+                if c > 1:
+                    record(phase(server, ep, upload, c, args.seconds, "loaded"))
+        for ep in ("/classify", "/explain"):
+            record(phase(server, ep, upload, 1, args.seconds, "after-load"))
+    finally:
+        server.stop()
+
+    # 3. in process
+    served = {}
+    for ep in ("/classify", "/explain"):
+        loaded = [r for r in rows if r["server"] == "cltvit" and r["endpoint"] == ep and r["clients"] == 16]
+        served[ep] = max(1, round(loaded[0]["mean_batch"])) if loaded else 1
+    inproc: dict[str, dict[int, dict[str, float]]] = {}
+    for ep in ("/classify", "/explain"):
+        inproc[ep] = {}
+        for b in sorted({1, served[ep]}):
+            inproc[ep][b] = in_process(args.bundle, args.threads, image_bytes, ep.strip("/"), b, min(args.seconds, 5))
+            log(f"in-process     {ep:<9} batch {b:<3} {inproc[ep][b]['wall_ms']:6.3f} ms/image wall, "
+                f"{inproc[ep][b]['cpu_ms']:6.3f} ms/image CPU ({inproc[ep][b]['images_per_s']:.0f} images/s)")
+    raw = {b: raw_runtime(args.bundle, args.threads, b, min(args.seconds, 5)) for b in sorted({1, *served.values()})}
+    for b, r in raw.items():
+        log(f"raw ORT run    batch {b:<3} {r['wall_ms']:6.3f} ms/image wall ({r['images_per_s']:.0f} images/s)")
+
+    # 4. targets, as ratios of this run's figures
+    def get(server: str, ep: str, c: int, label: str) -> dict[str, Any]:
+        return next(r for r in rows if r["server"] == server and r["endpoint"] == ep and r["clients"] == c and r["phase"] == label)
+
+    checks: list[tuple[str, float, float, bool]] = []  # (what, measured, bound, ok)
+    f16 = get("floor", "/floor", 16, "loaded") if 16 in clients else None
+    f1 = get("floor", "/floor", 1, "fresh")
+    for ep, extra in (("/classify", 1.0), ("/explain", 2.0)):
+        if f16 is not None:
+            s16 = get("cltvit", ep, 16, "loaded")
+            bound = f16["server_cpu_ms_per_req"] + inproc[ep][served[ep]]["cpu_ms"] + extra
+            checks.append((f"{ep} server CPU/req at 16 clients <= floor + in-process(batch {served[ep]}) + {extra:g} ms",
+                           s16["server_cpu_ms_per_req"], bound, s16["server_cpu_ms_per_req"] <= bound))
+        for label in ("fresh", "after-load"):
+            s1 = get("cltvit", ep, 1, label)
+            bound = f1["p50_ms"] + inproc[ep][1]["wall_ms"] + 2.0
+            checks.append((f"{ep} 1-client p50 ({label}) <= floor p50 + in-process batch-1 + 2 ms", s1["p50_ms"], bound,
+                           s1["p50_ms"] <= bound))
+    if f16 is not None:
+        c16 = get("cltvit", "/classify", 16, "loaded")
+        checks.append(("/classify req/s at 16 clients >= 0.6 x floor req/s", c16["rps"], 0.6 * f16["rps"], c16["rps"] >= 0.6 * f16["rps"]))
+        b = served["/classify"]
+        ratio = c16["rps"] / raw[b]["images_per_s"]
+        checks.append((f"/classify req/s at 16 clients / raw ORT images/s at the served batch {b} (ViT-B-32 target >= 0.9)",
+                       ratio, 0.9, ratio >= 0.9))
+    fails = sum(r["failures"] for r in rows)
+    checks.append(("failed requests", fails, 0, fails == 0))
+    log("\n# targets (measured vs bound)")
+    for what, got, bound, ok in checks:
+        log(f"{'ok  ' if ok else 'MISS'} {what}: {got:.3f} vs {bound:.3f}")
+    (work / "bench_serve.json").write_text(json.dumps({
+        "cpu": cpu_description(), "upload_bytes": len(image_bytes), "seconds": args.seconds, "threads": args.threads,
+        "bundle": str(args.bundle), "rows": rows, "in_process": {ep: {str(b): v for b, v in d.items()} for ep, d in inproc.items()},
+        "raw": {str(b): v for b, v in raw.items()}, "served_batch": served,
+        "checks": [{"what": w, "measured": g, "bound": b, "ok": ok} for w, g, b, ok in checks],
+    }, indent=1))
+    log(f"# written {work / 'bench_serve.json'}")
+    return 1 if args.strict and not all(ok for *_, ok in checks) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
