@@ -1,12 +1,14 @@
 """BundleRuntime (ONNX Runtime, no torch) against open_clip / the torch reference."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from serving.runtime import MAX_LABELS, BundleRuntime, LabelError, RuntimeSetupError, validate_labels
+from serving.runtime import MAX_LABELS, BundleRuntime, LabelCache, LabelError, RuntimeSetupError, validate_labels
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,15 @@ def test_custom_label_embeddings_match_torch(runtime, backbone):
 
 
 def test_label_cache_is_bounded(bundle):
-    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_size=2)
+    entry = 2 * rt_embed_dim(bundle) * 4 + LabelCache.ENTRY_OVERHEAD  # two labels, float32
+    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_bytes=2 * entry)
     for i in range(5):
         rt.embed_labels([f"thing {i}", "other"])
-    assert len(rt._label_cache) == 2
+    assert len(rt.label_cache) == 2 and rt.label_cache.nbytes <= 2 * entry
+
+
+def rt_embed_dim(bundle) -> int:
+    return int(json.loads((bundle / "bundle.json").read_text())["backbone"]["embed_dim"])
 
 
 def test_explain_results_are_consistent(runtime, backbone):
