@@ -9,7 +9,11 @@ batches stay on one device. Batches form by themselves: when the worker is idle 
 dispatched at once (no added latency for a lone client); while a batch runs, arriving requests
 queue and all of them (up to `max_batch_size`) make the next batch. `max_wait_s` > 0 holds the
 first request of a batch that long for company (useful when a model call costs much more than
-the per-request work, e.g. a GPU at low load).
+the per-request work, e.g. a GPU at low load). `submit(item, inline_if_idle=True)` runs the item
+right on the event loop's thread when nothing is queued or running: the caller says it is alone
+(the HTTP engine: the only request in flight), so there is nobody to batch with, and the two
+thread hand-offs, which cost the most on a busy CPU, are saved; the event loop is blocked for
+that one model call, as it would have waited for it anyway.
 
 Overload: `submit` raises `Overloaded` at once when `max_queue` requests are already waiting, and
 a request that waited longer than `max_queue_wait_s` is failed with `Overloaded` instead of run;
@@ -71,19 +75,27 @@ class MicroBatcher(Generic[T, R]):
         self._queue: deque[_Pending[T, R]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._running = False  # a batch is in the worker thread (or inline)
         self._batch_seconds = 0.01  # running mean of a batch's wall time, for Retry-After
 
     def __len__(self) -> int:
         """Requests waiting (not counting the batch being run)."""
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """No batch is running and nothing is queued."""
+        return not self._running and not self._queue
+
     def retry_after(self) -> int:
         """Seconds until the current queue should have drained (at least 1: HTTP's unit)."""
         batches = math.ceil((len(self._queue) + 1) / self.max_batch_size)
         return max(1, math.ceil(batches * self._batch_seconds))
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, *, inline_if_idle: bool = False) -> R:
         """Queue `item`, wait for its batch, return its result (or raise its exception / `Overloaded`)."""
+        if inline_if_idle and self.idle:
+            return self._run_inline(item)
         if self._task is None or self._task.done():
             self._start()
         if len(self._queue) >= self.max_queue:
@@ -93,6 +105,20 @@ class MicroBatcher(Generic[T, R]):
         assert self._wakeup is not None
         self._wakeup.set()
         return await pending.future
+
+    def _run_inline(self, item: T) -> R:
+        if self.on_batch is not None:
+            self.on_batch(1, [0.0])
+        self._running = True
+        t0 = time.perf_counter()
+        try:
+            (result,) = self.run_batch([item])
+        finally:
+            self._running = False
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - t0)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -156,6 +182,7 @@ class MicroBatcher(Generic[T, R]):
             if not batch:
                 continue
             t0 = time.perf_counter()
+            self._running = True
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
                 if len(results) != len(batch):
@@ -167,6 +194,8 @@ class MicroBatcher(Generic[T, R]):
                 raise
             except Exception as exc:  # a failing batch fails its requests, never the batcher
                 results = [exc] * len(batch)
+            finally:
+                self._running = False
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - t0)
             for p, r in zip(batch, results):
                 if p.future.done():

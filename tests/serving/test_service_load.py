@@ -42,9 +42,10 @@ def tree_rss(pid: int) -> int:
 
 
 def test_overload_answers_503_with_retry_after_at_once_and_recovers(bundle):
-    # The batcher holds the first image of a batch up to 1 s for company and takes at most 4
-    # waiting images: of 16 simultaneous requests, 4 wait for that batch and the rest must be
-    # refused right away, not after the batch.
+    # The batcher holds the first queued image of a batch up to 1 s for company and lets at most 4
+    # images wait: of 16 simultaneous requests, 4 wait for that batch and the rest are refused at
+    # once, not after the batch. (A request that finds the server empty runs at once instead of
+    # queueing; on a busy machine a few of the 16 can arrive that early.)
     args = ["--threads", "1", "--max-batch-size", "64", "--batch-wait-ms", "1000", "--max-queue", "4"]
     with server_process(bundle, extra_args=args) as (url, _):
         assert post(url, "classify", png(0)).status_code == 200
@@ -56,12 +57,13 @@ def test_overload_answers_503_with_retry_after_at_once_and_recovers(bundle):
 
         with ThreadPoolExecutor(16) as pool:
             out = list(pool.map(one, range(16)))
-        ok = [o for o in out if o[0] == 200]
-        refused = [o for o in out if o[0] == 503]
-        assert len(ok) + len(refused) == 16 and 1 <= len(ok) <= 5 and len(refused) >= 11, [o[0] for o in out]
-        for _, _, headers in refused:
+        held = [t for code, t, _ in out if code == 200 and t >= 0.9]
+        refused = [(t, headers) for code, t, headers in out if code == 503]
+        assert {code for code, _, _ in out} == {200, 503} and len(held) == 4, [(o[0], round(o[1], 2)) for o in out]
+        assert len(refused) >= 8, [(o[0], round(o[1], 2)) for o in out]
+        for t, headers in refused:
+            assert t < 0.9, "a 503 must not wait for the held batch"
             assert int(headers["retry-after"]) >= 1 and "overloaded" in headers["body"]["error"]
-        assert max(t for _, t, _ in refused) < min(t for _, t, _ in ok), "503s must not wait for the held batch"
         # recovered: a lone request and then a moderate concurrent load are all answered
         assert post(url, "explain", png(99)).status_code == 200
         with ThreadPoolExecutor(4) as pool:

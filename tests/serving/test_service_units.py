@@ -49,6 +49,28 @@ def test_batcher_lone_request_is_dispatched_without_waiting():
     assert asyncio.run(main()) < 0.5  # no batching window: far below any wait a batcher could add
 
 
+def test_batcher_runs_a_lone_item_inline_only_when_idle():
+    threads: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        threads.append(threading.get_ident())
+        time.sleep(0.05)
+        return items
+
+    async def main() -> None:
+        b = MicroBatcher(run, max_batch_size=4, max_queue=10)
+        assert await b.submit(1, inline_if_idle=True) == 1 and threads[-1] == threading.get_ident()
+        busy = asyncio.ensure_future(b.submit(2))  # worker thread
+        await asyncio.sleep(0.01)
+        assert not b.idle
+        assert await b.submit(3, inline_if_idle=True) == 3  # model busy: queued, not inline
+        assert await busy == 2
+        await b.close()
+
+    asyncio.run(main())
+    assert threads[1] != threads[0] and threads[2] != threads[0]
+
+
 def test_batcher_overload_and_errors_are_per_request():
     release = threading.Event()
 
