@@ -34,7 +34,11 @@ def server_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle, server_log):
-    with running_server(bundle, log_path=server_log, extra_args=["--max-batch-size", "32", "--threads", "1"]) as url:
+    # --batch-wait-ms: the tests' Python clients on a busy shared machine can send so slowly that a
+    # zero-wait batcher never sees two requests at once; a short window makes the batching tests
+    # deterministic (lone requests still run at once). The zero-wait default is measured by bench_serve.
+    args = ["--max-batch-size", "32", "--threads", "1", "--batch-wait-ms", "25"]
+    with running_server(bundle, log_path=server_log, extra_args=args) as url:
         yield url
 
 
