@@ -106,15 +106,19 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def metrics(self) -> dict[str, float]:
-        """The batcher's counters from /metrics (retried: a scrape racing the last requests can miss families)."""
+    def metrics(self) -> dict[str, Any]:
+        """The batcher's counters from /metrics, summed over workers, and the model wall seconds per
+        worker (retried: a scrape racing the end of a phase can miss families)."""
         names = ("cltvit_batch_size_sum", "cltvit_batch_size_count", "cltvit_model_cpu_seconds_total")
         for _ in range(10):
             with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as r:
                 text = r.read().decode()
-            found = {n: re.findall(rf"^{n}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M) for n in names}
+            found = {n: re.findall(rf"^{n}{{worker=\"([0-9]+)\"}} ([0-9.e+-]+)$", text, re.M) for n in names}
             if all(found.values()):
-                return {n: sum(float(v) for v in vals) for n, vals in found.items()}
+                out: dict[str, Any] = {n: sum(float(v) for _, v in vals) for n, vals in found.items()}
+                out["model_seconds"] = {w: float(v) for w, v in re.findall(
+                    r'^cltvit_inference_seconds_sum{worker="([0-9]+)"} ([0-9.e+-]+)$', text, re.M)}
+                return out
             time.sleep(0.5)
         raise RuntimeError(f"{self.url}/metrics has no cltvit batcher metrics")
 
@@ -182,13 +186,17 @@ def phase(server: Server, path: str, image: Path, clients: int, seconds: float, 
         batches = m1["cltvit_batch_size_count"] - m0["cltvit_batch_size_count"]
         row["mean_batch"] = (m1["cltvit_batch_size_sum"] - m0["cltvit_batch_size_sum"]) / batches if batches else float("nan")
         row["model_cpu_ms_per_req"] = 1e3 * (m1["cltvit_model_cpu_seconds_total"] - m0["cltvit_model_cpu_seconds_total"]) / n
+        # each worker's share of the phase spent in model calls (its share of the accelerator)
+        row["model_busy_per_worker"] = sorted(
+            (v - m0["model_seconds"].get(w, 0.0)) / wall for w, v in m1["model_seconds"].items())
     return row
 
 
 def fmt_row(r: dict[str, Any]) -> str:
     extra = ""
     if "mean_batch" in r:
-        extra = f" | batch {r['mean_batch']:5.2f} | model CPU {r['model_cpu_ms_per_req']:5.2f} ms"
+        busy = "/".join(f"{b:.2f}" for b in r["model_busy_per_worker"])
+        extra = f" | batch {r['mean_batch']:5.2f} | model CPU {r['model_cpu_ms_per_req']:5.2f} ms | model busy {busy}"
     return (f"{r['server']:<14} {r['endpoint']:<9} {r['phase']:<11} c={r['clients']:<3} {r['rps']:8.1f} req/s | "
             f"p50 {r['p50_ms']:7.2f} ms p95 {r['p95_ms']:7.2f} ms | fail {r['failures']} | server CPU "
             f"{r['server_cpu_ms_per_req']:5.2f} ms/req{extra} | wrk {r['wrk_cpu_ms_per_req']:5.3f} ms/req "

@@ -320,8 +320,10 @@ def batch_counters(url: str) -> tuple[float, float, float]:
     """(images, batches, ONNX Runtime calls) from cltvit_batch_size and cltvit_inference_seconds."""
     text = requests.get(f"{url}/metrics", timeout=TIMEOUT).text
 
-    def value(name: str) -> float:
-        return float(re.search(rf"^{name} ([0-9.e+]+)$", text, re.M).group(1))
+    def value(name: str) -> float:  # summed over workers
+        found = re.findall(rf"^{name}{{worker=\"[0-9]+\"}} ([0-9.e+]+)$", text, re.M)
+        assert found, name
+        return sum(float(v) for v in found)
 
     return value("cltvit_batch_size_sum"), value("cltvit_batch_size_count"), value("cltvit_inference_seconds_count")
 
@@ -404,5 +406,5 @@ def test_prometheus_metrics(server, runtime):
     assert 'bentoml_service_request_total' in text
     for name in ("cltvit_batch_size_count", "cltvit_queue_wait_seconds_count", "cltvit_inference_seconds_count",
                  "cltvit_model_cpu_seconds_total"):
-        m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        m = re.search(rf"^{name}{{worker=\"[0-9]+\"}} ([0-9.e+]+)$", text, re.M)
         assert m and float(m.group(1)) > 0, name
