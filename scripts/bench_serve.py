@@ -1,22 +1,24 @@
 #!/usr/bin/env python
 """`make bench-serve`: the HTTP service against the framework's floor and the in-process ceiling, in one run.
 
-Measured in this order, on this machine, with `wrk` (C, one thread) posting the same multipart
-PNG upload back to back on loopback:
-1. Reference servers (scripts/bench_serve_services.py), at 1, 16 and 64 clients: BentoML's floor
-   (a trivial endpoint reading the upload), the floor plus a `bentoml.depends` batchable hop,
-   the floor plus the in-process MicroBatcher hop.
-2. `cltvit-serve` on the bundle: /classify and /explain at 1 client (fresh server), 16 and 64
-   clients, then 1 client again right after the loaded phases.
-3. In process, no HTTP (the engine's own code: decode -> preprocess -> ONNX Runtime -> results ->
-   JSON), at batch 1 and at the batch the service formed; and the bare ONNX Runtime call (raw).
+Measured on this machine, with `wrk` (C, one thread) posting the same multipart PNG upload back
+to back on loopback:
+1. Reference servers (scripts/bench_serve_services.py): BentoML's floor (a trivial endpoint
+   reading the upload), the floor plus a `bentoml.depends` batchable hop, the floor plus the
+   in-process MicroBatcher hop; and `cltvit-serve` on the bundle (/classify, /explain). All run at
+   once; the phases go round them per client count (1 client on fresh servers, then 16 and 64,
+   then 1 again, the service first, right after its last loaded phase), so that the external load
+   of a shared machine drifts over all of them alike.
+2. In process, no HTTP (the engine's own code: decode -> preprocess -> ONNX Runtime -> results ->
+   JSON), at batch 1 and at the batch the service formed at 16 clients; and the bare ONNX Runtime
+   call (raw).
 For every HTTP phase: requests/s, p50/p95 latency, failures, server CPU per request (the server's
 whole process tree, from /proc), of it the model thread's CPU (cltvit_model_cpu_seconds), mean
 served batch (cltvit_batch_size), the load generator's own CPU and the machine's other load (CPU
 not used by server or wrk, from /proc/stat). Then the issue's targets are checked as ratios of
 figures from this run; exit status 1 when one is missed and --strict is given.
 
-  python scripts/bench_serve.py --bundle artifacts/reference/bundle [--seconds 10] [--threads 1] [--json out.json]
+  python scripts/bench_serve.py --bundle artifacts/reference/bundle [--seconds 10] [--threads 1] [--work DIR]
 """
 from __future__ import annotations
 
@@ -264,6 +266,11 @@ def make_upload(path: Path, size: int) -> bytes:
     return buf.getvalue()
 
 
+def warm(server: Server, path: str, upload: Path) -> None:
+    """Two seconds of one client: first-call allocations and imports, not a loaded phase."""
+    run_wrk(server.url + path, upload, 1, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_serve", description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True)
@@ -300,46 +307,40 @@ def main(argv: list[str] | None = None) -> int:
         log(fmt_row(row))
         return row
 
-    def warm(server: Server, path: str) -> None:
-        run_wrk(server.url + path, upload, 1, 1)
-
-    # 1. reference servers
+    # 1.+2. all servers up at once; phases interleaved per client count, so that the external load
+    # of this shared machine drifts over floor and service alike
+    servers: list[tuple[Server, list[str]]] = []
     refs = [("floor", "Floor")] + ([] if args.skip_hops else [("depends-hop", "FloorDepends"), ("batcher-hop", "FloorBatcher")])
-    for name, cls in refs:
+    try:
+        for name, cls in refs:
+            port = free_port()
+            cmd = [sys.executable, "-m", "bentoml", "serve", f"scripts.bench_serve_services:{cls}", "--host", "127.0.0.1",
+                   "--port", str(port)]
+            servers.append((Server(name, cmd, env, f"http://127.0.0.1:{port}", work / f"{name}.log"), ["/floor"]))
         port = free_port()
-        cmd = [sys.executable, "-m", "bentoml", "serve", f"scripts.bench_serve_services:{cls}", "--host", "127.0.0.1", "--port", str(port)]
-        server = Server(name, cmd, env, f"http://127.0.0.1:{port}", work / f"{name}.log")
-        try:
-            warm(server, "/floor")
-            record(phase(server, "/floor", upload, 1, args.seconds, "fresh"))
-            for c in clients:
-                if c > 1:
-                    record(phase(server, "/floor", upload, c, args.seconds, "loaded"))
-            record(phase(server, "/floor", upload, 1, args.seconds, "after-load"))
-        finally:
+        cmd = [sys.executable, "-m", "serving.cli", "--bundle", args.bundle, "--host", "127.0.0.1", "--port", str(port),
+               "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *args.serve_args.split()]
+        servers.append((Server("cltvit", cmd, env, f"http://127.0.0.1:{port}", work / "cltvit.log"), endpoints))
+        for server, paths in servers:
+            for path in paths:
+                warm(server, path, upload)
+            server.settle()
+        for server, paths in servers:
+            for path in paths:
+                record(phase(server, path, upload, 1, args.seconds, "fresh"))
+        for c in clients:
+            if c > 1:
+                for server, paths in servers:
+                    for path in paths:
+                        record(phase(server, path, upload, c, args.seconds, "loaded"))
+        for server, paths in servers[::-1]:  # the service first: right after its last loaded phase
+            for path in paths:
+                record(phase(server, path, upload, 1, args.seconds, "after-load"))
+    finally:
+        for server, _ in servers:
             server.stop()
 
-    # 2. the service
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving.cli", "--bundle", args.bundle, "--host", "127.0.0.1", "--port", str(port),
-           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *args.serve_args.split()]
-    server = Server("cltvit", cmd, env, f"http://127.0.0.1:{port}", work / "cltvit.log")
-    try:
-        for ep in endpoints:
-            warm(server, ep)
-            server.settle()
-        for ep in endpoints:
-            record(phase(server, ep, upload, 1, args.seconds, "fresh"))
-        for ep in endpoints:
-            for c in clients:
-                if c > 1:
-                    record(phase(server, ep, upload, c, args.seconds, "loaded"))
-        for ep in endpoints:
-            record(phase(server, ep, upload, 1, args.seconds, "after-load"))
-    finally:
-        server.stop()
-
-    # 3. in process
+    # 3. in process (the servers are stopped)
     served = {}
     for ep in endpoints:
         loaded = [r for r in rows if r["server"] == "cltvit" and r["endpoint"] == ep and r["clients"] == 16]
