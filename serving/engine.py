@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import anyio.to_thread
 import numpy as np
 import pydantic_core
+from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from .batcher import MicroBatcher, Overloaded
@@ -36,9 +38,11 @@ from .schemas import InfoResponse
 from .settings import ServeSettings
 
 Kind = Literal["classify", "explain", "embed"]
-# Uploads up to this size are decoded on the event loop (well under a millisecond for such
-# images); larger ones in a worker thread so that a big JPEG never stalls the other requests.
+# Images this small (bytes and, from the header, pixels) are decoded on the event loop (well under a
+# millisecond); others in a worker thread, so that a big photo or a small file of many pixels
+# never stalls the other requests.
 INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 512 * 512
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,17 @@ class Job:
     names: list[str]
     custom_labels: bool
     k: int
+
+
+def _cheap_to_decode(data: bytes) -> bool:
+    """A small upload whose header announces few pixels (a header Pillow cannot read fails fast too)."""
+    if len(data) > INLINE_DECODE_BYTES:
+        return False
+    try:
+        w, h = Image.open(io.BytesIO(data)).size  # reads the header only
+    except Exception:
+        return True
+    return w * h <= INLINE_DECODE_PIXELS
 
 
 class ServingEngine:
@@ -121,7 +136,7 @@ class ServingEngine:
         else:
             cached = self.runtime.cached_labels(names)
             text = cached if cached is not None else await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
-        if len(request.image) <= INLINE_DECODE_BYTES:
+        if _cheap_to_decode(request.image):
             pixels = self._prepare(request.image)
         else:
             pixels = await anyio.to_thread.run_sync(self._prepare, request.image)
