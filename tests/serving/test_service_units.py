@@ -250,3 +250,23 @@ def test_parse_multipart_limits():
     body, ctype = multipart([("image", b"x", "a.png"), ("labels", b"a,b", "labels.txt")])
     with pytest.raises(RequestError, match="text field"):
         parse_image_request(body, ctype)
+
+
+def test_only_small_images_are_decoded_on_the_event_loop():
+    import io
+
+    from PIL import Image
+
+    from serving.engine import _cheap_to_decode
+
+    def png(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    small = png(Image.new("RGB", (96, 96), (10, 20, 30)))
+    many_pixels = png(Image.new("1", (4000, 4000)))  # a few kB that decode to 16 megapixels
+    assert len(many_pixels) < 64 * 1024
+    assert _cheap_to_decode(small) and not _cheap_to_decode(many_pixels)
+    assert not _cheap_to_decode(small + bytes(70 * 1024))  # large upload
+    assert _cheap_to_decode(b"not an image")  # refused at once by the decoder anyway
