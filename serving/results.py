@@ -1,4 +1,4 @@
-"""The image graph's outputs -> per-image result dicts (the one implementation of the result fields).
+"""The image graph's outputs (`RawOutputs`) -> per-image result dicts (the one implementation of the result fields).
 
 `image_result(raw, b, ...)` builds the plain dict of image `b` with the fields of
 `serving.schemas.ImageResult` (units there); `BundleRuntime.results` validates these dicts into
@@ -7,14 +7,35 @@ Arithmetic is float64 per image, vectorised over labels and terms.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
+from bundle import MODEL_OUTPUTS
+
 from .shares import term_shares
 
-if TYPE_CHECKING:
-    from .runtime import RawOutputs
+
+@dataclass(frozen=True)
+class RawOutputs:
+    """The image graph's outputs as numpy arrays (see docs/bundle.md)."""
+
+    logits: np.ndarray  # [B, C] float32
+    embedding: np.ndarray  # [B, D] float32
+    contributions: np.ndarray  # [B, T, C] float32
+    top_feature_layer: np.ndarray  # [B, K] int64
+    top_feature_index: np.ndarray  # [B, K] int64
+    top_feature_activation: np.ndarray  # [B, K] float32
+    top_feature_contribution: np.ndarray  # [B, K] float32
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def select(self, indices: Sequence[int]) -> "RawOutputs":
+        """The outputs of the images at `indices` (along the batch axis)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return RawOutputs(*[getattr(self, f)[idx] for f in MODEL_OUTPUTS])
 
 
 def check_top_k(top_k: int | None, n_labels: int) -> int:
@@ -26,7 +47,7 @@ def check_top_k(top_k: int | None, n_labels: int) -> int:
 
 
 def image_result(
-    raw: "RawOutputs",
+    raw: RawOutputs,
     b: int,
     label_names: Sequence[str],
     term_names: Sequence[str],

@@ -12,7 +12,6 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -23,7 +22,7 @@ from PIL import Image
 from bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
 
 from .preprocess import Preprocessor
-from .results import check_top_k, image_result
+from .results import RawOutputs, check_top_k, image_result
 from .schemas import ImageResult
 from .tokenizer import ClipTokenizer
 
@@ -75,27 +74,6 @@ def cuda_present() -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
-
-
-@dataclass(frozen=True)
-class RawOutputs:
-    """The image graph's outputs as numpy arrays (see docs/bundle.md)."""
-
-    logits: np.ndarray  # [B, C] float32
-    embedding: np.ndarray  # [B, D] float32
-    contributions: np.ndarray  # [B, T, C] float32
-    top_feature_layer: np.ndarray  # [B, K] int64
-    top_feature_index: np.ndarray  # [B, K] int64
-    top_feature_activation: np.ndarray  # [B, K] float32
-    top_feature_contribution: np.ndarray  # [B, K] float32
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
-
-    def select(self, indices: Sequence[int]) -> "RawOutputs":
-        """The outputs of the images at `indices` (along the batch axis)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return RawOutputs(*[getattr(self, f)[idx] for f in OUTPUT_NAMES])
 
 
 class LabelCache:
