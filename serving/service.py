@@ -37,10 +37,15 @@ def _engine() -> ServingEngine | None:
     return None if service is None else service.engine
 
 
+ENDPOINTS = frozenset({"classify", "explain", "embed", "info"})
+
+
 def _count_rejection(path: str, status: int) -> None:
+    """Refusals by the guard, per endpoint (any other path as 'other': paths are client-chosen)."""
     engine = _engine()
     if engine is not None:
-        engine.metrics.request(path.strip("/") or "/", status)
+        name = path.strip("/")
+        engine.metrics.request(name if name in ENDPOINTS else "other", status)
 
 
 async def _get_info(request: Request) -> Response:

@@ -395,7 +395,10 @@ def test_mixed_label_sets_in_one_batch_each_get_their_own_answer(server, runtime
 def test_prometheus_metrics(server, runtime):
     assert post(server, "explain", fmnist_png(5)).status_code == 200
     assert post(server, "embed", b"").status_code == 400
+    for i in range(3):  # client-chosen paths must not become label values
+        assert requests.post(f"{server}/no-such-path-{i}", data=b"{", timeout=TIMEOUT).status_code == 400
     text = requests.get(f"{server}/metrics", timeout=TIMEOUT).text
+    assert "no-such-path" not in text and 'cltvit_requests_total{endpoint="other",status="400"}' in text
     assert re.search(r'cltvit_requests_total\{endpoint="explain",status="200"\} [1-9]', text)
     assert re.search(r'cltvit_requests_total\{endpoint="embed",status="400"\} [1-9]', text)
     predicted = re.findall(r'cltvit_predicted_label_total\{label="([^"]+)"\} [1-9]', text)
