@@ -194,6 +194,28 @@ def phase(server: Server, path: str, image: Path, clients: int, seconds: float, 
     return row
 
 
+def markdown(rows: list[dict[str, Any]], inproc: dict[str, dict[int, dict[str, float]]], raw: dict[int, dict[str, float]],
+             checks: list[tuple[str, float, float, bool]]) -> str:
+    """The run's figures as the markdown tables of docs/serving.md."""
+    out = ["| server | endpoint | phase | clients | req/s | p50 ms | p95 ms | failures | server CPU ms/req | "
+           "model CPU ms/req | mean batch | wrk CPU ms/req | other load (cores) |", "|---" * 13 + "|"]
+    for r in rows:
+        model = f"{r['model_cpu_ms_per_req']:.2f}" if "model_cpu_ms_per_req" in r else ""
+        batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else ""
+        out.append(f"| {r['server']} | {r['endpoint']} | {r['phase']} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.2f} | "
+                   f"{r['p95_ms']:.1f} | {r['failures']} | {r['server_cpu_ms_per_req']:.2f} | {model} | {batch} | "
+                   f"{r['wrk_cpu_ms_per_req']:.3f} | {r['other_cores']:.2f} |")
+    out += ["", "| in process (no HTTP) | batch | ms/image wall | ms/image CPU | images/s |", "|---|---|---|---|---|"]
+    for ep, d in inproc.items():
+        for b, v in d.items():
+            out.append(f"| {ep} (decode, preprocess, ORT, results, JSON) | {b} | {v['wall_ms']:.3f} | {v['cpu_ms']:.3f} | {v['images_per_s']:.0f} |")
+    for b, v in raw.items():
+        out.append(f"| bare ONNX Runtime call | {b} | {v['wall_ms']:.3f} | {v['cpu_ms']:.3f} | {v['images_per_s']:.0f} |")
+    out += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
+    out += [f"| {w} | {g:.3f} | {b:.3f} | {'yes' if ok else 'no'} |" for w, g, b, ok in checks]
+    return "\n".join(out) + "\n"
+
+
 def fmt_row(r: dict[str, Any]) -> str:
     extra = ""
     if "mean_batch" in r:
@@ -394,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw": {str(b): v for b, v in raw.items()}, "served_batch": served,
         "checks": [{"what": w, "measured": g, "bound": b, "ok": ok} for w, g, b, ok in checks],
     }, indent=1))
-    log(f"# written {work / 'bench_serve.json'}")
+    (work / "bench_serve.md").write_text(markdown(rows, inproc, raw, checks))
+    log(f"# written {work / 'bench_serve.json'} and {work / 'bench_serve.md'}")
     return 1 if args.strict and not all(ok for *_, ok in checks) else 0
 
 
