@@ -98,10 +98,10 @@ def tree_cpu_seconds(root: int) -> float:
 class Server:
     """A server process group started with `cmd`; `pid` is the root of its process tree."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], url: str, log_path: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], url: str, log_path: Path, cwd: Path = ROOT) -> None:
         self.name, self.url = name, url
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_ready(url, 300, self.proc)
 
     @property
@@ -125,15 +125,14 @@ class Server:
         raise RuntimeError(f"{self.url}/metrics has no cltvit batcher metrics")
 
     def settle(self, timeout: float = 300.0) -> None:
-        """Wait until requests of a finished phase stop reaching the model (wrk hangs up on queued requests)."""
-        if self.name != "cltvit":
-            time.sleep(0.5)
-            return
-        last, end = self.metrics()["cltvit_batch_size_sum"], time.monotonic() + timeout
+        """Wait until the server is idle (under 5% of a core for a second): wrk hangs up at the end of a
+        phase, but requests already queued are still run."""
+        end = time.monotonic() + timeout
+        last = tree_cpu_seconds(self.pid)
         while time.monotonic() < end:
             time.sleep(1.0)
-            now = self.metrics()["cltvit_batch_size_sum"]
-            if now == last:
+            now = tree_cpu_seconds(self.pid)
+            if now - last < 0.05:
                 return
             last = now
 
@@ -303,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=96, help="side of the uploaded PNG in pixels (default 96)")
     ap.add_argument("--endpoints", default="classify,explain", help="service endpoints to load (default classify,explain)")
     ap.add_argument("--skip-hops", action="store_true", help="measure only the floor, not the two batching-hop variants")
+    ap.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                    help="also serve the bundle with the cltvit-serve of another checkout (e.g. the previous release), "
+                         "measured in the same rounds as 'baseline'")
     ap.add_argument("--serve-args", default="", help="extra cltvit-serve arguments (one string)")
     ap.add_argument("--work", default="artifacts/bench/serve", help="folder for logs, the upload and the JSON")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -343,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "serving.cli", "--bundle", args.bundle, "--host", "127.0.0.1", "--port", str(port),
                "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *args.serve_args.split()]
         servers.append((Server("cltvit", cmd, env, f"http://127.0.0.1:{port}", work / "cltvit.log"), endpoints))
+        if args.baseline:
+            port = free_port()
+            base_env = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
+            cmd = [sys.executable, "-m", "serving.cli", "--bundle", str(Path(args.bundle).resolve()), "--host", "127.0.0.1",
+                   "--port", str(port), "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]
+            servers.insert(len(servers) - 1, (Server("baseline", cmd, base_env, f"http://127.0.0.1:{port}", work / "baseline.log",
+                                                     cwd=Path(args.baseline).resolve()), endpoints))
         for server, paths in servers:
             for path in paths:
                 warm(server, path, upload)
