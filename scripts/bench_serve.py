@@ -101,6 +101,10 @@ class Server:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], url: str, log_path: Path, cwd: Path = ROOT) -> None:
         self.name, self.url = name, url
         self.log = open(log_path, "wb")
+        # a BentoML home per server: `bentoml serve` empties its home's Prometheus directory at start
+        home = log_path.with_suffix(".bentoml-home")
+        shutil.rmtree(home, ignore_errors=True)
+        env = {**env, "BENTOML_HOME": str(home)}
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_ready(url, 300, self.proc)
 

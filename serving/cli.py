@@ -19,10 +19,12 @@ import argparse
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -190,11 +192,16 @@ def server_process(
     log_path: str | Path | None = None,
     ready_timeout: float = 180.0,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run `cltvit-serve` on 127.0.0.1 as a child process group; yield (base URL, process); stop it on exit."""
+    """Run `cltvit-serve` on 127.0.0.1 as a child process group; yield (base URL, process); stop it on exit.
+
+    The server gets a BentoML home of its own: every `bentoml serve` empties its home's Prometheus
+    directory at start, which would wipe the metrics of other servers running on the same machine.
+    """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving.cli", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
+    home = tempfile.mkdtemp(prefix="cltvit-bentoml-home-")
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": home, **(env or {})}
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -210,6 +217,7 @@ def server_process(
                 proc.wait()
         if log is not subprocess.DEVNULL:
             log.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @contextlib.contextmanager
