@@ -21,7 +21,6 @@ logger = logging.getLogger("cltvit.serving")
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 IMAGE_PATHS = frozenset({"/classify", "/explain", "/embed"})
 
-
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
