@@ -12,18 +12,9 @@ import pytest
 import torch
 
 from bundle import MODEL_OUTPUTS
-from export.fused import export_explainer
 from training.model.decompose import MODES, decompose
-from training.testing import random_clt
 
 ATOL = 1e-4
-
-
-def ort_session(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def random_text(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -70,21 +61,13 @@ def assert_parity(eager: dict[str, np.ndarray], got: dict[str, np.ndarray], atol
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tiny_backbone):
-    clt = random_clt(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=128, k=8, seed=1)
-    return tiny_backbone, clt
+def tiny_setup(tiny_graphs):
+    return tiny_graphs.backbone, tiny_graphs.clt
 
 
 @pytest.fixture(scope="module")
-def sessions(tiny_setup, tmp_path_factory):
-    backbone, clt = tiny_setup
-    root = tmp_path_factory.mktemp("parity")
-    out = {}
-    for mode in MODES:
-        path = export_explainer(backbone.visual, clt, root / f"{mode}.onnx", logit_scale=backbone.logit_scale,
-                                embed_dim=backbone.embed_dim, mode=mode, top_k_features=16)
-        out[mode] = ort_session(path)
-    return out
+def sessions(tiny_graphs):
+    return {mode: tiny_graphs.session(mode) for mode in MODES}
 
 
 @pytest.mark.parametrize("mode", MODES)
