@@ -9,7 +9,7 @@ PORT ?= 3000
 # loopback only by default; HOST=0.0.0.0 serves every interface (set CLTVIT_API_TOKEN then)
 HOST ?= 127.0.0.1
 
-.PHONY: setup data wrk test serve reference-bundle reference bench bench-serve load clean
+.PHONY: setup data wrk test test-slow serve reference-bundle reference bench bench-serve load clean
 
 setup: $(VENV)/.installed data
 
@@ -33,8 +33,12 @@ wrk:
 	  else echo "wrk missing: run 'sudo apt-get install -y wrk'" >&2; exit 1; fi; \
 	fi
 
+# The suite without the full-size architecture exports (`slow`: ViT-B-32/B-16 parity); CI runs both.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The main command: on first run (when BUNDLE is the default) export the reference bundle from the
 # weights shipped in pipeline/reference_weights/ (seconds), then serve it on $(HOST):$(PORT).

@@ -86,6 +86,7 @@ def test_tiny_graph_equals_hooked_open_clip(tiny_graphs, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # may export the architecture's graph for this mode (minutes)
 @pytest.mark.parametrize("mode", MODES)
 def test_vitb_graph_equals_hooked_open_clip(vitb_graphs, mode):
     backbone, clt = vitb_graphs.backbone, vitb_graphs.clt

@@ -25,7 +25,6 @@ import pytest
 from test_parity import assert_complete
 
 from bundle import load_bundle
-from export.testing import make_tiny_bundle
 
 N_TINY = 512
 
@@ -72,9 +71,10 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 @pytest.fixture(scope="module", params=["cls", "observe"])
-def tiny(request, tmp_path_factory):
-    root = make_tiny_bundle(tmp_path_factory.mktemp("q") / request.param, mode=request.param, variants=("int8", "fp16"))
+def tiny(request):
+    root = request.getfixturevalue({"cls": "variant_bundle", "observe": "observe_variant_bundle"}[request.param])
     m, paths = load_bundle(root)
+    assert m.mode == request.param
     pixels, _ = fashion_pixels(m, N_TINY)
     text = np.load(paths.labels)
     outs = {v: run_all(session(p, v), pixels, text) for v, p in paths.models.items()}

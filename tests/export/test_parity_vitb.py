@@ -15,7 +15,7 @@ from test_parity import assert_parity, eager_outputs, onnx_outputs, random_text
 from training.data import FASHION_MNIST_CLASSES, FashionMNIST
 from training.model.decompose import MODES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # exports of 12-layer graphs: minutes
 REAL_BATCH = {"ViT-B-32": 7, "ViT-B-16": 4}
 
 
