@@ -21,7 +21,7 @@ from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_
 from training.model.backbone import Backbone
 
 from .fused import DEFAULT_OPSET, export_explainer, external_files
-from .quantize import make_variant
+from .quantize import REDUCED, make_variant
 from .text import VOCAB_FILE, context_length, copy_vocab, export_text
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -89,7 +89,7 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
 ) -> Path:
-    """Export `model.onnx` (+ reduced-precision `variants`: "int8", "fp16"), `text.onnx`, `labels.npy`,
+    """Export `model.onnx` (+ reduced-precision `variants`: "int8", "int8-clt", "fp16"), `text.onnx`, `labels.npy`,
     the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
 
     `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
@@ -98,9 +98,9 @@ def export_bundle(
 
     if mode not in MODES:
         raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
-    unknown = sorted(set(variants) - {"int8", "fp16"})
+    unknown = sorted(set(variants) - set(REDUCED))
     if unknown:
-        raise ExportError(f"unknown variant(s) {unknown}; choose from int8, fp16")
+        raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(REDUCED)}")
     names, temps = check_labels(labels, templates or DEFAULT_TEMPLATES)
     cfg = clt.cfg
     if (cfg.n_layers, cfg.d_model) != (backbone.n_layers, backbone.d_model):
@@ -122,7 +122,7 @@ def export_bundle(
         np.save(tmp / LABELS_FILE, emb)
         variant_files = {"fp32": "model.onnx"}
         for v in variants:
-            variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx").name
+            variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx", n_layers=clt.cfg.n_layers).name
         files = {}
         for name in [*variant_files.values(), "text.onnx", LABELS_FILE, VOCAB_FILE]:
             files[name] = file_sha256(tmp / name)

@@ -36,20 +36,20 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def variant_bundle(tmp_path_factory) -> Path:
-    """The tiny bundle with its reduced-precision variants (int8, fp16). Read-only."""
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "fp16"))
+    """The tiny bundle with its reduced-precision variants (int8, int8-clt, fp16). Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "int8-clt", "fp16"))
 
 
 @pytest.fixture(scope="session")
 def observe_variant_bundle(tmp_path_factory) -> Path:
-    """The tiny model in observe mode (logits are the backbone's own) with int8 and fp16 variants. Read-only."""
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-observe", mode="observe", variants=("int8", "fp16"))
+    """The tiny model in observe mode (logits are the backbone's own) with int8, int8-clt and fp16. Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-observe", mode="observe", variants=("int8", "int8-clt", "fp16"))
 
 
 @pytest.fixture(scope="session")
 def reference_bundle(tmp_path_factory) -> Path:
-    """The reference model's bundle (fp32 + int8 + fp16), exported from the shipped weights (seconds). Read-only."""
-    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "fp16"))
+    """The reference model's bundle (fp32 + int8 + int8-clt + fp16), exported from the shipped weights (seconds). Read-only."""
+    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "int8-clt", "fp16"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Reduced-precision variants (int8 for the CPU, fp16 for CUDA) against the fp32 graph.
+"""Reduced-precision variants (int8 and int8-clt for the CPU, fp16 for CUDA) against the fp32 graph.
 
 Stated tolerances (vs fp32, same inputs):
 - int8 (dynamic U8U8 quantization of the transformer blocks' matmuls): top-1 agreement >= 99% on
@@ -7,9 +7,11 @@ Stated tolerances (vs fp32, same inputs):
   quantization's alone) max |logit error| <= 0.15. In cls mode a CLT feature that flips at the CLS
   token moves a logit discontinuously (random CLT: a few percent of logits by up to ~1), so only
   agreement is bounded there.
+- int8-clt (int8 plus the CLT encoders quantized): the same bounds as int8; in observe mode the CLT
+  is not in the logit path, so its logits equal int8's (1e-6) while its contributions differ.
 - fp16 (transformer blocks in float16): top-1 agreement >= 99%, observe-mode logits (no CLT
   feature selection in the logit path) within 1e-2 max abs.
-- both: contributions sum over terms to the variant's OWN logits to fp32 rounding (rel 1e-5).
+- all: contributions sum over terms to the variant's OWN logits to fp32 rounding (rel 1e-5).
 
 fp16 is a CUDA variant; on the CPU it runs here only with ORT's NCHWc layout pass disabled (ORT
 1.31 crashes in it on this graph), so these are correctness, not speed, checks.
@@ -81,18 +83,32 @@ def tiny(request):
     return request.param, outs
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "int8-clt", "fp16"])
 def test_variant_contributions_sum_to_its_own_logits(tiny, variant):
     _, outs = tiny
     assert_complete(outs[variant])
     assert not np.array_equal(outs[variant]["logits"], outs["fp32"]["logits"])  # it is a different computation
 
 
-def test_int8_tolerance_tiny(tiny):
+@pytest.mark.parametrize("variant", ["int8", "int8-clt"])
+def test_int8_tolerance_tiny(tiny, variant):
     mode, outs = tiny
-    assert agreement(outs["int8"], outs["fp32"]) >= 0.95
+    assert agreement(outs[variant], outs["fp32"]) >= 0.95
     if mode == "observe":  # logits are the backbone's own: the quantization error alone
-        assert np.abs(outs["int8"]["logits"] - outs["fp32"]["logits"]).max() <= 0.15
+        assert np.abs(outs[variant]["logits"] - outs["fp32"]["logits"]).max() <= 0.15
+
+
+def test_int8_clt_quantizes_the_clt_encoders_only(tiny):
+    """int8-clt differs from int8 only through the CLT: the same logits where the CLT is not in their
+    path (observe), other features and contributions."""
+    mode, outs = tiny
+    a, b = outs["int8"], outs["int8-clt"]
+    if mode == "observe":
+        assert np.abs(a["logits"] - b["logits"]).max() <= 1e-6
+        assert np.abs(a["contributions"][:, 1:-1] - b["contributions"][:, 1:-1]).max() > 1e-4  # clt.* and error terms moved
+    else:
+        assert np.abs(a["logits"] - b["logits"]).max() > 0
+    assert (a["top_feature_index"] != b["top_feature_index"]).any()  # features near the TopK boundary changed
 
 
 def test_fp16_tolerance_tiny(tiny):
@@ -103,7 +119,7 @@ def test_fp16_tolerance_tiny(tiny):
         assert np.abs(outs["fp16"]["embedding"] - outs["fp32"]["embedding"]).max() <= 1e-2 * np.abs(outs["fp32"]["embedding"]).max()
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "int8-clt", "fp16"])
 def test_reference_model_agreement(variant, reference_bundle):
     """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000), on the
     bundle exported from the shipped reference weights."""
