@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 from _hooked import max_abs, reference
+from conftest import Graphs, ort_session
 from test_parity import onnx_outputs, random_text
 
 from bundle import MODES, load_bundle, term_names
+from pipeline.shipped import load_shipped
 from training.data import FASHION_MNIST_CLASSES, FashionMNIST
 
 REL = 2e-5  # of the largest logit / contribution magnitude: float32 rounding over 2L+3 terms
@@ -97,8 +99,6 @@ def test_vitb_graph_equals_hooked_open_clip(vitb_graphs, mode):
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    from pipeline.shipped import load_shipped
-
     backbone, clt, _ = load_shipped()
     return backbone, clt
 
@@ -106,8 +106,6 @@ def shipped_model():
 @pytest.mark.parametrize("mode", ["cls", "all"])
 def test_reference_bundle_equals_hooked_open_clip(reference_bundle, shipped_model, tmp_path_factory, mode):
     """The reference bundle's graph (cls mode) and an all-token graph of the same shipped weights."""
-    from conftest import Graphs, ort_session
-
     backbone, clt = shipped_model
     m, paths = load_bundle(reference_bundle, verify_checksums=False)
     if mode == m.mode:
