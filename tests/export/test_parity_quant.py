@@ -119,17 +119,23 @@ def test_fp16_tolerance_tiny(tiny):
         assert np.abs(outs["fp16"]["embedding"] - outs["fp32"]["embedding"]).max() <= 1e-2 * np.abs(outs["fp32"]["embedding"]).max()
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-clt", "fp16"])
-def test_reference_model_agreement(variant, reference_bundle):
-    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000), on the
-    bundle exported from the shipped reference weights."""
+@pytest.fixture(scope="module")
+def reference_fp32(reference_bundle):
+    """The reference bundle's paths, the Fashion-MNIST test images preprocessed, labels, label embeddings and
+    the fp32 graph's outputs on them (computed once for all variants)."""
     m, paths = load_bundle(reference_bundle, verify_checksums=False)
-    path = paths.models[variant]
     n = int(os.environ.get("CLTVIT_REFERENCE_N", "10000"))
     pixels, labels = fashion_pixels(m, n)
     text = np.load(paths.labels)
-    ref = run_all(session(paths.model, "fp32"), pixels, text)
-    got = run_all(session(path, variant), pixels, text)
+    return paths, pixels, labels, text, run_all(session(paths.model, "fp32"), pixels, text)
+
+
+@pytest.mark.parametrize("variant", ["int8", "int8-clt", "fp16"])
+def test_reference_model_agreement(variant, reference_fp32):
+    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000), on the
+    bundle exported from the shipped reference weights."""
+    paths, pixels, labels, text, ref = reference_fp32
+    got = run_all(session(paths.models[variant], variant), pixels, text)
     agree = agreement(got, ref)
     print(f"{variant}: agreement {agree:.4f}, accuracy {np.mean(got['logits'].argmax(1) == labels):.4f} "
           f"(fp32 {np.mean(ref['logits'].argmax(1) == labels):.4f}), max |dlogit| {np.abs(got['logits'] - ref['logits']).max():.4f}")
