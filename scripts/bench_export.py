@@ -174,7 +174,7 @@ def encoder_matvec(layers: int, d: int, f: int, threads: int, tokens: tuple[int,
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, reduce_range=True, op_types_to_quantize=["MatMul"])
         for name, path in (("fp32", fp32), ("int8", int8)):
             sess = session(path, threads)
-            out[name] = {n: best_time(lambda n=n: sess.run(None, {"x": np.ones((n, d), np.float32)}), 1.0) / layers for n in tokens}
+            out[name] = {n: best_time(lambda n=n, s=sess: s.run(None, {"x": np.ones((n, d), np.float32)}), 1.0) / layers for n in tokens}
     return out
 
 

@@ -159,7 +159,7 @@ def test_killed_five_times_ends_equal_to_an_uninterrupted_run(uninterrupted, tmp
     assert (out / "clt.safetensors").is_file() and not (out / "clt.json").exists()
     assert_loadable(out, STEPS)
     # 6. resumed to the end
-    done = subprocess.run(command(out), cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    done = subprocess.run(command(out), cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout
     assert f"(step {STEPS} of {STEPS})" in done.stdout
