@@ -33,7 +33,8 @@ wrk:
 	  else echo "wrk missing: run 'sudo apt-get install -y wrk'" >&2; exit 1; fi; \
 	fi
 
-# The suite without the full-size architecture exports (`slow`: ViT-B-32/B-16 parity); CI runs both.
+# The suite without the `slow` tests (ViT-B-32/B-16 parity, the shipped weights' full report, the label-churn
+# load test), and those alone; CI (.ci/run) runs both.
 test: setup
 	$(PY) -m pytest -q -m "not slow"
 
