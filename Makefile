@@ -6,8 +6,10 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 ARTIFACTS ?= artifacts
 BUNDLE ?= $(ARTIFACTS)/reference/bundle
 PORT ?= 3000
+# loopback only by default; HOST=0.0.0.0 serves every interface (set CLTVIT_API_TOKEN then)
+HOST ?= 127.0.0.1
 
-.PHONY: setup data test serve reference-bundle reference bench load clean
+.PHONY: setup data wrk test test-slow serve reference-bundle reference bench bench-serve load clean
 
 setup: $(VENV)/.installed data
 
@@ -24,14 +26,26 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'" >&2; exit 1; fi; \
 	fi
 
+# wrk, the load generator of bench-serve (Debian package; installed when missing and run as root).
+wrk:
+	@if ! command -v wrk >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)); \
+	  else echo "wrk missing: run 'sudo apt-get install -y wrk'" >&2; exit 1; fi; \
+	fi
+
+# The suite without the `slow` tests (ViT-B-32/B-16 parity, the shipped weights' full report, the label-churn
+# load test), and those alone; CI (.ci/run) runs both.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The main command: on first run (when BUNDLE is the default) export the reference bundle from the
-# weights shipped in pipeline/reference_weights/ (seconds), then serve it on $(PORT).
+# weights shipped in pipeline/reference_weights/ (seconds), then serve it on $(HOST):$(PORT).
 # Any bundle: make serve BUNDLE=path/to/bundle. Auth: CLTVIT_API_TOKEN=... make serve
 serve: setup reference-bundle
-	$(VENV)/bin/cltvit-serve --bundle $(BUNDLE) --port $(PORT)
+	$(VENV)/bin/cltvit-serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
 reference-bundle:
 	@if [ ! -f $(BUNDLE)/bundle.json ]; then \
@@ -67,6 +81,17 @@ bench: setup
 	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
 	$(PY) scripts/bench_score.py --bundle $(ARTIFACTS)/bench/vitb32-bundle --out $(ARTIFACTS)/bench/bench_score.json
 	$(PY) scripts/bench_spatial.py --work $(ARTIFACTS)/bench --json $(ARTIFACTS)/bench/bench_spatial.json
+
+# Serving benchmark (docs/serving.md): BentoML's floor, the service at 1/16/64 clients and the
+# in-process ceiling in one run; prints the issue's targets as ratios. ViT-B-32 architecture:
+# make bench-serve BENCH_SERVE_BUNDLE=$(ARTIFACTS)/bench/vitb32-bundle (made by make bench).
+BENCH_SERVE_BUNDLE ?= $(BUNDLE)
+BENCH_SERVE_SECONDS ?= 10
+BENCH_SERVE_THREADS ?= 1
+bench-serve: setup wrk
+	@if [ "$(BENCH_SERVE_BUNDLE)" = "$(BUNDLE)" ]; then $(MAKE) --no-print-directory reference-bundle; fi
+	$(PY) scripts/bench_serve.py --bundle $(BENCH_SERVE_BUNDLE) --seconds $(BENCH_SERVE_SECONDS) \
+	  --threads $(BENCH_SERVE_THREADS) --work $(ARTIFACTS)/bench/serve
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

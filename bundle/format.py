@@ -42,8 +42,9 @@ TEXT_OUTPUTS: tuple[str, ...] = ("text_embeddings",)
 # Where the CLT replaces the MLPs: at the CLS token, at every token, or nowhere (the real MLPs run
 # and an explicit `error` term carries what the CLT misses).
 MODES: tuple[str, ...] = ("cls", "all", "observe")
-# Precision variants of the image graph: fp32 (always `model.onnx`), int8 (CPU), fp16 (CUDA).
-VARIANTS: tuple[str, ...] = ("fp32", "int8", "fp16")
+# Precision variants of the image graph: fp32 (always `model.onnx`), int8 (CPU: the transformer
+# blocks' matmuls), int8-clt (CPU: those and the CLT encoders'), fp16 (CUDA); file `model.<variant>.onnx`.
+VARIANTS: tuple[str, ...] = ("fp32", "int8", "int8-clt", "fp16")
 
 # Files read as images wherever the project walks a folder (training datasets, folder scoring,
 # the Ray engine), matched case-insensitively.

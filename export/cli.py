@@ -14,6 +14,7 @@ from bundle import BundleError
 from training.model.backbone import BackboneError, load_backbone
 from training.model.checkpoint import CheckpointError, load_checkpoint
 
+from .quantize import REDUCED
 from .writer import ExportError, export_bundle
 
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k-features", type=int, default=16, help="top CLT features reported per image")
     ap.add_argument("--spatial-top-k", type=int, default=5,
                     help="classes per image with spatial maps (where in the image; docs/spatial.md); 0: none")
-    ap.add_argument("--variants", default="", help="comma-separated reduced-precision variants: int8 (CPU), fp16 (CUDA)")
+    ap.add_argument("--variants", default="", help="comma-separated reduced-precision variants: int8, int8-clt (CPU), fp16 (CUDA)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--out", required=True, help="bundle directory to write")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -52,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ("int8", "fp16")]
+    bad = [v for v in variants if v not in REDUCED]
     if bad:
-        ap.error(f"--variants: unknown {bad}; choose from int8, fp16")
+        ap.error(f"--variants: unknown {bad}; choose from {', '.join(REDUCED)}")
     if args.top_k_features < 1:
         ap.error("--top-k-features must be >= 1")
     if args.spatial_top_k < 0:

@@ -1,29 +1,41 @@
-"""Reduced-precision variants of the fused graph: `int8` (ONNX Runtime CPU) and `fp16` (CUDA).
+"""Reduced-precision variants of the fused graph: `int8` and `int8-clt` (ONNX Runtime CPU), `fp16` (CUDA).
 
 Only the transformer blocks' own ops (attention, MLP and their layer norms: ONNX nodes in the
-`/attn*`, `/mlp*`, `/ln_1*`, `/ln_2*` export scopes) change precision. The residual stream sums, the
-CLT, ln_post / proj and the decomposition stay float32, so each variant's contributions still sum to
-that variant's own logits to fp32 rounding; only the terms' values move.
+`/attn*`, `/mlp*`, `/ln_1*`, `/ln_2*` export scopes) change precision, and in `int8-clt` also the
+CLT encoders' matmuls. The residual stream sums, the CLT decoders, ln_post / proj and the
+decomposition stay float32, so each variant's contributions still sum to that variant's own logits
+to fp32 rounding; only the terms' values move.
 
 - int8: dynamic quantization of the MatMul / Gemm weights in those scopes: uint8 activations
   (quantized per call), signed 7-bit weights (`reduce_range`). AVX2 CPUs without VNNI multiply
   u8 x s8 pairs into saturating int16 sums; full 8-bit weights overflow them (7% top-1 agreement
   lost on a test model), 7-bit ones cannot. This keeps the fast u8s8 kernels: measured 1.67x fp32
   on the ViT-B-32 encoder at batch 8, against 1.34x for the non-saturating u8u8 kernels.
+- int8-clt: int8 as above, plus the CLT encoders `(x / in_scale) @ W_enc[l]` quantized the same
+  way. In `cls` mode at batch 1 each encoder is a matrix-vector product that reads all of W_enc[l]
+  (d x F floats, 226 MB per image for ViT-B-32 at F = 6144) for 2 FLOP per weight: memory-bound, so
+  a quarter of the bytes is the gain; features near the TopK boundary can change (tested: >= 99%
+  top-1 agreement with fp32 on the reference model, like int8).
 - fp16: float16 weights and activations in those scopes, float32 inputs/outputs (keep_io_types).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from bundle.format import VARIANTS
+
 from .fused import consolidate
 
+REDUCED: tuple[str, ...] = tuple(v for v in VARIANTS if v != "fp32")  # what `make_variant` writes
 BLOCK_SCOPE = re.compile(r"^/(attn|mlp|ln_1|ln_2)(_\d+)?/")
 LARGE = 1_800_000_000  # bytes: save weights externally above this (protobuf's limit is 2 GiB)
 
@@ -40,14 +52,29 @@ def _is_large(path: Path) -> bool:
     return total > LARGE
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantization of the transformer blocks' MatMul/Gemm weights. Returns `dst`.
+def clt_encoder_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the CLT encoders' MatMuls: outside the blocks, a Div's output (x / in_scale[l]) times a
+    constant 2-D matrix (W_enc[l], [d, F]). The final projection and the decomposition's matmuls read
+    LayerNorm / Mul outputs or graph inputs, so they are not picked."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    found = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or BLOCK_SCOPE.match(n.name) or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2:
+            continue
+        p = producer.get(n.input[0])
+        if p is not None and p.op_type == "Div":
+            found.append(n.name)
+    return found
+
+
+def quantize_int8(src: str | Path, dst: str | Path, *, clt_encoder: bool = False, n_layers: int | None = None) -> Path:
+    """Dynamic int8 quantization of the transformer blocks' MatMul/Gemm weights (and with `clt_encoder`
+    the CLT encoders', one per layer: `n_layers` of them when given). Returns `dst`.
 
     ORT's dynamic quantizer skips Gemm, so the blocks' Gemms (attention out_proj) are first
     rewritten as MatMul + Add in a temporary copy.
     """
-
-
     src, dst = Path(src), Path(dst)
     large = _is_large(src)
     model = onnx.load(str(src), load_external_data=True)
@@ -55,6 +82,11 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     nodes = block_nodes(model, ("MatMul",))
     if not nodes:
         raise RuntimeError(f"{src}: found no transformer-block MatMul/Gemm nodes to quantize (export scope names changed?)")
+    if clt_encoder:
+        enc = clt_encoder_nodes(model)
+        if not enc or (n_layers is not None and len(enc) != n_layers):
+            raise RuntimeError(f"{src}: found {len(enc)} CLT encoder MatMuls, expected {n_layers or 'some'} (graph structure changed?)")
+        nodes += enc
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         mid = Path(tmp) / "fp32.onnx"
         if large:
@@ -63,14 +95,27 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
         else:
             onnx.save_model(model, str(mid))
         del model
-        quantize_dynamic(
-            str(mid), str(dst), weight_type=QuantType.QInt8, reduce_range=True, per_channel=False, op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=nodes, use_external_data_format=large, extra_options={"MatMulConstBOnly": True},
-        )
+        with _quiet_root_logger():  # ORT advises shape-inference pre-processing on every call; the graph has static shapes
+            quantize_dynamic(
+                str(mid), str(dst), weight_type=QuantType.QInt8, reduce_range=True, per_channel=False, op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=nodes, use_external_data_format=large, extra_options={"MatMulConstBOnly": True},
+            )
     return _rename_external(dst)
 
 
-def _gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:  # noqa: F821
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Drop WARNING records from the root logger (onnxruntime.quantization logs its advice there)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _gemm_to_matmul(model: onnx.ModelProto, names: set[str]) -> int:
     """Rewrite the named Gemm nodes (alpha = beta = 1, no transA, constant B) as MatMul (+ Add)."""
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -127,7 +172,7 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
+def _float_tensors(skeleton: onnx.ModelProto) -> set[str]:
     """Names of all float32 tensors (inputs, initializers, node outputs), by ONNX type inference.
     Strips `skeleton`'s weight data in place (pass a copy loaded without external data)."""
 
@@ -148,7 +193,7 @@ def _float_tensors(skeleton: "onnx.ModelProto") -> set[str]:  # noqa: F821
     return out
 
 
-def _to_fp16(model: "onnx.ModelProto", inside: set[str], floats: set[str]) -> None:  # noqa: F821
+def _to_fp16(model: onnx.ModelProto, inside: set[str], floats: set[str]) -> None:
     """In-place: nodes named in `inside` compute in float16 (see `convert_fp16`); `floats` names the
     float32 tensors of the graph (`_float_tensors`)."""
 
@@ -199,7 +244,7 @@ def _to_fp16(model: "onnx.ModelProto", inside: set[str], floats: set[str]) -> No
     _toposort(model)
 
 
-def _toposort(model: "onnx.ModelProto") -> None:  # noqa: F821
+def _toposort(model: onnx.ModelProto) -> None:
     """Order nodes so each comes after the producers of its inputs (stable: keeps the given order
     where possible); drops nodes whose outputs nothing uses any more (dead casts)."""
     graph = model.graph
@@ -239,10 +284,13 @@ def _rename_external(path: Path) -> Path:
     return consolidate(path)
 
 
-def make_variant(fp32_path: str | Path, variant: str, dst: str | Path) -> Path:
-    """Write `variant` ("int8" or "fp16") of the fp32 graph to `dst`."""
+def make_variant(fp32_path: str | Path, variant: str, dst: str | Path, n_layers: int | None = None) -> Path:
+    """Write `variant` ("int8", "int8-clt" or "fp16") of the fp32 graph to `dst` (`n_layers`: the CLT's,
+    checked against the encoders found for int8-clt)."""
     if variant == "int8":
         return quantize_int8(fp32_path, dst)
+    if variant == "int8-clt":
+        return quantize_int8(fp32_path, dst, clt_encoder=True, n_layers=n_layers)
     if variant == "fp16":
         return convert_fp16(fp32_path, dst)
-    raise ValueError(f"unknown variant {variant!r}; choose int8 or fp16")
+    raise ValueError(f"unknown variant {variant!r}; choose int8, int8-clt or fp16")

@@ -22,7 +22,7 @@ from training.model.backbone import Backbone
 from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
 from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, external_files
-from .quantize import make_variant
+from .quantize import REDUCED, make_variant
 from .text import VOCAB_FILE, context_length, copy_vocab, export_text
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -106,7 +106,7 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
 ) -> Path:
-    """Export `model.onnx` (+ reduced-precision `variants`: "int8", "fp16"), `text.onnx`, `labels.npy`,
+    """Export `model.onnx` (+ reduced-precision `variants`: "int8", "int8-clt", "fp16"), `text.onnx`, `labels.npy`,
     the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
 
     `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
@@ -116,9 +116,9 @@ def export_bundle(
 
     if mode not in MODES:
         raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
-    unknown = sorted(set(variants) - {"int8", "fp16"})
+    unknown = sorted(set(variants) - set(REDUCED))
     if unknown:
-        raise ExportError(f"unknown variant(s) {unknown}; choose from int8, fp16")
+        raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(REDUCED)}")
     names, temps = check_labels(labels, templates or DEFAULT_TEMPLATES)
     if spatial_top_k < 0:
         raise ExportError(f"spatial_top_k must be >= 0 (0: no spatial maps), got {spatial_top_k}")
@@ -144,7 +144,7 @@ def export_bundle(
         np.save(tmp / LABELS_FILE, emb)
         variant_files = {"fp32": "model.onnx"}
         for v in variants:
-            variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx").name
+            variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx", n_layers=clt.cfg.n_layers).name
         files = {}
         for name in [*variant_files.values(), "text.onnx", LABELS_FILE, VOCAB_FILE]:
             files[name] = file_sha256(tmp / name)

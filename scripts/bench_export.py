@@ -1,18 +1,31 @@
 #!/usr/bin/env python
-"""Benchmark of the fused explainer graph on the ViT-B-32 architecture (ONNX Runtime, CPU).
+"""Benchmark of the fused explainer graph on the ViT-B-32 architecture (ONNX Runtime, CPU), and which
+graph variant to serve on this CPU.
 
-Measured in one run, round-robin per batch size so that load from other processes hits all
-variants alike:
-  (a)  fused ViT + CLT + decomposition graph, `cls` mode, fp32   (model.onnx of the bundle)
-  (a') the same, int8 (dynamic quantization of the transformer blocks' matmuls, 7-bit weights)
-  (b)  plain open_clip image encoder + zero-shot logits, exported to ONNX (no explanation)
-  (c)  eager PyTorch: open_clip `encode_image` + logits (inference mode, native attention)
-and prints images/s, the ratios (a)/(b), (a)/(c), (a')/(c), and images/s against the FLOP-bound
-limit of this CPU from fp32 / bf16 matmul rates measured in the same run (ViT-B/32: 8.8 GFLOP per
-image). Weights are random (no model hub here); F = 6144, k = 32 as in the issue. The bundle is kept
-at artifacts/bench/vitb32-bundle for the load test and the folder scorer's benchmark.
+Contenders, timed in one run, round-robin per batch size (the order rotates every round, so load
+from other processes hits all alike):
+  fp32      the bundle's fused ViT + CLT + decomposition graph, `cls` mode (model.onnx)
+  int8      its int8 variant: the transformer blocks' matmuls quantized (model.int8.onnx)
+  int8-clt  int8 plus the CLT encoders quantized (model.int8-clt.onnx)
+  (fp16     with --variants ...,fp16: blocks in float16; a CUDA variant)
+  plain     open_clip's image encoder + zero-shot logits exported to ONNX: no explanation
+  eager     eager PyTorch open_clip `encode_image` + logits (no explanation)
+Also measured in the same run: torch fp32 / bf16 matmul rates, whether ONNX Runtime's CPU provider
+runs a bf16 MatMul at all, and the CLT encoders alone (L MatMuls [N, d] x [d, F]) in fp32 and int8
+at N = 1 and N = 16 tokens.
 
-  python scripts/bench_export.py [--batches 1,8,32] [--repeats 3] [--rebuild]
+Every conclusion printed is computed from these figures and the CPU's reported features
+(bundle.provenance, the L3 size in sysfs): which variant is fastest at each batch size and the one
+to serve, whether bf16 is a route to speed, whether the CLT encoder is memory-bound at batch 1.
+Speed comparisons use paired ratios: within a round every contender runs once, back to back, so the
+median over rounds of time(a) / time(b) cancels most of the load other processes put on the machine;
+a variant counts as faster only when that median says it is at least 5% faster. Top-1 agreement of each variant with fp32 on the timed images is printed
+too; with random weights (no model hub here) logits are nearly uniform, a harsher case than a trained
+model, so the accuracy gate stays the reference-model test (tests/export/test_parity_quant.py: >= 99%).
+Weights are random; F = 6144, k = 32. The bundle is kept in OUT/vitb32-bundle for `make load` and
+scripts/bench_score.py.
+
+  python scripts/bench_export.py [--out DIR] [--batches 1,16] [--repeats 3] [--variants int8,int8-clt] [--rebuild]
 """
 from __future__ import annotations
 
@@ -21,66 +34,157 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GFLOP_PER_IMAGE = 8.8  # ViT-B/32 image encoder, 2 x multiply-adds
+from bundle import BundleError, load_bundle  # noqa: E402
+from bundle.provenance import machine_info  # noqa: E402
+from export.fused import export_plain  # noqa: E402
+from export.quantize import REDUCED  # noqa: E402
+from export.writer import export_bundle  # noqa: E402
+from training.data import FASHION_MNIST_CLASSES  # noqa: E402
+from training.model.backbone import load_backbone  # noqa: E402
+from training.testing import random_clt  # noqa: E402
+
+FASTER = 1.05  # a variant counts as faster than another when its best rate is at least 5% higher
 
 
-def log(msg: str) -> None:
+def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
 def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def matmul_rate(dtype: torch.dtype, seconds: float = 2.0, n: int = 1536) -> float:
-    """Dense square matmul throughput of this process's torch threads, GFLOP/s (best of short runs)."""
-    a = torch.randn(n, n, dtype=torch.float32).to(dtype)
-    b = torch.randn(n, n, dtype=torch.float32).to(dtype)
-    torch.mm(a, b)
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
+def best_time(fn: Callable[[], object], seconds: float) -> float:
+    """Fastest of repeated calls of fn within about `seconds` (at least 3 calls), in seconds."""
+    fn()
+    best, calls, t_end = float("inf"), 0, time.perf_counter() + seconds
+    while calls < 3 or time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        calls += 1
+    return best
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
+def matmul_rate(dtype: torch.dtype, n: int = 1536, seconds: float = 2.0) -> float:
+    """Dense square torch matmul throughput in this process's threads, GFLOP/s."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b), seconds) / 1e9
 
+
+def l3_cache_bytes() -> int | None:
+    """The last-level (L3) cache size this CPU reports (Linux sysfs), bytes; None when not reported."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1], 1)
+                return int(size.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def session(path: Path | bytes, threads: int, variant: str = "fp32") -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    # no busy-waiting between calls: on a shared 2-core machine spinning ORT threads starve whatever
-    # runs next (here: the eager baseline), which would flatter the ratios
+    # no busy-waiting between calls: spinning ORT threads would starve whichever contender runs next
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    disabled = ["NchwcTransformer"] if variant == "fp16" else None  # ORT 1.31 crashes in it on fp16 graphs
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
-def bundle_matches(bundle: Path, fingerprint: str, n_features: int, k: int, variant: str) -> bool:
-    from bundle import BundleError, load_bundle
+def gflop_per_image(visual: torch.nn.Module) -> float:
+    """FLOPs of one image through open_clip's image encoder (torch's FLOP counter: matmuls, convolutions,
+    attention; 2 per multiply-add), GFLOP."""
+    h, w = tuple(visual.image_size)
+    counter = FlopCounterMode(display=False)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused native attention kernel is invisible to the counter
+    try:
+        with counter, torch.no_grad():
+            visual(torch.zeros(1, 3, h, w))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return counter.get_total_flops() / 1e9
 
+
+def ort_matmul_rate(threads: int, n: int = 1536, seconds: float = 2.0) -> float:
+    """Dense square fp32 MatMul throughput of ONNX Runtime's CPU provider (its own MLAS kernels), GFLOP/s."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "mm", [a], [y], [w])
+    sess = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString(), threads)
+    x = np.ones((n, n), np.float32)
+    return 2 * n**3 / best_time(lambda: sess.run(None, {"a": x}), seconds) / 1e9
+
+
+def ort_bf16_matmul() -> str:
+    """'yes' if ONNX Runtime's CPU provider runs a bfloat16 MatMul, else its error (NOT_IMPLEMENTED...)."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])
+    nodes = [helper.make_node("Cast", ["a"], ["h"], to=TensorProto.BFLOAT16), helper.make_node("Transpose", ["h"], ["ht"]),
+             helper.make_node("MatMul", ["h", "ht"], ["yh"]), helper.make_node("Cast", ["yh"], ["y"], to=TensorProto.FLOAT)]
+    model = helper.make_model(helper.make_graph(nodes, "bf16", [a], [y]), opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    try:
+        session(model.SerializeToString(), 1).run(None, {"a": np.ones((4, 8), np.float32)})
+        return "yes"
+    except Exception as exc:  # ORT reports a missing kernel as its own exception types
+        text = str(exc)
+        return "not implemented (" + text[text.index("NOT_IMPLEMENTED"):][:100] + ")" if "NOT_IMPLEMENTED" in text else text[:120]
+
+
+def encoder_matvec(layers: int, d: int, f: int, threads: int, tokens: tuple[int, ...]) -> dict[str, dict[int, float]]:
+    """Seconds per encoder of the CLT encoders alone: `layers` MatMuls [N, d] x [d, F], each with its own
+    weights (so, as in the fused graph, they do not all fit in cache), in ORT, fp32 and dynamic int8 (as
+    the int8-clt variant quantizes them), for each N in `tokens`."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])
+    ys = [helper.make_tensor_value_info(f"y{l}", TensorProto.FLOAT, ["N", f]) for l in range(layers)]
+    weights = [numpy_helper.from_array((rng.standard_normal((d, f)) / np.sqrt(d)).astype(np.float32), f"w{l}") for l in range(layers)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{l}"], [f"y{l}"], name=f"enc{l}") for l in range(layers)]
+    graph = helper.make_graph(nodes, "encoders", [x], ys, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, str(fp32))
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, reduce_range=True, op_types_to_quantize=["MatMul"])
+        for name, path in (("fp32", fp32), ("int8", int8)):
+            sess = session(path, threads)
+            out[name] = {n: best_time(lambda n=n, s=sess: s.run(None, {"x": np.ones((n, d), np.float32)}), 1.0) / layers for n in tokens}
+    return out
+
+
+def bundle_matches(bundle: Path, fingerprint: str, n_features: int, k: int, variants: list[str]) -> bool:
     try:
         m, _ = load_bundle(bundle, verify_checksums=False)
     except BundleError:
         return False
     return (m.backbone.weights_sha256_16 == fingerprint and m.clt.config.get("n_features") == n_features
-            and m.clt.config.get("k") == k and m.mode == "cls" and variant in m.variants)
+            and m.clt.config.get("k") == k and m.mode == "cls" and set(variants) <= set(m.variants))
 
 
 def main() -> int:
@@ -88,34 +192,35 @@ def main() -> int:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--n-features", type=int, default=6144)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per (variant, batch); median reported")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds per batch size (each contender once per round)")
     ap.add_argument("--min-images", type=int, default=16, help="small batches: repeat until this many images per cell")
+    ap.add_argument("--duel-rounds", type=int, default=10, help="rounds of the graphs alone per batch size (at least 2 x min-images / batch)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--variant", default="int8", choices=("int8",), help="reduced-precision variant (a')")
+    ap.add_argument("--variants", default="int8,int8-clt", help=f"reduced-precision variants to time ({', '.join(REDUCED)})")
     ap.add_argument("--out", default=str(ROOT / "artifacts/bench"))
     ap.add_argument("--rebuild", action="store_true", help="re-export the bundle even if a matching one exists")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in REDUCED]
+    if bad:
+        ap.error(f"argument --variants: unknown {bad}; choose from {', '.join(REDUCED)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-
-    from bundle import load_bundle
-    from export.fused import export_plain
-    from export.writer import export_bundle
-    from training.data import FASHION_MNIST_CLASSES
-    from training.model.backbone import load_backbone
-    from training.testing import random_clt
+    mach = machine_info(args.threads)
+    isa = set(mach["isa"])
 
     log(f"# bench_export: {args.model}, F={args.n_features}, k={args.k}, {args.threads} threads, load avg {loadavg()}")
+    log(f"# CPU: {mach['cpu']}, {mach['cores']} logical CPUs, ISA {', '.join(mach['isa']) or 'none of ' + 'avx2/avx512'}; "
+        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()))
     backbone = load_backbone(args.model, None, device="cpu", seed=0)
     bundle = out / f"{args.model.lower().replace('-', '')}-bundle"
-    if args.rebuild or not bundle_matches(bundle, backbone.fingerprint, args.n_features, args.k, args.variant):
+    if args.rebuild or not bundle_matches(bundle, backbone.fingerprint, args.n_features, args.k, variants):
         t0 = time.perf_counter()
         clt = random_clt(backbone.n_layers, backbone.d_model, n_features=args.n_features, k=args.k, seed=0)
-        export_bundle(backbone, clt, "cls", FASHION_MNIST_CLASSES, ["a photo of a {}."], bundle,
-                      variants=(args.variant,), overwrite=True)
+        export_bundle(backbone, clt, "cls", FASHION_MNIST_CLASSES, ["a photo of a {}."], bundle, variants=variants, overwrite=True)
         del clt
         log(f"exported {bundle} in {time.perf_counter() - t0:.0f} s")
     else:
@@ -126,93 +231,175 @@ def main() -> int:
         export_plain(backbone.visual, plain, logit_scale=backbone.logit_scale, embed_dim=backbone.embed_dim)
     text_np = np.load(paths.labels)
     text = torch.from_numpy(text_np)
-    sizes = {n: sum(f.stat().st_size for f in bundle.glob(n + "*")) / 2**20 for n in ("model.onnx", f"model.{args.variant}.onnx")}
-    log(f"graph sizes: fp32 {sizes['model.onnx']:.0f} MiB, {args.variant} {sizes[f'model.{args.variant}.onnx']:.0f} MiB")
+    graphs = {"fp32": paths.model, **{v: paths.model_for(v) for v in variants}}
+    sizes = {v: sum(f.stat().st_size for f in bundle.glob(p.name + "*")) / 2**20 for v, p in graphs.items()}
+    log("graph sizes: " + ", ".join(f"{v} {s:.0f} MiB" for v, s in sizes.items()))
 
     t0 = time.perf_counter()
-    sess = {"a": ort_session(paths.model, args.threads), "a'": ort_session(paths.model_for(args.variant), args.threads),
-            "b": ort_session(plain, args.threads)}
+    sess = {v: session(p, args.threads, v) for v, p in graphs.items()}
+    sess["plain"] = session(plain, args.threads)
     log(f"sessions ready in {time.perf_counter() - t0:.0f} s")
-    model = backbone.model
-    scale = backbone.logit_scale
+    model, scale = backbone.model, backbone.logit_scale
 
     def eager(px: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             e = model.encode_image(torch.from_numpy(px))
             return (scale * (e / e.norm(dim=-1, keepdim=True)) @ text.T).numpy()
 
-    runners = {
-        "a": lambda px: sess["a"].run(["logits", "contributions"], {"pixels": px, "text_embeddings": text_np})[0],
-        "a'": lambda px: sess["a'"].run(["logits", "contributions"], {"pixels": px, "text_embeddings": text_np})[0],
-        "b": lambda px: sess["b"].run(None, {"pixels": px, "text_embeddings": text_np})[0],
-        "c": eager,
-    }
+    def fused(name: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda px: sess[name].run(["logits", "contributions"], {"pixels": px, "text_embeddings": text_np})[0]
+
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {v: fused(v) for v in graphs}
+    runners["plain"] = lambda px: sess["plain"].run(None, {"pixels": px, "text_embeddings": text_np})[0]
+    runners["eager"] = eager
+
     H, W = manifest.preprocess.image_size
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16, seconds=1.0, n=512)}
-    log(f"matmul rate: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s (torch, {args.threads} threads)")
+    best: dict[int, dict[str, float]] = {}
+    medians: dict[int, dict[str, float]] = {}
+    agreement: dict[int, dict[str, dict[str, float]]] = {}
     mm_n = 1536
     mm_a, mm_b = torch.randn(mm_n, mm_n), torch.randn(mm_n, mm_n)
-    mm_best = [1.0 / (rates["fp32"] * 1e9 / (2 * mm_n**3))]  # seconds per matmul; re-measured in every round
-    best: dict[int, dict[str, float]] = {}  # images/s of the fastest call (wall clock)
-    medians: dict[int, dict[str, float]] = {}
-    for bs in batches:
-        px = np.random.default_rng(bs).standard_normal((bs, 3, H, W), dtype=np.float32)
-        wall: dict[str, list[float]] = {k: [] for k in runners}
-        for fn in runners.values():  # warm-up
-            fn(px)
-        order = list(runners)
-        for rnd in range(max(args.repeats, -(-args.min_images // bs))):
-            for name in order[rnd % len(order):] + order[: rnd % len(order)]:  # rotate: nobody always goes first
+    mm_s: list[float] = []  # one fp32 matmul per round, under the same load as the contenders
+    rounds: dict[int, dict[str, list[float]]] = {}  # batch -> contender -> seconds per round
+
+    duel: dict[int, dict[str, list[float]]] = {}  # batch -> graph -> seconds per round, the graphs alone
+
+    def speedup(bs: int, a: str, b: str) -> float:
+        """Median over rounds of time(b) / time(a): how many times faster a ran than b, paired per round
+        (from the graphs-only rounds when both are graphs of the bundle)."""
+        store = duel if a in graphs and b in graphs else rounds
+        return statistics.median(tb / ta for ta, tb in zip(store[bs][a], store[bs][b]))
+
+    def round_robin(names: list[str], px: np.ndarray, n_rounds: int, matmul: bool) -> dict[str, list[float]]:
+        wall: dict[str, list[float]] = {k: [] for k in names}
+        for rnd in range(n_rounds):
+            for name in names[rnd % len(names):] + names[: rnd % len(names)]:  # rotate: nobody always goes first
                 t0 = time.perf_counter()
                 runners[name](px)
                 wall[name].append(time.perf_counter() - t0)
                 time.sleep(0.2)  # let the previous runner's idle threads (OpenMP / ORT pools) go to sleep
-            t0 = time.perf_counter()
-            torch.mm(mm_a, mm_b)  # the matmul rate under the same load as this round
-            mm_best.append(time.perf_counter() - t0)
-            time.sleep(0.2)
+            if matmul:
+                t0 = time.perf_counter()
+                torch.mm(mm_a, mm_b)
+                mm_s.append(time.perf_counter() - t0)
+                time.sleep(0.2)
+        return wall
+
+    for bs in batches:
+        px = np.random.default_rng(bs).standard_normal((bs, 3, H, W), dtype=np.float32)
+        outputs = {name: fn(px) for name, fn in runners.items()}  # warm-up, and the outputs compared below
+        ref = outputs["fp32"]
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        agreement[bs] = {v: {"top1": float((outputs[v].argmax(1) == ref.argmax(1)).mean()),
+                             "max_abs_logit_diff": float(np.abs(outputs[v] - ref).max()),
+                             "median_fp32_top1_margin": float(np.median(top2[:, 1] - top2[:, 0]))} for v in variants}
+        wall = round_robin(list(runners), px, max(args.repeats, -(-args.min_images // bs)), matmul=True)
+        rounds[bs] = wall
+        # the graphs alone, more rounds: the variant choice rests on these (no eager torch in between)
+        duel[bs] = round_robin(list(graphs), px, max(args.duel_rounds, -(-2 * args.min_images // bs)), matmul=False)
         best[bs] = {name: bs / min(t) for name, t in wall.items()}
         medians[bs] = {name: bs / statistics.median(t) for name, t in wall.items()}
-        log(f"batch {bs}: " + ", ".join(f"({n}) {v:.2f} img/s (median {medians[bs][n]:.2f})"
-                                        for n, v in best[bs].items()) + f"; load avg {loadavg()}")
-    rates["fp32"] = max(rates["fp32"], 2 * mm_n**3 / min(mm_best) / 1e9)
-    limit32, limit16 = rates["fp32"] / GFLOP_PER_IMAGE, rates["bf16"] / GFLOP_PER_IMAGE
-    q = "a'"
+        log(f"batch {bs}: " + ", ".join(f"{n} {v:.2f} img/s (median {medians[bs][n]:.2f})" for n, v in best[bs].items())
+            + f"; load avg {loadavg()}")
 
-    def table(res: dict[int, dict[str, float]]) -> str:
-        lines = [
-            f"| batch | (a) fused fp32 | (a') fused {args.variant} | (b) plain ONNX | (c) eager torch | (a)/(b) | (a)/(c) | (a')/(c) | (a) / fp32 limit |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for bs, r in res.items():
-            lines.append(f"| {bs} | {r['a']:.2f} | {r[q]:.2f} | {r['b']:.2f} | {r['c']:.2f} | {r['a'] / r['b']:.2f} | "
-                         f"{r['a'] / r['c']:.2f} | {r[q] / r['c']:.2f} | {r['a'] / limit32:.0%} |")
-        return "\n".join(lines)
+    log("measuring matmul rates, the bf16 probe and the CLT encoders alone ...")
+    rates = {"fp32": matmul_rate(torch.float32, mm_n), "bf16": matmul_rate(torch.bfloat16, mm_n)}
+    rates["fp32_best_in_rounds"] = 2 * mm_n**3 / min(mm_s) / 1e9
+    rates["fp32_onnxruntime"] = ort_matmul_rate(args.threads, mm_n)
+    bf16_ort = ort_bf16_matmul()
+    d, F = backbone.d_model, args.n_features
+    enc = encoder_matvec(backbone.n_layers, d, F, args.threads, (1, 16))
 
-    n_calls = f"max({args.repeats}, {args.min_images}/batch)"
-    log("")
-    log(f"images/s, wall clock: fastest of {n_calls} round-robin calls per cell (medians in bench_export.json)")
-    log(table(best))
-    log(f"FLOP-bound limit at {GFLOP_PER_IMAGE} GFLOP/image: fp32 {limit32:.1f} img/s ({rates['fp32']:.0f} GFLOP/s, best "
-        f"{mm_n}^3 torch matmul of the run), bf16 {limit16:.2f} img/s ({rates['bf16']:.1f} GFLOP/s: this CPU has no native "
-        f"bf16, so bf16 is no route to speed here); load avg at the end {loadavg()}")
-    record = {"model": args.model, "n_features": args.n_features, "k": args.k, "threads": args.threads,
-              "variant": args.variant, "images_per_s_best": best, "images_per_s_median": medians,
-"matmul_gflops": rates,
-              "gflop_per_image": GFLOP_PER_IMAGE, "bundle": str(bundle), "cpu": _cpu_name(), "loadavg_end": loadavg()}
+    # ---------------------------------------------------------------- the table
+    cols = [*graphs, "plain", "eager"]
+    log()
+    log(f"images/s, wall clock: fastest of max({args.repeats}, {args.min_images}/batch) round-robin calls per cell "
+        f"(medians in bench_export.json); ratios: median over rounds of the paired time ratio (between graphs of the "
+        f"bundle: from max({args.duel_rounds}, {2 * args.min_images}/batch) rounds of the graphs alone); {args.threads} threads")
+    pairs = [("fp32", "plain"), ("fp32", "eager"), *[(v, "fp32") for v in variants]]
+    log("| batch | " + " | ".join(cols) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |")
+    log("|---" * (len(cols) + 1 + len(pairs)) + "|")
+    for bs, r in best.items():
+        log(f"| {bs} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " | "
+            + " | ".join(f"{speedup(bs, a, b):.2f}" for a, b in pairs) + " |")
+    log("vs fp32 on the timed images (random weights and pixels: nearly uniform logits, so top-1 flips easily): " + "; ".join(
+        f"batch {bs}: " + ", ".join(f"{v} top-1 agreement {a['top1']:.0%}, max |dlogit| {a['max_abs_logit_diff']:.3f}" for v, a in ag.items())
+        + f" (median fp32 top-1 margin {next(iter(ag.values()))['median_fp32_top1_margin']:.3f})" for bs, ag in agreement.items()))
+
+    # ---------------------------------------------------------------- conclusions, from the figures above
+    log()
+    log("Conclusions (computed from this run):")
+    gflop = gflop_per_image(backbone.visual)
+    mm_torch = max(rates["fp32"], rates["fp32_best_in_rounds"])
+    mm_best = max(mm_torch, rates["fp32_onnxruntime"])
+    limit32 = mm_best / gflop
+    log(f"- fp32 {mm_n}^3 matmul: torch {mm_torch:.0f} GFLOP/s, ONNX Runtime {rates['fp32_onnxruntime']:.0f} GFLOP/s (best of the run) "
+        f"-> FLOP-bound limit {limit32:.1f} img/s "
+        f"at {gflop:.3g} GFLOP/image (open_clip encoder, torch's FLOP counter); "
+        + ", ".join(f"fused fp32 at batch {bs} reaches {r['fp32'] / limit32:.0%} of it" for bs, r in best.items()) + ".")
+    bf16_ratio = rates["bf16"] / mm_torch
+    bf16_isa = [f for f in ("avx512_bf16", "amx_bf16") if f in isa]
+    bf16_line = (f"- bf16: torch bf16 matmul {rates['bf16']:.0f} GFLOP/s = {bf16_ratio:.2f}x fp32 (CPU reports "
+                 f"{', '.join(bf16_isa) if bf16_isa else 'no bf16 instructions'}); ONNX Runtime CPU bf16 MatMul: {bf16_ort}. ")
+    if bf16_ort != "yes":
+        bf16_line += "So no bf16 graph variant can run on this CPU's ONNX Runtime provider"
+        bf16_line += (f"; bf16 would pay off in eager torch only ({bf16_ratio:.2f}x on matmuls)." if bf16_ratio > FASTER
+                      else ", and torch's bf16 matmul is no faster than fp32 here either.")
+    else:
+        bf16_line += ("ONNX Runtime can run bf16 here: a bf16 variant is worth adding and measuring." if bf16_ratio > FASTER
+                      else "bf16 matmuls are no faster than fp32 here, so a bf16 variant would not pay off.")
+    log(bf16_line)
+    enc_bytes = {"fp32": d * F * 4, "int8": d * F}
+    bw = {p: enc_bytes[p] / enc[p][1] / 1e9 for p in enc}
+    growth = enc["fp32"][16] / enc["fp32"][1]  # 16x the arithmetic: ~16x the time if compute-bound, ~1x if reading weights bounds it
+    l3 = l3_cache_bytes()
+    enc_total = backbone.n_layers * enc_bytes["fp32"]
+    if l3 is not None and enc_total <= l3:
+        bound_text = f"in cache ({enc_total / 2**20:.1f} MiB of encoder weights, {l3 / 2**20:.0f} MiB L3), not memory-bound"
+    elif growth < 4:
+        bound_text = (f"memory-bound ({enc_total / 2**20:.0f} MiB of encoder weights"
+                      + (f" against {l3 / 2**20:.0f} MiB of L3" if l3 else "") + ")")
+    else:
+        bound_text = "compute-bound"
+    log(f"- the CLT encoders alone ({backbone.n_layers} x [{d} x {F}], per encoder) at 1 token: fp32 {1e3 * enc['fp32'][1]:.3g} ms "
+        f"({bw['fp32']:.1f} GB/s of weights read), int8 {1e3 * enc['int8'][1]:.3g} ms ({bw['int8']:.1f} GB/s); at 16 tokens fp32 "
+        f"{1e3 * enc['fp32'][16]:.3g} ms, int8 {1e3 * enc['int8'][16]:.3g} ms. 16x the arithmetic took {growth:.1f}x the time in "
+        f"fp32, so at 1 token the encoder is {bound_text}; int8 weights are 4x smaller and "
+        f"{enc['fp32'][1] / enc['int8'][1]:.2f}x faster at 1 token, {enc['fp32'][16] / enc['int8'][16]:.2f}x at 16 "
+        f"({'avx512_vnni' if 'avx512_vnni' in isa else 'no VNNI'} on this CPU).")
+    # start from fp32 and move to the next, less exact variant only when it beats the current choice
+    # head to head by at least FASTER (a smaller gap is within the noise of a shared machine)
+    recommendation = {}
+    for bs in best:
+        choice, steps = "fp32", []
+        for v in variants:
+            s = speedup(bs, v, choice)
+            steps.append(f"{v} vs {choice} {s:.2f}x -> {'take ' + v if s >= FASTER else 'keep ' + choice}")
+            choice = v if s >= FASTER else choice
+        recommendation[bs] = choice
+        log(f"- batch {bs}: " + "; ".join(steps) + f". Serve {choice} for batch {bs}.")
+    # one graph for every batch size: the least exact of the per-batch choices, if it is within FASTER
+    # of the choice at every batch size (so it costs nothing anywhere)
+    last = max(recommendation.values(), key=list(graphs).index)
+    overall = [last] if all(speedup(bs, last, c) > 1 / FASTER for bs, c in recommendation.items()) else []
+    if overall:
+        verdict = f"serve the {overall[0]} variant on this CPU ({mach['cpu']}, {', '.join(mach['isa'])})"
+    else:
+        verdict = ("no single variant is within 5% of the fastest at every batch size here; serve "
+                   + "; ".join(f"{v} for batch {bs}" for bs, v in recommendation.items()))
+    paired = {bs: {f"{a}/{b}": speedup(bs, a, b) for a in [*graphs, "plain", "eager"] for b in [*graphs, "plain", "eager"] if a != b}
+              for bs in best}
+    log(f"=> {verdict} (top-1 agreement with fp32 on the reference model: tests/export/test_parity_quant.py, >= 99%).")
+    log(f"load avg at the end {loadavg()}")
+
+    record = {"model": args.model, "n_features": args.n_features, "k": args.k, "threads": args.threads, "variants": variants,
+              "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "top1_agreement_random_images": agreement,
+              "paired_speedup": paired, "graph_mib": sizes, "matmul_gflops": rates, "ort_bf16_matmul": bf16_ort,
+              "encoder_seconds": enc, "recommendation_per_batch": recommendation, "verdict": verdict, "gflop_per_image": gflop,
+              "bundle": str(bundle), "machine": mach, "loadavg_end": loadavg()}
     (out / "bench_export.json").write_text(json.dumps(record, indent=1))
     log(f"wrote {out / 'bench_export.json'}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

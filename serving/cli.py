@@ -1,11 +1,15 @@
-"""`cltvit-serve --bundle DIR [--port 3000]`: validate a bundle, then serve it with BentoML.
+"""`cltvit-serve --bundle DIR [--host 127.0.0.1] [--port 3000]`: validate a bundle, then serve it with BentoML.
 `cltvit-explain IMAGE --bundle DIR [--heatmap out.png] [--json]`: explain one image in process.
 
 The bundle is validated here first (manifest, checksums, graph signatures, variant), so a missing,
 corrupt or mismatched bundle stops the start with one clear message and exit status 2 instead of
 a crashing worker. Then the process becomes `bentoml serve serving.service:CltvitService` with
-the settings passed as CLTVIT_* environment variables (see serving/service.py). The bearer token
-is read from the environment only (CLTVIT_API_TOKEN), never from the command line.
+the settings passed as CLTVIT_* environment variables (serving/settings.py, docs/serving.md).
+The bearer token is read from the environment only (CLTVIT_API_TOKEN), never from the command line.
+
+The server listens on loopback (127.0.0.1) unless told otherwise: `--host 0.0.0.0` (or another
+address) opts in to being reachable from the network, and doing so without a token prints a
+warning.
 
 `running_server(...)` starts the same command as a child process and waits until it is ready
 (used by the tests and the load test).
@@ -20,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,15 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", default=os.environ.get("CLTVIT_BUNDLE"),
                    help="bundle directory written by cltvit-export (default: $CLTVIT_BUNDLE)")
-    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0; 127.0.0.1 for loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1, loopback only; 0.0.0.0 serves every interface)")
     p.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto: CUDA if present)")
     p.add_argument("--variant", default="fp32", help="graph variant from the bundle's 'variants' (fp32, int8, fp16)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="adaptive batching: largest batch (default 16)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes, each with its own ONNX Runtime session and batcher (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per worker (default: ORT's choice)")
+    p.add_argument("--ort-spinning", action="store_true",
+                   help="let idle ONNX Runtime threads busy-wait (lower latency, burns CPU the HTTP side may need)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="largest batch of images per model call (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="hold the first image of a batch this long for company when the model is idle (default 0)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="queued images per worker beyond which requests get 503 + Retry-After (default 256)")
     p.add_argument("--max-latency-ms", type=int, default=20_000,
-                   help="adaptive batching latency budget in ms; requests predicted to exceed it get 503 (default 20000)")
+                   help="an image that waited this long in the queue gets 503 + Retry-After instead of a late answer (default 20000)")
     p.add_argument("--timeout", type=int, default=120, help="request timeout in seconds (default 120)")
+    p.add_argument("--label-cache-mb", type=float, default=64.0, help="memory bound of the custom label-set cache, MiB (default 64)")
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU per request)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files at startup")
     return p
 
@@ -76,8 +94,16 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         _fail(parser, f"--port must be in 1..65535, got {args.port}")
     if args.threads is not None and args.threads < 1:
         _fail(parser, f"--threads must be >= 1, got {args.threads}")
-    if args.max_batch_size < 2:
-        _fail(parser, f"--max-batch-size must be >= 2, got {args.max_batch_size}")
+    if args.workers < 1:
+        _fail(parser, f"--workers must be >= 1, got {args.workers}")
+    if args.max_batch_size < 1:
+        _fail(parser, f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        _fail(parser, f"--batch-wait-ms must be in 0..1000, got {args.batch_wait_ms}")
+    if args.max_queue < 1:
+        _fail(parser, f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.label_cache_mb <= 0:
+        _fail(parser, f"--label-cache-mb must be > 0, got {args.label_cache_mb}")
     if args.max_latency_ms < 10:
         _fail(parser, f"--max-latency-ms must be >= 10, got {args.max_latency_ms}")
     if args.timeout < 1:
@@ -93,14 +119,38 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "CLTVIT_BUNDLE": str(paths.root),
         "CLTVIT_DEVICE": args.device,
         "CLTVIT_VARIANT": args.variant,
+        "CLTVIT_WORKERS": str(args.workers),
         "CLTVIT_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "CLTVIT_BATCH_WAIT_MS": str(args.batch_wait_ms),
+        "CLTVIT_MAX_QUEUE": str(args.max_queue),
         "CLTVIT_MAX_LATENCY_MS": str(args.max_latency_ms),
         "CLTVIT_TIMEOUT_S": str(args.timeout),
+        "CLTVIT_LABEL_CACHE_MB": str(args.label_cache_mb),
+        "CLTVIT_ORT_SPINNING": "1" if args.ort_spinning else "0",
+        "CLTVIT_ACCESS_LOG": "1" if args.access_log else "0",
         "BENTOML_DO_NOT_TRACK": "True",
     }
     if args.threads is not None:
         env["CLTVIT_THREADS"] = str(args.threads)
     return env
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address or 'localhost' (reachable from this machine only)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, token_set: bool) -> str | None:
+    """The warning printed when the server would be reachable from the network without a token."""
+    if is_loopback(host) or token_set:
+        return None
+    return (f"cltvit-serve: warning: binding {host} (reachable from the network) without a token: anyone who can "
+            "reach this port can use the service; set CLTVIT_API_TOKEN to require a bearer token")
 
 
 def serve_command(host: str, port: int) -> list[str]:
@@ -113,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     env = {**os.environ, **validate_args(parser, args)}
     if args.no_verify:
         env["CLTVIT_NO_VERIFY"] = "1"
+    warning = exposure_warning(args.host, bool(env.get("CLTVIT_API_TOKEN")))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"cltvit-serve: serving {env['CLTVIT_BUNDLE']} on http://{args.host}:{args.port} "
           f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'})", file=sys.stderr, flush=True)
     cmd = serve_command(args.host, args.port)
@@ -144,7 +197,7 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -
 
 
 @contextlib.contextmanager
-def running_server(
+def server_process(
     bundle: str | Path,
     *,
     port: int | None = None,
@@ -152,17 +205,22 @@ def running_server(
     env: dict[str, str] | None = None,
     log_path: str | Path | None = None,
     ready_timeout: float = 180.0,
-) -> Iterator[str]:
-    """Run `cltvit-serve` on 127.0.0.1 as a child process; yield its base URL; stop it on exit."""
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `cltvit-serve` on 127.0.0.1 as a child process group; yield (base URL, process); stop it on exit.
+
+    The server gets a BentoML home of its own: every `bentoml serve` empties its home's Prometheus
+    directory at start, which would wipe the metrics of other servers running on the same machine.
+    """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving.cli", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
+    home = tempfile.mkdtemp(prefix="cltvit-bentoml-home-")
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": home, **(env or {})}
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(url, ready_timeout, proc)
-        yield url
+        yield url, proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -173,6 +231,14 @@ def running_server(
                 proc.wait()
         if log is not subprocess.DEVNULL:
             log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_server(bundle: str | Path, **kwargs: object) -> Iterator[str]:
+    """`server_process` yielding only the base URL (arguments as there)."""
+    with server_process(bundle, **kwargs) as (url, _):  # type: ignore[arg-type]
+        yield url
 
 
 # ---------------------------------------------------------------------- cltvit-explain

@@ -9,12 +9,12 @@ maps S = spatial top-k classes, H heads, N = 1 + rows * columns tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -23,9 +23,9 @@ from PIL import Image
 from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundle, model_outputs
 
 from .preprocess import Preprocessor
-from .schemas import ClassExplanation, FeatureContribution, ImageResult, LabelScore, SpatialExplanation, TermContribution
-from .shares import term_shares
-from .spatial import spatial_explanations
+from .results import RawOutputs, check_top_k, image_result
+from .schemas import ImageResult
+from .spatial import spatial_maps
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -82,57 +82,78 @@ def cuda_present() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
 
 
-@dataclass(frozen=True)
-class RawOutputs:
-    """The image graph's outputs as numpy arrays (see docs/bundle.md)."""
+class LabelCache:
+    """Label-set embeddings keyed by content, bounded in bytes, LRU; safe under concurrency.
 
-    logits: np.ndarray  # [B, C] float32
-    embedding: np.ndarray  # [B, D] float32
-    contributions: np.ndarray  # [B, T, C] float32
-    top_feature_layer: np.ndarray  # [B, K] int64
-    top_feature_index: np.ndarray  # [B, K] int64
-    top_feature_activation: np.ndarray  # [B, K] float32
-    top_feature_contribution: np.ndarray  # [B, K] float32
-    # spatial maps (bundles with `spatial`; None otherwise)
-    spatial_class: np.ndarray | None = None  # [B, S] int64, -1 = padding
-    spatial_contributions: np.ndarray | None = None  # [B, S, L, N] float32
-    spatial_bias: np.ndarray | None = None  # [B, S, L, 2] float32
-    spatial_head_contributions: np.ndarray | None = None  # [B, L, H, N] float32
+    Keys are sha256 digests of the label set and templates (so a key's size does not depend on
+    the labels'); an entry costs its array's bytes plus a fixed overhead. `get_or_compute` runs
+    `compute` once per key even when several threads ask for the same new key at the same time
+    (the others wait for it); a failing `compute` releases the key to the next caller.
+    """
 
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
+    ENTRY_OVERHEAD = 512  # dict slot, digest, array header (bytes, rounded up)
 
-    @property
-    def has_spatial(self) -> bool:
-        return self.spatial_class is not None
-
-    def select(self, indices: Sequence[int]) -> "RawOutputs":
-        """The outputs of the images at `indices` (along the batch axis)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return RawOutputs(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx] for f in fields(self)})
-
-
-class _LRU:
-    """A small thread-safe LRU map (bounded memory for user-defined label sets)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[tuple, np.ndarray] = OrderedDict()
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._inflight: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> np.ndarray | None:
+    @staticmethod
+    def key(labels: Sequence[str], templates: Sequence[str]) -> bytes:
+        """Content key: sha256 over the length-prefixed UTF-8 labels and templates."""
+        h = hashlib.sha256()
+        for group in (labels, templates):
+            h.update(len(group).to_bytes(4, "little"))
+            for text in group:
+                data = text.encode("utf-8")
+                h.update(len(data).to_bytes(4, "little"))
+                h.update(data)
+        return h.digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
         with self._lock:
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
             return value
 
-    def put(self, key: tuple, value: np.ndarray) -> None:
+    def get_or_compute(self, key: bytes, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        while True:
+            with self._lock:
+                value = self._data.get(key)
+                if value is not None:
+                    self._data.move_to_end(key)
+                    return value
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    self._inflight[key] = threading.Event()
+                    break
+            waiting.wait()  # another thread is computing this key; then look again
+        try:
+            value = compute()
+            self._put(key, value)
+            return value
+        finally:
+            with self._lock:
+                self._inflight.pop(key).set()
+
+    def _put(self, key: bytes, value: np.ndarray) -> None:
+        cost = value.nbytes + self.ENTRY_OVERHEAD
         with self._lock:
+            if cost > self.max_bytes:
+                return  # larger than the whole cache: used once, not kept
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes + self.ENTRY_OVERHEAD
             self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+            self.nbytes += cost
+            while self.nbytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self.nbytes -= evicted.nbytes + self.ENTRY_OVERHEAD
 
     def __len__(self) -> int:
         return len(self._data)
@@ -147,6 +168,7 @@ class BundleRuntime:
     `io_binding`: run through an ORT IO binding (None: exactly when the provider is CUDA).
     `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
     threads need the CPU between batches).
+    `label_cache_bytes`: bound of the custom label-set embedding cache (`LabelCache`).
     """
 
     def __init__(
@@ -156,7 +178,7 @@ class BundleRuntime:
         device: Device = "auto",
         variant: str = "fp32",
         threads: int | None = None,
-        label_cache_size: int = 64,
+        label_cache_bytes: int = 64 << 20,
         verify_checksums: bool = True,
         io_binding: bool | None = None,
         spinning: bool = True,
@@ -184,7 +206,7 @@ class BundleRuntime:
         self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
-        self._label_cache = _LRU(label_cache_size)
+        self.label_cache = LabelCache(label_cache_bytes)
 
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
         opts = ort.SessionOptions()
@@ -241,7 +263,7 @@ class BundleRuntime:
         """float32 [C, D] class embeddings: mean of the normalised template embeddings, renormalised.
 
         `labels=None` (or the bundle's own labels with its templates) gives `labels.npy`. Custom sets
-        are validated (`validate_labels`) and cached in a bounded LRU keyed by (labels, templates).
+        are validated (`validate_labels`) and cached by content (`LabelCache`, bounded in bytes).
         """
         if labels is None:
             return self.default_text
@@ -251,16 +273,20 @@ class BundleRuntime:
             raise LabelError("every template needs a '{}' slot for the label")
         if names == self.label_names and tmpl == self.templates:
             return self.default_text
-        key = (tuple(names), tuple(tmpl))
-        cached = self._label_cache.get(key)
-        if cached is not None:
-            return cached
-        prompts = [t.format(n) for n in names for t in tmpl]
-        emb = self.embed_texts(prompts).astype(np.float64).reshape(len(names), len(tmpl), -1).mean(1)
+        return self.label_cache.get_or_compute(self.label_cache.key(names, tmpl), lambda: self._embed_label_set(names, tmpl))
+
+    def cached_labels(self, names: Sequence[str]) -> np.ndarray | None:
+        """The embeddings of an already validated label set with the bundle's templates, if cached (no compute)."""
+        if list(names) == self.label_names:
+            return self.default_text
+        return self.label_cache.get(self.label_cache.key(names, self.templates))
+
+    def _embed_label_set(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        prompts = [t.format(n) for n in names for t in templates]
+        emb = self.embed_texts(prompts).astype(np.float64).reshape(len(names), len(templates), -1).mean(1)
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True).clip(min=1e-12)
         out = np.ascontiguousarray(emb, dtype=np.float32)
         out.setflags(write=False)
-        self._label_cache.put(key, out)
         return out
 
     # ------------------------------------------------------------------ inference
@@ -309,62 +335,24 @@ class BundleRuntime:
         C = raw.logits.shape[1]
         if len(label_names) != C:
             raise ValueError(f"{len(label_names)} label names for {C} logits")
-        k = min(5, C) if top_k is None else int(top_k)
-        if not 1 <= k <= C:
-            raise LabelError(f"top_k={k} is out of range: it must be between 1 and the number of labels ({C})")
-        spatial_maps = self._spatial(raw, label_names, k, heads) if (spatial or heads) and raw.has_spatial else None
-        out: list[ImageResult] = []
-        for b in range(len(raw)):
-            logits = raw.logits[b].astype(np.float64)
-            contrib = raw.contributions[b].astype(np.float64)  # [T, C]
-            z = logits - logits.max()
-            probs = np.exp(z) / np.exp(z).sum()
-            order = np.argsort(-logits, kind="stable")[:k]
-            pred = int(order[0])
-            residual = float(np.abs(contrib.sum(0) - logits).max())
-            shares = term_shares(contrib[None], np.array([pred]))[0]
-            top = [LabelScore(label=label_names[c], probability=float(probs[c]), logit=float(logits[c])) for c in order]
-            explanations = features = None
-            if detail:
-                explanations = []
-                for c in order:
-                    lc = float(logits[c])
-                    terms = [
-                        TermContribution(term=t, value=float(v), share=float(v / lc) if lc != 0.0 else 0.0)
-                        for t, v in zip(self.term_names, contrib[:, c])
-                    ]
-                    explanations.append(ClassExplanation(label=label_names[c], logit=lc, terms=terms))
-                features = [
-                    FeatureContribution(layer=int(l), index=int(i), activation=float(a), contribution=float(cv))
-                    for l, i, a, cv in zip(
-                        raw.top_feature_layer[b], raw.top_feature_index[b],
-                        raw.top_feature_activation[b], raw.top_feature_contribution[b],
-                    )
-                ]
-            out.append(
-                ImageResult(
-                    predicted=label_names[pred],
-                    top=top,
-                    explanations=explanations,
-                    top_features=features,
-                    completeness_residual=residual,
-                    term_shares=[float(s) for s in shares],
-                    embedding=[float(v) for v in raw.embedding[b]] if include_embedding else None,
-                    spatial=spatial_maps[b] if spatial_maps is not None else None,
-                )
-            )
-        return out
+        try:
+            k = check_top_k(top_k, C)
+        except ValueError as exc:
+            raise LabelError(str(exc)) from None
+        maps = self.spatial_maps(raw, label_names, k, heads) if (spatial or heads) and raw.has_spatial else None
+        return [
+            ImageResult.model_validate({**image_result(raw, b, label_names, self.term_names, k=k, detail=detail,
+                                                       include_embedding=include_embedding),
+                                        "spatial": maps[b] if maps is not None else None})
+            for b in range(len(raw))
+        ]
 
-    def _spatial(self, raw: RawOutputs, label_names: Sequence[str], k: int, heads: bool) -> list[SpatialExplanation]:
-        """The batch's maps for each image's top-k labels (those the graph has maps for)."""
-        assert self.spatial is not None and raw.spatial_class is not None  # checked by the caller
-        orders = np.argsort(-raw.logits, axis=1, kind="stable")[:, :k]
-        return spatial_explanations(
-            orders=orders.tolist(), label_names=label_names, logits=raw.logits, contributions=raw.contributions,
-            classes=raw.spatial_class, tokens=raw.spatial_contributions, bias=raw.spatial_bias,  # type: ignore[arg-type]
-            head_tokens=raw.spatial_head_contributions if heads else None,
-            grid=(int(self.spatial.grid[0]), int(self.spatial.grid[1])),
-        )
+    def spatial_maps(self, raw: RawOutputs, label_names: Sequence[str], k: int | Sequence[int],
+                     heads: bool | Sequence[bool] = False) -> list[dict]:
+        """The spatial maps of each image's top-k labels as plain dicts (`serving.spatial.spatial_maps`)."""
+        if self.spatial is None or not raw.has_spatial:
+            raise SpatialUnavailable(self.spatial_unavailable_message())
+        return spatial_maps(raw, label_names, (int(self.spatial.grid[0]), int(self.spatial.grid[1])), k=k, heads=heads)
 
     def spatial_unavailable_message(self) -> str:
         return (f"bundle {self.bundle_dir} has no spatial maps (format {self.manifest.format_version}"

@@ -3,9 +3,9 @@
 The graph (docs/bundle.md, format 2) returns, for its S top classes of each image, the split of every
 attention term `attn.l` over source tokens (token 0 = CLS, then the patches row-major) plus the
 value-bias and output-bias parts, and for the predicted class the same per head. This module turns
-the arrays into the response model: per class the patch grid (flat, row-major, with the grid's
-shape) per layer and summed over layers, the CLS->CLS cell and the two bias parts per layer,
-per-head grids on request.
+the arrays into the response's plain dicts (the fields of `serving.schemas.SpatialExplanation`): per
+class the patch grid (flat, row-major, with the grid's shape) per layer and summed over layers, the
+CLS->CLS cell and the two bias parts per layer, per-head grids on request.
 
 Size: per class L * N + (rows * columns) + 3 L numbers (N = 1 + rows * columns), at most S classes;
 per-head maps add L * H * N for one class. Values are rounded to 7 significant digits (float32 carries
@@ -14,11 +14,11 @@ per-head maps and 500 kB with them (docs/spatial.md).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .schemas import ClassMap, SpatialExplanation
+from .results import RawOutputs
 
 SIGNIFICANT_DIGITS = 7
 
@@ -47,31 +47,29 @@ def spatial_residuals(attn: np.ndarray, classes: np.ndarray, tokens: np.ndarray,
     return err.reshape(len(err), -1).max(1, initial=0.0)
 
 
-def spatial_explanations(
-    *,
-    orders: Sequence[Sequence[int]],
+def spatial_maps(
+    raw: RawOutputs,
     label_names: Sequence[str],
-    logits: np.ndarray,
-    contributions: np.ndarray,
-    classes: np.ndarray,
-    tokens: np.ndarray,
-    bias: np.ndarray,
-    head_tokens: np.ndarray | None,
     grid: tuple[int, int],
-) -> list[SpatialExplanation]:
-    """The maps of a batch, one `SpatialExplanation` per image, for the classes in `orders[b]` (image b's
-    top classes, best first) that the graph has maps for. Arrays are the graph outputs: logits [B, C],
-    contributions [B, T, C], classes [B, S], tokens [B, S, L, N], bias [B, S, L, 2]; head_tokens
-    [B, L, H, N] adds per-head grids to each image's predicted class (classes[b, 0]), None leaves them out.
+    *,
+    k: int | Sequence[int],
+    heads: bool | Sequence[bool] = False,
+) -> list[dict[str, Any]]:
+    """The `SpatialExplanation` of every image of `raw` as a plain dict (the engine encodes it to JSON
+    directly, `BundleRuntime.results` validates it into the model): maps for image b's top `k[b]`
+    labels by logit that the graph has maps for, best first, with per-head grids on its predicted label
+    when `heads[b]`. `k` / `heads` may be one value for the whole batch.
 
-    Vectorised over the batch (rounding, sums, residuals, list conversion happen once per array), and
-    the models are built with `model_construct`: their contents come from the graph's own float arrays
-    in the declared shapes, and validating some 10^3 - 10^4 floats per image again would cost more than
-    the graph's spatial outputs themselves (scripts/bench_spatial.py)."""
+    Vectorised over the batch: rounding, sums, residuals and list conversion run once per array."""
+    assert raw.spatial_class is not None and raw.spatial_contributions is not None and raw.spatial_bias is not None
+    classes, tokens, bias, contributions = raw.spatial_class, raw.spatial_contributions, raw.spatial_bias, raw.contributions
     rows, cols = grid
     B, S, L, N = tokens.shape
     if N != 1 + rows * cols:
         raise ValueError(f"spatial maps have {N} tokens, a {rows}x{cols} grid needs {1 + rows * cols}")
+    ks = [int(k)] * B if isinstance(k, int) else [int(v) for v in k]
+    want_heads = [bool(heads)] * B if isinstance(heads, bool) else [bool(v) for v in heads]
+    orders = np.argsort(-raw.logits, axis=1, kind="stable")[:, : max(ks)].tolist()
     t = round_significant(tokens)
     cells = t[..., 1:].tolist()
     cls_cells = t[..., 0].tolist()
@@ -81,26 +79,25 @@ def spatial_explanations(
     attn = attention_terms(contributions, classes, L)
     attention = attn.sum(2).tolist()
     residuals = spatial_residuals(attn, classes, tokens, bias).tolist()
-    heads = head_cls = None
-    if head_tokens is not None:
-        h = round_significant(head_tokens)
-        heads = h[..., 1:].tolist()
-        head_cls = h[..., 0].tolist()
+    head_cells = head_cls = None
+    if any(want_heads) and raw.spatial_head_contributions is not None:
+        h = round_significant(raw.spatial_head_contributions)
+        head_cells, head_cls = h[..., 1:].tolist(), h[..., 0].tolist()
     layer_names = [f"attn.{l}" for l in range(L)]
-    class_rows, logit_rows = classes.tolist(), logits.tolist()
+    class_rows, logit_rows = classes.tolist(), raw.logits.tolist()
     out = []
     for b in range(B):
         row_of = {c: s for s, c in enumerate(class_rows[b]) if c >= 0}
         maps = []
-        for c in orders[b]:
+        for c in orders[b][: ks[b]]:
             s = row_of.get(c)
             if s is None:
                 continue
-            with_heads = heads is not None and s == 0
-            maps.append(ClassMap.model_construct(
-                label=label_names[c], logit=logit_rows[b][c], attention=attention[b][s], total=totals[b][s],
-                layers=cells[b][s], cls_cell=cls_cells[b][s], value_bias=vbias[b][s], output_bias=obias[b][s],
-                heads=heads[b] if with_heads else [], heads_cls_cell=head_cls[b] if with_heads else [],  # type: ignore[index]
-            ))
-        out.append(SpatialExplanation.model_construct(grid=(rows, cols), layers=layer_names, classes=maps, residual=residuals[b]))
+            per_head = head_cells is not None and want_heads[b] and s == 0
+            maps.append({
+                "label": label_names[c], "logit": logit_rows[b][c], "attention": attention[b][s], "total": totals[b][s],
+                "layers": cells[b][s], "cls_cell": cls_cells[b][s], "value_bias": vbias[b][s], "output_bias": obias[b][s],
+                "heads": head_cells[b] if per_head else [], "heads_cls_cell": head_cls[b] if per_head else [],  # type: ignore[index]
+            })
+        out.append({"grid": [rows, cols], "layers": layer_names, "classes": maps, "residual": residuals[b]})
     return out

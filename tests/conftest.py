@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import onnxruntime as ort
 import pytest
 import torch
 
+from export.fused import export_explainer
 from export.testing import make_tiny_bundle
 from pipeline.shipped import export_shipped
 from training.model.backbone import load_backbone
@@ -33,8 +37,14 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def variant_bundle(tmp_path_factory) -> Path:
-    """The tiny bundle with its reduced-precision variants (int8, fp16). Read-only."""
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "fp16"))
+    """The tiny bundle with its reduced-precision variants (int8, int8-clt, fp16). Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "int8-clt", "fp16"))
+
+
+@pytest.fixture(scope="session")
+def observe_variant_bundle(tmp_path_factory) -> Path:
+    """The tiny model in observe mode (logits are the backbone's own) with int8, int8-clt and fp16. Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-observe", mode="observe", variants=("int8", "int8-clt", "fp16"))
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +61,8 @@ def v1_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_bundle(tmp_path_factory) -> Path:
-    """The reference model's bundle (fp32 + int8 + fp16), exported from the shipped weights (seconds). Read-only."""
-    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "fp16"))
+    """The reference model's bundle (fp32 + int8 + int8-clt + fp16), exported from the shipped weights (seconds). Read-only."""
+    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "int8-clt", "fp16"))
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +74,52 @@ def tiny_backbone():
 def tiny_clt(tiny_backbone):
     """A random CLT fitting `tiny_backbone` (F=128, k=8), the same one `make_tiny_bundle` exports."""
     return random_clt(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=128, k=8, seed=0)
+
+
+def ort_session(path: str | Path, threads: int = 1, variant: str = "fp32") -> ort.InferenceSession:
+    """An ONNX Runtime CPU session, quiet, `threads` intra-op threads (fp16: without the NCHWc pass ORT
+    1.31 crashes in on this graph)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    disabled = ["NchwcTransformer"] if variant == "fp16" else None
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+@dataclass
+class Graphs:
+    """A backbone, a CLT and their fused explainer graphs, one per mode, exported on first use."""
+
+    backbone: Any
+    clt: Any
+    root: Path
+    top_k: int = 16
+    _sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+
+    def path(self, mode: str) -> Path:
+        path = self.root / f"{mode}.onnx"
+        if not path.is_file():
+            export_explainer(self.backbone.visual, self.clt, path, logit_scale=self.backbone.logit_scale,
+                             embed_dim=self.backbone.embed_dim, mode=mode, top_k_features=self.top_k)
+        return path
+
+    def session(self, mode: str) -> ort.InferenceSession:
+        if mode not in self._sessions:
+            self._sessions[mode] = ort_session(self.path(mode), threads=2)
+        return self._sessions[mode]
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs(tiny_backbone, tmp_path_factory) -> Graphs:
+    """cltvit-tiny + a random CLT (F=128, k=8, seed 1) as fused graphs in every mode (shared by the parity tests)."""
+    clt = random_clt(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=128, k=8, seed=1)
+    return Graphs(tiny_backbone, clt, tmp_path_factory.mktemp("tiny-graphs"))
+
+
+@pytest.fixture(scope="session", params=["ViT-B-32", "ViT-B-16"])
+def vitb_graphs(request, tmp_path_factory) -> Graphs:
+    """A full-size architecture with random weights + a small random CLT (F=256, k=8); graphs exported on
+    first use per mode, once per session (the slow parity tests share them)."""
+    backbone = load_backbone(request.param, None, device="cpu", seed=0)
+    clt = random_clt(backbone.n_layers, backbone.d_model, n_features=256, k=8, seed=2)
+    return Graphs(backbone, clt, tmp_path_factory.mktemp(request.param))

@@ -9,9 +9,14 @@ images), and the buffer is refilled to full whenever it drops below half.
 Buffer layout: `buf` [capacity, 2, L, d] (slot 0: MLP input = LN2 output, slot 1: MLP output), one
 row per token; batches come out as `(mlp_in, mlp_out)`, each [L, N, d] float32.
 
-Resumable position: `state_dict()` holds the epoch, the image cursor inside that epoch and the
-sampling RNG. The buffer's content is not saved (it is large and per token): a resumed stream
-continues with the next unread images and refills its buffer from them.
+Resumable position: `state_dict()` holds the epoch, the image cursor inside that epoch, the
+sampling RNG and where every buffered token came from (which group of images, which row of that
+group's capture), not the tokens themselves (2 x L x d floats each: 4.8 GB for a ViT-B-32 buffer of
+65536). `load_state_dict` recomputes the buffered tokens by running the ViT again on exactly those
+groups of images, batched as before, so a resumed stream hands out the same batches as an
+uninterrupted one (same machine and thread count: the same kernels on the same inputs). That
+costs one ViT pass over the images that still have a token in the buffer, a few times the buffer
+(tokens are drawn at random, so an image's last token lingers).
 """
 from __future__ import annotations
 
@@ -96,15 +101,20 @@ class ActivationStream:
         L, d = backbone.n_layers, backbone.d_model
         self.buf = torch.empty(self.capacity, 2, L, d, dtype=dtype, device=self.device)
         self.n = 0  # valid tokens at the front of buf
-        self._images: Iterator[torch.Tensor] | None = None
+        # where each buffered token came from: (image group id, row of that group's capture) [capacity, 2]
+        self.src = torch.zeros(self.capacity, 2, dtype=torch.int64)
+        self.groups: dict[int, tuple[int, int, int]] = {}  # group id -> (epoch, first position in that epoch's order, images)
+        self.next_group = 0
+        self._images: Iterator[tuple[int, int, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ images
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n_images, generator=g)
 
-    def _image_batches(self) -> Iterator[torch.Tensor]:
-        """Pixel batches [B, 3, H, W] from (epoch, cursor) on, forever; advances the cursor as it yields."""
+    def _image_batches(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(epoch, position in that epoch's order, pixel batch [B, 3, H, W]) from (epoch, cursor) on,
+        forever; advances the cursor as it yields."""
         while True:
             order = self._order(self.epoch)[self.cursor :].tolist()
             loader = DataLoader(
@@ -113,23 +123,42 @@ class ActivationStream:
                 shuffle=False,
                 num_workers=self.num_workers,
                 persistent_workers=False,
+                # its own generator: a loader otherwise draws its workers' base seed from the global RNG,
+                # so a resumed run (which opens a loader mid-epoch) would leave that RNG elsewhere
+                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),
             )
             for pixels in loader:
+                start = self.cursor
                 self.cursor += pixels.shape[0]
-                yield pixels
+                yield self.epoch, start, pixels
             self.epoch, self.cursor = self.epoch + 1, 0
+
+    def _group_pixels(self, epoch: int, start: int, size: int) -> torch.Tensor:
+        """The pixel batch [size, 3, H, W] of images order(epoch)[start : start + size], as the loader stacks it."""
+        order = self._order(epoch)[start : start + size].tolist()
+        return torch.stack([self.dataset[i] for i in order])
+
+    def _rows(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One ViT pass over pixels [B, 3, H, W] -> token rows [B*T', 2, L, d] in the buffer's dtype."""
+        cap = capture(self.backbone.visual, pixels.to(self.device), self.tokens)  # mlp_in/out [L, B, T', d]
+        pair = torch.stack([cap.mlp_in, cap.mlp_out])  # [2, L, B, T', d]
+        count = pair.shape[2] * pair.shape[3]
+        return pair.reshape(2, pair.shape[1], count, pair.shape[-1]).permute(2, 0, 1, 3).to(self.dtype)
 
     def _capture_next(self) -> int:
         """Run one group of images through the ViT and append its tokens to the buffer; returns the count."""
         if self._images is None:
             self._images = self._image_batches()
-        pixels = next(self._images).to(self.device)
+        epoch, start, pixels = next(self._images)
         t0 = time.perf_counter()
-        cap = capture(self.backbone.visual, pixels, self.tokens)  # mlp_in/out [L, B, T', d]
-        pair = torch.stack([cap.mlp_in, cap.mlp_out])  # [2, L, B, T', d]
-        count = pair.shape[2] * pair.shape[3]
-        rows = pair.reshape(2, pair.shape[1], count, pair.shape[-1]).permute(2, 0, 1, 3)  # [B*T', 2, L, d]
-        self.buf[self.n : self.n + count] = rows.to(self.dtype)
+        rows = self._rows(pixels)
+        count = rows.shape[0]
+        gid = self.next_group
+        self.next_group += 1
+        self.groups[gid] = (epoch, start, pixels.shape[0])
+        self.buf[self.n : self.n + count] = rows
+        self.src[self.n : self.n + count, 0] = gid
+        self.src[self.n : self.n + count, 1] = torch.arange(count)
         self.n += count
         self.stats.images += pixels.shape[0]
         self.stats.tokens_captured += count
@@ -140,6 +169,12 @@ class ActivationStream:
         """Refill the buffer to at least `buffer_tokens` tokens."""
         while self.n < self.buffer_tokens:
             self._capture_next()
+        self._forget_spent_groups()
+
+    def _forget_spent_groups(self) -> None:
+        """Drop the records of image groups none of whose tokens is still buffered."""
+        live = set(self.src[: self.n, 0].unique().tolist())
+        self.groups = {g: v for g, v in self.groups.items() if g in live}
 
     # ------------------------------------------------------------------ batches
     @staticmethod
@@ -169,6 +204,7 @@ class ActivationStream:
         tail = torch.arange(n - B, n)[~picked[n - B :]]
         if holes.numel():
             self.buf[holes.to(self.device)] = self.buf[tail.to(self.device)]
+            self.src[holes] = self.src[tail]
         self.n = n - B
         self.stats.tokens_served += B
         return self._split(out)
@@ -179,22 +215,45 @@ class ActivationStream:
 
     # ------------------------------------------------------------------ resumable position
     def state_dict(self) -> dict[str, Any]:
-        """Where the image stream stands (epoch, cursor) and the sampling RNG; not the buffer's tokens."""
+        """Where the image stream stands (epoch, cursor), the sampling RNG, and the provenance of the
+        buffered tokens: `src` [n, 2] (group id, row in that group's capture) and `groups` {id: (epoch,
+        start, images)} for the groups still present. Small: 16 bytes per buffered token."""
+        self._forget_spent_groups()
         return {
             "epoch": self.epoch,
             "cursor": self.cursor,
             "rng": self.rng.get_state(),
             "images": self.stats.images,
             "tokens_served": self.stats.tokens_served,
+            "buffer": {"n": self.n, "src": self.src[: self.n].clone(), "groups": dict(self.groups), "next_group": self.next_group},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after the images already read (the buffer is refilled from the next ones)."""
+        """Continue exactly where `state` was taken: the buffered tokens are recomputed from their images
+        (see the module docstring). A state without `buffer` continues with an empty buffer."""
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.rng.set_state(state["rng"])
         self.stats.images = int(state.get("images", 0))
         self.stats.tokens_served = int(state.get("tokens_served", 0))
         self.n, self._images = 0, None
+        self.groups, self.next_group = {}, 0
+        buffer = state.get("buffer")
+        if buffer is None:
+            return
+        n, src = int(buffer["n"]), buffer["src"]
+        if n > self.capacity or tuple(src.shape) != (n, 2):
+            raise ValueError(f"the saved stream buffer holds {n} tokens (src {tuple(src.shape)}); this stream's capacity is {self.capacity}")
+        missing = set(src[:, 0].unique().tolist()) - set(buffer["groups"])
+        if missing:
+            raise ValueError(f"the saved stream buffer refers to image groups it does not describe: {sorted(missing)[:5]}")
+        for gid, (epoch, start, size) in sorted(buffer["groups"].items()):
+            at = (src[:, 0] == gid).nonzero().squeeze(1)
+            rows = self._rows(self._group_pixels(epoch, start, size))
+            self.buf[at.to(self.device)] = rows[src[at, 1].to(rows.device)]
+        self.src[:n] = src
+        self.n = n
+        self.groups = {int(g): tuple(v) for g, v in buffer["groups"].items()}  # type: ignore[misc]
+        self.next_group = int(buffer["next_group"])
 
     def description(self) -> dict[str, Any]:
         return {

@@ -4,13 +4,20 @@
 
 - `metrics.jsonl`: one JSON line every `log_every` steps (`step`, `tokens`, `fvu` [L], `fvu_mean`,
   `l0` [L], `l0_mean`, `dead_fraction`, `lr`, `loss`, `aux`, `tokens_per_s`).
-- `checkpoints/step-XXXXXXX/`: periodic checkpoints, each a complete `training.checkpoint` directory
-  plus `train_state.pt` (optimizer, step, RNG states, activation-stream position, dead-feature
-  counters). A checkpoint directory is written under a temporary name and renamed, then `LATEST`
-  is replaced atomically, so a kill at any moment leaves a consistent last checkpoint.
+- `checkpoints/step-XXXXXXXX/`: periodic checkpoints, each a complete `training.model.checkpoint`
+  directory plus `train_state.pt` (optimizer, step, RNG states, activation-stream position including
+  the provenance of the buffered tokens, dead-feature counters). A checkpoint is written and fsynced
+  under `step-XXXXXXXX.tmp`, then renamed; only complete `step-*` directories count, so a kill at any
+  moment (mid-write, mid-rename, mid-cleanup) leaves the last complete checkpoint loadable. `LATEST`
+  names the newest for people and scripts; old checkpoints are renamed away before being deleted.
 - `clt.safetensors` + `clt.json`: the final CLT (with data description, train config and final metrics).
 
-Re-running the same call after a kill resumes from `LATEST`.
+Re-running the same call after a kill resumes from the newest complete checkpoint and ends with the
+same CLT, metrics and optimizer state as a run that was never interrupted (same machine, same thread
+count; tested with real SIGKILLs in tests/training/test_resume.py). Kill points for those tests
+(`bundle.killpoints`): `train.step` after every optimiser step, `checkpoint.weights_written` (in
+`save_checkpoint`, between the weights and their JSON), `checkpoint.state_written` (before the
+rename), `checkpoint.renamed` (before `LATEST`), `checkpoint.pruning` (an old checkpoint half gone).
 """
 from __future__ import annotations
 
@@ -29,9 +36,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from bundle.killpoints import killpoint
+
 from .activations import ActivationStream
 from .model.backbone import Backbone
-from .model.checkpoint import load_checkpoint, save_checkpoint
+from .model.checkpoint import CheckpointError, fsync_tree, load_checkpoint, save_checkpoint
 from .model.clt import CLTConfig, CLTLoss, CrossLayerTranscoder
 from .model.vit import TOKEN_SETS, TokenSet
 
@@ -247,35 +256,62 @@ def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.O
 
 
 class Checkpointer:
-    """Periodic checkpoints under `out_dir/checkpoints`, each renamed into place; `LATEST` names the newest."""
+    """Periodic checkpoints under `out_dir/checkpoints`: `step-XXXXXXXX/` directories, each complete
+    (written under a `.tmp` name, fsynced, renamed); `LATEST` names the newest (see the module docstring)."""
+
+    PREFIX = "step-"
 
     def __init__(self, out_dir: Path, keep: int) -> None:
         self.root = out_dir / "checkpoints"
         self.keep = max(keep, 1)
 
+    def complete(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            digits = p.name[len(self.PREFIX):]
+            if p.is_dir() and p.name.startswith(self.PREFIX) and len(digits) == 8 and digits.isdigit() and (p / STATE_FILE).is_file():
+                found.append(p)
+        return sorted(found)
+
     def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / STATE_FILE).is_file() else None
+        done = self.complete()
+        return done[-1] if done else None
 
     def save(self, step: int, clt: CrossLayerTranscoder, backbone: Backbone, state: dict[str, Any], **meta: Any) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:08d}"
+        name = f"{self.PREFIX}{step:08d}"
         final, tmp = self.root / name, self.root / (name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_checkpoint(tmp, clt, backbone.identity(), step=step, **meta)
         torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
+        fsync_tree(tmp)
+        killpoint("checkpoint.state_written")
+        if final.exists():  # the same step saved before (a rerun of a finished run): move it aside first
+            self._discard(final)
         os.replace(tmp, final)
+        fsync_tree(self.root, files=False)
+        killpoint("checkpoint.renamed")
         pointer_tmp = self.root / (LATEST + ".tmp")
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, self.root / LATEST)
-        old = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for p in old[: -self.keep]:
-            shutil.rmtree(p, ignore_errors=True)
+        for p in self.complete()[: -self.keep]:
+            self._discard(p)
+        for p in [*self.root.glob("*.tmp"), *self.root.glob("*.deleting")]:  # leftovers of an interrupted run
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
         return final
+
+    def _discard(self, path: Path) -> None:
+        """Delete a checkpoint: renamed out of the `step-*` namespace first, so a kill midway never
+        leaves a half-deleted directory that looks like a checkpoint."""
+        trash = path.with_name(path.name + ".deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        killpoint("checkpoint.pruning")
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _read_metrics(path: Path, upto_step: int) -> list[str]:
@@ -397,7 +433,10 @@ def train_clt(
 
     latest = ckpt.latest()
     if latest is not None:
-        saved, meta = load_checkpoint(latest, backbone, device=device)
+        try:
+            saved, meta = load_checkpoint(latest, backbone, device=device)
+        except CheckpointError as exc:
+            raise TrainingError(f"cannot resume from {latest}: {exc}") from None
         if saved.cfg.to_dict() != clt_cfg.to_dict():
             raise TrainingError(
                 f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt_cfg.to_dict()}; "
@@ -447,6 +486,7 @@ def train_clt(
             since_fired[loss.fired] = 0
             step += 1
             tokens_seen += x.shape[1]
+            killpoint("train.step")
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 fvu = loss.fvu.float().tolist()

@@ -6,7 +6,7 @@ Steps, all in one run on the same machine:
    the same ONNX Runtime thread setting as the server; best of `--raw-repeats` timed passes.
 2. Start `cltvit-serve` on 127.0.0.1:<free port>, warm it up, run Locust (`--users` closed-loop users,
    `--duration`), CSV written under `--out`.
-3. Report service images/s, p50/p95, failures, BentoML's mean adaptive batch size, and the ratio
+3. Report service images/s, p50/p95, failures, the service's mean batch size (cltvit_batch_size), and the ratio
    service images/s / raw images/s at the same batch size as served (the mean batch, rounded; also
    against `--max-batch-size`, raw measured before and after the run). Exit status 1 on any failed
    request, p95 over `--p95-ms`, or (when `--min-ratio` is given) a same-batch ratio below it.
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=16, help="concurrent Locust users (default 16)")
     p.add_argument("--duration", type=int, default=60, help="Locust run time in seconds (default 60)")
     p.add_argument("--endpoint", default="classify", choices=("classify", "explain", "embed"))
-    p.add_argument("--max-batch-size", type=int, default=16, help="server's adaptive batching limit (default 16)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="server's largest batch (default 16)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for server and raw run (default: ORT's)")
     p.add_argument("--p95-ms", type=float, default=10_000.0, help="fail when p95 latency exceeds this (ms, default 10000)")
     p.add_argument("--min-ratio", type=float, default=None, help="fail when service/raw images/s is below this")
@@ -81,18 +81,16 @@ def raw_images_per_second(rt: BundleRuntime, pixels: np.ndarray, batch: int, rep
 
 
 def batch_histogram(url: str, headers: dict[str, str]) -> tuple[float, float, float]:
-    """(sum, count) of BentoML's adaptive batch-size histogram for the batching stage, and the
-    total seconds spent in ONNX Runtime (cltvit_inference_seconds_sum)."""
+    """(sum, count) of the service's batch-size histogram (cltvit_batch_size, one observation per
+    ONNX Runtime batch), and the total seconds spent in ONNX Runtime (cltvit_inference_seconds_sum)."""
     text = requests.get(f"{url}/metrics", headers=headers, timeout=30).text
     total = count = seconds = 0.0
     for line in text.splitlines():
         if line.startswith("cltvit_inference_seconds_sum"):
             seconds += float(line.rsplit(" ", 1)[1])
-        if 'method_name="infer_batch"' not in line:
-            continue
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+        elif line.startswith("cltvit_batch_size_sum"):
             total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+        elif line.startswith("cltvit_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
     return total, count, seconds
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from bundle import BundleError
 from bundle.format import IMAGE_EXTENSIONS
+from bundle.killpoints import killpoint
 
 from ..explainer import Explainer
 from ..runtime import LabelError, RuntimeSetupError, SpatialUnavailable
@@ -259,6 +260,7 @@ def score_folder(
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
+            killpoint("score.batch_written")  # crash-safety tests stop the process here (bundle.killpoints)
             if metrics_file is not None and monitor is not None:
                 monitor.write_metrics(metrics_file)
             bar.update(len(batch))

@@ -41,8 +41,8 @@ def test_bundle_manifest_matches_the_model(bundle, tiny_backbone):
     assert list(m.preprocess.image_size) == [32, 32]
     assert m.tokenizer.context_length == 32
     assert m.labels.names == list(FASHION_MNIST_CLASSES)
-    assert m.variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
-    assert set(m.files) == {"model.onnx", "model.int8.onnx", "model.fp16.onnx", "text.onnx", "labels.npy",
+    assert m.variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-clt": "model.int8-clt.onnx", "fp16": "model.fp16.onnx"}
+    assert set(m.files) == {"model.onnx", "model.int8.onnx", "model.int8-clt.onnx", "model.fp16.onnx", "text.onnx", "labels.npy",
                             "bpe_simple_vocab_16e6.txt.gz", }
     for name, digest in m.files.items():
         assert file_sha256(bundle / name) == digest
@@ -84,6 +84,15 @@ def test_variants_have_reduced_precision(bundle):
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}, ops
     n8 = sum(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) == 2 for t in int8.graph.initializer)
     assert n8 >= 4 * 4  # the 4 blocks' qkv/out/fc/proj weight matrices
+    # int8-clt: the same blocks plus the 4 CLT encoders [d=64, F=128]; decoders and the decomposition stay float32
+    clt8 = onnx.load(str(bundle / "model.int8-clt.onnx"))
+    quantized = [tuple(t.dims) for t in clt8.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(quantized) == n8 + 4 and quantized.count((64, 128)) == 4, quantized
+    assert [tuple(t.dims) for t in int8.graph.initializer if t.data_type == onnx.TensorProto.INT8].count((64, 128)) == 0
+    fp32 = onnx.load(str(bundle / "model.onnx"))
+    decoders = {tuple(t.dims) for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+                and t.dims[0] == 128 and t.dims[1] != 64}  # feature-major decoder tables [F, n_targets * d]
+    assert decoders and decoders <= {tuple(t.dims) for t in clt8.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     fp16 = onnx.load(str(bundle / "model.fp16.onnx"))
     n16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert n16 >= 4 * 4  # at least the 4 blocks' qkv/out/fc/proj weights
@@ -155,9 +164,9 @@ def test_cli_errors_name_the_problem(tiny_backbone, tmp_path, capsys):
     assert "differing: weights_sha256_16" in capsys.readouterr().err
     assert cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--backbone", "ViT-Nope"]) == 2
     assert "unknown open_clip architecture" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--variants", "int4"])
-    assert "--variants" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert e.value.code == 2 and "cltvit-export: error: --variants: unknown ['int4']; choose from int8, int8-clt, fp16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--spatial-top-k", "-2"])
-    assert "--spatial-top-k must be >= 0" in capsys.readouterr().err
+    assert e.value.code == 2 and "cltvit-export: error: --spatial-top-k must be >= 0" in capsys.readouterr().err

@@ -16,18 +16,17 @@ import torch
 from bundle import model_outputs
 from export.fused import export_explainer
 from training.model.decompose import MODES, decompose
-from training.testing import random_clt
 
 ATOL = 1e-4
 SPATIAL_TOP_K = 5
 
 
-def ort_session(path, optimize: bool = True) -> ort.InferenceSession:
+def unoptimised_session(path) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with every graph optimisation off."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -106,21 +105,14 @@ def assert_parity(eager: dict[str, np.ndarray], got: dict[str, np.ndarray], atol
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tiny_backbone):
-    clt = random_clt(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=128, k=8, seed=1)
-    return tiny_backbone, clt
+def tiny_setup(tiny_graphs):
+    return tiny_graphs.backbone, tiny_graphs.clt
 
 
 @pytest.fixture(scope="module")
-def sessions(tiny_setup, tmp_path_factory):
-    backbone, clt = tiny_setup
-    root = tmp_path_factory.mktemp("parity")
-    out = {}
-    for mode in MODES:
-        path = export_explainer(backbone.visual, clt, root / f"{mode}.onnx", logit_scale=backbone.logit_scale,
-                                embed_dim=backbone.embed_dim, mode=mode, top_k_features=16, spatial_top_k=SPATIAL_TOP_K)
-        out[mode] = ort_session(path)
-        out[mode + "-unoptimised"] = ort_session(path, optimize=False)
+def sessions(tiny_graphs):
+    out = {mode: tiny_graphs.session(mode) for mode in MODES}
+    out.update({mode + "-unoptimised": unoptimised_session(tiny_graphs.path(mode)) for mode in MODES})
     return out
 
 
@@ -160,7 +152,7 @@ def test_graph_without_spatial_maps(tiny_setup, tmp_path):
     backbone, clt = tiny_setup
     path = export_explainer(backbone.visual, clt, tmp_path / "plain.onnx", logit_scale=backbone.logit_scale,
                             embed_dim=backbone.embed_dim, mode="cls", top_k_features=16, spatial_top_k=0)
-    sess = ort_session(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     H, W = backbone.image_size
     pixels = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(6))
     text = random_text(10, backbone.embed_dim, seed=6)

@@ -1,4 +1,4 @@
-"""Reduced-precision variants (int8 for the CPU, fp16 for CUDA) against the fp32 graph.
+"""Reduced-precision variants (int8 and int8-clt for the CPU, fp16 for CUDA) against the fp32 graph.
 
 Stated tolerances (vs fp32, same inputs):
 - int8 (dynamic U8U8 quantization of the transformer blocks' matmuls): top-1 agreement >= 99% on
@@ -7,13 +7,15 @@ Stated tolerances (vs fp32, same inputs):
   quantization's alone) max |logit error| <= 0.15. In cls mode a CLT feature that flips at the CLS
   token moves a logit discontinuously (random CLT: a few percent of logits by up to ~1), so only
   agreement is bounded there.
+- int8-clt (int8 plus the CLT encoders quantized): the same bounds as int8; in observe mode the CLT
+  is not in the logit path, so its logits equal int8's (1e-6) while its contributions differ.
 - fp16 (transformer blocks in float16): top-1 agreement >= 99%, observe-mode logits (no CLT
   feature selection in the logit path) within 1e-2 max abs.
-- both: contributions sum over terms to the variant's OWN logits to fp32 rounding (rel 1e-5).
+- all: contributions sum over terms to the variant's OWN logits to fp32 rounding (rel 1e-5).
 - spatial maps: the blocks' attention runs in reduced precision, the split of its CLS output over
   heads and tokens uses the float32 weights, so the maps sum to the variant's own attn.l terms only
-  to that precision: fp16 within 0.5% of the largest |attn term|, int8 within 5% (dynamic activation
-  quantization is not linear, so no exact split exists); serving reports this residual per image.
+  to that precision: fp16 within 0.5% of the largest |attn term|, int8 / int8-clt within 5% (dynamic
+  activation quantization is not linear, so no exact split exists); serving reports this residual.
 
 fp16 is a CUDA variant; on the CPU it runs here only with ORT's NCHWc layout pass disabled (ORT
 1.31 crashes in it on this graph), so these are correctness, not speed, checks.
@@ -29,7 +31,6 @@ import pytest
 from test_parity import assert_complete, spatial_residual
 
 from bundle import load_bundle
-from export.testing import make_tiny_bundle
 
 N_TINY = 512
 
@@ -76,23 +77,24 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 @pytest.fixture(scope="module", params=["cls", "observe"])
-def tiny(request, tmp_path_factory):
-    root = make_tiny_bundle(tmp_path_factory.mktemp("q") / request.param, mode=request.param, variants=("int8", "fp16"))
+def tiny(request):
+    root = request.getfixturevalue({"cls": "variant_bundle", "observe": "observe_variant_bundle"}[request.param])
     m, paths = load_bundle(root)
+    assert m.mode == request.param
     pixels, _ = fashion_pixels(m, N_TINY)
     text = np.load(paths.labels)
     outs = {v: run_all(session(p, v), pixels, text) for v, p in paths.models.items()}
     return request.param, outs
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16"])
+@pytest.mark.parametrize("variant", ["int8", "int8-clt", "fp16"])
 def test_variant_contributions_sum_to_its_own_logits(tiny, variant):
     _, outs = tiny
     assert_complete(outs[variant])
     assert not np.array_equal(outs[variant]["logits"], outs["fp32"]["logits"])  # it is a different computation
 
 
-@pytest.mark.parametrize("variant, rel", [("fp32", 1e-5), ("fp16", 5e-3), ("int8", 0.05)])
+@pytest.mark.parametrize("variant, rel", [("fp32", 1e-5), ("fp16", 5e-3), ("int8", 0.05), ("int8-clt", 0.05)])
 def test_variant_spatial_maps_follow_its_own_terms(tiny, variant, rel):
     _, outs = tiny
     err, scale = spatial_residual(outs[variant])
@@ -100,11 +102,25 @@ def test_variant_spatial_maps_follow_its_own_terms(tiny, variant, rel):
     assert err <= rel * scale
 
 
-def test_int8_tolerance_tiny(tiny):
+@pytest.mark.parametrize("variant", ["int8", "int8-clt"])
+def test_int8_tolerance_tiny(tiny, variant):
     mode, outs = tiny
-    assert agreement(outs["int8"], outs["fp32"]) >= 0.95
+    assert agreement(outs[variant], outs["fp32"]) >= 0.95
     if mode == "observe":  # logits are the backbone's own: the quantization error alone
-        assert np.abs(outs["int8"]["logits"] - outs["fp32"]["logits"]).max() <= 0.15
+        assert np.abs(outs[variant]["logits"] - outs["fp32"]["logits"]).max() <= 0.15
+
+
+def test_int8_clt_quantizes_the_clt_encoders_only(tiny):
+    """int8-clt differs from int8 only through the CLT: the same logits where the CLT is not in their
+    path (observe), other features and contributions."""
+    mode, outs = tiny
+    a, b = outs["int8"], outs["int8-clt"]
+    if mode == "observe":
+        assert np.abs(a["logits"] - b["logits"]).max() <= 1e-6
+        assert np.abs(a["contributions"][:, 1:-1] - b["contributions"][:, 1:-1]).max() > 1e-4  # clt.* and error terms moved
+    else:
+        assert np.abs(a["logits"] - b["logits"]).max() > 0
+    assert (a["top_feature_index"] != b["top_feature_index"]).any()  # features near the TopK boundary changed
 
 
 def test_fp16_tolerance_tiny(tiny):
@@ -115,17 +131,23 @@ def test_fp16_tolerance_tiny(tiny):
         assert np.abs(outs["fp16"]["embedding"] - outs["fp32"]["embedding"]).max() <= 1e-2 * np.abs(outs["fp32"]["embedding"]).max()
 
 
-@pytest.mark.parametrize("variant", ["int8", "fp16"])
-def test_reference_model_agreement(variant, reference_bundle):
-    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000), on the
-    bundle exported from the shipped reference weights."""
+@pytest.fixture(scope="module")
+def reference_fp32(reference_bundle):
+    """The reference bundle's paths, the Fashion-MNIST test images preprocessed, labels, label embeddings and
+    the fp32 graph's outputs on them (computed once for all variants)."""
     m, paths = load_bundle(reference_bundle, verify_checksums=False)
-    path = paths.models[variant]
     n = int(os.environ.get("CLTVIT_REFERENCE_N", "10000"))
     pixels, labels = fashion_pixels(m, n)
     text = np.load(paths.labels)
-    ref = run_all(session(paths.model, "fp32"), pixels, text)
-    got = run_all(session(path, variant), pixels, text)
+    return paths, pixels, labels, text, run_all(session(paths.model, "fp32"), pixels, text)
+
+
+@pytest.mark.parametrize("variant", ["int8", "int8-clt", "fp16"])
+def test_reference_model_agreement(variant, reference_fp32):
+    """>= 99% top-1 agreement with fp32 on the reference model's Fashion-MNIST test set (all 10,000), on the
+    bundle exported from the shipped reference weights."""
+    paths, pixels, labels, text, ref = reference_fp32
+    got = run_all(session(paths.models[variant], variant), pixels, text)
     agree = agreement(got, ref)
     print(f"{variant}: agreement {agree:.4f}, accuracy {np.mean(got['logits'].argmax(1) == labels):.4f} "
           f"(fp32 {np.mean(ref['logits'].argmax(1) == labels):.4f}), max |dlogit| {np.abs(got['logits'] - ref['logits']).max():.4f}")

@@ -144,10 +144,13 @@ def test_ship_rounds_a_build_to_float16_and_measures_it(smoke, tmp_path):
     assert load_bundle(bundle)[0].backbone.weights_sha256_16 == backbone.fingerprint
 
 
-def test_cli_rejects_unknown_stage(capsys):
+def test_cli_rejects_unknown_stage(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["build", "--out", "/tmp/never", "--force", "nonsense"])
+        main(["build", "--out", str(tmp_path / "never"), "--force", "nonsense"])
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --force: invalid choice: 'nonsense'" in err and "'clt'" in err, err
+    assert not (tmp_path / "never").exists()
 
 
 def test_finetune_reduces_the_match_loss(tiny_backbone):

@@ -31,6 +31,7 @@ def shipped():
     return load_shipped()
 
 
+@pytest.mark.slow  # measures the 10,000 test images twice over (~2.5 CPU-minutes)
 def test_shipped_weights_reproduce_their_report(shipped):
     backbone, clt, manifest = shipped
     got = measure(backbone, clt)
@@ -51,7 +52,7 @@ def test_reference_bundle_exports_and_validates(reference_bundle, shipped):
     backbone, _, _ = shipped
     assert m.backbone.model == "cltvit-ref" and m.backbone.pretrained == CLIP_FILE
     assert m.backbone.weights_sha256_16 == backbone.fingerprint
-    assert set(paths.models) == {"fp32", "int8", "fp16"}
+    assert set(paths.models) == {"fp32", "int8", "int8-clt", "fp16"}
 
 
 def test_a_corrupt_shipped_file_is_named(tmp_path):

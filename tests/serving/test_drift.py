@@ -121,7 +121,7 @@ def test_cli_reference_and_compare(tmp_path: Path, capsys):
     assert "nope.json does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["compare", str(tmp_path / "new.jsonl"), "--reference", str(tmp_path / "ref.json"), "--window", "0"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "argument --window: must be >= 1, got 0" in capsys.readouterr().err
 
 
 # -- on a real bundle with real images ------------------------------------------------------------

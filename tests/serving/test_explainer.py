@@ -13,6 +13,7 @@ from _scoring import fashion_images
 
 import serving
 from serving.cli import running_server
+from serving.runtime import LabelError
 
 TIMEOUT = 60
 
@@ -81,5 +82,5 @@ def test_input_kinds_agree_and_errors_are_records(bundle, pngs, tmp_path):
     bad = ex.score([b"not an image", tmp_path / "missing.png"])
     assert "not an image" in bad[0]["error"] and "missing.png" in bad[1]["error"]
     assert bad[1]["path"] == str(tmp_path / "missing.png")
-    with pytest.raises(Exception, match="duplicate"):
+    with pytest.raises(LabelError, match=r"duplicate label 'a' \(labels\[0\] and labels\[1\]\)"):
         serving.Explainer(bundle, labels=["a", "a"])

@@ -24,10 +24,7 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from export.testing import make_tiny_bundle
-
-    bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+def setup(bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     good, bad = make_image_folder(root, n=120)
     local = tmp_path_factory.mktemp("local") / "results.jsonl"

@@ -1,12 +1,15 @@
 """BundleRuntime (ONNX Runtime, no torch) against open_clip / the torch reference."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 
-from serving.runtime import MAX_LABELS, BundleRuntime, LabelError, RuntimeSetupError, validate_labels
+from serving.runtime import MAX_LABELS, BundleRuntime, LabelCache, LabelError, RuntimeSetupError, validate_labels
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +74,15 @@ def test_custom_label_embeddings_match_torch(runtime, backbone):
 
 
 def test_label_cache_is_bounded(bundle):
-    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_size=2)
+    entry = 2 * rt_embed_dim(bundle) * 4 + LabelCache.ENTRY_OVERHEAD  # two labels, float32
+    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_bytes=2 * entry)
     for i in range(5):
         rt.embed_labels([f"thing {i}", "other"])
-    assert len(rt._label_cache) == 2
+    assert len(rt.label_cache) == 2 and rt.label_cache.nbytes <= 2 * entry
+
+
+def rt_embed_dim(bundle) -> int:
+    return int(json.loads((bundle / "bundle.json").read_text())["backbone"]["embed_dim"])
 
 
 def test_explain_results_are_consistent(runtime, backbone):
@@ -154,17 +162,47 @@ def test_io_binding_path_gives_the_same_outputs(bundle, runtime):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-7)
 
 
-def test_auto_device_is_chosen_once(runtime):
-    assert runtime.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
-    assert runtime.use_io_binding == (runtime.provider == "CUDAExecutionProvider")
+def test_cuda_detection_agrees_with_torch():
+    """`cuda_present` (driver files + ORT's provider list) says what torch, checked independently, says."""
+    from serving.runtime import cuda_present
+
+    assert cuda_present() == (torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers())
 
 
-def test_fp16_variant_runs_on_the_cpu_provider(tmp_path):
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_auto_device_asks_for_cuda_exactly_when_present(bundle, monkeypatch, has_cuda):
+    """device='auto' requests the CUDA provider (and IO binding) if and only if CUDA is present, and
+    device='cpu' never does: the providers each ONNX Runtime session is created with are recorded."""
+    import serving.runtime as rt
+
+    requested: list[list[str]] = []
+    real = ort.InferenceSession
+
+    def session(path, opts, providers, **kw):
+        requested.append(list(providers))
+        return real(path, opts, providers=["CPUExecutionProvider"], **kw)  # this machine may have no GPU
+
+    monkeypatch.setattr(rt, "cuda_present", lambda: has_cuda)
+    monkeypatch.setattr(rt.ort, "InferenceSession", session)
+    BundleRuntime(bundle, device="auto", threads=1, verify_checksums=False)
+    want = ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+    assert requested == [want, want]  # image graph and text graph
+    requested.clear()
+    BundleRuntime(bundle, device="cpu", threads=1, verify_checksums=False)
+    assert requested == [["CPUExecutionProvider"]] * 2
+
+
+def test_auto_device_on_this_machine(bundle):
+    auto = BundleRuntime(bundle, device="auto", threads=1, verify_checksums=False)
+    gpu = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    assert auto.provider == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")
+    assert auto.use_io_binding == gpu
+
+
+def test_fp16_variant_runs_on_the_cpu_provider(observe_variant_bundle):
     """fp16 graphs crash ORT's NCHWc pass on CPU unless the runtime disables it; outputs track fp32."""
-    from export.testing import make_tiny_bundle
-
     # observe mode: logits are the backbone's own (no TopK selection that fp16 noise could flip)
-    b = make_tiny_bundle(tmp_path / "fp16", mode="observe", variants=("fp16",))
+    b = observe_variant_bundle
     fp32 = BundleRuntime(b, device="cpu")
     fp16 = BundleRuntime(b, device="cpu", variant="fp16")
     pixels = np.stack([fp32.preprocess(im) for im in _images()])

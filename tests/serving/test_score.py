@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _scoring import BROKEN, assert_same_records, make_image_folder, read_jsonl
 
+from bundle.killpoints import ENV_FD, ENV_POINT
 from serving.jobs.cli import score_main as main
 from serving.jobs.score import discover, read_journal, read_parquet
 
@@ -99,22 +100,33 @@ def test_resume_after_torn_write(reference_run, folder, bundle, tmp_path):
 
 
 def test_kill_and_resume_real_process(reference_run, folder, bundle, tmp_path):
-    """SIGKILL a running cltvit-score as soon as it has written some results, rerun, check the set."""
-    out = tmp_path / "killed.jsonl"
+    """SIGKILL a real cltvit-score right after its 3rd batch reached the disk, rerun, check the set.
+
+    The process runs armed with a kill point (bundle.killpoints): it reports on a pipe when the batch
+    is fsynced and waits to be killed; a process that dies earlier closes the pipe (end of file), so
+    the test fails at once with its log instead of polling for a file."""
+    out, log = tmp_path / "killed.jsonl", tmp_path / "killed.log"
     cmd = [str(Path(sys.executable).parent / "cltvit-score"), str(folder[0]), "--bundle", str(bundle), "--out", str(out),
-           "--batch-size", "1", "--workers", "1", "--quiet"]
+           "--batch-size", "4", "--workers", "1", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > 0:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()!r}"
+    read_fd, write_fd = os.pipe()
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, ENV_POINT: "score.batch_written@3", ENV_FD: str(write_fd)},
+                                stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as pipe:
+            ready, _, _ = select.select([pipe], [], [], 120)
+            line = pipe.readline() if ready else ""
+        assert line.startswith("score.batch_written@3"), f"cltvit-score never finished its 3rd batch: {log.read_text()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     partial = read_journal(out, repair=False)
-    assert 0 < len(partial) < len(reference_run), len(partial)
+    assert len(partial) == 12  # exactly the three batches of 4 that were on disk
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     records = read_jsonl(out)

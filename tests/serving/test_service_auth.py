@@ -102,7 +102,39 @@ def test_mismatched_bundle_stops_start(bundle, tmp_path):
 def test_bad_arguments(bundle):
     r = _serve("--bundle", str(bundle), "--variant", "int4")
     assert r.returncode == 2 and "int4" in r.stderr
-    r = _serve("--bundle", str(bundle), "--max-batch-size", "1")
-    assert r.returncode == 2 and "--max-batch-size" in r.stderr
+    for flag, value in [("--max-batch-size", "0"), ("--workers", "0"), ("--max-queue", "0"), ("--batch-wait-ms", "-1"),
+                        ("--label-cache-mb", "0"), ("--port", "70000")]:
+        r = _serve("--bundle", str(bundle), flag, value)
+        assert r.returncode == 2 and flag in r.stderr, (flag, r.stderr)
     r = _serve()
     assert r.returncode == 2 and "--bundle" in r.stderr
+
+
+def test_binds_loopback_by_default_and_warns_when_exposed_without_token():
+    from serving.cli import build_parser, exposure_warning
+
+    assert build_parser().parse_args(["--bundle", "b"]).host == "127.0.0.1"
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(host, token_set=False) is None, host
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"):
+        warning = exposure_warning(host, token_set=False)
+        assert warning and host in warning and "CLTVIT_API_TOKEN" in warning, host
+        assert exposure_warning(host, token_set=True) is None
+
+
+def test_serve_prints_the_warning_before_starting(bundle, monkeypatch, capsys):
+    """`cltvit-serve --host 0.0.0.0` without a token warns, then execs BentoML (intercepted here: nothing binds)."""
+    from serving import cli
+
+    started = []
+    monkeypatch.delenv("CLTVIT_API_TOKEN", raising=False)
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: started.append((argv, env)))
+    cli.main(["--bundle", str(bundle), "--host", "0.0.0.0", "--port", "3999"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "0.0.0.0" in err and "CLTVIT_API_TOKEN" in err
+    argv, env = started[0]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0" and env["CLTVIT_BUNDLE"] == str(bundle.resolve())
+    cli.main(["--bundle", str(bundle)])
+    assert "warning" not in capsys.readouterr().err
+    argv, _ = started[1]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"

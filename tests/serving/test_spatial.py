@@ -18,7 +18,9 @@ from serving.heatmap import overlay
 from serving.jobs.cli import score_main
 from serving.runtime import BundleRuntime, SpatialUnavailable
 from serving.schemas import ImageResult
-from serving.spatial import round_significant, spatial_explanations
+from serving.results import RawOutputs
+from serving.schemas import SpatialExplanation
+from serving.spatial import round_significant, spatial_maps
 
 
 @pytest.fixture(scope="module")
@@ -211,22 +213,28 @@ def test_score_and_stream_with_spatial(bundle, v1_bundle, tmp_path, capsys):
 # ---------------------------------------------------------------------- response size
 def test_response_size_is_bounded_for_vit_b16():
     """The largest spatial part of an /explain response for a ViT-B/16 bundle (S = 5 classes, L = 12, 12 heads,
-    14x14 grid), with random float32 values of mixed magnitude: below 200 kB, below 600 kB with per-head maps."""
+    14x14 grid), with random float32 values of mixed magnitude and 1000 labels: below 200 kB, below 600 kB with
+    per-head maps; the dicts validate as the response model."""
     rng = np.random.default_rng(0)
-    S, L, H, N = 5, 12, 12, 197
+    S, L, H, N, C = 5, 12, 12, 197, 1000
 
     def noise(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape)).astype(np.float32)
 
-    args = dict(orders=[list(range(1000))], label_names=[f"label {i}" for i in range(1000)], logits=noise(1, 1000),
-                contributions=noise(1, 2 * L + 3, 1000), classes=np.arange(S)[None], tokens=noise(1, S, L, N),
-                bias=noise(1, S, L, 2), grid=(14, 14))
-    (small,) = spatial_explanations(**args, head_tokens=None)
-    (big,) = spatial_explanations(**args, head_tokens=noise(1, L, H, N))
-    assert len(small.classes) == S and np.asarray(big.classes[0].heads).shape == (L, H, 196)
-    small, big = len(small.model_dump_json()), len(big.model_dump_json())
-    print(f"ViT-B/16 spatial JSON: {small} bytes, with per-head maps {big} bytes")
-    assert small < 200_000 and big < 600_000
+    logits = noise(1, C)
+    raw = RawOutputs(logits=logits, embedding=noise(1, 512), contributions=noise(1, 2 * L + 3, C),
+                     top_feature_layer=np.zeros((1, 16), np.int64), top_feature_index=np.zeros((1, 16), np.int64),
+                     top_feature_activation=noise(1, 16), top_feature_contribution=noise(1, 16),
+                     spatial_class=np.argsort(-logits, axis=1)[:, :S], spatial_contributions=noise(1, S, L, N),
+                     spatial_bias=noise(1, S, L, 2), spatial_head_contributions=noise(1, L, H, N))
+    names = [f"label {i}" for i in range(C)]
+    (small,) = spatial_maps(raw, names, (14, 14), k=C)
+    (big,) = spatial_maps(raw, names, (14, 14), k=C, heads=True)
+    small_m, big_m = SpatialExplanation.model_validate(small), SpatialExplanation.model_validate(big)
+    assert len(small_m.classes) == S and np.asarray(big_m.classes[0].heads).shape == (L, H, 196)
+    small_n, big_n = len(small_m.model_dump_json()), len(big_m.model_dump_json())
+    print(f"ViT-B/16 spatial JSON: {small_n} bytes, with per-head maps {big_n} bytes")
+    assert small_n < 200_000 and big_n < 600_000
 
 
 # ---------------------------------------------------------------------- a finer grid: ViT-B-16 (14x14)

@@ -66,24 +66,29 @@ def test_pipe_in_order_equal_to_explainer(bundle, folder):
     assert_same_records(got, expected)
 
 
-def test_answers_before_eof(bundle, folder):
+def test_answers_before_eof(bundle, folder, tmp_path):
     """A line written to the pipe is answered while stdin stays open (a pipeline stage, not a batch job)."""
     root, good, _ = folder
-    proc = subprocess.Popen(_cmd(bundle), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO, bufsize=1)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:  # a file, not a pipe nobody reads (a chatty process would block on it)
+        proc = subprocess.Popen(_cmd(bundle), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, cwd=REPO, bufsize=1)
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         for rel in good[:3]:
             proc.stdin.write(str(root / rel) + "\n")
             proc.stdin.flush()
-            assert sel.select(timeout=60), "no answer within 60 s while stdin is open"
-            rec = json.loads(proc.stdout.readline())
+            assert sel.select(timeout=60), f"no answer within 60 s while stdin is open: {log.read_text()}"
+            line = proc.stdout.readline()
+            assert line, f"cltvit-stream exited: {log.read_text()}"
+            rec = json.loads(line)
             assert rec["path"] == str(root / rel) and rec["error"] is None
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, log.read_text()
+    assert proc.stdout.read() == ""  # no answer left over once stdin is closed
 
 
 def test_drift_fields_and_metrics(bundle, folder, tmp_path):

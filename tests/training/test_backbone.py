@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from training.model.backbone import BackboneError, _hub_reachable, load_backbone
+from training.model.backbone import BackboneError, _hub_reachable, load_backbone, pick_device
 
 
 def test_unknown_architecture_is_named():
@@ -29,3 +30,19 @@ def test_same_seed_same_fingerprint_other_seed_differs():
     a = load_backbone("cltvit-tiny", seed=0).fingerprint
     assert a == load_backbone("cltvit-tiny", seed=0).fingerprint
     assert a != load_backbone("cltvit-tiny", seed=1).fingerprint
+
+
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_pick_device_uses_cuda_exactly_when_present(monkeypatch, has_cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    assert pick_device() == torch.device("cuda" if has_cuda else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")  # asked for: never overridden
+    if has_cuda:
+        assert pick_device("cuda:1") == torch.device("cuda:1")
+    else:
+        with pytest.raises(BackboneError, match="device 'cuda:1' was requested but CUDA is not available"):
+            pick_device("cuda:1")
+
+
+def test_pick_device_on_this_machine():
+    assert pick_device().type == ("cuda" if torch.cuda.device_count() > 0 else "cpu")

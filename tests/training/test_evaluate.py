@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +130,7 @@ def test_faithfulness_on_a_constructed_decomposition():
         faithfulness(logits, contrib, labels, "neuron")
 
 
-def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path):
+def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path, capsys):
     ds, pixels, labels = data
     clt = _fitted_clt(tiny_backbone, pixels)
     cfg = EvalConfig(batch_size=16, fidelity_images=16, cproj_images=16, random_seeds=3)
@@ -143,6 +145,16 @@ def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path):
     assert rep["faithfulness"]["clt"]["images"] == 32
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Cascaded replacement" in md and "C_proj" in md
+    # where the figures were made: CPU model and instruction sets (as /proc/cpuinfo lists them), threads, versions
+    mach = saved["machine"]
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    flags = set(next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")))
+    assert mach["cpu"] == model and mach["cores"] == os.cpu_count() and mach["threads"] == torch.get_num_threads()
+    assert set(mach["isa"]) == flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
+                                        "amx_bf16", "amx_int8"}
+    assert mach["versions"]["torch"] == torch.__version__.split("+")[0] and mach["versions"]["open_clip_torch"]
+    assert f"- machine: {model}" in md
 
     save_checkpoint(tmp_path / "ckpt", clt, tiny_backbone.identity())
     rc = main(["--clt", str(tmp_path / "ckpt"), "--limit", "12", "--batch-size", "6", "--fidelity-images", "6",
@@ -151,8 +163,11 @@ def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path):
     assert "6. Where in the image" in (tmp_path / "cli" / "report.md").read_text()  # the optional spatial section
     assert json.loads((tmp_path / "cli" / "report.json").read_text())["spatial"]["deletion"]["images"] == 6
     assert (tmp_path / "cli" / "spatial_deletion.png").stat().st_size > 0
+    capsys.readouterr()
     assert main(["--clt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"cltvit-eval: error: {tmp_path / 'nothing'} is not a CLT checkpoint: clt.json missing\n"
     assert main(["--clt", str(tmp_path / "ckpt"), "--limit", "0", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == "cltvit-eval: error: --limit must be >= 1, got 0\n"
 
 
 def test_comparison_verdict_per_k():

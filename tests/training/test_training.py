@@ -1,13 +1,7 @@
-"""Training pipeline: activation stream, a short real training run, kill-and-resume, CLI errors."""
+"""Training pipeline: activation stream, a short real training run, CLI errors (kill-and-resume: test_resume.py)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +14,6 @@ from training.model import vit
 from training.model.checkpoint import load_checkpoint
 from training.model.clt import CLTConfig
 from training.trainer import TrainConfig, train_clt
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class RandomPixels(Dataset):
@@ -85,43 +77,6 @@ def test_short_training_run_brings_fvu_below_0_2(tmp_path, tiny_backbone):
     assert meta["metrics"]["fvu_mean"] == metrics["fvu_mean"]
     assert meta["data"]["name"] == "fashion-mnist" and meta["data"]["tokens"] == "all"
     assert all(torch.equal(a, b) for a, b in zip(clt.state_dict().values(), back.state_dict().values()))
-
-
-def _cli(out: Path, steps: int) -> list[str]:
-    return [
-        sys.executable, "-m", "training.cli", "--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--limit", "600",
-        "--features", "64", "--k", "4", "--steps", str(steps), "--batch-tokens", "128", "--buffer-tokens", "1024",
-        "--images-per-batch", "32", "--checkpoint-every", "20", "--log-every", "5", "--lr", "3e-3",
-        "--warmup-steps", "5", "--no-progress", "--out", str(out),
-    ]
-
-
-def test_kill_and_rerun_resumes_from_last_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    cmd = _cli(out, steps=200)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    latest = out / "checkpoints" / "LATEST"
-    deadline = time.time() + 240
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
-    killed_at = int(latest.read_text().split("-")[1])
-    assert 0 < killed_at < 200
-    assert not (out / "clt.json").exists()  # no final checkpoint yet
-
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"step {killed_at} of 200" in done.stdout
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(5, 201, 5))  # no gap, no duplicate across the kill
-    meta = json.loads((out / "clt.json").read_text())
-    assert meta["metrics"]["steps"] == 200 and meta["step"] == 200
-    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-    # the resumed run started from trained weights, not from scratch
-    assert rows[killed_at + 5]["fvu_mean"] < rows[5]["fvu_mean"]
 
 
 @pytest.mark.parametrize(

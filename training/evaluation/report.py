@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from bundle.provenance import machine_info
+
 from .comparison import render_comparison
 from .metrics import (
     FAITHFULNESS_UNITS,
@@ -90,8 +92,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- CLT: {c.get('config')}",
         f"- data: {report.get('data')}",
         f"- seconds: {report.get('seconds', 0):.1f}",
-        "",
     ]
+    mach = report.get("machine")
+    if mach:  # figures differ between CPUs (AVX2 vs AVX-512 kernels), so say where these were made
+        lines.append(f"- machine: {mach['cpu']} ({', '.join(mach['isa']) or 'no listed ISA extensions'}), {mach['cores']} cores, "
+                     f"{mach.get('threads')} torch thread(s); " + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()))
+    lines.append("")
     fid = report["fidelity"]
     L = len(fid["cls"]["r2"])
     lines += ["## 1. Fidelity (open loop: CLT reads the true MLP inputs)", ""]
@@ -199,6 +205,7 @@ def evaluate_clt(
         "c_proj": cp,
         "faithfulness": fa,
         **({"spatial": spatial} if spatial is not None else {}),
+        "machine": machine_info(torch.get_num_threads()),
         **(extra or {}),
     }
     report["summary"] = summarise(report)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bundle.checksums import file_sha256
+from bundle.killpoints import killpoint
 
 from .backbone import Backbone, check_backbone_matches
 from .clt import CLTConfig, CrossLayerTranscoder
@@ -35,6 +36,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fsync_tree(directory: str | Path, files: bool = True) -> None:
+    """Flush `directory`'s files (with `files`) and the directory entry itself to disk, so that a
+    rename that follows cannot be persisted before the data it points at (power loss, not just a kill)."""
+    d = Path(directory)
+    if files:
+        for p in d.iterdir():
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     out_dir: str | Path, clt: CrossLayerTranscoder, backbone: dict[str, Any], *, dtype: torch.dtype | None = None, **extra: Any
 ) -> Path:
@@ -51,6 +71,7 @@ def save_checkpoint(
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "cltvit-clt", "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, out / WEIGHTS)
+    killpoint("checkpoint.weights_written")
     meta = {
         "format_version": FORMAT_VERSION,
         "config": clt.cfg.to_dict(),

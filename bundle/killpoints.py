@@ -1,0 +1,48 @@
+"""Named points where a test can stop a real process: the crash-safety tests of training and scoring.
+
+Long-running commands call `killpoint("name")` at the moments a crash matters (after a training step,
+between the files of a checkpoint, after a batch of results is on disk). Nothing happens unless the
+environment asks for it:
+
+- `CLTVIT_KILLPOINT=name` or `name@n`: act the n-th time (default: the first) the process reaches `name`.
+- `CLTVIT_KILLPOINT_FD=fd` (optional): at that moment write one line `name@n pid` to file descriptor
+  `fd` (the write end of a pipe the test passed down) and wait there until killed, so the test
+  SIGKILLs the process itself and knows exactly where it stood. The test reads the pipe: a process
+  that crashes earlier closes it, so the test sees end-of-file instead of hanging or polling.
+- Without `CLTVIT_KILLPOINT_FD`, the process sends itself SIGKILL at that moment.
+
+Torch-free and dependency-free, so that every stage (training, serving jobs) can use it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+ENV_POINT = "CLTVIT_KILLPOINT"
+ENV_FD = "CLTVIT_KILLPOINT_FD"
+
+_reached: dict[str, int] = {}  # per-process counts of the armed point (the only state; tests set it via env)
+
+
+def _target() -> tuple[str, int] | None:
+    spec = os.environ.get(ENV_POINT)
+    if not spec:
+        return None
+    name, _, count = spec.partition("@")
+    return name, int(count) if count else 1
+
+
+def killpoint(name: str) -> None:
+    """Mark that the process reached `name`; stops the process here if `CLTVIT_KILLPOINT` names it."""
+    target = _target()
+    if target is None or target[0] != name:
+        return
+    n = _reached[name] = _reached.get(name, 0) + 1
+    if n != target[1]:
+        return
+    fd = os.environ.get(ENV_FD)
+    if fd is None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.write(int(fd), f"{name}@{n} {os.getpid()}\n".encode())
+    while True:  # wait for the test's SIGKILL
+        signal.pause()
