@@ -239,6 +239,7 @@ def test_response_size_is_bounded_for_vit_b16():
 
 # ---------------------------------------------------------------------- a finer grid: ViT-B-16 (14x14)
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # exports a ViT-B-16 bundle (image and text graphs): minutes on a loaded machine
 def test_vit_b16_bundle_end_to_end(tmp_path_factory):
     """A real ViT-B-16-architecture bundle (random weights, small random CLT): 14x14 maps per layer, complete
     against the terms, per-head maps, the heatmap at the image's size, and the /explain JSON size."""

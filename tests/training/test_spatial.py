@@ -150,6 +150,7 @@ def test_per_head_maps_match_open_clip_hooks(tiny_backbone, tiny_clt):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a 12-layer ViT at 224 pixels, eager and hooked, in float64
 def test_per_head_maps_match_open_clip_hooks_vitb16():
     """The ViT-B-16 architecture (random weights): 12 layers x 12 heads over a 14x14 grid + CLS."""
     backbone = load_backbone("ViT-B-16", None, device="cpu", seed=0)
