@@ -172,7 +172,8 @@ class ServingEngine:
                 try:
                     out[i] = self._encode(jobs[i], image_result(
                         raw, j, jobs[i].names, self.runtime.term_names, k=jobs[i].k,
-                        detail=jobs[i].kind == "explain", include_embedding=jobs[i].kind == "embed"))
+                        detail=jobs[i].kind == "explain", include_embedding=jobs[i].kind == "embed",
+                        feature_label=self.runtime.feature_label))
                 except Exception as exc:
                     out[i] = exc
         return [o if o is not None else RuntimeError("job was not run") for o in out]

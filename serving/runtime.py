@@ -21,6 +21,7 @@ from PIL import Image
 
 from bundle import MODEL_OUTPUTS, BundleError, Manifest, load_bundle
 
+from .atlas import Atlas
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
 from .schemas import ImageResult
@@ -198,6 +199,7 @@ class BundleRuntime:
         self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
+        self.atlas: Atlas | None = Atlas(self.paths.atlas) if self.paths.atlas else None  # labels of the top features
         self.label_cache = LabelCache(label_cache_bytes)
 
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
@@ -326,9 +328,16 @@ class BundleRuntime:
             raise LabelError(str(exc)) from None
         return [
             ImageResult.model_validate(image_result(raw, b, label_names, self.term_names, k=k, detail=detail,
-                                                    include_embedding=include_embedding))
+                                                    include_embedding=include_embedding, feature_label=self.feature_label))
             for b in range(len(raw))
         ]
+
+    def feature_label(self, layer: int, index: int) -> dict[str, object]:
+        """The atlas label fields of a top feature ({} without an atlas): label, label_source, low_confidence."""
+        if self.atlas is None:
+            return {}
+        lab = self.atlas.label(layer, index)
+        return {"label": lab.label, "label_source": lab.source, "low_confidence": lab.low_confidence}
 
     def explain(
         self,
