@@ -82,6 +82,7 @@ IMAGE_ARRAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "image_ref": ("i", ()),               # index of each image in the dataset it was read from
     "examples": ("u", ("H", "W", "3")),   # uint8 [E, H, W, 3]: a few dataset images at the model's input size (viewer examples)
     "example_class": ("i", ()),           # [E] their classes (-1: unlabelled)
+    "example_ref": ("i", ()),             # [E] their dataset indices
 }
 
 
@@ -227,7 +228,7 @@ def check_atlas_files(root: Path, info: AtlasInfo, *, n_layers: int, n_features:
             problems.append(f"{info.features}: array {name!r} missing")
         elif feats[name][1] != shape or not _kind_ok(feats[name][0], kinds[name][0]):
             problems.append(f"{info.features}: {name} is {feats[name][0]} {list(feats[name][1])}, expected kind {kinds[name][0]!r} {list(shape)}")
-    want_img = {"thumbs": U, "image_class": (U[0],), "image_ref": (U[0],), "examples": E, "example_class": (E[0],)}
+    want_img = {"thumbs": U, "image_class": (U[0],), "image_ref": (U[0],), "examples": E, "example_class": (E[0],), "example_ref": (E[0],)}
     for name, shape in want_img.items():
         if name not in imgs:
             problems.append(f"{info.images}: array {name!r} missing")

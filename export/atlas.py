@@ -103,6 +103,8 @@ class ImageSource(Protocol):
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]: ...
 
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]: ...
+
     def description(self) -> dict[str, Any]: ...
 
 
@@ -121,6 +123,10 @@ class TensorSource:
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
         return self.pixels[start:stop], self.classes[start:stop]
 
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.pixels[torch.from_numpy(idx)], self.classes[idx]
+
     def description(self) -> dict[str, Any]:
         return dict(self._desc)
 
@@ -137,7 +143,10 @@ class DatasetSource:
         return len(self.dataset)
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
-        items = [self.dataset[i] for i in range(start, stop)]
+        return self.take(range(start, stop))
+
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+        items = [self.dataset[int(i)] for i in indices]
         return torch.stack([self.preprocess(im) for im, _ in items]), np.array([y for _, y in items], dtype=np.int64)
 
     def description(self) -> dict[str, Any]:
@@ -453,9 +462,7 @@ def finalise(acc: Accumulator, inp: AtlasInputs, cfg: AtlasConfig, index_extra: 
     margin = (text_score[..., 0] - text_score[..., 1]).astype(np.float32)
     # image table: the images of the top lists, in dataset order
     rows = np.array(sorted(acc.thumbs), dtype=np.int64)
-    thumbs = np.stack([acc.thumbs[int(r)] for r in rows]) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
-    if len(thumbs) and all(np.array_equal(t[..., 0], t[..., c]) for t in thumbs for c in (1, 2)):
-        thumbs = thumbs[..., :1]  # grayscale data: one channel
+    thumbs = _thumb_table([acc.thumbs[int(r)] for r in rows])
     image_class = np.array([acc.classes[int(r)] for r in rows], dtype=np.int64)
 
     def to_rows(refs: np.ndarray) -> np.ndarray:
@@ -486,7 +493,7 @@ def finalise(acc: Accumulator, inp: AtlasInputs, cfg: AtlasConfig, index_extra: 
     images = {
         "thumbs": thumbs, "image_class": image_class, "image_ref": rows,
         "examples": np.stack([e[2] for e in ex]) if ex else np.zeros((0, *index_extra["image_size"], 3), np.uint8),
-        "example_class": np.array([e[1] for e in ex], dtype=np.int64),
+        "example_class": np.array([e[1] for e in ex], dtype=np.int64), "example_ref": np.array([e[0] for e in ex], dtype=np.int64),
     }
     index = {
         "format_version": ATLAS_FORMAT_VERSION, "n_layers": L, "n_features": F, "embed_dim": int(direction.shape[-1]),
@@ -499,6 +506,34 @@ def finalise(acc: Accumulator, inp: AtlasInputs, cfg: AtlasConfig, index_extra: 
     }
     parse_index(index)  # fail here, not in the server
     return index, features, images
+
+
+def _thumb_table(thumbs: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 [U, h, w, c] from thumbnails [h, w, 3]; c = 1 when every thumbnail is gray (grayscale data)."""
+    if not thumbs:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    table = np.stack(thumbs)
+    gray = np.array_equal(table[..., 0], table[..., 1]) and np.array_equal(table[..., 0], table[..., 2])
+    return table[..., :1] if gray else table
+
+
+REF_ARRAYS = ("image_ref", "image_class", "example_ref", "example_class")
+
+
+def images_from_refs(source: ImageSource, refs: dict[str, np.ndarray], *, thumb_max: int, mean: Sequence[float], std: Sequence[float],
+                     chunk: int = 2048) -> dict[str, np.ndarray]:
+    """images.npz rebuilt from the dataset indices it refers to (`REF_ARRAYS`): the thumbnails and examples the
+    streaming pass made, byte for byte, for an atlas shipped without its pictures."""
+    thumbs: list[np.ndarray] = []
+    for s in range(0, len(refs["image_ref"]), chunk):
+        pixels, _ = source.take(refs["image_ref"][s : s + chunk])
+        thumbs += [thumbnail(im, thumb_max) for im in to_uint8(pixels, mean, std)]
+    if len(refs["example_ref"]):
+        examples = to_uint8(source.take(refs["example_ref"])[0], mean, std)
+    else:
+        examples = np.zeros((0, *source.take([0])[0].shape[-2:], 3), np.uint8)
+    return {"thumbs": _thumb_table(thumbs), "image_class": refs["image_class"], "image_ref": refs["image_ref"],
+            "examples": examples, "example_class": refs["example_class"], "example_ref": refs["example_ref"]}
 
 
 def write_atlas_files(out_dir: Path, index: dict[str, Any], features: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> Path:

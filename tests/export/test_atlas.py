@@ -17,7 +17,7 @@ import torch
 
 from bundle import load_bundle
 from bundle.atlas import hist_edges
-from export.atlas import AtlasConfig, AtlasError, DatasetSource, build_atlas
+from export.atlas import REF_ARRAYS, AtlasConfig, AtlasError, DatasetSource, build_atlas, images_from_refs
 from export.cli import atlas_main
 from export.testing import SMALL_VOCAB, make_tiny_bundle
 from export.vocab import VocabError, build_vocab, wordnet_words
@@ -140,6 +140,19 @@ def test_thumbnails_are_what_the_model_saw(backbone, observe_atlas):
         seen = rt.resize_crop(ds[int(im["image_ref"][row])][0])  # the serving side's own preprocessing
         assert np.abs(seen[..., 0].astype(int) - im["thumbs"][row][..., 0].astype(int)).max() <= 1
     assert im["examples"].shape[1:] == (32, 32, 3) and len(im["examples"]) == 20  # 2 per class
+
+
+def test_images_rebuilt_from_their_indices_are_the_streamed_ones(backbone, observe_atlas):
+    """An atlas can ship without its pictures (pipeline/shipped.py): rebuilt from the dataset indices they are identical."""
+    bundle, _ = observe_atlas
+    m, paths = load_bundle(bundle)
+    streamed = _arrays(paths.atlas["images"])
+    source = DatasetSource(FashionMNIST("train", limit=N_IMAGES), backbone.preprocess)
+    rebuilt = images_from_refs(source, {k: streamed[k] for k in REF_ARRAYS}, thumb_max=AtlasConfig.thumb_max,
+                               mean=m.preprocess.mean, std=m.preprocess.std)
+    assert rebuilt.keys() == streamed.keys()
+    for k in streamed:
+        np.testing.assert_array_equal(rebuilt[k], streamed[k], err_msg=k)
 
 
 def test_direct_effect_is_the_graphs_feature_contribution(backbone, tmp_path):
