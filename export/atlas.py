@@ -547,6 +547,14 @@ def write_atlas_files(out_dir: Path, index: dict[str, Any], features: dict[str, 
 
 
 # ---------------------------------------------------------------------- into a bundle
+def portable(description: dict[str, Any]) -> dict[str, Any]:
+    """A dataset description without this machine's paths (a bundle travels): `root` becomes the folder's name."""
+    out = dict(description)
+    if isinstance(out.get("root"), str):
+        out["root"] = Path(out["root"]).name
+    return out
+
+
 def _write_manifest(root: Path, raw: dict[str, Any]) -> None:
     Manifest.model_validate(raw)
     tmp = root / (MANIFEST + ".tmp")
@@ -669,7 +677,7 @@ def build_atlas(
     label_emb = np.load(paths.labels, allow_pickle=False)
     inp = AtlasInputs(visual, clt, float(m.logit_scale), list(m.labels.names), label_emb, vocab, vocab_source, templates, vocab_emb)
     extra = {"clt_sha256": m.clt.sha256, "backbone_weights_sha256_16": m.backbone.weights_sha256_16, "mode": m.mode,
-             "dataset": source.description(), "class_names": source.class_names, "patch_grid": [gh, gw] if patches else None,
+             "dataset": portable(source.description()), "class_names": source.class_names, "patch_grid": [gh, gw] if patches else None,
              "image_size": tuple(m.preprocess.image_size),
              "build": {"command": command, "stream_seconds": stream_s, "label_seconds": None, "config": cfg.to_dict(),
                        "machine": machine_info(torch.get_num_threads()), "created": time.strftime("%Y-%m-%d %H:%M:%S")}}
