@@ -1,7 +1,8 @@
 """The vocabulary the atlas matches feature directions against: the label set plus general English words.
 
 Default words: Debian's WordNet (`wordnet-base`, /usr/share/wordnet): single-word nouns and
-adjectives whose senses were tagged at least `min_count` times in the SemCor corpus (`cntlist.rev`),
+adjectives of three letters or more whose senses were tagged at least `min_count` times in the SemCor
+corpus (`cntlist.rev`),
 a frequency cut that keeps common words (min_count 5: ~4,400 words) and drops rare ones. Or a user
 file (`--vocab`): one entry per line, `#` comments.
 """
@@ -14,6 +15,7 @@ from typing import Sequence
 WORDNET_DIR = Path("/usr/share/wordnet")
 DEFAULT_MIN_COUNT = 5
 MAX_ENTRY_CHARS = 60
+MIN_CHARS = 3  # WordNet's one- and two-letter lemmas are mostly symbols and abbreviations (g, mm, ab)
 
 
 class VocabError(ValueError):
@@ -33,7 +35,7 @@ def wordnet_words(min_count: int = DEFAULT_MIN_COUNT, root: Path = WORDNET_DIR) 
             continue
         lemma, _, sense = parts[0].partition("%")
         # sense key lex_sense starts with the synset type: 1 noun, 3 adjective, 5 adjective satellite
-        if sense[:1] in ("1", "3", "5") and lemma.isalpha() and lemma.isascii():
+        if sense[:1] in ("1", "3", "5") and lemma.isalpha() and lemma.isascii() and len(lemma) >= MIN_CHARS:
             counts[lemma.lower()] += int(parts[2])
     return [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
 

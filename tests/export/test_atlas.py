@@ -314,8 +314,8 @@ def test_vocabulary(tmp_path):
     wn = tmp_path / "wordnet"
     wn.mkdir()
     (wn / "cntlist.rev").write_text("shoe%1:06:00:: 1 9\nshoe%2:35:00:: 1 4\nboot%1:06:00:: 1 3\nred%5:00:00:chromatic:00 1 7\n"
-                                    "run%2:38:00:: 1 40\nx-ray%1:10:00:: 1 8\nheel%1:06:00:: 1 2\n")
-    assert wordnet_words(3, wn) == ["shoe", "red", "boot"]  # nouns and adjectives only, single alphabetic words, by count
+                                    "run%2:38:00:: 1 40\nx-ray%1:10:00:: 1 8\nheel%1:06:00:: 1 2\ng%1:23:00:: 1 30\n")
+    assert wordnet_words(3, wn) == ["shoe", "red", "boot"]  # nouns and adjectives, single alphabetic words of 3+ letters, by count
     with pytest.raises(VocabError, match="wordnet-base"):
         wordnet_words(3, tmp_path / "none")
     words, source = build_vocab(["Sneaker", "bag"], _vocab(tmp_path))
