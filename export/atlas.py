@@ -441,7 +441,7 @@ def finalise(acc: Accumulator, inp: AtlasInputs, cfg: AtlasConfig, index_extra: 
     mean_weight = np.where(live, acc.weighted_sum.numpy() / np.maximum(fire, 1), 0)  # E[a / (sigma ||e||) | active]
     with torch.no_grad():
         m = torch.stack([ln_direction(inp.visual, inp.clt.total_write_matrix(l).float()) for l in range(L)])  # [L, F, D]
-    direction = (inp.logit_scale * m.double().numpy() * mean_weight[..., None]).astype(np.float32)
+    direction = (inp.logit_scale * m.double().cpu().numpy() * mean_weight[..., None]).astype(np.float32)
     effects = direction @ inp.label_emb.T.astype(np.float32)  # [L, F, C]
     strength = (effects.max(-1) - effects.mean(-1)).astype(np.float32)
     # text labels: cosine of the direction with every vocabulary entry, in chunks of features
@@ -654,7 +654,7 @@ def build_atlas(
         acc.load(state)
         log(f"cltvit-atlas: resuming after {acc.n_done} of {n} images ({work / STATE_FILE})")
     t0 = time.perf_counter()
-    clt = clt.to("cpu").eval()
+    clt = clt.to(backbone.device).eval()
     mean, std = m.preprocess.mean, m.preprocess.std
     bar = tqdm(total=n, initial=acc.n_done, unit="img", desc="cltvit-atlas", disable=not progress, dynamic_ncols=True, smoothing=0.05)
     last_ckpt = acc.n_done
