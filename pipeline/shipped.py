@@ -39,6 +39,7 @@ from bundle import file_sha256
 from bundle.provenance import machine_info
 from export.atlas import REF_ARRAYS, AtlasConfig, TensorSource, attach_atlas, build_atlas, images_from_refs
 from export.writer import export_bundle
+from training.clip import preprocess_stats, tensorise
 from training.data import DatasetError, FashionMNIST
 from training.evaluation.metrics import measure_transcoder
 from training.model.backbone import Backbone, load_backbone
@@ -93,6 +94,30 @@ def load_shipped(root: str | Path = WEIGHTS_DIR, device: str | None = "cpu") -> 
     return backbone, clt, manifest
 
 
+class FashionTrainImages:
+    """The Fashion-MNIST training split as an atlas image source, tensorised on demand (`load_fashion_tensors`'s
+    normalisation): an export needs the ~22,000 images of the atlas's top lists, not all 60,000."""
+
+    class_names = list(FashionMNIST.class_names)
+
+    def __init__(self, dataset: FashionMNIST, backbone: Backbone) -> None:
+        self.dataset = dataset
+        self.mean, self.std = preprocess_stats(backbone.preprocess)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        return tensorise(self.dataset.images[idx], self.mean, self.std), self.dataset.labels[idx]
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
+        return self.take(range(start, stop))
+
+    def description(self) -> dict[str, Any]:
+        return self.dataset.description()
+
+
 def export_shipped(out_dir: str | Path, root: str | Path = WEIGHTS_DIR, *, variants: Sequence[str] = EXPORT_VARIANTS,
                    overwrite: bool = False, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write the reference serving bundle (`cls` mode, fp32 + `variants`) from the shipped weights, with the
@@ -105,7 +130,7 @@ def export_shipped(out_dir: str | Path, root: str | Path = WEIGHTS_DIR, *, varia
         log(f"export: {root} ships no atlas; the bundle has none (add it with `cltvit-reference atlas`)")
         return out
     try:
-        _, px, y = load_fashion_tensors(backbone, "train", data_dir)
+        train = FashionTrainImages(FashionMNIST("train", data_dir), backbone)
     except DatasetError as exc:
         log(f"export: the bundle has no atlas: its thumbnails come from the Fashion-MNIST training images ({exc})")
         return out
@@ -114,8 +139,7 @@ def export_shipped(out_dir: str | Path, root: str | Path = WEIGHTS_DIR, *, varia
         refs = {k: z[k] for k in z.files}
     thumb_max = json.loads((src / "atlas.json").read_text())["build"]["config"]["thumb_max"]
     spec = json.loads((out / "bundle.json").read_text())["preprocess"]
-    images = images_from_refs(TensorSource(px, y.numpy(), FashionMNIST.class_names, {}), refs, thumb_max=thumb_max,
-                              mean=spec["mean"], std=spec["std"])
+    images = images_from_refs(train, refs, thumb_max=thumb_max, mean=spec["mean"], std=spec["std"])
     tmp = Path(tempfile.mkdtemp(prefix=".atlas.", dir=out.parent))
     try:
         shutil.copyfile(src / "atlas.json", tmp / "atlas.json")

@@ -18,6 +18,8 @@ from PIL import Image
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install 'cltvit[dev]')")
 
+from bundle import load_bundle  # noqa: E402
+from serving.atlas import Atlas  # noqa: E402
 from serving.cli import running_server  # noqa: E402
 from training.data import FashionMNIST  # noqa: E402
 
@@ -221,9 +223,6 @@ def test_a_bad_upload_shows_the_servers_message(page, server, images):
 
 
 def test_explain_over_http_carries_the_atlas_labels(server, atlas_bundle, images):
-    from serving.atlas import Atlas
-    from bundle import load_bundle
-
     atlas = Atlas(load_bundle(atlas_bundle)[1].atlas)
     body = _api_explain(server, images["test1"]).json()
     assert body["top_features"]
@@ -256,7 +255,7 @@ def test_with_a_token_the_page_asks_for_it(browser, atlas_bundle, images, tmp_pa
 
 
 def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path):
-    from serving.cli import explain_main
+    from serving.cli import explain_main  # cltvit-explain (the spatial maps' CLI)
 
     out = tmp_path / "report.html"
     assert explain_main([str(images["test0"]), "--bundle", str(atlas_bundle), "--html", str(out)]) in (0, None)
