@@ -12,7 +12,7 @@ weights takes seconds. So the project ships the weights (`pipeline/reference_wei
   cost is on record. `report.md` is the same as a table.
 - `atlas/`: the feature atlas of exactly these weights over the 60,000 training images (docs/atlas.md):
   `atlas.json`, `features.npz` and `image_refs.npz`, the training-set indices of its top images
-  (~2 MB in all). Measuring it takes ~2 minutes on a 2-core CPU, so it ships; the thumbnails are
+  (~1.8 MB in all). Measuring it takes 1.5-3 minutes on a 2-core CPU, so it ships; the thumbnails are
   rebuilt from those indices at export (Debian's dataset-fashion-mnist), byte for byte.
 
 `ship(build_dir)` makes that folder from a finished `cltvit-reference build`; `ship_atlas()` (re)measures
