@@ -298,10 +298,22 @@ function currentGrid(r, state) {
   const c = mapClass(r, cls);
   if (!c) return { grid: null, note: r.spatial ? "no map for this class (the bundle maps its top " + r.spatial.classes.length + " classes)" : "this bundle has no spatial maps" };
   const layer = $("#map-layer").value, head = $("#map-head").value;
-  if (layer === "sum") return { grid: c.total, note: `${c.label}: all attention layers, patch cells summed (attention total ${fmt(c.attention)})`, cell: null };
+  const shape = (cells) => toRows(cells, r.spatial.grid);
+  if (layer === "sum") return { grid: shape(c.total), note: `${c.label}: all attention layers, patch cells summed (attention total ${fmt(c.attention)})` };
   const l = Number(layer);
-  if (head !== "all") return { grid: c.heads[l][Number(head)], note: `${c.label}: layer ${l}, head ${head}`, cell: c.heads_cls ? c.heads_cls[l][Number(head)] : null };
-  return { grid: c.layers[l], note: `${c.label}: layer ${l} (CLS->CLS cell ${fmt(c.cls[l])}, biases ${fmt(c.value_bias[l] + c.output_bias[l])})` };
+  const clsCell = c.cls_cell || c.cls;
+  const headCell = c.heads_cls_cell || c.heads_cls;
+  if (head !== "all") {
+    return { grid: shape(c.heads[l][Number(head)]), note: `${c.label}: layer ${l}, head ${head}` + (headCell ? ` (CLS->CLS cell ${fmt(headCell[l][Number(head)])})` : "") };
+  }
+  return { grid: shape(c.layers[l]), note: `${c.label}: layer ${l} (CLS->CLS cell ${fmt(clsCell[l])}, biases ${fmt(c.value_bias[l] + c.output_bias[l])})` };
+}
+
+// a map as [rows][columns]: the API sends flat row-major cells (grid = [rows, columns])
+function toRows(cells, grid) {
+  if (Array.isArray(cells[0])) return cells;
+  const [rows, cols] = grid;
+  return Array.from({ length: rows }, (_, i) => cells.slice(i * cols, (i + 1) * cols));
 }
 
 function drawMap(state) {
@@ -439,7 +451,7 @@ function wireInputs() {
   $("#map-class").addEventListener("change", (ev) => { setState({ cls: ev.target.value }); drawResult(readState()); });
   $("#map-layer").addEventListener("change", (ev) => { setState({ map: ev.target.value, head: "all" }); drawResult(readState()); });
   $("#map-head").addEventListener("change", (ev) => { setState({ head: ev.target.value }); drawResult(readState()); });
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", () => { if (app.info) route(); });  // before start() has /info, start() routes
 }
 
 async function drawExamples() {
