@@ -58,6 +58,7 @@ from bundle.atlas import (
     hist_edges,
     parse_index,
 )
+from bundle.killpoints import killpoint
 from bundle.provenance import machine_info
 from training.model.backbone import Backbone
 from training.model.decompose import splice_for_mode
@@ -344,6 +345,7 @@ def save_state(path: Path, acc: Accumulator, key: dict[str, Any]) -> None:
         np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **acc.state())
         f.flush()
         os.fsync(f.fileno())
+    killpoint("atlas.state_tmp_written")  # crash-safety tests stop the process here (bundle.killpoints)
     os.replace(tmp, path)
 
 
@@ -668,6 +670,7 @@ def build_atlas(
         if acc.n_done - last_ckpt >= cfg.checkpoint_every and acc.n_done < n:
             save_state(work / STATE_FILE, acc, key)
             last_ckpt = acc.n_done
+            killpoint("atlas.checkpoint_written")
     bar.close()
     save_state(work / STATE_FILE, acc, key)  # the pass is done; labelling below is cheap to redo
     stream_s = time.perf_counter() - t0

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from bundle import load_bundle
 from bundle.atlas import hist_edges
+from bundle.killpoints import ENV_FD, ENV_POINT
 from export.atlas import REF_ARRAYS, AtlasConfig, AtlasError, DatasetSource, build_atlas, images_from_refs
 from export.cli import atlas_main
 from export.testing import SMALL_VOCAB, make_tiny_bundle
@@ -206,68 +207,51 @@ def test_patch_tops_match_a_one_shot_computation(backbone, tmp_path):
                     assert tok - 1 == int(np.argmax(dense[img, :, f]))
 
 
-SLOW_RUN = """
-import sys, time
-import torch
-torch.set_num_threads(1)
-from export.atlas import AtlasConfig, DatasetSource, build_atlas
-from training.data import FashionMNIST
-from training.model.backbone import load_backbone
-from training.model.checkpoint import load_checkpoint, save_checkpoint
-
-class Slow(DatasetSource):
-    def batch(self, start, stop):
-        time.sleep(0.25)
-        return super().batch(start, stop)
-
-bundle, clt_dir, vocab, work, out, n = sys.argv[1:7]
-bb = load_backbone("cltvit-tiny", None, device="cpu", seed=0)
-clt, meta = load_checkpoint(clt_dir, bb)
-build_atlas(bb, clt, bundle, Slow(FashionMNIST("train", limit=int(n)), bb.preprocess), clt_sha256=meta["sha256"], vocab_file=vocab,
-            cfg=AtlasConfig(top_n=6, batch_size=16, checkpoint_every=16), work_dir=work, out_dir=out, progress=False)
-"""
+ATLAS_CLI = "import sys; from export.cli import atlas_main; sys.exit(atlas_main())"
 
 
-def test_kill_9_and_rerun_gives_the_uninterrupted_atlas(backbone, tmp_path):
+@pytest.mark.parametrize("point", ["atlas.checkpoint_written@3", "atlas.state_tmp_written@3"])
+def test_kill_9_and_rerun_gives_the_uninterrupted_atlas(tmp_path, point):
+    """SIGKILL a real cltvit-atlas right after its 3rd checkpoint (or between writing the 3rd checkpoint and
+    renaming it into place), rerun the same command, compare with an uninterrupted run: bit-identical.
+
+    The process runs armed with a kill point (bundle.killpoints): it reports on a pipe and waits to be
+    killed; a process that dies earlier closes the pipe, so the test fails at once with its log."""
     bundle, clt_dir = _bundle(tmp_path, "cls")
-    cfg = AtlasConfig(top_n=6, batch_size=16, checkpoint_every=16)
-    work = tmp_path / "work-killed"
+    args = ["--bundle", str(bundle), "--clt", str(clt_dir), "--limit", "96", "--batch-size", "16", "--checkpoint-every", "16",
+            "--top-n", "6", "--vocab", str(_vocab(tmp_path)), "--no-progress"]
+    killed = [*args, "--work", str(tmp_path / "work-killed"), "--out", str(tmp_path / "resumed")]
+    cmd = [sys.executable, "-c", ATLAS_CLI, *killed]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(bundle), str(clt_dir), str(_vocab(tmp_path)), str(work),
-                             str(tmp_path / "never"), str(N_IMAGES)], env=env, cwd=ROOT)
-    state = work / "state.npz"
-    deadline = time.monotonic() + 120
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                with np.load(state) as z:
-                    done = int(z["n_done"])
-            except (OSError, ValueError, KeyError):  # a checkpoint being replaced
-                done = 0
-            if done >= 48:
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 48 <= done < N_IMAGES
-    # rerun: resumes from the last checkpoint (not from 0) and finishes
-    clt, meta = load_checkpoint(clt_dir, backbone)
-    src = DatasetSource(FashionMNIST("train", limit=N_IMAGES), backbone.preprocess)
-    logs: list[str] = []
-    build_atlas(backbone, clt, bundle, src, clt_sha256=meta["sha256"], vocab_file=tmp_path / "vocab.txt", cfg=cfg, work_dir=work,
-                out_dir=tmp_path / "resumed", progress=False, log=logs.append)
-    assert any("resuming after" in s for s in logs), logs
-    build_atlas(backbone, clt, bundle, src, clt_sha256=meta["sha256"], vocab_file=tmp_path / "vocab.txt", cfg=cfg,
-                work_dir=tmp_path / "work-clean", out_dir=tmp_path / "clean", progress=False, log=lambda _: None)
+    log = tmp_path / "killed.log"
+    read_fd, write_fd = os.pipe()
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, ENV_POINT: point, ENV_FD: str(write_fd)},
+                                stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as pipe:
+            ready, _, _ = select.select([pipe], [], [], 240)
+            line = pipe.readline() if ready else ""
+        assert line.startswith(point), f"cltvit-atlas never reached {point}: {log.read_text()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with np.load(tmp_path / "work-killed" / "state.npz") as z:
+        assert int(z["n_done"]) == (48 if point.startswith("atlas.checkpoint") else 32)  # the last checkpoint renamed into place
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming after {48 if point.startswith('atlas.checkpoint') else 32} of 96 images" in done.stdout + done.stderr
+    assert atlas_main([*args, "--work", str(tmp_path / "work-clean"), "--out", str(tmp_path / "clean")]) == 0
     for name in ("features.npz", "images.npz"):
         got, want = _arrays(tmp_path / "resumed" / "atlas" / name), _arrays(tmp_path / "clean" / "atlas" / name)
         assert got.keys() == want.keys()
         for k in want:  # same batches in the same order: bit-identical, so no image was lost or counted twice
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    idx = json.loads((tmp_path / "resumed" / "atlas" / "atlas.json").read_text())
-    assert idx["images"] == N_IMAGES
+    assert json.loads((tmp_path / "resumed" / "atlas" / "atlas.json").read_text())["images"] == 96
 
 
 def test_a_resume_with_other_arguments_is_refused(backbone, tmp_path):
