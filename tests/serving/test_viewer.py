@@ -34,6 +34,13 @@ if not CHROMIUM.exists():
 
 
 @pytest.fixture(scope="module")
+def spatial(atlas_bundle) -> None:
+    """The heatmap tests need a bundle with spatial maps (issue 12: bundle format 2, `spatial` in bundle.json)."""
+    if "spatial" not in json.loads((atlas_bundle / "bundle.json").read_text()):
+        pytest.skip("this checkout exports bundles without spatial maps (issue 12 not merged): no heatmap to test")
+
+
+@pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -134,7 +141,7 @@ def test_upload_explains_like_the_api(page, server, images):
     page.check()
 
 
-def test_heatmap_changes_with_the_layer_and_head(page, server, images):
+def test_heatmap_changes_with_the_layer_and_head(page, server, images, spatial):
     pg = page.page
     pg.goto(f"{server}/ui/")
     _upload(pg, images["test1"])
@@ -177,7 +184,7 @@ def test_feature_cards_link_to_their_atlas_pages(page, server, images):
     page.check()
 
 
-def test_reload_restores_the_state(page, server, images):
+def test_reload_restores_the_state(page, server, images, spatial):
     pg = page.page
     pg.goto(f"{server}/ui/")
     _upload(pg, images["test3"])
@@ -254,8 +261,8 @@ def test_with_a_token_the_page_asks_for_it(browser, atlas_bundle, images, tmp_pa
             p.close()
 
 
-def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path):
-    from serving.cli import explain_main  # cltvit-explain (the spatial maps' CLI)
+def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path, spatial):
+    from serving.cli import explain_main  # cltvit-explain comes with the spatial maps (issue 12)
 
     out = tmp_path / "report.html"
     assert explain_main([str(images["test0"]), "--bundle", str(atlas_bundle), "--html", str(out)]) in (0, None)
