@@ -19,11 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,ray,eval]'
 	touch $@
 
-# Fashion-MNIST from Debian's dataset-fashion-mnist package (installed when missing and run as root).
+# Debian packages the project reads, installed when missing and run as root: Fashion-MNIST (the reference model's
+# data), WordNet (the feature atlas's default vocabulary), Chromium (the viewer's browser tests, driven by Playwright).
+DEBIAN := $(FMNIST):dataset-fashion-mnist /usr/share/wordnet/cntlist.rev:wordnet-base /usr/bin/chromium:chromium
 data:
-	@if [ ! -f $(FMNIST) ]; then \
-	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)); \
-	  else echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'" >&2; exit 1; fi; \
+	@missing=""; for pair in $(DEBIAN); do [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y $$missing || (apt-get update && apt-get install -y $$missing)); \
+	  else echo "missing Debian packages:$$missing; run 'sudo apt-get install -y$$missing'" >&2; exit 1; fi; \
 	fi
 
 # wrk, the load generator of bench-serve (Debian package; installed when missing and run as root).

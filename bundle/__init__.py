@@ -4,8 +4,10 @@
 - `bundle.manifest`: `bundle.json` as pydantic models, `read_manifest`.
 - `bundle.validate`: `load_bundle(dir)` -> (Manifest, BundlePaths), or one `BundleError` listing every problem.
 - `bundle.checksums`: `file_sha256`.
+- `bundle.atlas`: the optional feature atlas (`AtlasInfo` in the manifest, `AtlasIndex` = atlas/atlas.json, array specs).
 The format is described in docs/bundle.md.
 """
+from .atlas import AtlasIndex, AtlasInfo
 from .checksums import file_sha256
 from .format import (
     CORE_OUTPUTS,
@@ -28,7 +30,7 @@ from .validate import BundlePaths, load_bundle
 
 __all__ = [
     "CORE_OUTPUTS", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES",
-    "SPATIAL_OUTPUTS", "SUPPORTED_FORMAT_VERSIONS", "TEXT_INPUTS", "TEXT_OUTPUTS", "VARIANTS", "BundleError",
-    "BundlePaths", "Manifest", "PreprocessSpec", "SpatialSpec", "file_sha256", "load_bundle", "model_outputs",
-    "read_manifest", "term_names",
+    "SPATIAL_OUTPUTS", "SUPPORTED_FORMAT_VERSIONS", "TEXT_INPUTS", "TEXT_OUTPUTS", "VARIANTS", "AtlasIndex", "AtlasInfo",
+    "BundleError", "BundlePaths", "Manifest", "PreprocessSpec", "SpatialSpec", "file_sha256", "load_bundle",
+    "model_outputs", "read_manifest", "term_names",
 ]

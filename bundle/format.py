@@ -36,6 +36,8 @@ MODEL_OUTPUTS: tuple[str, ...] = CORE_OUTPUTS + SPATIAL_OUTPUTS  # a graph with 
 def model_outputs(spatial: bool) -> tuple[str, ...]:
     """The image graph's output names, in order, with or without the spatial outputs."""
     return MODEL_OUTPUTS if spatial else CORE_OUTPUTS
+
+
 TEXT_INPUTS: tuple[str, ...] = ("tokens",)
 TEXT_OUTPUTS: tuple[str, ...] = ("text_embeddings",)
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .atlas import AtlasInfo
 from .format import FORMAT_VERSION, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
 
 
@@ -129,6 +130,8 @@ class Manifest(_Strict):
     versions: dict[str, str]
     files: dict[str, str]
     spatial: SpatialSpec | None = None
+    atlas: AtlasInfo | None = None
+
 
     @field_validator("format_version")
     @classmethod
@@ -161,6 +164,17 @@ class Manifest(_Strict):
             if self.spatial.n_tokens != self.backbone.n_tokens:
                 raise ValueError(f"spatial grid {list(self.spatial.grid)} gives {self.spatial.n_tokens} tokens, "
                                  f"the backbone has {self.backbone.n_tokens}")
+        if self.atlas is not None:
+            a = self.atlas
+            for f in (a.index, a.features, a.images):
+                if f not in self.files:
+                    raise ValueError(f"atlas file {f} is referenced but has no sha256 in 'files'")
+            if a.clt_sha256 != self.clt.sha256:
+                raise ValueError(f"atlas.clt_sha256 {a.clt_sha256[:12]}... is not the bundle's CLT ({(self.clt.sha256 or 'none')[:12]}...): "
+                                 f"the atlas describes another CLT; rebuild it with cltvit-atlas")
+            if a.backbone_weights_sha256_16 != self.backbone.weights_sha256_16 or a.mode != self.mode:
+                raise ValueError(f"the atlas was made for backbone weights {a.backbone_weights_sha256_16} in {a.mode} mode, the bundle "
+                                 f"has {self.backbone.weights_sha256_16} in {self.mode} mode; rebuild it with cltvit-atlas")
         return self
 
     @property

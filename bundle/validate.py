@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .atlas import check_atlas_files
 from .checksums import file_sha256
 from .format import MANIFEST, MODEL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, model_outputs
 from .manifest import BundleError, Manifest, read_manifest
@@ -31,6 +32,7 @@ class BundlePaths:
     labels: Path
     vocab: Path
     extra: dict[str, Path] = field(default_factory=dict)
+    atlas: dict[str, Path] = field(default_factory=dict)  # "index", "features", "images" when the bundle has an atlas
 
     @property
     def model(self) -> Path:
@@ -193,6 +195,12 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
                 _check_model_graph(root / name, variant, m, problems)
         if "text.onnx" in present:
             _check_text_graph(root / "text.onnx", m, problems)
+    a = m.atlas
+    if a is not None and {a.index, a.features, a.images} <= present:
+        problems += check_atlas_files(root, a, n_layers=m.backbone.n_layers, n_features=int(m.clt.config.get("n_features", 0)),
+                                      embed_dim=m.backbone.embed_dim, image_size=tuple(m.preprocess.image_size),
+                                      clt_sha256=m.clt.sha256, weights_sha256_16=m.backbone.weights_sha256_16, mode=m.mode,
+                                      label_names=list(m.labels.names))
     if problems:
         raise BundleError(root, problems)
     paths = BundlePaths(
@@ -203,5 +211,6 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
         labels=root / m.labels.embeddings_file,
         vocab=root / m.tokenizer.vocab_file,
         extra={n: root / n for n in m.files if n not in set(m.variants.values()) | {"text.onnx", m.labels.embeddings_file, m.tokenizer.vocab_file}},
+        atlas={} if a is None else {"index": root / a.index, "features": root / a.features, "images": root / a.images},
     )
     return m, paths

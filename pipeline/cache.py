@@ -49,3 +49,18 @@ class Stage:
         tmp.write_text(json.dumps(rec, indent=1, default=float))
         os.replace(tmp, self.path)
         return rec
+
+
+def refresh_files(root: Path, name: str) -> dict[str, Any] | None:
+    """Re-record the sha256 of stage `name`'s outputs after a later stage changed them on purpose (the atlas
+    stage adds itself to the bundle the export stage wrote), so the next build still finds it cached.
+    Returns the updated record (None when the stage has none)."""
+    path = root / "stages" / f"{name}.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    rec["files"] = {rel: file_sha256(root / rel) for rel in rec.get("files", {}) if (root / rel).is_file()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, default=float))
+    os.replace(tmp, path)
+    return rec

@@ -2,7 +2,8 @@
 
   cltvit-reference export --out artifacts/reference/bundle   # serving bundle from the shipped weights (seconds)
   cltvit-reference build --out artifacts/reference-build     # retrain everything (~18 min on 2 cores)
-  cltvit-reference ship --build artifacts/reference-build    # make the build's weights the shipped ones
+  cltvit-reference ship --build artifacts/reference-build    # make the build's weights the shipped ones (atlas included)
+  cltvit-reference atlas                                     # (re)measure the shipped weights' feature atlas (~2 min)
 
 Errors print one line naming the argument and exit with status 2.
 """
@@ -24,7 +25,7 @@ from training.model.backbone import BackboneError
 from training.model.checkpoint import CheckpointError
 
 from .reference import BUDGETS, STAGES, BuildError, budget, build
-from .shipped import WEIGHTS_DIR, export_shipped, ship
+from .shipped import WEIGHTS_DIR, export_shipped, ship, ship_atlas
 
 BUILD_MINUTES = 18  # a full build on a 2-core CPU with --jobs 2 (docs/reference.md)
 
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--to", default=str(WEIGHTS_DIR), help="shipped-weights folder to (re)write (default: the project's)")
     sh.add_argument("--data-dir", help="directory with the Fashion-MNIST idx files (default: Debian's dataset-fashion-mnist)")
     sh.add_argument("--limit", type=int, help="measure on the first N test images (default: all 10,000)")
+    sh.add_argument("--atlas-limit", type=int, help="measure the atlas on the first N training images (default: all 60,000)")
+    a = sub.add_parser("atlas", help="(re)measure the feature atlas of the shipped weights over the training images and add it to them")
+    a.add_argument("--weights", default=str(WEIGHTS_DIR), help="shipped-weights folder (default: the project's)")
+    a.add_argument("--data-dir", help="directory with the Fashion-MNIST idx files (default: Debian's dataset-fashion-mnist)")
+    a.add_argument("--limit", type=int, help="measure on the first N training images (default: all 60,000)")
     return p
 
 
@@ -74,9 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = export_shipped(args.out, args.weights, overwrite=args.overwrite)
             print(f"wrote the reference bundle {out} from {args.weights} in {time.time() - t0:.1f} s")
             return 0
+        if args.command == "atlas":
+            t0 = time.time()
+            manifest = ship_atlas(args.weights, data_dir=args.data_dir, limit=args.limit, log=lambda m: print(m, flush=True))
+            print(f"added the atlas ({manifest['atlas']['images']} images) to {args.weights} in {time.time() - t0:.0f} s")
+            return 0
         if args.command == "ship":
-            manifest = ship(args.build, args.to, data_dir=args.data_dir, limit=args.limit, command=f"cltvit-reference build --out {args.build}",
-                            log=lambda m: print(m, flush=True))
+            manifest = ship(args.build, args.to, data_dir=args.data_dir, limit=args.limit, atlas_limit=args.atlas_limit,
+                            command=f"cltvit-reference build --out {args.build}", log=lambda m: print(m, flush=True))
             print(json.dumps({"to": args.to, "float16": manifest["measured"]["float16"]}, indent=1, default=float))
             return 0
     except (BuildError, BackboneError, CheckpointError, DatasetError) as exc:

@@ -16,6 +16,7 @@ match is skipped on the next call):
 - `comparison`: comparison/comparison.json, comparison/r2_vs_l0.png (CLT vs PLT, k = 4, 8, 16, 32)
 - `eval`: eval/report.json, eval/report.md, eval/*.png, eval/c_proj.json
 - `export`: bundle/ (docs/bundle.md)
+- `atlas`: atlas/ (the feature atlas over the training images, docs/atlas.md), attached to bundle/
 DIR/build.json summarises the build and the issue's targets.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from export.atlas import AtlasConfig, TensorSource, attach_atlas, build_atlas
 from export.writer import export_bundle
 from training.clip import ClipTrainConfig, preprocess_stats, tensorise, train_reference_clip, zero_shot_accuracy
 from training.data import FashionMNIST
@@ -43,10 +45,10 @@ from training.model.checkpoint import load_checkpoint, save_checkpoint
 from training.model.clt import CLTConfig
 from training.trainer import TrainConfig, train_clt
 
-from .cache import Stage
+from .cache import Stage, refresh_files
 
 REF_MODEL = "cltvit-ref"
-STAGES = ("clip", "clt", "comparison", "eval", "export")
+STAGES = ("clip", "clt", "comparison", "eval", "export", "atlas")
 BUDGETS = ("full", "smoke")
 
 
@@ -95,6 +97,8 @@ class BuildConfig:
     comparison_images: int = 2000
     eval: EvalConfig = field(default_factory=EvalConfig)
     export_variants: tuple[str, ...] = ("int8",)
+    atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    atlas_limit: int | None = None  # training images the atlas is measured on (None: all 60,000)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +125,8 @@ def budget(name: str) -> BuildConfig:
             comparison_ks=(2, 4), comparison_features=32, comparison_train=dict(small, steps=3), comparison_images=32,
             eval=EvalConfig(limit=48, batch_size=48, fidelity_images=16, cproj_images=16, random_seeds=2),
             export_variants=(),
+            atlas=AtlasConfig(top_n=4, batch_size=64, max_examples=10, examples_per_class=1),
+            atlas_limit=256,
         )
     raise BuildError(f"budget must be one of {BUDGETS}, got {name!r}")
 
@@ -256,6 +262,26 @@ def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, A
     return st.finish(files, time.time() - t0)
 
 
+def stage_atlas(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, clt_rec: dict[str, Any], log: Callable[[str], None],
+                vocab_file: str | None = None) -> dict[str, Any]:
+    """The feature atlas of the CLT over the training images (atlas/), attached to the bundle of the export stage."""
+    st = Stage(out, "atlas", {"clt": clt_rec["files"], "atlas": cfg.atlas.to_dict(), "limit": cfg.atlas_limit, "vocab": vocab_file})
+    rec = st.cached()
+    if rec is None:
+        t0 = time.time()
+        clt, meta = load_checkpoint(out / "clt", bb)
+        source = TensorSource(train_ds.pixels, train_ds.labels.numpy(), FashionMNIST.class_names, train_ds.description())
+        index = build_atlas(bb, clt, out / "bundle", source, clt_sha256=meta.get("sha256"), cfg=cfg.atlas, limit=cfg.atlas_limit,
+                            vocab_file=vocab_file, work_dir=out / "atlas-work", out_dir=out, progress=False, log=log,
+                            command=f"cltvit-reference build --out {out.name}")
+        rec = st.finish(sorted((out / "atlas").iterdir()), time.time() - t0, images=index["images"], build=index["build"])
+        log(f"atlas: {index['images']} images in {time.time() - t0:.0f}s, attached to {out / 'bundle'}")
+    else:
+        log("atlas: cached")
+    attach_atlas(out / "bundle", out / "atlas")  # the export stage may have rewritten the bundle: attach every time (a copy)
+    return rec
+
+
 # ---------------------------------------------------------------------- build
 TARGETS = {
     "zero_shot_top1": ">= 0.85",
@@ -348,6 +374,11 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
         recs["eval"] = stage_eval(out, cfg, bb, test_ds, (test_px, test_y, text), recs["clt"], recs.get("comparison"), log)
     if "export" not in skip:
         recs["export"] = stage_export(out, cfg, bb, recs["clt"], log)
+        if "atlas" not in skip:
+            recs["atlas"] = stage_atlas(out, cfg, bb, train_ds, recs["clt"], log)
+            recs["export"] = refresh_files(out, "export") or recs["export"]  # the bundle now lists the atlas
+    elif "atlas" not in skip:
+        log("atlas: skipped (it is stored in the bundle, and the export stage was skipped)")
     summary = {
         "out": str(out),
         "config": cfg.to_dict(),

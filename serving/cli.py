@@ -1,5 +1,5 @@
 """`cltvit-serve --bundle DIR [--host 127.0.0.1] [--port 3000]`: validate a bundle, then serve it with BentoML.
-`cltvit-explain IMAGE --bundle DIR [--heatmap out.png] [--json]`: explain one image in process.
+`cltvit-explain IMAGE --bundle DIR [--heatmap out.png] [--html report.html] [--json]`: explain one image in process.
 
 The bundle is validated here first (manifest, checksums, graph signatures, variant), so a missing,
 corrupt or mismatched bundle stops the start with one clear message and exit status 2 instead of
@@ -16,7 +16,8 @@ warning.
 
 `cltvit-explain` runs the bundle in this process (serving.Explainer, no server) and prints a summary
 (top labels, the largest terms of the predicted logit, the summed patch map) or, with `--json`, the
-whole `ImageResult`; `--heatmap PNG` writes the image with the predicted label's map laid over it.
+whole `ImageResult`; `--heatmap PNG` writes the image with the predicted label's map laid over it;
+`--html FILE` writes the /ui viewer with this explanation as one self-contained page (serving/report.py).
 Its outputs are independent steps after one explanation (`explain_outputs`), so a new output format
 is one more argument and one more function.
 """
@@ -44,6 +45,7 @@ from bundle import BundleError, load_bundle
 
 from .explainer import Explainer, read_image
 from .images import ImageError
+from .report import write_report
 from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable
 from .schemas import ImageResult
 
@@ -258,6 +260,8 @@ def build_explain_parser() -> argparse.ArgumentParser:
                    help="write the image (its own size) with the predicted label's patch map laid over it")
     p.add_argument("--heatmap-label", default=None, help="the label whose map --heatmap draws (default: the predicted one)")
     p.add_argument("--heatmap-layer", type=int, default=None, help="draw one attention layer's map instead of the sum")
+    p.add_argument("--html", metavar="FILE", default=None,
+                   help="write the explanation as one self-contained HTML page (the /ui viewer with its data, per-head maps included)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of a summary")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--variant", default="fp32", help="graph variant from the bundle's 'variants' (fp32, int8, fp16)")
@@ -308,6 +312,9 @@ def explain_outputs(args: argparse.Namespace, explainer: Explainer, image: Any, 
     """Everything `cltvit-explain` writes after the explanation, in order."""
     if args.heatmap:
         print(write_heatmap(args, explainer, image, result), file=sys.stderr)
+    if args.html:
+        labels = explainer.label_names if explainer.text_embeddings is not None else None
+        print(f"wrote {write_report(args.html, explainer.runtime, image, result, labels)}", file=sys.stderr)
     if args.json:
         print(result.model_dump_json(indent=1))
     else:
@@ -348,13 +355,14 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
         image = read_image(args.image)
     except (ImageError, TypeError) as e:
         return fail(f"argument IMAGE: {e}")
-    (result,) = explainer.explain([image], heads=args.heads)
+    (result,) = explainer.explain([image], heads=args.heads or (bool(args.html) and explainer.runtime.spatial is not None))
     try:
         explain_outputs(args, explainer, image, result)
     except (LabelError, SpatialUnavailable) as e:
         return fail(f"argument --heatmap-{'layer' if 'layer' in str(e) else 'label'}: {e}")
     except OSError as e:
-        return fail(f"argument --heatmap: cannot write {args.heatmap}: {e.strerror or e}")
+        which = "--html" if args.html and Path(args.html).name in str(e) else "--heatmap"
+        return fail(f"argument {which}: cannot write {e.filename or ''}: {e.strerror or e}")
     return 0
 
 

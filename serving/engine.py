@@ -183,7 +183,8 @@ class ServingEngine:
             for j, i in enumerate(members):
                 try:
                     res = image_result(raw, j, jobs[i].names, self.runtime.term_names, k=jobs[i].k,
-                                       detail=jobs[i].kind == "explain", include_embedding=jobs[i].kind == "embed")
+                                       detail=jobs[i].kind == "explain", include_embedding=jobs[i].kind == "embed",
+                                       feature_label=self.runtime.feature_label)
                     out[i] = self._encode(jobs[i], res, maps.get(j))
                 except Exception as exc:
                     out[i] = exc

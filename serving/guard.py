@@ -1,6 +1,6 @@
 """ASGI middleware in front of every route: auth, body limit, and the one parse of image requests.
 
-- Bearer-token auth when a token is configured (401), except the health probes.
+- Bearer-token auth when a token is configured (401), except the health probes and the viewer's static files.
 - POST bodies: refused over the size limit (413, from Content-Length before reading, or while
   reading), read once; image endpoints' bodies are parsed and validated here
   (`serving.inputs.parse_image_request`), the result handed to the endpoint in the ASGI scope's
@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 from .inputs import STATE_KEY, RequestError, check_json_body, parse_image_request
 from .settings import ServeSettings
+from .web import is_ui_path
 
 logger = logging.getLogger("cltvit.serving")
 
@@ -45,7 +46,7 @@ class RequestGuard:
             return
         path = scope.get("path", "")
         try:
-            if self.token and path not in OPEN_PATHS:
+            if self.token and path not in OPEN_PATHS and not is_ui_path(path):  # the viewer's files hold no data
                 self._authorise(scope)
             if scope.get("method") == "POST":
                 body = await self._read_body(scope, receive)

@@ -8,7 +8,7 @@ Arithmetic is float64 per image, vectorised over labels and terms.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -62,8 +62,10 @@ def image_result(
     k: int,
     detail: bool,
     include_embedding: bool,
+    feature_label: Callable[[int, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The result dict of image `b` of `raw` (keys and units of `ImageResult`); `k` from `check_top_k`."""
+    """The result dict of image `b` of `raw` (keys and units of `ImageResult`); `k` from `check_top_k`.
+    `feature_label(layer, index)` adds a top feature's atlas label fields (BundleRuntime.feature_label)."""
     logits = raw.logits[b].astype(np.float64)  # [C]
     contrib = raw.contributions[b].astype(np.float64)  # [T, C]
     z = np.exp(logits - logits.max())
@@ -88,7 +90,7 @@ def image_result(
             for c, lg, vs, ss in zip(order_list, top_logits.tolist(), values.T.tolist(), share.T.tolist())
         ]
         out["top_features"] = [
-            {"layer": l, "index": i, "activation": a, "contribution": c}
+            {"layer": l, "index": i, "activation": a, "contribution": c, **(feature_label(l, i) if feature_label else {})}
             for l, i, a, c in zip(raw.top_feature_layer[b].tolist(), raw.top_feature_index[b].tolist(),
                                   raw.top_feature_activation[b].astype(np.float64).tolist(),
                                   raw.top_feature_contribution[b].astype(np.float64).tolist())

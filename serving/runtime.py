@@ -22,6 +22,7 @@ from PIL import Image
 
 from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundle, model_outputs
 
+from .atlas import Atlas
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
 from .schemas import ImageResult
@@ -206,6 +207,7 @@ class BundleRuntime:
         self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
+        self.atlas: Atlas | None = Atlas(self.paths.atlas) if self.paths.atlas else None  # labels of the top features
         self.label_cache = LabelCache(label_cache_bytes)
 
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
@@ -342,7 +344,7 @@ class BundleRuntime:
         maps = self.spatial_maps(raw, label_names, k, heads) if (spatial or heads) and raw.has_spatial else None
         return [
             ImageResult.model_validate({**image_result(raw, b, label_names, self.term_names, k=k, detail=detail,
-                                                       include_embedding=include_embedding),
+                                                       include_embedding=include_embedding, feature_label=self.feature_label),
                                         "spatial": maps[b] if maps is not None else None})
             for b in range(len(raw))
         ]
@@ -358,6 +360,13 @@ class BundleRuntime:
         return (f"bundle {self.bundle_dir} has no spatial maps (format {self.manifest.format_version}"
                 f"{', exported with --spatial-top-k 0' if self.manifest.format_version >= 2 else ''}); "
                 f"re-export it with cltvit-export to get them")
+
+    def feature_label(self, layer: int, index: int) -> dict[str, object]:
+        """The atlas label fields of a top feature ({} without an atlas): label, label_source, low_confidence."""
+        if self.atlas is None:
+            return {}
+        lab = self.atlas.label(layer, index)
+        return {"label": lab.label, "label_source": lab.source, "low_confidence": lab.low_confidence}
 
     def explain(
         self,

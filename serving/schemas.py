@@ -10,7 +10,7 @@ logit through one attention layer (docs/spatial.md).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +50,11 @@ class FeatureContribution(_Model):
     index: int = Field(ge=0)
     activation: float
     contribution: float
+    label: str | None = Field(default=None, description="the feature's label from the bundle's atlas (None without an atlas, or for a feature never active there)")
+    label_source: Literal["text", "image-classes", "none"] | None = Field(
+        default=None, description="text: best vocabulary match of its direct effect; image-classes: the most frequent class of its top "
+        "images (weak direct effect); none: no label (docs/atlas.md)")
+    low_confidence: bool | None = Field(default=None, description="the label is a weak guess (weak effect, small margin or mixed images)")
 
 
 class ClassMap(_Model):

@@ -6,6 +6,8 @@ Endpoints (JSON out; errors are 4xx with `{"error": "...", "field": "..."}`, ove
                   and where in the image (`spatial`: patch maps per top label; `heads=true`: per head too)
   POST /embed     image -> image embedding plus the per-term contribution shares
   GET|POST /info  what is served (backbone, CLT, mode, labels, term names, versions, limits)
+  GET /atlas, /atlas/features/{layer}/{index}, /atlas/examples/{i}.png  the feature atlas (serving/web.py)
+  GET /ui/        the explanation viewer (serving/ui/)
   BentoML's /livez, /readyz, /metrics (with cltvit_* metrics added), /docs.json (OpenAPI).
 
 Image input: multipart file part `image`, or JSON `{"image": "<base64>"}`; optional `labels` and
@@ -27,8 +29,10 @@ from starlette.routing import Route
 from .engine import ServingEngine
 from .guard import RequestGuard
 from .inputs import ImageRequest, image_input_spec
+from .runtime import BundleRuntime
 from .schemas import ClassifyResponse, EmbedResponse, ExplainResponse, InfoResponse
 from .settings import ServeSettings
+from .web import web_routes
 
 SETTINGS = ServeSettings.from_env()
 
@@ -56,7 +60,13 @@ async def _get_info(request: Request) -> Response:
     return JSONResponse(engine.describe().model_dump(mode="json"))
 
 
-info_app = Starlette(routes=[Route("/info", _get_info, methods=["GET"])])
+def _runtime() -> BundleRuntime | None:
+    engine = _engine()
+    return None if engine is None else engine.runtime
+
+
+# GET routes beside BentoML's: /info, the feature atlas and the viewer (serving/web.py)
+info_app = Starlette(routes=[Route("/info", _get_info, methods=["GET"]), *web_routes(_runtime)])
 
 
 @bentoml.asgi_app(info_app, path="/")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from export.fused import export_explainer
-from export.testing import make_tiny_bundle
+from export.testing import make_atlas_bundle, make_tiny_bundle
 from pipeline.shipped import export_shipped
 from training.model.backbone import load_backbone
 from training.testing import random_clt
@@ -33,6 +33,13 @@ def bundle(tmp_path_factory) -> Path:
     Read-only: a test that needs a damaged bundle copies it first.
     """
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def atlas_bundle(tmp_path_factory) -> Path:
+    """The tiny bundle with its CLT saved as a checkpoint and an atlas over 256 Fashion-MNIST training images
+    (a 20-word vocabulary). Read-only."""
+    return make_atlas_bundle(tmp_path_factory.mktemp("bundle") / "atlas")
 
 
 @pytest.fixture(scope="session")

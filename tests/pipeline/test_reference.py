@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from bundle import load_bundle
 from pipeline.cache import Stage
 from pipeline.cli import main
 from pipeline.reference import STAGES, budget, build
-from pipeline.shipped import CLIP_FILE, FILES, export_shipped, load_shipped, measure, read_manifest, ship
+from pipeline.shipped import ATLAS_FILES, CLIP_FILE, FILES, export_shipped, load_shipped, measure, read_manifest, ship
 from training.clip import augment, preprocess_stats, tensorise, unicl_loss
 from training.data import FashionMNIST
 from training.model.backbone import load_backbone
@@ -102,7 +103,9 @@ def test_smoke_build_produces_every_artifact(smoke):
     assert 0 <= summary["zero_shot_top1"] <= 1
     clip = json.loads((out / "clip" / "clip.json").read_text())
     assert clip["weights_sha256_16"] == load_backbone("cltvit-ref", str(out / "clip" / "model.pt"), device="cpu").fingerprint
-    load_bundle(out / "bundle")
+    m, paths = load_bundle(out / "bundle")
+    assert m.atlas is not None and m.atlas.clt_sha256 == json.loads((out / "clt" / "clt.json").read_text())["sha256"]
+    assert json.loads(paths.atlas["index"].read_text())["images"] == 256
 
 
 def test_second_build_reuses_every_stage(smoke):
@@ -134,14 +137,23 @@ def test_ship_rounds_a_build_to_float16_and_measures_it(smoke, tmp_path):
     bundle exported from them that validates."""
     out, _, _ = smoke
     to = tmp_path / "weights"
-    manifest = ship(out, to, limit=64, log=lambda m: None)
-    assert set(manifest["files"]) == set(FILES) and read_manifest(to)["files"] == manifest["files"]
+    manifest = ship(out, to, limit=64, atlas_limit=128, log=lambda m: None)
+    assert set(manifest["files"]) == set(FILES) | set(ATLAS_FILES) and read_manifest(to)["files"] == manifest["files"]
+    assert manifest["atlas"]["images"] == 128
     state = load_file(str(to / CLIP_FILE))
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
     backbone, clt, _ = load_shipped(to)
     assert measure(backbone, clt, limit=64)["accuracy_all"] == manifest["measured"]["float16"]["accuracy_all"]
-    bundle = export_shipped(tmp_path / "bundle", to, variants=())
-    assert load_bundle(bundle)[0].backbone.weights_sha256_16 == backbone.fingerprint
+    bundle = export_shipped(tmp_path / "bundle", to, variants=(), log=lambda m: None)
+    m, paths = load_bundle(bundle)
+    assert m.backbone.weights_sha256_16 == backbone.fingerprint
+    # the shipped atlas (statistics + image indices) is tied to the float16 CLT and gets its thumbnails back at export
+    assert m.atlas is not None and m.atlas.clt_sha256 == m.clt.sha256
+    with np.load(paths.atlas["images"]) as z:
+        thumbs, refs = z["thumbs"], z["image_ref"]
+    train = FashionMNIST("train", limit=128)
+    assert thumbs.shape[1:] == (28, 28, 1) and len(thumbs) == len(refs) > 0
+    np.testing.assert_array_equal(thumbs[:, :, :, 0], train.images[refs])
 
 
 def test_cli_rejects_unknown_stage(capsys, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from bundle import load_bundle
 from pipeline.cli import main
 from pipeline.reference import BuildError
-from pipeline.shipped import CLIP_FILE, FILES, MANIFEST, WEIGHTS_DIR, load_shipped, measure, read_manifest
+from pipeline.shipped import ATLAS_FILES, CLIP_FILE, FILES, MANIFEST, WEIGHTS_DIR, load_shipped, measure, read_manifest
 
 # A few of the 10,000 test predictions may flip between CPUs (AVX2 vs AVX-512 summation order);
 # 0.05 points = 5 images.
@@ -53,6 +53,18 @@ def test_reference_bundle_exports_and_validates(reference_bundle, shipped):
     assert m.backbone.model == "cltvit-ref" and m.backbone.pretrained == CLIP_FILE
     assert m.backbone.weights_sha256_16 == backbone.fingerprint
     assert set(paths.models) == {"fp32", "int8", "int8-clt", "fp16"}
+
+
+def test_the_shipped_atlas_describes_the_shipped_clt(reference_bundle):
+    """The atlas ships as statistics + training-set indices, tied to the shipped CLT; the exported bundle carries it
+    with its thumbnails rebuilt."""
+    manifest = read_manifest()
+    assert set(ATLAS_FILES) <= set(manifest["files"])
+    index = json.loads((WEIGHTS_DIR / "atlas" / "atlas.json").read_text())
+    assert index["clt_sha256"] == manifest["files"]["clt/clt.safetensors"] and index["images"] == 60_000
+    m, paths = load_bundle(reference_bundle)
+    assert m.atlas is not None and m.atlas.clt_sha256 == m.clt.sha256
+    assert json.loads(paths.atlas["index"].read_text())["clt_sha256"] == index["clt_sha256"]
 
 
 def test_a_corrupt_shipped_file_is_named(tmp_path):

@@ -146,6 +146,14 @@ def test_cli_explain(bundle, tmp_path, capsys):
     assert f"wrote {png} (70x45" in err
     heat = Image.open(png)
     assert heat.size == (70, 45) and heat.format == "PNG"
+    page = tmp_path / "report.html"
+    assert explain_main([str(src), "--bundle", str(bundle), "--html", str(page), "--threads", "1"]) == 0
+    assert f"wrote {page}" in capsys.readouterr().err
+    import re
+
+    data = json.loads(re.search(r"window\.CLTVIT_REPORT = (\{.*?\});</script>", page.read_text(), re.S).group(1))
+    report_map = data["result"]["spatial"]["classes"][0]
+    assert report_map["label"] == result.predicted and np.asarray(report_map["heads"]).shape == (4, 4, 16)  # for the viewer
     assert explain_main([str(src), "--bundle", str(bundle), "--top-k", "3"]) == 0
     text = capsys.readouterr().out
     assert f"predicted: {result.predicted}" in text and "where in the image: 4x4 patches" in text
@@ -166,6 +174,7 @@ def test_cli_explain_errors_name_the_argument(bundle, v1_bundle, tmp_path, capsy
         ([str(src), "--bundle", str(bundle), "--heatmap", str(tmp_path / "h.png"), "--heatmap-layer", "7"],
          "argument --heatmap-layer"),
         ([str(src), "--bundle", str(bundle), "--heatmap", str(tmp_path / "no" / "dir" / "h.png")], "argument --heatmap"),
+        ([str(src), "--bundle", str(bundle), "--html", str(tmp_path / "no" / "dir" / "r.html")], "argument --html"),
         ([str(src), "--bundle", str(v1_bundle), "--heads"], "argument --heads: bundle"),
     ]
     for argv, words in cases:
