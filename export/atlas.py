@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from bundle.atlas import (
     hist_edges,
     parse_index,
 )
+from bundle.atomic import staged_directory, write_text_atomic
 from bundle.killpoints import killpoint
 from bundle.provenance import machine_info
 from training.model.backbone import Backbone
@@ -559,9 +559,7 @@ def portable(description: dict[str, Any]) -> dict[str, Any]:
 
 def _write_manifest(root: Path, raw: dict[str, Any]) -> None:
     Manifest.model_validate(raw)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(raw, indent=2))
-    os.replace(tmp, root / MANIFEST)
+    write_text_atomic(root / MANIFEST, json.dumps(raw, indent=2))
 
 
 def attach_atlas(bundle_dir: str | Path, atlas_dir: str | Path) -> Path:
@@ -580,18 +578,9 @@ def attach_atlas(bundle_dir: str | Path, atlas_dir: str | Path) -> Path:
         raw["files"].pop(name, None)
     _write_manifest(root, raw)
     dst = root / ATLAS_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".atlas.", dir=root))
-    try:
+    with staged_directory(dst) as tmp:
         for name in ATLAS_FILES:
             shutil.copyfile(src / Path(name).name, tmp / Path(name).name)
-            (tmp / Path(name).name).chmod(0o644)
-        tmp.chmod(0o755)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for name in ATLAS_FILES:
         raw["files"][name] = file_sha256(root / name)
     raw["atlas"] = AtlasInfo(clt_sha256=index.clt_sha256, backbone_weights_sha256_16=index.backbone_weights_sha256_16,

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +15,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
+from bundle.atomic import staged_directory
 from training.model.backbone import Backbone
 from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
@@ -131,8 +129,7 @@ def export_bundle(
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         clt = clt.to("cpu").eval()
         visual = backbone.visual
         model_path = export_explainer(visual, clt, tmp / "model.onnx", logit_scale=backbone.logit_scale,
@@ -173,13 +170,4 @@ def export_bundle(
         Manifest.model_validate(manifest)  # fail here, not in the server
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         load_bundle(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by a server
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

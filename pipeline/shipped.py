@@ -24,7 +24,6 @@ graph change would add a binary to the history each time).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from bundle import file_sha256
+from bundle.atomic import staged_directory, write_text_atomic
 from bundle.provenance import machine_info
 from export.atlas import REF_ARRAYS, AtlasConfig, TensorSource, attach_atlas, build_atlas, images_from_refs
 from export.writer import export_bundle
@@ -184,9 +184,7 @@ def ship_atlas(root: str | Path = WEIGHTS_DIR, *, data_dir: str | None = None, l
     info = _measure_atlas(root, root / ATLAS_DIR, data_dir, limit, log)
     manifest["files"].update({name: file_sha256(root / name) for name in ATLAS_FILES})
     manifest["atlas"] = {**info, "machine": machine_info(torch.get_num_threads())}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, default=float) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1, default=float) + "\n")
     for p in [root / ATLAS_DIR, *(root / ATLAS_DIR).iterdir()]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     return manifest
@@ -220,8 +218,7 @@ def ship(build_dir: str | Path, to: str | Path = WEIGHTS_DIR, *, data_dir: str |
     log("ship: measuring the float32 build")
     fp32 = measure(bb32, clt32, data_dir, limit)
     to = Path(to)
-    tmp = Path(tempfile.mkdtemp(prefix=".ship.", dir=to.parent if to.parent.exists() else None))
-    try:
+    with staged_directory(to) as tmp:
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in bb32.model.state_dict().items()}
         save_file(state, str(tmp / CLIP_FILE), metadata={"format": "open_clip state dict", "model": REF_MODEL})
         bb16 = load_backbone(REF_MODEL, str(tmp / CLIP_FILE), device="cpu")
@@ -253,14 +250,6 @@ def ship(build_dir: str | Path, to: str | Path = WEIGHTS_DIR, *, data_dir: str |
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=float) + "\n")
         (tmp / "report.md").write_text(render(manifest))
-        for p in [tmp, *tmp.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if to.exists():
-            shutil.rmtree(to)
-        os.replace(tmp, to)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -1,29 +1,8 @@
-"""The measurements of the paper's evaluation suite (`training.evaluation.report.evaluate_clt` assembles them).
+"""The measurements of the paper's evaluation suite: fidelity, cascaded replacement, C_proj and
+faithfulness (sections 1-4 of the report; `training.evaluation.report` describes each section and
+assembles them), plus `measure_transcoder`, the headline numbers of one transcoder.
 
 All splicing and decomposition goes through `training.model.vit` and `training.model.decompose`.
-Sections:
-
-1. `fidelity`: per layer and mean, separately for CLS tokens, patch tokens, and all tokens, of the
-   CLT reading the true MLP inputs ("open loop"): R^2 = 1 - sum||y - yhat||^2 / sum||y - mean y||^2,
-   mean cosine(y, yhat) per token, MSE per element, L0 (active features per token), and the
-   fraction of features that never fire on those tokens of the evaluated images ("dead").
-2. `replacement`: zero-shot top-1 of the unmodified model, and with the CLT replacing the MLPs of
-   layers s..L-1 for every start s (cascaded: every source layer's features are read from this
-   spliced run, sources < s included) at token sets cls / patches / all; plus the agreement with the
-   unmodified model's predictions.
-3. `c_proj`: `C_proj[i -> j] = E_x[(1/T) sum_t <c_t(i->j), yhat_t(j)> / ||yhat_t(j)||^2]`, source i's
-   raw write to target j projected on the full reconstruction of target j, computed with the CLT
-   observing the unmodified model; one more source row `bias` (target j's decoder bias) makes each
-   column sum to 1. Matrices [L+1, L] for CLS and patch tokens; JSON + heatmap PNG.
-4. `faithfulness` (paper's Table 4): `decompose(mode="cls")` splits each image's logits into terms;
-   the "layer" unit is either `clt` (layer l = the term `clt.l`: CLT source layer l's total write,
-   summed over its targets) or `block` (layer l = `attn.l` + `clt.l`). Layers are ranked per image by
-   their contribution to the predicted class's logit. Dropping a layer subtracts its term(s) from all
-   logits (a direct-effect ablation at ln_post's frozen scale; the network is not re-run). Reported:
-   accuracy of the CLS-spliced model, after dropping the top-1 layer, after dropping one random layer
-   (mean over seeds), after keeping only the top-k layers (k = 0..L; the other terms stay), and the
-   deletion curve (accuracy after deleting the k highest-ranked vs k random layers).
-5. Optional `comparison` (CLT vs per-layer transcoder at k = 4, 8, 16, 32): see `compare_clt_plt`.
 """
 from __future__ import annotations
 
