@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes: 2 (default on >= 2 cores) trains the CLT-vs-PLT comparison beside the CLT, "
                         "each process with --threads torch threads; 1 runs every stage in turn")
+    b.add_argument("--clt-seeds", type=int, default=1,
+                   help="N > 1: also retrain the CLT with seeds 1..N-1 and report every seed's fidelity with mean and worst "
+                        "(seeds/seeds.md; about 5 more minutes per seed)")
     b.add_argument("--no-finetune", action="store_true", help="skip the replacement-matching phase of the CLT stage")
     b.add_argument("--finetune-loss", choices=("kl", "cosine"), help="match loss of the fine-tuning phase (default kl)")
     e = sub.add_parser("export", help="write the serving bundle from the shipped weights (seconds)")
@@ -102,9 +105,12 @@ def _build(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         print(f"cltvit-reference: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
+    if args.clt_seeds < 1:
+        print(f"cltvit-reference: error: argument --clt-seeds: must be >= 1, got {args.clt_seeds}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = budget(args.budget)
+    cfg = replace(budget(args.budget), clt_seeds=args.clt_seeds)
     if args.no_finetune:
         cfg.finetune = None
     elif args.finetune_loss and cfg.finetune is not None:
@@ -119,6 +125,7 @@ def _build(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps({"zero_shot_top1": summary["zero_shot_top1"], "evaluation": summary["evaluation"],
                       "targets": {k: v["met"] for k, v in summary["targets"].items()},
+                      "seeds": summary["seeds"],
                       "seconds": summary["stage_seconds_total"]}, indent=1, default=float))
     return 0
 

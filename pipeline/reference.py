@@ -13,6 +13,8 @@ match is skipped on the next call):
 
 - `clip`: clip/model.pt (open_clip state dict; load with `load_backbone("cltvit-ref", "DIR/clip/model.pt")`), clip/clip.json
 - `clt`: clt/clt.safetensors + clt/clt.json (final CLT), clt/train/ (trainer run)
+- `seeds` (only with `clt_seeds` > 1): seeds/seed<s>/ (the CLT retrained with seed s = 1, 2, ...),
+  seeds/seeds.json + seeds/seeds.md (fidelity of every seed, seed 0 being clt/, with mean and worst)
 - `comparison`: comparison/comparison.json, comparison/r2_vs_l0.png (CLT vs PLT, k = 4, 8, 16, 32)
 - `eval`: eval/report.json, eval/report.md, eval/*.png, eval/c_proj.json
 - `export`: bundle/ (docs/bundle.md)
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from bundle.atomic import write_text_atomic
 from export.atlas import AtlasConfig, TensorSource, attach_atlas, build_atlas
 from export.writer import export_bundle
 from training.clip import ClipTrainConfig, preprocess_stats, tensorise, train_reference_clip, zero_shot_accuracy
@@ -48,7 +52,7 @@ from training.trainer import TrainConfig, train_clt
 from .cache import Stage, refresh_files
 
 REF_MODEL = "cltvit-ref"
-STAGES = ("clip", "clt", "comparison", "eval", "export", "atlas")
+STAGES = ("clip", "clt", "seeds", "comparison", "eval", "export", "atlas")
 BUDGETS = ("full", "smoke")
 
 
@@ -83,11 +87,13 @@ class BuildConfig:
     n_features: int = 768
     k: int = 16
     activation: str = "topk"
+    # lr 6e-3 and 4 extra CLS copies per image: the winner of docs/fidelity.md's comparison of remedies
     clt_train: dict[str, Any] = field(default_factory=lambda: dict(
-        steps=1500, batch_tokens=1024, lr=1e-3, warmup_steps=100, buffer_tokens=16384, images_per_batch=64,
-        norm_tokens=8192, checkpoint_every=500, log_every=50, dead_after_tokens=1_000_000, eval_batches=4))
+        steps=1500, batch_tokens=1024, lr=6e-3, warmup_steps=100, buffer_tokens=16384, images_per_batch=64,
+        norm_tokens=8192, checkpoint_every=500, log_every=50, dead_after_tokens=1_000_000, eval_batches=4, cls_copies=4))
     clt_train_limit: int | None = None  # training images streamed to the CLT (None: all 60,000)
-    finetune: FinetuneConfig | None = field(default_factory=lambda: FinetuneConfig(steps=200, batch_images=64, lr=2e-4, loss="kl"))
+    clt_seeds: int = 1  # > 1: the `seeds` stage retrains the CLT with seeds 1..clt_seeds-1 and reports mean and worst
+    finetune: FinetuneConfig | None = field(default_factory=lambda: FinetuneConfig(steps=200, batch_images=64, lr=5e-4, loss="kl"))
     finetune_check_images: int = 2000  # test images to measure the fine-tuning's effect on
     comparison_ks: tuple[int, ...] = (4, 8, 16, 32)
     comparison_features: int = 512
@@ -118,8 +124,9 @@ def budget(name: str) -> BuildConfig:
             clip=ClipTrainConfig(steps=8, batch_size=64, warmup_steps=2, train_limit=1024),
             zero_shot_limit=200,
             n_features=64, k=4,
-            clt_train=dict(small, steps=6),
+            clt_train=dict(small, steps=6, cls_copies=4),
             clt_train_limit=512,
+            clt_seeds=2,
             finetune=FinetuneConfig(steps=2, batch_images=8, lr=1e-4, loss="kl"),
             finetune_check_images=32,
             comparison_ks=(2, 4), comparison_features=32, comparison_train=dict(small, steps=3), comparison_images=32,
@@ -171,12 +178,56 @@ def _train_cfg(kw: dict[str, Any], seed: int) -> TrainConfig:
     return TrainConfig(**{**kw, "seed": seed, "tokens": "all"})
 
 
+def _clt_config(cfg: BuildConfig, bb: Backbone) -> CLTConfig:
+    return CLTConfig(n_layers=bb.n_layers, d_model=bb.d_model, n_features=cfg.n_features, activation=cfg.activation, k=cfg.k)  # type: ignore[arg-type]
+
+
+def _recipe(cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, seed: int) -> dict[str, Any]:
+    """What fixes one CLT run of the build (as JSON would give it back)."""
+    ft = cfg.finetune
+    return json.loads(json.dumps({"clt": _clt_config(cfg, bb).to_dict(), "train": _train_cfg(cfg.clt_train, seed).to_dict(),
+                                  "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None,
+                                  "data": train_ds.description()}, default=str))
+
+
+def _same_recipe(d: Path, recipe: dict[str, Any]) -> bool:
+    marker = d / "recipe.json"
+    return marker.is_file() and json.loads(marker.read_text()) == recipe
+
+
+def train_reference_clt(d: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages,
+                        check: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train (d/train/), fine-tune and save (d/clt.safetensors, d/clt.json) one CLT of the build's recipe with `seed`.
+    Returns what the stage records: train metrics, configs, the fine-tuning's before/after on `check`."""
+    clt_cfg, train_cfg, ft = _clt_config(cfg, bb), _train_cfg(cfg.clt_train, seed), cfg.finetune
+    marker, recipe = d / "recipe.json", _recipe(cfg, bb, train_ds, seed)
+    if d.exists() and not _same_recipe(d, recipe):
+        shutil.rmtree(d)  # a run of another recipe (or of unknown recipe): resuming it would mix the two
+    d.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, json.dumps(recipe, indent=1))
+    t0 = time.time()
+    clt, metrics = train_clt(bb, train_ds, clt_cfg, train_cfg, d / "train", progress=False)
+    log(f"clt (seed {seed}): trained, fvu_mean {metrics.get('fvu_mean', float('nan')):.4f} l0_mean {metrics.get('l0_mean', float('nan')):.2f} "
+        f"({time.time() - t0:.0f}s)")
+    info: dict[str, Any] = {"train_metrics": metrics, "clt_config": clt_cfg.to_dict(), "train_config": train_cfg.to_dict()}
+    if ft is not None and ft.steps > 0:
+        px, y, text = check
+        before = measure_transcoder(bb, clt, px, y, text, min(500, len(px)))
+        ft_stats = finetune_clt(bb.visual, clt, train_ds.pixels, replace(ft, seed=seed), text_embeddings=text,
+                                logit_scale=bb.logit_scale, log=log)
+        after = measure_transcoder(bb, clt, px, y, text, min(500, len(px)))
+        info["finetune"] = {**ft_stats, "before": before, "after": after, "check_images": len(px)}
+        log(f"clt (seed {seed}): fine-tuned ({ft.loss}); all-token replacement top-1 {100 * before['accuracy_all']:.2f}% -> "
+            f"{100 * after['accuracy_all']:.2f}%, R^2 {before['r2']:.4f} -> {after['r2']:.4f}")
+    save_checkpoint(d, clt, bb.identity(), data=train_ds.description(), train_config=train_cfg.to_dict(),
+                    metrics=metrics, finetune=info.get("finetune"))
+    return info
+
+
 def stage_clt(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, check: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
               clip_rec: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    clt_cfg = CLTConfig(n_layers=bb.n_layers, d_model=bb.d_model, n_features=cfg.n_features, activation=cfg.activation, k=cfg.k)  # type: ignore[arg-type]
-    train_cfg = _train_cfg(cfg.clt_train, cfg.seed)
     ft = cfg.finetune
-    st = Stage(out, "clt", {"clip": clip_rec["files"], "clt": clt_cfg.to_dict(), "train": train_cfg.to_dict(),
+    st = Stage(out, "clt", {"clip": clip_rec["files"], "clt": _clt_config(cfg, bb).to_dict(), "train": _train_cfg(cfg.clt_train, cfg.seed).to_dict(),
                             "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None,
                             "check": cfg.finetune_check_images})
     rec = st.cached()
@@ -185,22 +236,89 @@ def stage_clt(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages,
         return rec
     t0 = time.time()
     d = out / "clt"
-    clt, metrics = train_clt(bb, train_ds, clt_cfg, train_cfg, d / "train", progress=False)
-    log(f"clt: trained, fvu_mean {metrics.get('fvu_mean', float('nan')):.4f} l0_mean {metrics.get('l0_mean', float('nan')):.2f} "
-        f"({time.time() - t0:.0f}s)")
-    info: dict[str, Any] = {"train_metrics": metrics, "clt_config": clt_cfg.to_dict(), "train_config": train_cfg.to_dict()}
-    if ft is not None and ft.steps > 0:
-        px, y, text = check
-        before = measure_transcoder(bb, clt, px, y, text, min(500, len(px)))
-        ft_stats = finetune_clt(bb.visual, clt, train_ds.pixels, replace(ft, seed=cfg.seed), text_embeddings=text,
-                                logit_scale=bb.logit_scale, log=log)
-        after = measure_transcoder(bb, clt, px, y, text, min(500, len(px)))
-        info["finetune"] = {**ft_stats, "before": before, "after": after, "check_images": len(px)}
-        log(f"clt: fine-tuned ({ft.loss}); all-token replacement top-1 {100 * before['accuracy_all']:.2f}% -> "
-            f"{100 * after['accuracy_all']:.2f}%, R^2 {before['r2']:.4f} -> {after['r2']:.4f}")
-    save_checkpoint(d, clt, bb.identity(), data=train_ds.description(), train_config=train_cfg.to_dict(),
-                    metrics=metrics, finetune=info.get("finetune"))
+    info = train_reference_clt(d, cfg, bb, train_ds, check, cfg.seed, log)
     return st.finish([d / "clt.safetensors", d / "clt.json"], time.time() - t0, **info)
+
+
+# the fidelity targets every CLT seed must meet (issue 14); values: (metric, "max" | "min", bound)
+SEED_TARGETS: dict[str, tuple[str, str, float]] = {
+    "drop_cls_pt": ("drop_cls_pt", "max", 0.2),
+    "drop_all_pt": ("drop_all_pt", "max", 0.5),
+    "r2_cls": ("r2_cls", "min", 0.97),
+    "r2_all": ("r2_all", "min", 0.98),
+    "dead_cls": ("dead_cls", "max", 0.3),
+}
+SEED_METRICS = ("drop_cls_pt", "drop_all_pt", "r2_cls", "r2_all", "dead_cls", "l0")
+_WORSE_IS_HIGHER = {"drop_cls_pt": True, "drop_all_pt": True, "r2_cls": False, "r2_all": False, "dead_cls": True, "l0": True}
+
+
+def seed_row(seed: int, m: dict[str, Any]) -> dict[str, Any]:
+    """One seed's fidelity from `measure_transcoder`'s numbers: drops in percentage points (unmodified
+    minus replaced top-1, positive = the replacement loses accuracy), R^2, dead fraction at the CLS token, L0."""
+    return {"seed": seed, "drop_cls_pt": 100 * (m["accuracy_unmodified"] - m["accuracy_cls"]),
+            "drop_all_pt": 100 * (m["accuracy_unmodified"] - m["accuracy_all"]), "r2_cls": m["r2_cls"], "r2_all": m["r2"],
+            "dead_cls": m["dead_fraction_cls"], "l0": m["l0"], "accuracy_unmodified": m["accuracy_unmodified"]}
+
+
+def summarise_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and worst (the larger drop, dead fraction and L0; the smaller R^2) over the seeds' rows, and
+    each target of SEED_TARGETS judged on the worst seed."""
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in SEED_METRICS}
+    worst = {k: (max if _WORSE_IS_HIGHER[k] else min)(r[k] for r in rows) for k in SEED_METRICS}
+    targets = {name: {"worst": worst[key], "target": f"{'<=' if kind == 'max' else '>='} {bound}",
+                      "met": worst[key] <= bound if kind == "max" else worst[key] >= bound}
+               for name, (key, kind, bound) in SEED_TARGETS.items()}
+    return {"seeds": rows, "mean": mean, "worst": worst, "targets": targets}
+
+
+def render_seeds(summary: dict[str, Any], images: int, fidelity_images: int) -> str:
+    head = ["seed", "CLS-only drop (pt)", "all-token drop (pt)", "R^2 CLS", "R^2 all", "dead at CLS", "L0"]
+    fmt = {"drop_cls_pt": "{:+.2f}", "drop_all_pt": "{:+.2f}", "r2_cls": "{:.4f}", "r2_all": "{:.4f}", "dead_cls": "{:.3f}", "l0": "{:.2f}"}
+
+    def line(label: str, r: dict[str, Any]) -> str:
+        return "| " + " | ".join([label, *(fmt[k].format(r[k]) for k in SEED_METRICS)]) + " |"
+
+    lines = [f"# CLT seeds: fidelity of the reference recipe over {len(summary['seeds'])} seeds", "",
+             f"Drops: zero-shot top-1 on {images} test images, unmodified minus with every layer's MLP replaced by the CLT "
+             f"(at the CLS token / at all tokens), in points. R^2 and dead fraction on the first {fidelity_images}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [line(str(r["seed"]), r) for r in summary["seeds"]]
+    lines += [line("mean", summary["mean"]), line("worst", summary["worst"]), "", "Targets (worst seed):", ""]
+    lines += [f"- {k}: {v['worst']:.4g} (target {v['target']}): {'met' if v['met'] else 'NOT met'}" for k, v in summary["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def stage_seeds(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                clt_rec: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The CLT recipe retrained with seeds 1 .. clt_seeds-1 (seed 0 is the `clt` stage's), every seed measured
+    on the same test images: seeds/seeds.json, seeds/seeds.md."""
+    ft = cfg.finetune
+    st = Stage(out, "seeds", {"clt": clt_rec["files"], "n": cfg.clt_seeds, "clt_cfg": _clt_config(cfg, bb).to_dict(),
+                              "train": cfg.clt_train, "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None,
+                              "check": cfg.finetune_check_images, "eval": cfg.eval.to_dict()})
+    rec = st.cached()
+    if rec:
+        log("seeds: cached")
+        return rec
+    t0 = time.time()
+    d = out / "seeds"
+    px, y, text = test
+    n = len(px) if cfg.eval.limit is None else min(cfg.eval.limit, len(px))
+    n_check = min(cfg.finetune_check_images, len(y))
+    rows = []
+    for s in range(cfg.clt_seeds):
+        run = out / "clt" if s == 0 else d / f"seed{s}"
+        if s and not ((run / "clt.safetensors").is_file() and _same_recipe(run, _recipe(cfg, bb, train_ds, s))):
+            train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), s, log)
+        clt, _ = load_checkpoint(run, bb)
+        rows.append(seed_row(s, measure_transcoder(bb, clt, px[:n], y[:n], text, cfg.eval.fidelity_images)))
+        log(f"seeds: seed {s}: " + ", ".join(f"{k} {rows[-1][k]:.4g}" for k in SEED_METRICS))
+    summary = summarise_seeds(rows)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "seeds.json").write_text(json.dumps({**summary, "images": n, "fidelity_images": cfg.eval.fidelity_images}, indent=1))
+    (d / "seeds.md").write_text(render_seeds(summary, n, cfg.eval.fidelity_images))
+    return st.finish([d / "seeds.json", d / "seeds.md"], time.time() - t0, mean=summary["mean"], worst=summary["worst"],
+                     targets=summary["targets"])
 
 
 def stage_comparison(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -363,6 +481,8 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
         bb, train_ds, test_ds, test_px, test_y, text = _stage_inputs(out, cfg, data_dir, device, recs["clip"])
         n_check = min(cfg.finetune_check_images, len(test_y))
         recs["clt"] = stage_clt(out, cfg, bb, train_ds, (test_px[:n_check], test_y[:n_check], text), recs["clip"], log)
+        if cfg.clt_seeds > 1 and "seeds" not in skip:
+            recs["seeds"] = stage_seeds(out, cfg, bb, train_ds, (test_px, test_y, text), recs["clt"], log)
     finally:
         if worker is not None:
             worker.join()
@@ -390,6 +510,7 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
         "zero_shot_top1": recs["clip"]["zero_shot_top1"],
         "evaluation": recs.get("eval", {}).get("summary"),
         "targets": check_targets(recs["clip"], recs.get("eval", {}).get("summary"), recs.get("comparison")),
+        "seeds": {k: recs["seeds"][k] for k in ("mean", "worst", "targets")} if "seeds" in recs else None,
         "torch_threads": torch.get_num_threads(),
     }
     tmp = out / "build.json.tmp"

@@ -6,6 +6,12 @@ The captured tokens (CLS, patches or all) go into an in-memory buffer of about `
 tokens; training batches are drawn uniformly at random from it (so a batch mixes tokens of many
 images), and the buffer is refilled to full whenever it drops below half.
 
+CLS oversampling (`cls_copies` = c > 0, token set `all`): each image's CLS token enters the buffer
+1 + c times (its patch tokens once). The CLS token is one of T tokens per image but the only one the
+zero-shot logits read (T = 17 for the reference model, 50 for ViT-B-32): without the extra copies it is
+1/T of the training signal, and the CLS-token fit lags the patch-token fit (measured in docs/fidelity.md). The copies are rows of the same
+capture, so a resumed stream recomputes them like any other row.
+
 Buffer layout: `buf` [capacity, 2, L, d] (slot 0: MLP input = LN2 output, slot 1: MLP output), one
 row per token; batches come out as `(mlp_in, mlp_out)`, each [L, N, d] float32.
 
@@ -75,9 +81,12 @@ class ActivationStream:
         seed: int = 0,
         num_workers: int = 0,
         dtype: torch.dtype = torch.float32,
+        cls_copies: int = 0,
     ) -> None:
         if tokens not in TOKEN_SETS:
             raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {tokens!r}")
+        if cls_copies < 0 or (cls_copies and tokens != "all"):
+            raise ValueError(f"cls_copies must be >= 0 and needs tokens='all', got cls_copies={cls_copies}, tokens={tokens!r}")
         n_images = len(dataset)  # type: ignore[arg-type]
         if n_images == 0:
             raise ValueError("the dataset is empty")
@@ -87,7 +96,8 @@ class ActivationStream:
         self.device = backbone.device
         self.batch_tokens = batch_tokens
         self.images_per_batch = images_per_batch
-        self.tokens_per_image = {"all": backbone.n_tokens, "cls": 1, "patches": backbone.n_tokens - 1}[tokens]
+        self.cls_copies = cls_copies
+        self.tokens_per_image = {"all": backbone.n_tokens, "cls": 1, "patches": backbone.n_tokens - 1}[tokens] + cls_copies
         # at least two batches' worth, so refilling at half still leaves a full batch
         self.buffer_tokens = max(buffer_tokens, 2 * batch_tokens)
         self.capacity = self.buffer_tokens + images_per_batch * self.tokens_per_image
@@ -139,9 +149,12 @@ class ActivationStream:
         return torch.stack([self.dataset[i] for i in order])
 
     def _rows(self, pixels: torch.Tensor) -> torch.Tensor:
-        """One ViT pass over pixels [B, 3, H, W] -> token rows [B*T', 2, L, d] in the buffer's dtype."""
+        """One ViT pass over pixels [B, 3, H, W] -> token rows [B*(T'+c), 2, L, d] in the buffer's dtype
+        (c = cls_copies extra copies of each image's CLS token, appended after its T' captured tokens)."""
         cap = capture(self.backbone.visual, pixels.to(self.device), self.tokens)  # mlp_in/out [L, B, T', d]
         pair = torch.stack([cap.mlp_in, cap.mlp_out])  # [2, L, B, T', d]
+        if self.cls_copies:
+            pair = torch.cat([pair, pair[:, :, :, :1].expand(-1, -1, -1, self.cls_copies, -1)], dim=3)  # [2, L, B, T'+c, d]
         count = pair.shape[2] * pair.shape[3]
         return pair.reshape(2, pair.shape[1], count, pair.shape[-1]).permute(2, 0, 1, 3).to(self.dtype)
 
@@ -259,6 +272,7 @@ class ActivationStream:
         return {
             "tokens": self.tokens,
             "tokens_per_image": self.tokens_per_image,
+            "cls_copies": self.cls_copies,
             "buffer_tokens": self.buffer_tokens,
             "images_per_batch": self.images_per_batch,
             "images": self.n_images,

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsity-coef", type=_nonneg_float, default=0.0, help="tanh-L0 penalty weight (jumprelu)")
     g.add_argument("--dead-after-tokens", type=_int_at_least(1), default=10_000_000)
     g.add_argument("--buffer-tokens", type=_int_at_least(1), default=65536, help="shuffling buffer size in tokens")
+    g.add_argument("--cls-copies", type=_int_at_least(0), default=0,
+                   help="extra copies of each image's CLS token in the shuffling buffer (--tokens all; default 0)")
     g.add_argument("--buffer-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     g.add_argument("--images-per-batch", type=_int_at_least(1), default=32, help="images per ViT forward when refilling")
     g.add_argument("--seed", type=int, default=0)
@@ -166,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cross_layer=not args.no_cross_layer,
         )
         warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.steps // 10)
+        if args.cls_copies and args.tokens != "all":
+            parser.error(f"argument --cls-copies: copies of the CLS token need --tokens all, not --tokens {args.tokens}")
         train_cfg = TrainConfig(
             steps=args.steps,
             batch_tokens=args.batch_tokens,
@@ -178,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens=args.tokens,
             buffer_tokens=args.buffer_tokens,
             buffer_dtype=args.buffer_dtype,
+            cls_copies=args.cls_copies,
             images_per_batch=args.images_per_batch,
             num_workers=args.num_workers,
             checkpoint_every=args.checkpoint_every,

@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     tokens: TokenSet = "all"
     buffer_tokens: int = 65536  # shuffling buffer size
+    cls_copies: int = 0  # extra copies of each image's CLS token in the buffer (tokens "all"; see training.activations)
     images_per_batch: int = 32  # images fed to the ViT per refill step
     num_workers: int = 0  # DataLoader workers decoding/preprocessing images
     norm_tokens: int = 16384  # tokens sampled to estimate the normalisation scalars
@@ -99,7 +100,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k"):
+        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -108,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
         if self.tokens not in TOKEN_SETS:
             raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {self.tokens!r}")
+        if self.cls_copies and self.tokens != "all":
+            raise ValueError(f"cls_copies needs tokens='all', got tokens={self.tokens!r}")
         if self.decoder_update not in ("in_backward", "after"):
             raise ValueError(f"decoder_update must be in_backward or after, got {self.decoder_update!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -129,6 +132,15 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------- helpers
+# settings a resumed run may change: they decide what is written and when, not what is learned
+_BOOKKEEPING = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "num_workers"})
+
+
+def _recipe_fields(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The training settings that fix the result (a JSON round trip, so tuples and lists compare equal)."""
+    return {k: v for k, v in json.loads(json.dumps(train_config)).items() if k not in _BOOKKEEPING}
+
+
 def release_text_tower(backbone: Backbone) -> int:
     """Drop the CLIP text tower's weights (CLT training reads only `backbone.visual`); returns bytes freed.
 
@@ -420,6 +432,7 @@ def train_clt(
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         dtype=_dtype(cfg.buffer_dtype),
+        cls_copies=cfg.cls_copies,
     )
     data_desc = {
         **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
@@ -444,6 +457,11 @@ def train_clt(
             )
         clt.load_state_dict(saved.state_dict())
         state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+        was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
+        if was != now:
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
+                                f"use another output directory")
         opt.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         since_fired.copy_(state["since_fired"].to(device))

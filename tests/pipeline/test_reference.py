@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from bundle import load_bundle
 from pipeline.cache import Stage
 from pipeline.cli import main
-from pipeline.reference import STAGES, budget, build
+from pipeline.reference import STAGES, budget, build, summarise_seeds
 from pipeline.shipped import ATLAS_FILES, CLIP_FILE, FILES, export_shipped, load_shipped, measure, read_manifest, ship
 from training.clip import augment, preprocess_stats, tensorise, unicl_loss
 from training.data import FashionMNIST
@@ -106,6 +106,33 @@ def test_smoke_build_produces_every_artifact(smoke):
     m, paths = load_bundle(out / "bundle")
     assert m.atlas is not None and m.atlas.clt_sha256 == json.loads((out / "clt" / "clt.json").read_text())["sha256"]
     assert json.loads(paths.atlas["index"].read_text())["images"] == 256
+
+
+def test_seeds_stage_measures_every_seed_like_the_evaluation(smoke):
+    out, summary, _ = smoke
+    seeds = json.loads((out / "seeds" / "seeds.json").read_text())
+    assert [r["seed"] for r in seeds["seeds"]] == [0, 1]
+    report = json.loads((out / "eval" / "report.json").read_text())["summary"]
+    row0 = seeds["seeds"][0]  # seed 0 is the clt stage's CLT, which the eval stage measured by its own path
+    assert row0["drop_cls_pt"] == pytest.approx(100 * report["drop_cls"], abs=1e-9)
+    assert row0["drop_all_pt"] == pytest.approx(100 * report["drop_all_tokens"], abs=1e-9)
+    assert row0["r2_cls"] == pytest.approx(report["r2_cls"], rel=1e-5)
+    assert row0["dead_cls"] == pytest.approx(report["dead_fraction_cls"], abs=1e-9)
+    a = load_file(str(out / "clt" / "clt.safetensors"))
+    b = load_file(str(out / "seeds" / "seed1" / "clt.safetensors"))
+    assert not torch.equal(a["W_enc"], b["W_enc"])  # another seed, another CLT
+    assert summary["seeds"]["worst"] == seeds["worst"]
+    assert "| worst |" in (out / "seeds" / "seeds.md").read_text()
+
+
+def test_seed_summary_takes_the_worse_end_of_each_metric():
+    rows = [dict(seed=0, drop_cls_pt=0.1, drop_all_pt=0.6, r2_cls=0.98, r2_all=0.99, dead_cls=0.2, l0=15.0),
+            dict(seed=1, drop_cls_pt=-0.3, drop_all_pt=0.2, r2_cls=0.96, r2_all=0.985, dead_cls=0.4, l0=16.0)]
+    s = summarise_seeds(rows)
+    assert s["worst"] == dict(drop_cls_pt=0.1, drop_all_pt=0.6, r2_cls=0.96, r2_all=0.985, dead_cls=0.4, l0=16.0)
+    assert s["mean"]["drop_cls_pt"] == pytest.approx(-0.1) and s["mean"]["r2_cls"] == pytest.approx(0.97)
+    assert {k: v["met"] for k, v in s["targets"].items()} == dict(
+        drop_cls_pt=True, drop_all_pt=False, r2_cls=False, r2_all=True, dead_cls=False)
 
 
 def test_second_build_reuses_every_stage(smoke):

@@ -183,13 +183,15 @@ def test_killed_five_times_ends_equal_to_an_uninterrupted_run(uninterrupted, tmp
     assert weights <= 1e-6 and optimizer <= 1e-6 and rest == 0 and metrics <= 1e-6 and logged <= 1e-6
 
 
-def test_restored_stream_serves_the_same_batches(tiny_backbone):
+@pytest.mark.parametrize("cls_copies", [0, 2])
+def test_restored_stream_serves_the_same_batches(tiny_backbone, cls_copies):
     """In-process: a stream rebuilt from state_dict() (buffered tokens recomputed from their images)
     hands out exactly the batches the original goes on to hand out, across an epoch boundary."""
     ds = FashionMNIST("train", limit=90)
 
     def stream() -> ActivationStream:
-        return ActivationStream(tiny_backbone, ds, batch_tokens=100, buffer_tokens=400, images_per_batch=16, seed=4)
+        return ActivationStream(tiny_backbone, ds, batch_tokens=100, buffer_tokens=400, images_per_batch=16, seed=4,
+                                cls_copies=cls_copies)
 
     a = stream()
     for _ in range(7):

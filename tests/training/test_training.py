@@ -13,7 +13,7 @@ from training.data import FashionMNIST
 from training.model import vit
 from training.model.checkpoint import load_checkpoint
 from training.model.clt import CLTConfig
-from training.trainer import TrainConfig, train_clt
+from training.trainer import TrainConfig, TrainingError, train_clt
 
 
 class RandomPixels(Dataset):
@@ -59,6 +59,30 @@ def test_stream_serves_distinct_paired_tokens_shuffled_across_images(tiny_backbo
     assert first_images >= min(len(ds), batch) // 2  # a batch mixes tokens of many images
 
 
+def test_cls_copies_put_each_cls_token_in_the_buffer_1_plus_c_times(tiny_backbone):
+    ds = RandomPixels(6, tiny_backbone.image_size)
+    T, c = tiny_backbone.n_tokens, 3
+    stream = ActivationStream(tiny_backbone, ds, tokens="all", batch_tokens=4, buffer_tokens=len(ds) * (T + c),
+                              images_per_batch=len(ds), seed=1, cls_copies=c)
+    stream.fill()
+    assert stream.n == len(ds) * (T + c)
+    L, d = tiny_backbone.n_layers, tiny_backbone.d_model
+    ref = vit.capture(tiny_backbone.visual, ds.x, "all")  # [L, B, T, d]
+    ref_in = ref.mlp_in.permute(1, 2, 0, 3).reshape(len(ds) * T, L * d)  # row i*T + t: image i, token t
+    ref_out = ref.mlp_out.permute(1, 2, 0, 3).reshape(len(ds) * T, L * d)
+    got_in, got_out = (stream.buf[: stream.n, j].reshape(stream.n, L * d) for j in (0, 1))
+    match = torch.cdist(got_in, ref_in).argmin(1)
+    torch.testing.assert_close(got_in, ref_in[match])
+    torch.testing.assert_close(got_out, ref_out[match])
+    counts = torch.bincount(match, minlength=len(ds) * T).reshape(len(ds), T)
+    assert counts[:, 0].tolist() == [1 + c] * len(ds)  # each CLS token 1 + c times
+    assert bool((counts[:, 1:] == 1).all())  # each patch token once
+    with pytest.raises(ValueError, match="cls_copies"):
+        ActivationStream(tiny_backbone, ds, tokens="patches", cls_copies=1)
+    with pytest.raises(ValueError, match="cls_copies"):
+        TrainConfig(steps=1, tokens="cls", cls_copies=2)
+
+
 def test_short_training_run_brings_fvu_below_0_2(tmp_path, tiny_backbone):
     ds = FashionMNIST("train", limit=1000)
     clt_cfg = CLTConfig(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=256, k=8)
@@ -89,6 +113,7 @@ def test_short_training_run_brings_fvu_below_0_2(tmp_path, tiny_backbone):
         (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--steps", "5"], "--data-dir"),
         (["--model", "cltvit-tiny", "--dataset", "imagenet", "--steps", "5"], "--dataset"),
         (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--lr", "zero"], "--lr"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--tokens", "cls", "--cls-copies", "2"], "--cls-copies"),
     ],
 )
 def test_bad_cli_argument_gives_one_line_error_and_status_2(tmp_path, capsys, args, names):
@@ -153,3 +178,15 @@ def test_cli_help_lists_the_main_options(capsys):
     for flag in ("--model", "--pretrained", "--dataset", "--data-dir", "--features", "--k", "--activation", "--steps",
                  "--out", "--tokens", "--lr", "--batch-tokens", "--device", "--seed", "--no-cross-layer"):
         assert flag in text, flag
+
+
+def test_resuming_a_run_with_other_training_settings_is_refused(tmp_path, tiny_backbone):
+    ds = RandomPixels(32, tiny_backbone.image_size)
+    clt_cfg = CLTConfig(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=32, k=4)
+    base = dict(steps=4, batch_tokens=64, warmup_steps=1, buffer_tokens=256, images_per_batch=8, norm_tokens=64,
+                checkpoint_every=2, log_every=2, eval_batches=1)
+    train_clt(tiny_backbone, ds, clt_cfg, TrainConfig(**base, lr=1e-3), tmp_path, progress=False)
+    with pytest.raises(TrainingError, match=r"other training settings \(cls_copies, lr differ\)"):
+        train_clt(tiny_backbone, ds, clt_cfg, TrainConfig(**base, lr=2e-3, cls_copies=1), tmp_path, progress=False)
+    # bookkeeping settings may change on resume
+    train_clt(tiny_backbone, ds, clt_cfg, TrainConfig(**{**base, "log_every": 1}, lr=1e-3), tmp_path, progress=False)

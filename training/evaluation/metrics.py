@@ -323,14 +323,15 @@ def measure_transcoder(
     backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
     fidelity_images: int = 1000, batch_size: int = 250,
 ) -> dict[str, Any]:
-    """Headline numbers of one transcoder: mean R^2 / cosine / L0 (all, CLS, patches) and accuracy
-    with all layers replaced at CLS / all tokens."""
+    """Headline numbers of one transcoder: mean R^2 / cosine / L0 (all, CLS, patches), the fraction of
+    features that never fire (all tokens, CLS token) on the first `fidelity_images` images, and
+    accuracy with all layers replaced at CLS / all tokens on all of `pixels`."""
     fid = fidelity(backbone.visual, clt, pixels[:fidelity_images], batch_size)
     rep = replacement_accuracy(backbone.visual, pixels, labels, text, backbone.n_layers, clt_replacement(clt),
                                batch_size, token_sets=("cls", "all"), starts=[0])
     return {
         "r2": fid["all"]["mean"]["r2"], "cosine": fid["all"]["mean"]["cosine"], "l0": fid["all"]["mean"]["l0"],
         "r2_cls": fid["cls"]["mean"]["r2"], "r2_patches": fid["patches"]["mean"]["r2"],
-        "dead_fraction": fid["all"]["mean"]["dead_fraction"],
+        "dead_fraction": fid["all"]["mean"]["dead_fraction"], "dead_fraction_cls": fid["cls"]["mean"]["dead_fraction"],
         "accuracy_unmodified": rep["baseline"], "accuracy_cls": rep["cls"][0], "accuracy_all": rep["all"][0],
     }

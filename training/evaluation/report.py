@@ -236,6 +236,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "r2_cls": fid["cls"]["mean"]["r2"],
         "r2_patches": fid["patches"]["mean"]["r2"],
         "dead_fraction": fid["all"]["mean"]["dead_fraction"],
+        "dead_fraction_cls": fid["cls"]["mean"]["dead_fraction"],
         "accuracy_unmodified": rep["baseline"],
         "accuracy_cls_all_layers": rep["cls"][0],
         "accuracy_patches_all_layers": rep["patches"][0],

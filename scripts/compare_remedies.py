@@ -1,0 +1,117 @@
+"""Compare remedies for the CLT's fidelity at the CLS token on the same activations (docs/fidelity.md).
+
+Every variant trains the reference build's CLT (same CLIP, same training images streamed in the same
+order, same seed, same evaluation images) with one change to the training recipe, then measures it
+as the build's `seeds` stage does: zero-shot drops when every MLP is replaced (at the CLS token / at
+all tokens), R^2 at the CLS token and over all tokens, the fraction of features dead at the CLS
+token, L0, and the training time. Needs a build whose `clip` stage is done:
+
+    python scripts/compare_remedies.py --build artifacts/reference-build --out artifacts/remedies
+    python scripts/compare_remedies.py --build artifacts/reference-build --out artifacts/remedies --only baseline lr6e-3
+
+Runs land in OUT/<variant>/ (a finished run is reused; a variant that is the build's own recipe is
+measured on the build's clt/); the table goes to OUT/remedies.md and
+OUT/remedies.json with the machine (CPU model, instruction set, threads, library versions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bundle.atomic import write_text_atomic
+from bundle.provenance import machine_info
+from pipeline.reference import BuildConfig, _recipe, _same_recipe, _stage_inputs, budget, seed_row, train_reference_clt
+from training.evaluation.metrics import measure_transcoder
+from training.model.checkpoint import load_checkpoint
+
+# the previous reference recipe, the starting point of every single change
+BASELINE = dict(lr=1e-3, cls_copies=0)
+BASELINE_FT_LR = 2e-4
+
+# name -> (what changes, clt_train overrides, fine-tuning lr)
+VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
+    "baseline": ("previous recipe: lr 1e-3, AuxK on features dead for 1M tokens, fine-tune lr 2e-4", {}, BASELINE_FT_LR),
+    "no-aux": ("AuxK dead-feature loss off", dict(aux_coef=0.0), BASELINE_FT_LR),
+    "aux-early": ("AuxK on features dead for 100k tokens, weight 1/8", dict(dead_after_tokens=100_000, aux_coef=1 / 8), BASELINE_FT_LR),
+    "more-steps": ("3000 steps of 512 tokens (same tokens, twice the updates)", dict(steps=3000, batch_tokens=512, warmup_steps=200), BASELINE_FT_LR),
+    "lr6e-3": ("learning rate 6e-3", dict(lr=6e-3), BASELINE_FT_LR),
+    "cls4": ("4 extra copies of each CLS token in the buffer", dict(cls_copies=4), BASELINE_FT_LR),
+    "lr6e-3+cls4": ("both", dict(lr=6e-3, cls_copies=4), BASELINE_FT_LR),
+    "lr6e-3+cls4+ft5e-4": ("both, fine-tune lr 5e-4 (the build's recipe)", dict(lr=6e-3, cls_copies=4), 5e-4),
+}
+
+
+def variant_config(name: str) -> BuildConfig:
+    _, overrides, ft_lr = VARIANTS[name]
+    cfg = budget("full")
+    assert cfg.finetune is not None
+    return replace(cfg, clt_train={**cfg.clt_train, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr))
+
+
+def render(rows: list[dict[str, Any]], machine: dict[str, Any], images: int, fidelity_images: int | None) -> str:
+    head = "| variant | change | CLS-only drop (pt) | all-token drop (pt) | R^2 CLS | R^2 all | dead at CLS | L0 | train + fine-tune (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['change']} | {r['drop_cls_pt']:+.2f} | {r['drop_all_pt']:+.2f} | {r['r2_cls']:.4f} | "
+                     f"{r['r2_all']:.4f} | {r['dead_cls']:.3f} | {r['l0']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join([
+        f"Same CLIP, same streamed activations, seed 0; drops on {images} test images, R^2 and dead fraction on the "
+        f"first {fidelity_images or images}. Machine: {machine.get('cpu')} ({' '.join(machine.get('isa', []))}), {machine.get('threads')} "
+        f"torch thread(s).", "", *lines, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="compare_remedies", description=__doc__.split("\n")[0])
+    p.add_argument("--build", required=True, help="a reference build directory whose clip stage is done")
+    p.add_argument("--out", required=True, help="directory for the runs and the table")
+    p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variants to run (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = p.parse_args(argv)
+    build, out = Path(args.build).resolve(), Path(args.out).resolve()
+    stage = build / "stages" / "clip.json"
+    if not stage.is_file():
+        p.error(f"argument --build: {build} has no finished clip stage ({stage} missing); run cltvit-reference build first")
+    torch.set_num_threads(args.threads)
+    cfg0 = budget("full")
+    clip_rec = json.loads(stage.read_text())
+    bb, train_ds, _, px, y, text = _stage_inputs(build, cfg0, None, "cpu", clip_rec)
+    n_check = min(cfg0.finetune_check_images, len(y))
+    machine = machine_info(threads=torch.get_num_threads())
+    results_path = out / "remedies.json"
+    done = {r["variant"]: r for r in json.loads(results_path.read_text())["rows"]} if results_path.is_file() else {}
+    for name in args.only or list(VARIANTS):
+        cfg = variant_config(name)
+        if name in done and done[name]["clt_train"] == cfg.clt_train and done[name]["finetune_lr"] == cfg.finetune.lr:  # type: ignore[union-attr]
+            print(f"{name}: done before", flush=True)
+            continue
+        run = out / name
+        if (build / "clt" / "clt.safetensors").is_file() and _same_recipe(build / "clt", _recipe(cfg, bb, train_ds, cfg.seed)):
+            run = build / "clt"  # the build trained this very recipe already
+            seconds = json.loads((build / "stages" / "clt.json").read_text())["seconds"]
+        else:
+            t0 = time.time()
+            train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), cfg.seed, lambda m: print(m, flush=True))
+            seconds = time.time() - t0
+        clt, _ = load_checkpoint(run, bb)
+        row = seed_row(cfg.seed, measure_transcoder(bb, clt, px, y, text, cfg.eval.fidelity_images))
+        done[name] = {"variant": name, "change": VARIANTS[name][0], **row, "seconds": seconds,
+                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr}  # type: ignore[union-attr]
+        print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
+        rows = [done[v] for v in VARIANTS if v in done]
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(results_path, json.dumps({"rows": rows, "machine": machine, "images": len(y),
+                                                    "fidelity_images": cfg0.eval.fidelity_images}, indent=1))
+        write_text_atomic(out / "remedies.md", render(rows, machine, len(y), cfg0.eval.fidelity_images))
+    print((out / "remedies.md").read_text() if (out / "remedies.md").is_file() else "nothing run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
