@@ -35,8 +35,8 @@ from training.model.checkpoint import load_checkpoint
 BASELINE = dict(lr=1e-3, cls_copies=0)
 BASELINE_FT_LR = 2e-4
 
-# name -> (what changes, clt_train overrides, fine-tuning lr)
-VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
+# name -> (what changes, clt_train overrides, fine-tuning lr[, BuildConfig overrides])
+VARIANTS: dict[str, tuple[Any, ...]] = {
     "baseline": ("previous recipe: lr 1e-3, AuxK on features dead for 1M tokens, fine-tune lr 2e-4", {}, BASELINE_FT_LR),
     "no-aux": ("AuxK dead-feature loss off", dict(aux_coef=0.0), BASELINE_FT_LR),
     "aux-early": ("AuxK on features dead for 100k tokens, weight 1/8", dict(dead_after_tokens=100_000, aux_coef=1 / 8), BASELINE_FT_LR),
@@ -45,18 +45,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     "cls4": ("4 extra copies of each CLS token in the buffer", dict(cls_copies=4), BASELINE_FT_LR),
     "lr6e-3+cls4": ("both", dict(lr=6e-3, cls_copies=4), BASELINE_FT_LR),
     "lr6e-3+cls4+ft5e-4": ("both, fine-tune lr 5e-4 (the build's recipe)", dict(lr=6e-3, cls_copies=4), 5e-4),
+    "F384": ("the build's recipe with 384 features per layer (not 768)", dict(lr=6e-3, cls_copies=4), 5e-4, dict(n_features=384)),
+    "F256": ("the build's recipe with 256 features per layer (not 768)", dict(lr=6e-3, cls_copies=4), 5e-4, dict(n_features=256)),
 }
 
 
 def variant_config(name: str) -> BuildConfig:
-    _, overrides, ft_lr = VARIANTS[name]
+    _, overrides, ft_lr, *more = VARIANTS[name]
     cfg = budget("full")
     assert cfg.finetune is not None
-    return replace(cfg, clt_train={**cfg.clt_train, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr))
+    return replace(cfg, clt_train={**cfg.clt_train, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr), **(more[0] if more else {}))
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], images: int, fidelity_images: int | None) -> str:
-    head = "| variant | change | CLS-only drop (pt) | all-token drop (pt) | R^2 CLS | R^2 all | dead at CLS | L0 | train + fine-tune (s) |"
+    head = "| variant | change | CLS-only drop (pt) | all-token drop (pt) | R^2 CLS | R^2 all | dead at CLS | L0 | train + fine-tune (CPU s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['change']} | {r['drop_cls_pt']:+.2f} | {r['drop_all_pt']:+.2f} | {r['r2_cls']:.4f} | "
@@ -88,21 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["variant"]: r for r in json.loads(results_path.read_text())["rows"]} if results_path.is_file() else {}
     for name in args.only or list(VARIANTS):
         cfg = variant_config(name)
-        if name in done and done[name]["clt_train"] == cfg.clt_train and done[name]["finetune_lr"] == cfg.finetune.lr:  # type: ignore[union-attr]
+        if name in done and done[name]["clt_train"] == cfg.clt_train and done[name]["finetune_lr"] == cfg.finetune.lr \
+                and done[name]["n_features"] == cfg.n_features:  # type: ignore[union-attr]
             print(f"{name}: done before", flush=True)
             continue
         run = out / name
         if (build / "clt" / "clt.safetensors").is_file() and _same_recipe(build / "clt", _recipe(cfg, bb, train_ds, cfg.seed)):
             run = build / "clt"  # the build trained this very recipe already
-            seconds = json.loads((build / "stages" / "clt.json").read_text())["seconds"]
+            seconds = json.loads((build / "stages" / "clt.json").read_text())["cpu_seconds"]
         else:
-            t0 = time.time()
+            t0 = time.process_time()  # CPU time: other jobs on the machine stretch wall time, not this
             train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), cfg.seed, lambda m: print(m, flush=True))
-            seconds = time.time() - t0
+            seconds = time.process_time() - t0
         clt, _ = load_checkpoint(run, bb)
         row = seed_row(cfg.seed, measure_transcoder(bb, clt, px, y, text, cfg.eval.fidelity_images))
         done[name] = {"variant": name, "change": VARIANTS[name][0], **row, "seconds": seconds,
-                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr}  # type: ignore[union-attr]
+                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr, "n_features": cfg.n_features}  # type: ignore[union-attr]
         print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
         rows = [done[v] for v in VARIANTS if v in done]
         out.mkdir(parents=True, exist_ok=True)
