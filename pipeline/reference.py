@@ -182,12 +182,16 @@ def _clt_config(cfg: BuildConfig, bb: Backbone) -> CLTConfig:
     return CLTConfig(n_layers=bb.n_layers, d_model=bb.d_model, n_features=cfg.n_features, activation=cfg.activation, k=cfg.k)  # type: ignore[arg-type]
 
 
+def _clt_key(cfg: BuildConfig, bb: Backbone, seed: int) -> dict[str, Any]:
+    """The settings one CLT of the build is trained, fine-tuned and checked with (part of stage keys)."""
+    ft = cfg.finetune
+    return {"clt": _clt_config(cfg, bb).to_dict(), "train": _train_cfg(cfg.clt_train, seed).to_dict(),
+            "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None, "check": cfg.finetune_check_images}
+
+
 def _recipe(cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, seed: int) -> dict[str, Any]:
     """What fixes one CLT run of the build (as JSON would give it back)."""
-    ft = cfg.finetune
-    return json.loads(json.dumps({"clt": _clt_config(cfg, bb).to_dict(), "train": _train_cfg(cfg.clt_train, seed).to_dict(),
-                                  "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None,
-                                  "data": train_ds.description()}, default=str))
+    return json.loads(json.dumps({**_clt_key(cfg, bb, seed), "data": train_ds.description()}, default=str))
 
 
 def _same_recipe(d: Path, recipe: dict[str, Any]) -> bool:
@@ -226,10 +230,7 @@ def train_reference_clt(d: Path, cfg: BuildConfig, bb: Backbone, train_ds: Tenso
 
 def stage_clt(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, check: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
               clip_rec: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    ft = cfg.finetune
-    st = Stage(out, "clt", {"clip": clip_rec["files"], "clt": _clt_config(cfg, bb).to_dict(), "train": _train_cfg(cfg.clt_train, cfg.seed).to_dict(),
-                            "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None,
-                            "check": cfg.finetune_check_images})
+    st = Stage(out, "clt", {"clip": clip_rec["files"], **_clt_key(cfg, bb, cfg.seed)})
     rec = st.cached()
     if rec:
         log("clt: cached")
@@ -292,10 +293,7 @@ def stage_seeds(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImage
                 clt_rec: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """The CLT recipe retrained with seeds 1 .. clt_seeds-1 (seed 0 is the `clt` stage's), every seed measured
     on the same test images: seeds/seeds.json, seeds/seeds.md."""
-    ft = cfg.finetune
-    st = Stage(out, "seeds", {"clt": clt_rec["files"], "n": cfg.clt_seeds, "clt_cfg": _clt_config(cfg, bb).to_dict(),
-                              "train": cfg.clt_train, "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None,
-                              "check": cfg.finetune_check_images, "eval": cfg.eval.to_dict()})
+    st = Stage(out, "seeds", {"clt_files": clt_rec["files"], "n": cfg.clt_seeds, **_clt_key(cfg, bb, cfg.seed), "eval": cfg.eval.to_dict()})
     rec = st.cached()
     if rec:
         log("seeds: cached")
