@@ -47,6 +47,13 @@ VARIANTS: dict[str, tuple[Any, ...]] = {
     "lr6e-3+cls4+ft5e-4": ("both, fine-tune lr 5e-4 (the build's recipe)", dict(lr=6e-3, cls_copies=4), 5e-4),
     "F384": ("the build's recipe with 384 features per layer (not 768)", dict(lr=6e-3, cls_copies=4), 5e-4, dict(n_features=384)),
     "F256": ("the build's recipe with 256 features per layer (not 768)", dict(lr=6e-3, cls_copies=4), 5e-4, dict(n_features=256)),
+    "cls-aux": ("the build's recipe + CLS AuxK (features silent on 5,000 CLS rows), weight 1/8",
+                dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 8), 5e-4),
+    "k15": ("the build's recipe with TopK k = 15 (not 16)", dict(lr=6e-3, cls_copies=4), 5e-4, dict(k=15)),
+    "cls-aux-32": ("the build's recipe + CLS AuxK, weight 1/32", dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32), 5e-4),
+    "cls-aux-16-k16": ("the build's recipe + CLS AuxK, weight 1/16, 16 features per CLS row",
+                       dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 16, cls_aux_k=16), 5e-4),
+    "cls-aux-1": ("the build's recipe + CLS AuxK, weight 1", dict(lr=6e-3, cls_copies=4, cls_aux_coef=1.0), 5e-4),
 }
 
 

@@ -116,6 +116,7 @@ class ActivationStream:
         self.groups: dict[int, tuple[int, int, int]] = {}  # group id -> (epoch, first position in that epoch's order, images)
         self.next_group = 0
         self._images: Iterator[tuple[int, int, torch.Tensor]] | None = None
+        self.last_cls = torch.zeros(0, dtype=torch.bool)  # [N]: which rows of the last batch are CLS tokens
 
     # ------------------------------------------------------------------ images
     def _order(self, epoch: int) -> torch.Tensor:
@@ -189,6 +190,15 @@ class ActivationStream:
         live = set(self.src[: self.n, 0].unique().tolist())
         self.groups = {g: v for g, v in self.groups.items() if g in live}
 
+    def _is_cls(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N] rows of their group's capture -> [N] bool: the row is an image's CLS token (or a copy of it).
+
+        A capture lays out each image's T' captured tokens, then its c CLS copies (see `_rows`)."""
+        if self.tokens != "all":
+            return torch.full(rows.shape, self.tokens == "cls", dtype=torch.bool)
+        token = rows % self.tokens_per_image
+        return (token == 0) | (token >= self.backbone.n_tokens)
+
     # ------------------------------------------------------------------ batches
     @staticmethod
     def _split(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,12 +214,15 @@ class ActivationStream:
         return self._split(self.buf[pos])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next `batch_tokens` tokens drawn at random from the buffer: (mlp_in, mlp_out) [L, N, d]."""
+        """The next `batch_tokens` tokens drawn at random from the buffer: (mlp_in, mlp_out) [L, N, d].
+
+        `last_cls` [N] then marks which of them are CLS tokens."""
         if self.n < self.buffer_tokens // 2 or self.n < self.batch_tokens:
             self.fill()
         B, n = self.batch_tokens, self.n
         pos = torch.randperm(n, generator=self.rng)[:B]
         out = self.buf[pos.to(self.device)]  # advanced indexing: already a copy
+        self.last_cls = self._is_cls(self.src[pos, 1]).to(self.device)
         # move the tail's unpicked tokens into the picked holes, so the valid part stays contiguous
         picked = torch.zeros(n, dtype=torch.bool)
         picked[pos] = True

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--buffer-tokens", type=_int_at_least(1), default=65536, help="shuffling buffer size in tokens")
     g.add_argument("--cls-copies", type=_int_at_least(0), default=0,
                    help="extra copies of each image's CLS token in the shuffling buffer (--tokens all; default 0)")
+    g.add_argument("--cls-aux-coef", type=_nonneg_float, default=0.0,
+                   help="CLS AuxK weight: features silent at the CLS token learn the CLS residual (--tokens all; "
+                        "default 0: off; docs/fidelity.md has its trade-off)")
+    g.add_argument("--cls-aux-k", type=_int_at_least(1), default=64, help="features per CLS row in CLS AuxK (default 64)")
+    g.add_argument("--cls-dead-after", type=_int_at_least(1), default=5000,
+                   help="CLS rows without firing on one after which a feature counts as silent at the CLS token (default 5000)")
     g.add_argument("--buffer-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     g.add_argument("--images-per-batch", type=_int_at_least(1), default=32, help="images per ViT forward when refilling")
     g.add_argument("--seed", type=int, default=0)
@@ -170,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, args.steps // 10)
         if args.cls_copies and args.tokens != "all":
             parser.error(f"argument --cls-copies: copies of the CLS token need --tokens all, not --tokens {args.tokens}")
+        if args.cls_aux_coef and args.tokens != "all":
+            parser.error(f"argument --cls-aux-coef: CLS AuxK needs --tokens all, not --tokens {args.tokens}")
         train_cfg = TrainConfig(
             steps=args.steps,
             batch_tokens=args.batch_tokens,
@@ -183,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             buffer_tokens=args.buffer_tokens,
             buffer_dtype=args.buffer_dtype,
             cls_copies=args.cls_copies,
+            cls_aux_coef=args.cls_aux_coef,
+            cls_aux_k=args.cls_aux_k,
+            cls_dead_after=args.cls_dead_after,
             images_per_batch=args.images_per_batch,
             num_workers=args.num_workers,
             checkpoint_every=args.checkpoint_every,

@@ -83,6 +83,11 @@ class TrainConfig:
     dead_after_tokens: int = 10_000_000  # a feature is dead after not firing for this many tokens
     aux_coef: float = 1 / 32
     aux_k: int = 512
+    # CLS AuxK (see CrossLayerTranscoder.loss): features that fired on no CLS row for `cls_dead_after`
+    # CLS rows get an auxiliary loss on the CLS rows; 0 turns it off
+    cls_aux_coef: float = 0.0
+    cls_aux_k: int = 64
+    cls_dead_after: int = 5_000
     sparsity_coef: float = 0.0  # JumpReLU tanh-L0 penalty
     preact_coef: float = 3e-6  # JumpReLU pre-activation loss
     eval_batches: int = 4  # fresh batches scored in eval mode for the final metrics
@@ -100,7 +105,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies"):
+        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies", "cls_dead_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -115,6 +120,10 @@ class TrainConfig:
             raise ValueError(f"decoder_update must be in_backward or after, got {self.decoder_update!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.cls_aux_coef < 0 or self.cls_aux_k < 1:
+            raise ValueError(f"cls_aux_coef must be >= 0 and cls_aux_k >= 1, got {self.cls_aux_coef}, {self.cls_aux_k}")
+        if self.cls_aux_coef and self.tokens != "all":
+            raise ValueError(f"cls_aux_coef needs tokens='all', got tokens={self.tokens!r}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step `step` (0-based): linear warm-up, then decay to final_lr_fraction*lr."""
@@ -128,7 +137,14 @@ class TrainConfig:
         return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.cls_aux_coef:  # off: its settings fix nothing, and runs recorded before it existed stay comparable
+            for name in _CLS_AUX:
+                del d[name]
+        return d
+
+
+_CLS_AUX = ("cls_aux_coef", "cls_aux_k", "cls_dead_after")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -370,8 +386,13 @@ def train_step(
     y: torch.Tensor,
     dead: torch.Tensor,
     cfg: TrainConfig,
+    cls_rows: torch.Tensor | None = None,
+    cls_dead: torch.Tensor | None = None,
 ) -> CLTLoss:
     """One optimiser step on raw activations x, y [L, N, d] (bf16 autocast on CUDA); returns the loss terms.
+
+    `cls_rows` [N] bool marks the CLS-token rows and `cls_dead` [L, F] the features dead at the CLS
+    token (for CLS AuxK, `cfg.cls_aux_coef` > 0).
 
     x and y are consumed: they are normalised in place.
 
@@ -387,6 +408,10 @@ def train_step(
             aux_coef=cfg.aux_coef,
             sparsity_coef=cfg.sparsity_coef,
             preact_coef=cfg.preact_coef,
+            cls_rows=cls_rows,
+            cls_dead_mask=cls_dead if cfg.cls_aux_coef > 0 else None,
+            cls_aux_k=cfg.cls_aux_k,
+            cls_aux_coef=cfg.cls_aux_coef,
             inplace=True,
         )
     opt.zero_grad(set_to_none=True)
@@ -440,6 +465,7 @@ def train_clt(
     }
     L, Fn = clt_cfg.n_layers, clt_cfg.n_features
     since_fired = torch.zeros(L, Fn, dtype=torch.long, device=device)
+    since_fired_cls = torch.zeros(L, Fn, dtype=torch.long, device=device)  # CLS rows since the feature fired on one
     ckpt = Checkpointer(out, cfg.keep_checkpoints)
     metrics_path = out / METRICS
     step, tokens_seen = 0, 0
@@ -465,6 +491,8 @@ def train_clt(
         opt.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         since_fired.copy_(state["since_fired"].to(device))
+        if "since_fired_cls" in state:
+            since_fired_cls.copy_(state["since_fired_cls"].to(device))
         _set_rng_state(state["rng"])
         step, tokens_seen = int(state["step"]), int(state["tokens"])
         lines = _read_metrics(metrics_path, step)
@@ -485,6 +513,7 @@ def train_clt(
             "optimizer": opt.state_dict(),
             "stream": stream.state_dict(),
             "since_fired": since_fired.cpu(),
+            "since_fired_cls": since_fired_cls.cpu(),
             "rng": _rng_state(),
             "train_config": cfg.to_dict(),
         }
@@ -499,9 +528,14 @@ def train_clt(
                 group["lr"] = lr
             x, y = stream.next_batch()
             dead = since_fired >= cfg.dead_after_tokens
-            loss = train_step(clt, opt, x, y, dead, cfg)
+            cls_rows = stream.last_cls if cfg.tokens == "all" else None
+            cls_dead = since_fired_cls >= cfg.cls_dead_after
+            loss = train_step(clt, opt, x, y, dead, cfg, cls_rows, cls_dead)
             since_fired += x.shape[1]
             since_fired[loss.fired] = 0
+            if cls_rows is not None and loss.fired_cls is not None:
+                since_fired_cls += int(cls_rows.sum())
+                since_fired_cls[loss.fired_cls] = 0
             step += 1
             tokens_seen += x.shape[1]
             killpoint("train.step")
@@ -518,9 +552,11 @@ def train_clt(
                     "l0": l0,
                     "l0_mean": float(np.mean(l0)),
                     "dead_fraction": float(dead.float().mean()),
+                    "dead_fraction_cls": float(cls_dead.float().mean()) if cls_rows is not None else None,
                     "lr": lr,
                     "loss": float(loss.total.detach()),
                     "aux": float(loss.aux),
+                    "cls_aux": None if loss.cls_aux is None else float(loss.cls_aux),
                     "tokens_per_s": (tokens_seen - tokens_start) / max(elapsed, 1e-9),
                 }
                 log_file.write(json.dumps(row) + "\n")

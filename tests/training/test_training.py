@@ -12,7 +12,7 @@ from training.cli import main as cli_main
 from training.data import FashionMNIST
 from training.model import vit
 from training.model.checkpoint import load_checkpoint
-from training.model.clt import CLTConfig
+from training.model.clt import CLTConfig, CrossLayerTranscoder
 from training.trainer import TrainConfig, TrainingError, train_clt
 
 
@@ -83,6 +83,76 @@ def test_cls_copies_put_each_cls_token_in_the_buffer_1_plus_c_times(tiny_backbon
         TrainConfig(steps=1, tokens="cls", cls_copies=2)
 
 
+def test_batches_mark_their_cls_rows(tiny_backbone):
+    """`last_cls` marks exactly the rows that are an image's CLS token (or one of its copies), found by value
+    against open_clip's own forward (the CLS row of each image's layer-0 MLP input)."""
+    ds = RandomPixels(8, tiny_backbone.image_size)
+    T, c = tiny_backbone.n_tokens, 2
+    stream = ActivationStream(tiny_backbone, ds, tokens="all", batch_tokens=40, buffer_tokens=160, images_per_batch=4, seed=2,
+                              cls_copies=c)
+    mlp_in = []
+    hook = tiny_backbone.visual.transformer.resblocks[0].ln_2.register_forward_hook(lambda m, i, o: mlp_in.append(o.detach()))
+    with torch.no_grad():
+        tiny_backbone.visual(ds.x)
+    hook.remove()
+    cls_in = mlp_in[0][:, 0]  # [B, d]: open_clip's blocks are batch-first
+    seen = 0
+    for _ in range(6):
+        x, _ = stream.next_batch()
+        is_cls = torch.cdist(x[0], cls_in, compute_mode="donot_use_mm_for_euclid_dist").min(1).values < 1e-3
+        assert torch.equal(stream.last_cls, is_cls)
+        seen += int(is_cls.sum())
+    assert 0 < seen < 6 * 40  # both kinds drawn (expected share (1 + c) / (T + c))
+    for tokens, want in (("cls", True), ("patches", False)):
+        other = ActivationStream(tiny_backbone, ds, tokens=tokens, batch_tokens=8, buffer_tokens=32, images_per_batch=4)
+        other.next_batch()
+        assert other.last_cls.tolist() == [want] * 8
+
+
+def test_cls_aux_is_the_auxk_loss_on_cls_rows_over_features_silent_there():
+    """CLS AuxK by hand: on the marked rows only, the top-k pre-activations among the features marked dead
+    reconstruct the residual through their own-layer decoder rows (ReLU forward); its gradient reaches the
+    encoder columns of exactly those features, negative pre-activations included (straight-through ReLU)."""
+    torch.manual_seed(0)
+    L, d, Fn, N, k = 2, 8, 32, 24, 3
+    clt = CrossLayerTranscoder(CLTConfig(L, d, Fn, k=4)).train()
+    x, y = torch.randn(L, N, d), torch.randn(L, N, d)
+    clt.fit_normalisation(x, y)
+    rows = torch.zeros(N, dtype=torch.bool)
+    rows[::4] = True
+    dead = torch.zeros(L, Fn, dtype=torch.bool)
+    dead[0, :10] = True  # layer 1 has none: no term
+    with torch.no_grad():
+        clt.b_enc[0, :10] = -5.0  # every dead feature's pre-activation is negative: only the straight-through path passes
+        base = clt.loss(x, y)
+    got = clt.loss(x, y, cls_rows=rows, cls_dead_mask=dead, cls_aux_k=k, cls_aux_coef=0.5)
+    with torch.no_grad():
+        xs, ys = x / clt.in_scale[:, None, None], y / clt.out_scale[:, None, None]
+        recon = clt.decode_all([clt.encode(l, x[l]) for l in range(L)])  # normalised, decoder bias included
+        resid = (ys[0] - recon[0])[rows]
+        z = xs[0][rows] @ clt.W_enc[0][:, :10] + clt.b_enc[0, :10]
+        top = z.topk(k, dim=-1)
+        pred = (top.values.clamp_min(0)[..., None] * clt.W_dec[0][0][:10][top.indices]).sum(1)
+        want = (pred - resid).pow(2).sum(-1).mean() / (resid - resid.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(got.cls_aux, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.total, base.total + 0.5 * want, rtol=1e-5, atol=1e-6)
+    clt.zero_grad()
+    got.total.backward()
+    g_with = clt.W_enc.grad.clone()
+    clt.zero_grad()
+    clt.loss(x, y).total.backward()
+    changed = (g_with - clt.W_enc.grad).abs().sum(1) > 0  # [L, F]
+    chosen = torch.zeros(L, Fn, dtype=torch.bool)
+    chosen[0, top.indices.unique()] = True  # the dead features in some CLS row's top k (all with negative pre-activations)
+    assert bool((z < 0).all()) and torch.equal(changed, chosen) and bool((chosen <= dead).all())
+    assert clt.loss(x, y, cls_rows=torch.zeros(N, dtype=torch.bool), cls_dead_mask=dead, cls_aux_coef=0.5).cls_aux is None
+    codes = [clt.encode(l, x[l]) for l in range(L)]
+    for l in range(L):
+        want_fired = torch.zeros(Fn, dtype=torch.bool)
+        want_fired[codes[l].idx[rows][codes[l].val[rows] != 0]] = True
+        assert torch.equal(got.fired_cls[l], want_fired)
+
+
 def test_short_training_run_brings_fvu_below_0_2(tmp_path, tiny_backbone):
     ds = FashionMNIST("train", limit=1000)
     clt_cfg = CLTConfig(tiny_backbone.n_layers, tiny_backbone.d_model, n_features=256, k=8)
@@ -114,6 +184,9 @@ def test_short_training_run_brings_fvu_below_0_2(tmp_path, tiny_backbone):
         (["--model", "cltvit-tiny", "--dataset", "imagenet", "--steps", "5"], "--dataset"),
         (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--lr", "zero"], "--lr"),
         (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--tokens", "cls", "--cls-copies", "2"], "--cls-copies"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--tokens", "patches", "--cls-aux-coef", "0.1"],
+         "--cls-aux-coef"),
+        (["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--steps", "5", "--cls-aux-k", "0"], "--cls-aux-k"),
     ],
 )
 def test_bad_cli_argument_gives_one_line_error_and_status_2(tmp_path, capsys, args, names):

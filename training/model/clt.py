@@ -102,6 +102,8 @@ class CLTLoss:
     sparsity: torch.Tensor
     l0: torch.Tensor  # [L] mean active features per token
     fired: torch.Tensor = field(repr=False)  # [L, F] bool: feature active on some token of the batch
+    cls_aux: torch.Tensor | None = None  # the CLS-token auxiliary loss (None when not computed)
+    fired_cls: torch.Tensor | None = field(default=None, repr=False)  # [L, F] bool: active on a CLS row (when rows are marked)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -261,12 +263,23 @@ class CrossLayerTranscoder(nn.Module):
         sparsity_coef: float = 0.0,
         sparsity_c: float = 4.0,
         preact_coef: float = 3e-6,
+        cls_rows: torch.Tensor | None = None,
+        cls_dead_mask: torch.Tensor | None = None,
+        cls_aux_k: int = 64,
+        cls_aux_coef: float = 0.0,
         inplace: bool = False,
     ) -> CLTLoss:
         """Training loss on raw samples [L, N, d].
 
         total = sum_l FVU_l + aux_coef * AuxK (topk/batchtopk, dead features reconstruct the residual)
-                + sparsity_coef * tanh-L0 penalty + preact_coef * pre-activation loss (jumprelu).
+                + cls_aux_coef * CLS AuxK + sparsity_coef * tanh-L0 penalty + preact_coef * pre-activation loss (jumprelu).
+
+        CLS AuxK: `cls_rows` [N] bool marks the batch's CLS-token rows and `cls_dead_mask` [L, F] the
+        features that have not fired on a CLS row for a while; on the CLS rows only, the top
+        `cls_aux_k` of those features (by pre-activation) reconstruct the residual of the
+        reconstruction, as AuxK does over all tokens. It targets features that fire on patches but
+        never at the CLS token, which AuxK over all tokens does not see as dead. Its ReLU passes the
+        gradient straight through (see `_cls_aux`).
 
         TopK/BatchTopK take a sparse path: pre-activations are computed without autograd, the
         active (and AuxK) entries are re-attached through `GatherPreactAll`, so backward costs
@@ -344,6 +357,11 @@ class CrossLayerTranscoder(nn.Module):
                 terms.append((aux_pred[a] - resid[l]).pow(2).sum(-1).mean() / e_var)
             aux = torch.stack(terms).sum()
             total = total + aux_coef * aux
+        cls_aux = None
+        if cls_rows is not None and cls_dead_mask is not None and cls_aux_coef > 0 and bool(cls_rows.any()):
+            cls_aux = self._cls_aux(x, y, recon.detach(), cls_rows, cls_dead_mask, cls_aux_k)
+            if cls_aux is not None:
+                total = total + cls_aux_coef * cls_aux
         sparsity = zero
         if cfg.activation == "jumprelu":
             dec_norms = [self.W_dec[l].norm(dim=-1).sum(0) for l in range(L)]  # [F] each
@@ -361,7 +379,40 @@ class CrossLayerTranscoder(nn.Module):
             fired = torch.zeros(L, cfg.n_features, dtype=torch.bool, device=x.device)
             for l, c in enumerate(codes):
                 fired[l, c.idx[c.val != 0]] = True
-        return CLTLoss(total=total, fvu=fvu.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired)
+            fired_cls = None
+            if cls_rows is not None:
+                fired_cls = torch.zeros_like(fired)
+                for l, c in enumerate(codes):
+                    ci, cv = c.idx[cls_rows], c.val[cls_rows]
+                    fired_cls[l, ci[cv != 0]] = True
+        return CLTLoss(total=total, fvu=fvu.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired,
+                       cls_aux=None if cls_aux is None else cls_aux.detach(), fired_cls=fired_cls)
+
+    def _cls_aux(self, x: torch.Tensor, y: torch.Tensor, recon: torch.Tensor, rows: torch.Tensor, dead: torch.Tensor,
+                 aux_k: int) -> torch.Tensor | None:
+        """CLS AuxK on normalised x, y, recon [L, N, d], rows [N] bool, dead [L, F] bool: the sum over layers
+        with dead features of ||aux prediction - residual||^2 / Var(residual) on the marked rows.
+
+        Dense over the dead features of the n marked rows ([n, F_dead] pre-activations): those rows
+        are a small part of a batch, so this is cheap next to the sparse main path.
+        """
+        terms = []
+        for l in range(self.cfg.n_layers):
+            feats = dead[l].nonzero().squeeze(1)
+            if feats.numel() == 0:
+                continue
+            xr, resid = x[l][rows], (y[l] - recon[l])[rows]  # [n, d] each
+            z = torch.addmm(self.b_enc[l][feats], xr, self.W_enc[l][:, feats])  # [n, F_dead]
+            val, j = z.topk(min(aux_k, feats.numel()), dim=-1)  # [n, k']
+            rows_w = self.W_dec[l][0].index_select(0, feats)[j]  # [n, k', d]: own-layer decoder rows
+            # ReLU forward, identity backward: at the CLS token these features' pre-activations are
+            # below zero (that is why they are silent there), so a plain ReLU would pass no gradient
+            # back; this way the encoder raises them where their decoder row helps the residual
+            act = val + (F.relu(val) - val).detach()
+            pred = torch.einsum("nk,nkd->nd", act, rows_w)
+            e_var = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+            terms.append((pred - resid).pow(2).sum(-1).mean() / e_var)
+        return torch.stack(terms).sum() if terms else None
 
     def extra_repr(self) -> str:
         c = self.cfg
