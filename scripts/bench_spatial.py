@@ -7,7 +7,7 @@ For each model, two bundles that differ only in the spatial maps (`spatial_top_k
 and for batch sizes 1 and 16, alternating calls, three ways: the graph alone (`BundleRuntime.run`);
 explain as the Python API does it (`run` + `BundleRuntime.results`, validated `ImageResult`s, with
 `spatial=True` on the spatial bundle); and the /explain response bodies as the HTTP service builds
-them (`run` + per-image result dicts + the batch's spatial map dicts + `pydantic_core.to_json`, as
+them (`run` + per-image result dicts + the batch's spatial map arrays + `orjson`, as
 `serving.engine.ServingEngine.run_batch` does). Times are the CPU
 time of the calling thread (ONNX Runtime runs its single intra-op thread on the caller, so this is the
 work done, less exposed to other processes on a shared machine) and wall time. Each round times both
@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from bundle import BundleError, load_bundle  # noqa: E402
 from bundle.provenance import machine_info  # noqa: E402
-import pydantic_core  # noqa: E402
 
+from serving.engine import response_body  # noqa: E402
 from serving.results import check_top_k, image_result  # noqa: E402
 from serving.runtime import BundleRuntime  # noqa: E402
 
@@ -122,15 +122,9 @@ def check_optimisations(bundle: Path, pixels: np.ndarray, text: np.ndarray) -> f
 def explain_bodies(rt: BundleRuntime, raw, names: list[str], spatial: bool) -> list[bytes]:
     """The /explain response bodies of a batch, built as `serving.engine.ServingEngine` builds them."""
     k = check_top_k(None, len(names))
-    maps = rt.spatial_maps(raw, names, k) if spatial else [None] * len(raw)
-    out = []
-    for b in range(len(raw)):
-        res = image_result(raw, b, names, rt.term_names, k=k, detail=True, include_embedding=False)
-        out.append(pydantic_core.to_json({
-            "predicted": res["predicted"], "top": res["top"], "term_names": rt.term_names, "explanations": res["explanations"],
-            "top_features": res["top_features"], "completeness_residual": res["completeness_residual"],
-            "term_shares": res["term_shares"], "spatial": maps[b]}))
-    return out
+    maps = rt.spatial_maps(raw, names, k, arrays=True) if spatial else [None] * len(raw)
+    return [response_body("explain", image_result(raw, b, names, rt.term_names, k=k, detail=True, include_embedding=False),
+                          rt.term_names, maps[b]) for b in range(len(raw))]
 
 
 def bench(bundles: dict[str, Path], batch: int, repeats: int) -> dict[str, dict[str, list[float]]]:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 import numpy as np
-import pydantic_core
+import orjson
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
@@ -70,6 +70,25 @@ def _cheap_to_decode(data: bytes) -> bool:
         return True
     return w * h <= INLINE_DECODE_PIXELS
 
+
+
+def response_body(kind: Kind, res: dict[str, Any], term_names: list[str], spatial: dict[str, Any] | None = None) -> bytes:
+    """The JSON body of /classify, /explain or /embed (fields of ClassifyResponse / ExplainResponse /
+    EmbedResponse) from one `serving.results.image_result` dict and, for /explain, the image's spatial
+    maps in array form (`BundleRuntime.spatial_maps(..., arrays=True)`)."""
+    if kind == "classify":
+        body = {"predicted": res["predicted"], "top": res["top"]}
+    elif kind == "explain":
+        body = {"predicted": res["predicted"], "top": res["top"], "term_names": term_names,
+                "explanations": res["explanations"], "top_features": res["top_features"],
+                "completeness_residual": res["completeness_residual"], "term_shares": res["term_shares"],
+                "spatial": spatial}
+    else:
+        body = {"embedding": res["embedding"], "dim": len(res["embedding"]), "predicted": res["predicted"],
+                "term_names": term_names, "term_shares": res["term_shares"]}
+    # orjson writes the spatial maps' float32 arrays from memory (no Python float per cell): on a small
+    # model they are most of an /explain body (docs/spatial.md, "Cost")
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 class ServingEngine:
     """Runtime + batcher + metrics of one worker process (see the module docstring)."""
@@ -197,23 +216,13 @@ class ServingEngine:
             return {}
         names = jobs[members[rows[0]]].names  # one label set per group
         maps = self.runtime.spatial_maps(raw.select(rows), names, k=[jobs[members[j]].k for j in rows],
-                                         heads=[jobs[members[j]].heads for j in rows])
+                                         heads=[jobs[members[j]].heads for j in rows], arrays=True)
         return dict(zip(rows, maps))
 
     def _encode(self, job: Job, res: dict[str, Any], spatial: dict[str, Any] | None = None) -> bytes:
         """The endpoint's response body (fields of ClassifyResponse / ExplainResponse / EmbedResponse)."""
         self.metrics.prediction(res["predicted"], res["term_shares"], job.custom_labels)
-        if job.kind == "classify":
-            body = {"predicted": res["predicted"], "top": res["top"]}
-        elif job.kind == "explain":
-            body = {"predicted": res["predicted"], "top": res["top"], "term_names": self.runtime.term_names,
-                    "explanations": res["explanations"], "top_features": res["top_features"],
-                    "completeness_residual": res["completeness_residual"], "term_shares": res["term_shares"],
-                    "spatial": spatial}
-        else:
-            body = {"embedding": res["embedding"], "dim": len(res["embedding"]), "predicted": res["predicted"],
-                    "term_names": self.runtime.term_names, "term_shares": res["term_shares"]}
-        return pydantic_core.to_json(body)
+        return response_body(job.kind, res, self.runtime.term_names, spatial)
 
     # ------------------------------------------------------------------ /info
     def describe(self) -> InfoResponse:

@@ -25,7 +25,7 @@ from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundl
 from .atlas import Atlas
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
-from .schemas import ImageResult
+from .schemas import ClassMap, ImageResult, SpatialExplanation
 from .spatial import spatial_maps
 from .tokenizer import ClipTokenizer
 
@@ -345,16 +345,17 @@ class BundleRuntime:
         return [
             ImageResult.model_validate({**image_result(raw, b, label_names, self.term_names, k=k, detail=detail,
                                                        include_embedding=include_embedding, feature_label=self.feature_label),
-                                        "spatial": maps[b] if maps is not None else None})
+                                        "spatial": _constructed(maps[b]) if maps is not None else None})
             for b in range(len(raw))
         ]
 
     def spatial_maps(self, raw: RawOutputs, label_names: Sequence[str], k: int | Sequence[int],
-                     heads: bool | Sequence[bool] = False) -> list[dict]:
-        """The spatial maps of each image's top-k labels as plain dicts (`serving.spatial.spatial_maps`)."""
+                     heads: bool | Sequence[bool] = False, arrays: bool = False) -> list[dict]:
+        """The spatial maps of each image's top-k labels as plain dicts (`serving.spatial.spatial_maps`;
+        `arrays=True`: grids as float32 arrays for `orjson`)."""
         if self.spatial is None or not raw.has_spatial:
             raise SpatialUnavailable(self.spatial_unavailable_message())
-        return spatial_maps(raw, label_names, (int(self.spatial.grid[0]), int(self.spatial.grid[1])), k=k, heads=heads)
+        return spatial_maps(raw, label_names, (int(self.spatial.grid[0]), int(self.spatial.grid[1])), k=k, heads=heads, arrays=arrays)
 
     def spatial_unavailable_message(self) -> str:
         return (f"bundle {self.bundle_dir} has no spatial maps (format {self.manifest.format_version}"
@@ -408,3 +409,13 @@ class BundleRuntime:
             "spatial": None if self.spatial is None else self.spatial.model_dump(mode="json"),
         }
 
+
+
+def _constructed(spatial: dict) -> SpatialExplanation:
+    """The model of `serving.spatial.spatial_maps`'s dict without validating it again: the dict is built
+    here, from the graph's arrays, with the model's own field types (tested against the model in
+    tests/serving/test_spatial_serving.py), and validating its hundreds of floats per label would cost
+    about as much as building them (docs/spatial.md, "Cost")."""
+    return SpatialExplanation.model_construct(
+        grid=tuple(spatial["grid"]), layers=spatial["layers"], residual=spatial["residual"],
+        classes=[ClassMap.model_construct(**c) for c in spatial["classes"]])

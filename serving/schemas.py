@@ -85,7 +85,8 @@ class ClassMap(_Model):
 
 class SpatialExplanation(_Model):
     """Per top class (at most the bundle's spatial top-k, best first), the patch grid per attention
-    layer and summed over layers. Values are rounded to 7 significant digits."""
+    layer and summed over layers. Values are rounded to 7 significant digits (over HTTP: each float32's
+    shortest round-trip decimal)."""
 
     grid: tuple[int, int] = Field(description="(rows, columns) of the patch grid; maps list its cells row-major")
     layers: list[str] = Field(description="the attention terms the maps split, in order (attn.0, attn.1, ...)")

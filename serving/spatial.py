@@ -8,9 +8,11 @@ class the patch grid (flat, row-major, with the grid's shape) per layer and summ
 CLS->CLS cell and the two bias parts per layer, per-head grids on request.
 
 Size: per class L * N + (rows * columns) + 3 L numbers (N = 1 + rows * columns), at most S classes;
-per-head maps add L * H * N for one class. Values are rounded to 7 significant digits (float32 carries
-about 7.2), which keeps a ViT-B/16 response (S = 5, L = 12, 14 x 14 grid) near 160 kB of JSON without
-per-head maps and 500 kB with them (docs/spatial.md).
+per-head maps add L * H * N for one class. Two forms of the same numbers: for the Python API, lists of
+floats rounded to 7 significant digits (float32 carries about 7.2, and a float64 would otherwise print
+the 17 digits of the float32's binary expansion); for the HTTP responses, float32 numpy arrays that
+`orjson` writes straight from memory, each value as the shortest decimal that reads back as the same
+float32 (docs/spatial.md has the sizes and what this form saves).
 """
 from __future__ import annotations
 
@@ -54,11 +56,16 @@ def spatial_maps(
     *,
     k: int | Sequence[int],
     heads: bool | Sequence[bool] = False,
+    arrays: bool = False,
 ) -> list[dict[str, Any]]:
-    """The `SpatialExplanation` of every image of `raw` as a plain dict (the engine encodes it to JSON
-    directly, `BundleRuntime.results` validates it into the model): maps for image b's top `k[b]`
-    labels by logit that the graph has maps for, best first, with per-head grids on its predicted label
-    when `heads[b]`. `k` / `heads` may be one value for the whole batch.
+    """The `SpatialExplanation` of every image of `raw` as a plain dict (`BundleRuntime.results`
+    validates it into the model): maps for image b's top `k[b]` labels by logit that the graph has maps
+    for, best first, with per-head grids on its predicted label when `heads[b]`. `k` / `heads` may be
+    one value for the whole batch.
+
+    `arrays=False`: the grids are lists of floats rounded to 7 significant digits. `arrays=True` (the
+    HTTP engine, which encodes with `orjson.OPT_SERIALIZE_NUMPY`): they are C-contiguous float32 arrays
+    (views of one copy per batch), unrounded; converting them to Python lists is what this saves.
 
     Vectorised over the batch: rounding, sums, residuals and list conversion run once per array."""
     assert raw.spatial_class is not None and raw.spatial_contributions is not None and raw.spatial_bias is not None
@@ -70,19 +77,28 @@ def spatial_maps(
     ks = [int(k)] * B if isinstance(k, int) else [int(v) for v in k]
     want_heads = [bool(heads)] * B if isinstance(heads, bool) else [bool(v) for v in heads]
     orders = np.argsort(-raw.logits, axis=1, kind="stable")[:, : max(ks)].tolist()
-    t = round_significant(tokens)
-    cells = t[..., 1:].tolist()
-    cls_cells = t[..., 0].tolist()
-    totals = round_significant(tokens[..., 1:].sum(2, dtype=np.float64)).tolist()
-    b_r = round_significant(bias)
-    vbias, obias = b_r[..., 0].tolist(), b_r[..., 1].tolist()
+    want = any(want_heads) and raw.spatial_head_contributions is not None
+    if arrays:
+        def split(x: np.ndarray) -> tuple[Any, Any]:  # (patch cells, CLS cell), each C-contiguous float32
+            return np.ascontiguousarray(x[..., 1:], np.float32), np.ascontiguousarray(x[..., 0], np.float32)
+
+        cells, cls_cells = split(tokens)
+        totals: Any = tokens[..., 1:].sum(2, dtype=np.float64).astype(np.float32)
+        vbias, obias = np.ascontiguousarray(bias[..., 0], np.float32), np.ascontiguousarray(bias[..., 1], np.float32)
+        head_cells, head_cls = split(raw.spatial_head_contributions) if want else (None, None)  # type: ignore[arg-type]
+    else:
+        t = round_significant(tokens)
+        cells, cls_cells = t[..., 1:].tolist(), t[..., 0].tolist()
+        totals = round_significant(tokens[..., 1:].sum(2, dtype=np.float64)).tolist()
+        b_r = round_significant(bias)
+        vbias, obias = b_r[..., 0].tolist(), b_r[..., 1].tolist()
+        head_cells = head_cls = None
+        if want:
+            h = round_significant(raw.spatial_head_contributions)  # type: ignore[arg-type]
+            head_cells, head_cls = h[..., 1:].tolist(), h[..., 0].tolist()
     attn = attention_terms(contributions, classes, L)
     attention = attn.sum(2).tolist()
     residuals = spatial_residuals(attn, classes, tokens, bias).tolist()
-    head_cells = head_cls = None
-    if any(want_heads) and raw.spatial_head_contributions is not None:
-        h = round_significant(raw.spatial_head_contributions)
-        head_cells, head_cls = h[..., 1:].tolist(), h[..., 0].tolist()
     layer_names = [f"attn.{l}" for l in range(L)]
     class_rows, logit_rows = classes.tolist(), raw.logits.tolist()
     out = []

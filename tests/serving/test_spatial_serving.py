@@ -8,17 +8,19 @@ import subprocess
 import sys
 
 import numpy as np
+import orjson
 import pytest
 from _scoring import fashion_images, make_image_folder, read_jsonl
 from PIL import Image
 
 import serving
 from serving.cli import explain_main
+from serving.engine import response_body
 from serving.heatmap import overlay
 from serving.jobs.cli import score_main
 from serving.runtime import BundleRuntime, SpatialUnavailable
 from serving.schemas import ImageResult
-from serving.results import RawOutputs
+from serving.results import RawOutputs, image_result
 from serving.schemas import SpatialExplanation
 from serving.spatial import round_significant, spatial_maps
 
@@ -82,6 +84,31 @@ def test_rounding_to_significant_digits():
     r = round_significant(x)
     assert np.all(np.abs(r - x.astype(np.float64)) <= 5e-7 * np.abs(x.astype(np.float64)))
     assert json.dumps(r.tolist()) == "[0.0, 1.234568e-07, -98765.43, 0.1, 3.0]"
+
+
+def test_http_form_writes_each_float32_exactly(runtime):
+    """The arrays form (what /explain encodes with orjson) carries the graph's float32 values unrounded: the
+    JSON reads back to the very same float32s; the list form (Python API) is the same numbers to 7 digits."""
+    px = runtime.normalize(np.stack([runtime.resize_crop(_image(seed=s)) for s in range(3)]))
+    raw = runtime.run(px)
+    names = runtime.label_names
+    arrays = runtime.spatial_maps(raw, names, k=[5, 2, 3], heads=[True, False, True], arrays=True)
+    lists = runtime.spatial_maps(raw, names, k=[5, 2, 3], heads=[True, False, True])
+    for b, (a, li) in enumerate(zip(arrays, lists)):
+        back = json.loads(orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY))
+        assert SpatialExplanation.model_validate(back) and [c["label"] for c in back["classes"]] == [c["label"] for c in li["classes"]]
+        row_of = {int(c): s for s, c in enumerate(raw.spatial_class[b])}
+        for got, want in zip(back["classes"], li["classes"]):
+            s = row_of[names.index(got["label"])]
+            tokens = raw.spatial_contributions[b, s]  # [L, N] float32, as the graph returned it
+            assert np.array_equal(np.float32(got["layers"]), tokens[:, 1:]) and np.array_equal(np.float32(got["cls_cell"]), tokens[:, 0])
+            assert np.array_equal(np.float32(got["value_bias"]), raw.spatial_bias[b, s, :, 0])
+            assert np.array_equal(np.float32(got["total"]), tokens[:, 1:].sum(0, dtype=np.float64).astype(np.float32))
+            for key in ("layers", "total", "cls_cell", "value_bias", "output_bias", "heads", "heads_cls_cell"):
+                np.testing.assert_allclose(np.float64(got[key]), np.float64(want[key]), rtol=6e-7, atol=0)
+            if got["heads"]:
+                assert np.array_equal(np.float32(got["heads"]), raw.spatial_head_contributions[b][..., 1:])
+        assert (b != 1) == bool(back["classes"][0]["heads"])
 
 
 def test_format_1_bundle_serves_without_maps(v1_bundle):
@@ -242,8 +269,13 @@ def test_response_size_is_bounded_for_vit_b16():
     small_m, big_m = SpatialExplanation.model_validate(small), SpatialExplanation.model_validate(big)
     assert len(small_m.classes) == S and np.asarray(big_m.classes[0].heads).shape == (L, H, 196)
     small_n, big_n = len(small_m.model_dump_json()), len(big_m.model_dump_json())
-    print(f"ViT-B/16 spatial JSON: {small_n} bytes, with per-head maps {big_n} bytes")
-    assert small_n < 200_000 and big_n < 600_000
+    # the HTTP form: float32 arrays, each value its shortest round-trip decimal (up to 9 digits)
+    (small_a,) = spatial_maps(raw, names, (14, 14), k=C, arrays=True)
+    (big_a,) = spatial_maps(raw, names, (14, 14), k=C, heads=True, arrays=True)
+    small_h, big_h = (len(orjson.dumps(m, option=orjson.OPT_SERIALIZE_NUMPY)) for m in (small_a, big_a))
+    print(f"ViT-B/16 spatial JSON: {small_n} bytes, with per-head maps {big_n} bytes (Python API's model); "
+          f"{small_h} / {big_h} bytes as /explain writes it")
+    assert small_n < 200_000 and big_n < 600_000 and small_h < 200_000 and big_h < 600_000
 
 
 # ---------------------------------------------------------------------- a finer grid: ViT-B-16 (14x14)
@@ -278,5 +310,12 @@ def test_vit_b16_bundle_end_to_end(tmp_path_factory):
     with_heads = len(body.model_dump_json())
     (plain,) = ex.explain([photo])
     without_heads = len(body.model_copy(update={"spatial": plain.spatial}).model_dump_json())
-    print(f"ViT-B/16 /explain JSON: {without_heads} bytes, {with_heads} with per-head maps")
-    assert without_heads < 250_000 and with_heads < 700_000
+    # the bodies as the service writes them (serving.engine.response_body, maps as float32 arrays)
+    rt = ex.runtime
+    raw = rt.run(rt.normalize(rt.resize_crop(photo)[None]))
+    http_without, http_with = (
+        len(response_body("explain", image_result(raw, 0, rt.label_names, rt.term_names, k=5, detail=True, include_embedding=False),
+                          rt.term_names, rt.spatial_maps(raw, rt.label_names, 5, heads=h, arrays=True)[0])) for h in (False, True))
+    print(f"ViT-B/16 /explain JSON: {http_without} bytes, {http_with} with per-head maps "
+          f"(Python API's model: {without_heads}, {with_heads})")
+    assert without_heads < 250_000 and with_heads < 700_000 and http_without < 250_000 and http_with < 700_000
