@@ -12,7 +12,11 @@ to back on loopback:
 2. In process, no HTTP, in the bench's own process while the servers idle (the engine's own code:
    decode -> preprocess -> ONNX Runtime -> results -> JSON): at batch 1 after the fresh round and
    again after the after-load round (each single-client bound uses the figure next to it in time),
-   at the batch the service formed at 16 clients, and the bare ONNX Runtime call (raw).
+   at the batch the service formed at 16 clients, and the bare ONNX Runtime call (raw). At batch 1
+   also "paced": one call per request interval of the 1-client phase before it, idle in between, as
+   the server's model thread sees a single client. On some machines (VMs whose idle vCPU sleeps) a
+   call after even 1-3 ms idle costs 1.5-3x a back-to-back one (docs/serving.md); the paced figure
+   shows how much of a 1-client latency that is. The targets use the back-to-back figure.
 For every HTTP phase: requests/s, p50/p95 latency, failures, server CPU per request (the server's
 whole process tree, from /proc), of it the model thread's CPU (cltvit_model_cpu_seconds), mean
 served batch (cltvit_batch_size), the load generator's own CPU and the machine's other load (CPU
@@ -235,8 +239,11 @@ def fmt_row(r: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- in process
-def in_process(bundle: str, threads: int | None, image_bytes: bytes, kind: str, batch: int, seconds: float) -> dict[str, float]:
-    """The engine's own per-request and per-batch code without HTTP: wall and CPU ms per image."""
+def in_process(bundle: str, threads: int | None, image_bytes: bytes, kind: str, batch: int, seconds: float,
+               period: float = 0.0) -> dict[str, float]:
+    """The engine's own per-request and per-batch code without HTTP: wall and CPU ms per image; with
+    `period` > 0 one call starts every `period` seconds (idle in between, as a single client's requests
+    reach the model thread) instead of back to back."""
     from serving.engine import Job, ServingEngine
     from serving.settings import ServeSettings
 
@@ -253,7 +260,7 @@ def in_process(bundle: str, threads: int | None, image_bytes: bytes, kind: str, 
         for body in engine.run_batch(jobs):
             assert isinstance(body, bytes)
 
-    return _timed(once, batch, seconds)
+    return _timed(once, batch, seconds, period)
 
 
 def raw_runtime(bundle: str, threads: int | None, batch: int, seconds: float) -> dict[str, float]:
@@ -267,11 +274,13 @@ def raw_runtime(bundle: str, threads: int | None, batch: int, seconds: float) ->
 _ENGINES: dict[tuple[str, int | None], Any] = {}
 
 
-def _timed(fn: Any, per_call: int, seconds: float) -> dict[str, float]:
+def _timed(fn: Any, per_call: int, seconds: float, period: float = 0.0) -> dict[str, float]:
     fn()
     walls, cpus = [], []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(walls) < 5:
+        if period > 0:
+            time.sleep(max(0.0, period - (walls[-1] if walls else 0.0)))
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - t0)
@@ -344,12 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     served: dict[str, int] = {}
     inproc: dict[str, dict[str, dict[int, dict[str, float]]]] = {}  # when -> endpoint -> batch -> figures
     raw: dict[int, dict[str, float]] = {}
+    paced: dict[str, dict[str, dict[str, float]]] = {}  # when -> endpoint -> batch-1 figures, calls spaced as the client's
 
     def measure(when: str, ep: str, b: int) -> None:
         r = in_process(args.bundle, args.threads, image_bytes, ep.strip("/"), b, min(args.seconds, 5))
         inproc.setdefault(when, {}).setdefault(ep, {})[b] = r
         log(f"in-process     {ep:<9} batch {b:<3} ({when}) {r['wall_ms']:6.3f} ms/image wall, {r['cpu_ms']:6.3f} ms/image CPU "
             f"({r['images_per_s']:.0f} images/s)")
+        if b == 1:  # the same, one call per request interval of the 1-client phase before it (see the docstring)
+            one = [r for r in rows if r["server"] == "cltvit" and r["endpoint"] == ep and r["clients"] == 1 and r["phase"] == when]
+            if one:
+                q = in_process(args.bundle, args.threads, image_bytes, ep.strip("/"), 1, min(args.seconds, 5), 1.0 / one[0]["rps"])
+                paced.setdefault(when, {})[ep] = q
+                log(f"in-process     {ep:<9} batch 1   ({when}, paced: a call every {1e3 / one[0]['rps']:.1f} ms) "
+                    f"{q['wall_ms']:6.3f} ms/image wall, {q['cpu_ms']:6.3f} ms/image CPU")
 
     servers: list[tuple[Server, list[str]]] = []
     refs = [("floor", "Floor")] + ([] if args.skip_hops else [("depends-hop", "FloorDepends"), ("batcher-hop", "FloorBatcher")])
@@ -418,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
             bound = get("floor", "/floor", 1, label)["p50_ms"] + inproc[label][ep][1]["wall_ms"] + 2.0
             checks.append((f"{ep} 1-client p50 ({label}) <= floor p50 + in-process batch-1 + 2 ms", s1["p50_ms"], bound,
                            s1["p50_ms"] <= bound))
+            if label in paced and ep in paced[label]:  # context, not a target: the same bound with the paced figure
+                pb = get("floor", "/floor", 1, label)["p50_ms"] + paced[label][ep]["wall_ms"] + 2.0
+                checks.append((f"({ep} 1-client p50 ({label}) <= floor p50 + in-process batch-1 paced like the client + 2 ms)",
+                               s1["p50_ms"], pb, s1["p50_ms"] <= pb))
     if f16 is not None and "/classify" in endpoints:
         c16 = get("cltvit", "/classify", 16, "loaded")
         checks.append(("/classify req/s at 16 clients >= 0.6 x floor req/s", c16["rps"], 0.6 * f16["rps"], c16["rps"] >= 0.6 * f16["rps"]))
@@ -433,12 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     (work / "bench_serve.json").write_text(json.dumps({
         "cpu": cpu_description(), "upload_bytes": len(image_bytes), "seconds": args.seconds, "threads": args.threads,
         "bundle": str(args.bundle), "rows": rows, "in_process": {w: {ep: {str(b): v for b, v in d.items()} for ep, d in e.items()} for w, e in inproc.items()},
-        "raw": {str(b): v for b, v in raw.items()}, "served_batch": served,
+        "raw": {str(b): v for b, v in raw.items()}, "served_batch": served, "in_process_paced": paced,
         "checks": [{"what": w, "measured": g, "bound": b, "ok": ok} for w, g, b, ok in checks],
     }, indent=1))
     (work / "bench_serve.md").write_text(markdown(rows, inproc, raw, checks))
     log(f"# written {work / 'bench_serve.json'} and {work / 'bench_serve.md'}")
-    return 1 if args.strict and not all(ok for *_, ok in checks) else 0
+    return 1 if args.strict and not all(ok for what, *_, ok in checks if not what.startswith("(")) else 0
 
 
 if __name__ == "__main__":
