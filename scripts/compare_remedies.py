@@ -61,7 +61,9 @@ def variant_config(name: str) -> BuildConfig:
     _, overrides, ft_lr, *more = VARIANTS[name]
     cfg = budget("full")
     assert cfg.finetune is not None
-    return replace(cfg, clt_train={**cfg.clt_train, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr), **(more[0] if more else {}))
+    # TopK k = 16 (the build's) unless the variant sets it
+    return replace(cfg, clt_train={**cfg.clt_train, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr),
+                   **{"k": 16, **(more[0] if more else {})})
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], images: int, fidelity_images: int | None) -> str:
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(VARIANTS):
         cfg = variant_config(name)
         if name in done and done[name]["clt_train"] == cfg.clt_train and done[name]["finetune_lr"] == cfg.finetune.lr \
-                and done[name]["n_features"] == cfg.n_features:  # type: ignore[union-attr]
+                and done[name]["n_features"] == cfg.n_features and done[name].get("k", 16) == cfg.k:  # type: ignore[union-attr]
             print(f"{name}: done before", flush=True)
             continue
         run = out / name
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         clt, _ = load_checkpoint(run, bb)
         row = seed_row(cfg.seed, measure_transcoder(bb, clt, px, y, text, cfg.eval.fidelity_images))
         done[name] = {"variant": name, "change": VARIANTS[name][0], **row, "seconds": seconds,
-                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr, "n_features": cfg.n_features}  # type: ignore[union-attr]
+                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr, "n_features": cfg.n_features, "k": cfg.k}  # type: ignore[union-attr]
         print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
         rows = [done[v] for v in VARIANTS if v in done]
         out.mkdir(parents=True, exist_ok=True)
