@@ -99,13 +99,19 @@ def test_mismatched_bundle_stops_start(bundle, tmp_path):
     assert r.returncode == 2 and "term_names" in r.stderr
 
 
-def test_bad_arguments(bundle):
-    r = _serve("--bundle", str(bundle), "--variant", "int4")
-    assert r.returncode == 2 and "int4" in r.stderr
-    for flag, value in [("--max-batch-size", "0"), ("--workers", "0"), ("--max-queue", "0"), ("--batch-wait-ms", "-1"),
-                        ("--label-cache-mb", "0"), ("--port", "70000")]:
-        r = _serve("--bundle", str(bundle), flag, value)
-        assert r.returncode == 2 and flag in r.stderr, (flag, r.stderr)
+def test_bad_arguments(bundle, monkeypatch, capsys):
+    """Each bad argument stops cltvit-serve with status 2 and a message naming it; in process (the parser and
+    validation cltvit-serve runs before it starts BentoML; execve intercepted so nothing could start), and
+    once as the real command."""
+    from serving import cli
+
+    monkeypatch.setattr(cli.os, "execve", lambda *a: pytest.fail(f"cltvit-serve started with bad arguments: {a[1]}"))
+    for flag, value in [("--variant", "int4"), ("--max-batch-size", "0"), ("--workers", "0"), ("--max-queue", "0"),
+                        ("--batch-wait-ms", "-1"), ("--label-cache-mb", "0"), ("--port", "70000")]:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--bundle", str(bundle), flag, value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and flag in err and value in err, (flag, err)
     r = _serve()
     assert r.returncode == 2 and "--bundle" in r.stderr
 
