@@ -71,7 +71,6 @@ def _cheap_to_decode(data: bytes) -> bool:
     return w * h <= INLINE_DECODE_PIXELS
 
 
-
 def response_body(kind: Kind, res: dict[str, Any], term_names: list[str], spatial: dict[str, Any] | None = None) -> bytes:
     """The JSON body of /classify, /explain or /embed (fields of ClassifyResponse / ExplainResponse /
     EmbedResponse) from one `serving.results.image_result` dict and, for /explain, the image's spatial
@@ -89,6 +88,7 @@ def response_body(kind: Kind, res: dict[str, Any], term_names: list[str], spatia
     # orjson writes the spatial maps' float32 arrays from memory (no Python float per cell): on a small
     # model they are most of an /explain body (docs/spatial.md, "Cost")
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
 
 class ServingEngine:
     """Runtime + batcher + metrics of one worker process (see the module docstring)."""

@@ -410,7 +410,6 @@ class BundleRuntime:
         }
 
 
-
 def _constructed(spatial: dict) -> SpatialExplanation:
     """The model of `serving.spatial.spatial_maps`'s dict without validating it again: the dict is built
     here, from the graph's arrays, with the model's own field types (tested against the model in

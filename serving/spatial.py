@@ -78,24 +78,25 @@ def spatial_maps(
     want_heads = [bool(heads)] * B if isinstance(heads, bool) else [bool(v) for v in heads]
     orders = np.argsort(-raw.logits, axis=1, kind="stable")[:, : max(ks)].tolist()
     want = any(want_heads) and raw.spatial_head_contributions is not None
-    if arrays:
-        def split(x: np.ndarray) -> tuple[Any, Any]:  # (patch cells, CLS cell), each C-contiguous float32
-            return np.ascontiguousarray(x[..., 1:], np.float32), np.ascontiguousarray(x[..., 0], np.float32)
+    if arrays:  # C-contiguous float32 (one copy per array; a map is a view of it), for orjson
+        def prep(x: np.ndarray) -> np.ndarray:
+            return x
 
-        cells, cls_cells = split(tokens)
-        totals: Any = tokens[..., 1:].sum(2, dtype=np.float64).astype(np.float32)
-        vbias, obias = np.ascontiguousarray(bias[..., 0], np.float32), np.ascontiguousarray(bias[..., 1], np.float32)
-        head_cells, head_cls = split(raw.spatial_head_contributions) if want else (None, None)  # type: ignore[arg-type]
-    else:
-        t = round_significant(tokens)
-        cells, cls_cells = t[..., 1:].tolist(), t[..., 0].tolist()
-        totals = round_significant(tokens[..., 1:].sum(2, dtype=np.float64)).tolist()
-        b_r = round_significant(bias)
-        vbias, obias = b_r[..., 0].tolist(), b_r[..., 1].tolist()
-        head_cells = head_cls = None
-        if want:
-            h = round_significant(raw.spatial_head_contributions)  # type: ignore[arg-type]
-            head_cells, head_cls = h[..., 1:].tolist(), h[..., 0].tolist()
+        def form(x: np.ndarray) -> Any:
+            return np.ascontiguousarray(x, np.float32)
+    else:  # lists of floats rounded to 7 significant digits
+        prep = round_significant
+
+        def form(x: np.ndarray) -> Any:
+            return x.tolist()
+    t, b_r = prep(tokens), prep(bias)
+    cells, cls_cells = form(t[..., 1:]), form(t[..., 0])
+    totals = form(prep(tokens[..., 1:].sum(2, dtype=np.float64)))
+    vbias, obias = form(b_r[..., 0]), form(b_r[..., 1])
+    head_cells = head_cls = None
+    if want:
+        h = prep(raw.spatial_head_contributions)  # type: ignore[arg-type]
+        head_cells, head_cls = form(h[..., 1:]), form(h[..., 0])
     attn = attention_terms(contributions, classes, L)
     attention = attn.sum(2).tolist()
     residuals = spatial_residuals(attn, classes, tokens, bias).tolist()
