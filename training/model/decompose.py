@@ -136,26 +136,31 @@ def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def spatial_parts(
-    res: ForwardResult, u: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    res: ForwardResult, u: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    n_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split every layer's attention term, for the class directions u [B, S, d], into
-    (cells [L, B, H, S, T] per head and source token, value-bias parts [L, B, S] (heads summed),
+    (cells [L, B, S, H, T] per head and source token, value-bias parts [L, B, S] (heads summed),
     output-bias parts [B, S, L]); `res` must come from `forward(..., record_attention=True)`,
-    `weights` from `spatial_weights`. All layers at once: one GEMM folds W_O^T into u, one batched
-    matmul per (layer, head) W_V^T, one per (layer, image) the dot products with the tokens."""
+    `weights` from `spatial_weights`, `n_tokens` = T. All layers at once: one GEMM folds W_O^T into u,
+    one batched matmul per (layer, head) W_V^T, one per (layer, image) the dot products with the tokens.
+
+    Every size but B is a Python int (from the weights' and u's static shapes), so that a traced graph
+    carries constants, not shape arithmetic on the inputs: on small models that arithmetic costs as
+    much as the products."""
     O, V, b_v, b_o = weights
-    S, d = u.shape[1], u.shape[2]
-    L = b_o.shape[1]
-    H, dh = V.shape[0] // L, V.shape[1]
-    u2 = u.reshape(-1, d)  # [B*S, d]
-    o = torch.matmul(u2, O).reshape(-1, L * H, dh).transpose(0, 1)  # [L*H, B*S, dh]: W_O[l,h]^T (g_l * u)
-    w = torch.matmul(o, V).reshape(L, H, -1, S, d).transpose(1, 2).reshape(L, -1, H * S, d)  # [L, B, H*S, d]
-    T = res.attn_weights.shape[-1]
-    # one [H*S, d] x [d, T] product per (layer, image): W_V^T W_O^T (g * u) against every token's LN1 output
-    z = torch.matmul(w, res.attn_in.transpose(-1, -2)).reshape(L, -1, H, S, T)  # [L, B, H, S, T]
-    cells = z * res.attn_weights.unsqueeze(3)  # [L, B, H, S, T]
+    d = int(O.shape[0])
+    LH, dh = int(V.shape[0]), int(V.shape[1])
+    L = int(b_o.shape[1])
+    H, S, T = LH // L, int(u.shape[1]), int(n_tokens)
+    o = torch.matmul(u.reshape(-1, d), O).reshape(-1, LH, dh).transpose(0, 1)  # [L*H, B*S, dh]: W_O[l,h]^T (g_l * u)
+    # [L, H, B, S, d] -> [L, B, S*H, d]: rows (class, head) of one image and layer together
+    w = torch.matmul(o, V).reshape(L, H, -1, S, d).permute(0, 2, 3, 1, 4).reshape(L, -1, S * H, d)
+    # one [S*H, d] x [d, T] product per (layer, image): W_V^T W_O^T (g * u) against every token's LN1 output
+    z = torch.matmul(w, res.attn_in.transpose(-1, -2)).reshape(L, -1, S, H, T)  # [L, B, S, H, T]
+    cells = z * res.attn_weights.unsqueeze(2)  # [L, B, S, H, T]
     value_bias = torch.matmul(o, b_v).reshape(L, H, -1, S).sum(1)  # [L, B, S]
-    out_bias = torch.matmul(u2, b_o).reshape(-1, S, L)  # [B, S, L]
+    out_bias = torch.matmul(u.reshape(-1, d), b_o).reshape(-1, S, L)  # [B, S, L]
     return cells, value_bias, out_bias
 
 
@@ -164,18 +169,20 @@ def _spatial(
     scale: torch.Tensor, top: int,
 ) -> SpatialDecomposition:
     """`SpatialDecomposition` of the `top` best classes of each image (padded past C, see there)."""
+    D = int(text_embeddings.shape[1])  # static in a traced graph (C is the dynamic axis)
     # pad with -inf columns so that topk(top) works for any class count C (also C < top)
     pad = torch.full_like(logits[:, :1], float("-inf")).expand(-1, top)
     vals, idx = torch.cat([logits, pad], 1).topk(top, dim=1)  # [B, S]
-    text = torch.cat([text_embeddings, text_embeddings.new_zeros(top, text_embeddings.shape[1])], 0)
-    t_sel = text.index_select(0, idx.reshape(-1)).reshape(-1, top, text.shape[1])  # [B, S, D]; zeros for padding
+    text = torch.cat([text_embeddings, text_embeddings.new_zeros(top, D)], 0)
+    t_sel = text.index_select(0, idx.reshape(-1)).reshape(-1, top, D)  # [B, S, D]; zeros for padding
     u = class_directions(visual, res.cls_resid, norm, scale, t_sel)
-    cells, value_bias, out_bias = spatial_parts(res, u, spatial_weights(visual))
+    gh, gw = visual.grid_size
+    cells, value_bias, out_bias = spatial_parts(res, u, spatial_weights(visual), 1 + int(gh) * int(gw))
     return SpatialDecomposition(
         classes=torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1)),
-        tokens=cells.sum(2).permute(1, 2, 0, 3),  # [B, S, L, T]
+        tokens=cells.sum(3).permute(1, 2, 0, 3),  # [B, S, L, T]
         bias=torch.stack([value_bias.permute(1, 2, 0), out_bias], -1),  # [B, S, L, 2]
-        heads=cells[:, :, :, 0].transpose(0, 1),  # [B, L, H, T]
+        heads=cells[:, :, 0].transpose(0, 1),  # [B, L, H, T]
     )
 
 
