@@ -31,8 +31,8 @@ from pipeline.reference import BuildConfig, _recipe, _same_recipe, _stage_inputs
 from training.evaluation.metrics import measure_transcoder
 from training.model.checkpoint import load_checkpoint
 
-# the previous reference recipe, the starting point of every single change
-BASELINE = dict(lr=1e-3, cls_copies=0)
+# the reference recipe before this comparison, the starting point of every single change
+BASELINE = dict(lr=1e-3, cls_copies=0, steps=1500, warmup_steps=100)
 BASELINE_FT_LR = 2e-4
 
 # name -> (what changes, clt_train overrides, fine-tuning lr[, BuildConfig overrides])
@@ -54,6 +54,38 @@ VARIANTS: dict[str, tuple[Any, ...]] = {
     "cls-aux-16-k16": ("the build's recipe + CLS AuxK, weight 1/16, 16 features per CLS row",
                        dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 16, cls_aux_k=16), 5e-4),
     "cls-aux-1": ("the build's recipe + CLS AuxK, weight 1", dict(lr=6e-3, cls_copies=4, cls_aux_coef=1.0), 5e-4),
+    "batchtopk": ("the build's recipe with BatchTopK (k = 16 per token on average over the batch; threshold at inference)",
+                  dict(lr=6e-3, cls_copies=4), 5e-4, dict(activation="batchtopk")),
+    "batchtopk-k15": ("BatchTopK, k = 15 on average", dict(lr=6e-3, cls_copies=4), 5e-4, dict(activation="batchtopk", k=15)),
+    "F384-k15-cls-aux-32": ("384 features per layer, k = 15, CLS AuxK weight 1/32",
+                            dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32), 5e-4, dict(n_features=384, k=15)),
+    "F256-k15-cls-aux-32": ("256 features per layer, k = 15, CLS AuxK weight 1/32",
+                            dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32), 5e-4, dict(n_features=256, k=15)),
+    # a 256-feature CLT trains in about 2/3 of the 768-feature one's time: spend the rest on steps
+    "F256-k15-cls-aux-32-2250": ("256 features, k = 15, CLS AuxK 1/32, 2250 steps (the 768-feature recipe's time)",
+                                 dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32, steps=2250, warmup_steps=150), 5e-4,
+                                 dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-64-2250": ("256 features, k = 15, CLS AuxK 1/64, 2250 steps",
+                                 dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 64, steps=2250, warmup_steps=150), 5e-4,
+                                 dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-48-2250": ("256 features, k = 15, CLS AuxK 1/48, 2250 steps",
+                                 dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 48, steps=2250, warmup_steps=150), 5e-4,
+                                 dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-32-2250-cls2": ("256 features, k = 15, CLS AuxK 1/32, 2250 steps, 2 extra CLS copies (not 4)",
+                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 32, steps=2250, warmup_steps=150), 5e-4,
+                                      dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-48-2250-cls2": ("256 features, k = 15, CLS AuxK 1/48, 2250 steps, 2 extra CLS copies",
+                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 48, steps=2250, warmup_steps=150), 5e-4,
+                                      dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-64-2250-cls2": ("256 features, k = 15, CLS AuxK 1/64, 2250 steps, 2 extra CLS copies",
+                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 64, steps=2250, warmup_steps=150), 5e-4,
+                                      dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-64-2500-cls2": ("256 features, k = 15, CLS AuxK 1/64, 2500 steps, 2 extra CLS copies",
+                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 64, steps=2500, warmup_steps=150), 5e-4,
+                                      dict(n_features=256, k=15)),
+    "F256-k15-cls-aux-48-2500-cls2": ("256 features, k = 15, CLS AuxK 1/48, 2500 steps, 2 extra CLS copies",
+                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 48, steps=2500, warmup_steps=150), 5e-4,
+                                      dict(n_features=256, k=15)),
 }
 
 
@@ -61,9 +93,10 @@ def variant_config(name: str) -> BuildConfig:
     _, overrides, ft_lr, *more = VARIANTS[name]
     cfg = budget("full")
     assert cfg.finetune is not None
-    # TopK k = 16 (the build's) unless the variant sets it
-    return replace(cfg, clt_train={**cfg.clt_train, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr),
-                   **{"k": 16, **(more[0] if more else {})})
+    base = {k: v for k, v in cfg.clt_train.items() if k != "cls_aux_coef"}  # CLS AuxK only where a variant sets it
+    # F = 768, TopK k = 16 (the starting point's) unless the variant sets them
+    return replace(cfg, clt_train={**base, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr),
+                   **{"k": 16, "n_features": 768, **(more[0] if more else {})})
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], images: int, fidelity_images: int | None) -> str:
@@ -100,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(VARIANTS):
         cfg = variant_config(name)
         if name in done and done[name]["clt_train"] == cfg.clt_train and done[name]["finetune_lr"] == cfg.finetune.lr \
-                and done[name]["n_features"] == cfg.n_features and done[name].get("k", 16) == cfg.k:  # type: ignore[union-attr]
+                and done[name]["n_features"] == cfg.n_features and done[name].get("k", 16) == cfg.k \
+                and done[name].get("activation", "topk") == cfg.activation:  # type: ignore[union-attr]
             print(f"{name}: done before", flush=True)
             continue
         run = out / name
@@ -114,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         clt, _ = load_checkpoint(run, bb)
         row = seed_row(cfg.seed, measure_transcoder(bb, clt, px, y, text, cfg.eval.fidelity_images))
         done[name] = {"variant": name, "change": VARIANTS[name][0], **row, "seconds": seconds,
-                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr, "n_features": cfg.n_features, "k": cfg.k}  # type: ignore[union-attr]
+                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr, "n_features": cfg.n_features, "k": cfg.k,
+                      "activation": cfg.activation}  # type: ignore[union-attr]
         print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
         rows = [done[v] for v in VARIANTS if v in done]
         out.mkdir(parents=True, exist_ok=True)
