@@ -79,11 +79,11 @@ load: setup
 
 # Benchmarks: each script prints the ratios it measured in one run (README "Benchmarks").
 # bench_export.py keeps the ViT-B-32 bundle in $(ARTIFACTS)/bench/vitb32-bundle for `make load`.
-bench: setup
+bench: setup wrk
 	$(PY) scripts/bench_training.py --json $(ARTIFACTS)/bench/bench_training.json
 	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
 	$(PY) scripts/bench_score.py --bundle $(ARTIFACTS)/bench/vitb32-bundle --out $(ARTIFACTS)/bench/bench_score.json
-	$(PY) scripts/bench_spatial.py --work $(ARTIFACTS)/bench --json $(ARTIFACTS)/bench/bench_spatial.json
+	$(PY) scripts/bench_spatial.py --work $(ARTIFACTS)/bench --json $(ARTIFACTS)/bench/bench_spatial.json --http
 
 # Serving benchmark (docs/serving.md): BentoML's floor, the service at 1/16/64 clients and the
 # in-process ceiling in one run; prints the issue's targets as ratios. ViT-B-32 architecture:
