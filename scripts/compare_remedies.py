@@ -57,36 +57,23 @@ VARIANTS: dict[str, tuple[Any, ...]] = {
     "batchtopk": ("the build's recipe with BatchTopK (k = 16 per token on average over the batch; threshold at inference)",
                   dict(lr=6e-3, cls_copies=4), 5e-4, dict(activation="batchtopk")),
     "batchtopk-k15": ("BatchTopK, k = 15 on average", dict(lr=6e-3, cls_copies=4), 5e-4, dict(activation="batchtopk", k=15)),
-    "F384-k15-cls-aux-32": ("384 features per layer, k = 15, CLS AuxK weight 1/32",
-                            dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32), 5e-4, dict(n_features=384, k=15)),
-    "F256-k15-cls-aux-32": ("256 features per layer, k = 15, CLS AuxK weight 1/32",
-                            dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32), 5e-4, dict(n_features=256, k=15)),
-    # a 256-feature CLT trains in about 2/3 of the 768-feature one's time: spend the rest on steps
-    "F256-k15-cls-aux-32-2250": ("256 features, k = 15, CLS AuxK 1/32, 2250 steps (the 768-feature recipe's time)",
-                                 dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 32, steps=2250, warmup_steps=150), 5e-4,
-                                 dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-64-2250": ("256 features, k = 15, CLS AuxK 1/64, 2250 steps",
-                                 dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 64, steps=2250, warmup_steps=150), 5e-4,
-                                 dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-48-2250": ("256 features, k = 15, CLS AuxK 1/48, 2250 steps",
-                                 dict(lr=6e-3, cls_copies=4, cls_aux_coef=1 / 48, steps=2250, warmup_steps=150), 5e-4,
-                                 dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-32-2250-cls2": ("256 features, k = 15, CLS AuxK 1/32, 2250 steps, 2 extra CLS copies (not 4)",
-                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 32, steps=2250, warmup_steps=150), 5e-4,
-                                      dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-48-2250-cls2": ("256 features, k = 15, CLS AuxK 1/48, 2250 steps, 2 extra CLS copies",
-                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 48, steps=2250, warmup_steps=150), 5e-4,
-                                      dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-64-2250-cls2": ("256 features, k = 15, CLS AuxK 1/64, 2250 steps, 2 extra CLS copies",
-                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 64, steps=2250, warmup_steps=150), 5e-4,
-                                      dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-64-2500-cls2": ("256 features, k = 15, CLS AuxK 1/64, 2500 steps, 2 extra CLS copies",
-                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 64, steps=2500, warmup_steps=150), 5e-4,
-                                      dict(n_features=256, k=15)),
-    "F256-k15-cls-aux-48-2500-cls2": ("256 features, k = 15, CLS AuxK 1/48, 2500 steps, 2 extra CLS copies",
-                                      dict(lr=6e-3, cls_copies=2, cls_aux_coef=1 / 48, steps=2500, warmup_steps=150), 5e-4,
-                                      dict(n_features=256, k=15)),
 }
+
+
+def _small_cls_aux(features: int, aux: int, steps: int | None = None, copies: int = 4) -> tuple[str, tuple[Any, ...]]:
+    """A variant with `features` per layer, TopK k = 15, CLS AuxK weight 1/`aux`, `steps` steps (warm-up 150;
+    None: the 1500 of the starting point) and `copies` extra CLS copies."""
+    name = f"F{features}-k15-cls-aux-{aux}" + (f"-{steps}" if steps else "") + ("" if copies == 4 else f"-cls{copies}")
+    change = (f"{features} features per layer, k = 15, CLS AuxK weight 1/{aux}" + (f", {steps} steps" if steps else "")
+              + ("" if copies == 4 else f", {copies} extra CLS copies (not 4)"))
+    train = dict(lr=6e-3, cls_copies=copies, cls_aux_coef=1 / aux, **(dict(steps=steps, warmup_steps=150) if steps else {}))
+    return name, (change, train, 5e-4, dict(n_features=features, k=15))
+
+
+# a 256-feature CLT trains in about 2/3 of the 768-feature one's time: the 2250-step variants spend the rest on steps
+VARIANTS.update(_small_cls_aux(*a) for a in [
+    (384, 32), (256, 32), (256, 32, 2250), (256, 64, 2250), (256, 48, 2250), (256, 32, 2250, 2), (256, 48, 2250, 2),
+    (256, 64, 2250, 2), (256, 64, 2500, 2), (256, 48, 2500, 2)])
 
 
 def variant_config(name: str) -> BuildConfig:
