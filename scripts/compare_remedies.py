@@ -60,20 +60,27 @@ VARIANTS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _small_cls_aux(features: int, aux: int, steps: int | None = None, copies: int = 4) -> tuple[str, tuple[Any, ...]]:
+def _small_cls_aux(features: int, aux: int, steps: int | None = None, copies: int = 4,
+                   ft_steps: int | None = None, ft_aux: int | None = None) -> tuple[str, tuple[Any, ...]]:
     """A variant with `features` per layer, TopK k = 15, CLS AuxK weight 1/`aux`, `steps` steps (warm-up 150;
-    None: the 1500 of the starting point) and `copies` extra CLS copies."""
-    name = f"F{features}-k15-cls-aux-{aux}" + (f"-{steps}" if steps else "") + ("" if copies == 4 else f"-cls{copies}")
+    None: the 1500 of the starting point), `copies` extra CLS copies, `ft_steps` fine-tuning steps
+    (None: the build's 200) and CLS AuxK weight 1/`ft_aux` in the fine-tuning (None: off)."""
+    name = (f"F{features}-k15-cls-aux-{aux}" + (f"-{steps}" if steps else "") + ("" if copies == 4 else f"-cls{copies}")
+            + ("" if ft_steps is None else f"-ft{ft_steps}") + ("" if ft_aux is None else f"-ft-cls-aux-{ft_aux}"))
     change = (f"{features} features per layer, k = 15, CLS AuxK weight 1/{aux}" + (f", {steps} steps" if steps else "")
-              + ("" if copies == 4 else f", {copies} extra CLS copies (not 4)"))
+              + ("" if copies == 4 else f", {copies} extra CLS copies (not 4)")
+              + ("" if ft_steps is None else f", {ft_steps} fine-tuning steps (not 200)")
+              + ("" if ft_aux is None else f", CLS AuxK weight 1/{ft_aux} in the fine-tuning too"))
     train = dict(lr=6e-3, cls_copies=copies, cls_aux_coef=1 / aux, **(dict(steps=steps, warmup_steps=150) if steps else {}))
-    return name, (change, train, 5e-4, dict(n_features=features, k=15))
+    return name, (change, train, 5e-4, dict(n_features=features, k=15, **({} if ft_steps is None else dict(finetune_steps=ft_steps)),
+                                      **({} if ft_aux is None else dict(finetune_cls_aux_coef=1 / ft_aux))))
 
 
 # a 256-feature CLT trains in about 2/3 of the 768-feature one's time: the 2250-step variants spend the rest on steps
 VARIANTS.update(_small_cls_aux(*a) for a in [
     (384, 32), (256, 32), (256, 32, 2250), (256, 64, 2250), (256, 48, 2250), (256, 32, 2250, 2), (256, 48, 2250, 2),
-    (256, 64, 2250, 2), (256, 64, 2500, 2), (256, 48, 2500, 2)])
+    (256, 64, 2250, 2), (256, 64, 2500, 2), (256, 48, 2500, 2), (256, 64, 2250, 2, 400), (256, 56, 2250, 2, 400),
+    (256, 64, 2250, 2, 0), (256, 80, 2250, 2, 0), (256, 64, 2250, 2, None, 64), (256, 96, 2250, 2, None, 96), (256, 128, 2250, 2, None, 128)])
 
 
 def variant_config(name: str) -> BuildConfig:
@@ -81,9 +88,11 @@ def variant_config(name: str) -> BuildConfig:
     cfg = budget("full")
     assert cfg.finetune is not None
     base = {k: v for k, v in cfg.clt_train.items() if k != "cls_aux_coef"}  # CLS AuxK only where a variant sets it
+    build = dict(more[0]) if more else {}
+    finetune = replace(cfg.finetune, lr=ft_lr, steps=build.pop("finetune_steps", cfg.finetune.steps),
+                       cls_aux_coef=build.pop("finetune_cls_aux_coef", 0.0))
     # F = 768, TopK k = 16 (the starting point's) unless the variant sets them
-    return replace(cfg, clt_train={**base, **BASELINE, **overrides}, finetune=replace(cfg.finetune, lr=ft_lr),
-                   **{"k": 16, "n_features": 768, **(more[0] if more else {})})
+    return replace(cfg, clt_train={**base, **BASELINE, **overrides}, finetune=finetune, **{"k": 16, "n_features": 768, **build})
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], images: int, fidelity_images: int | None) -> str:
@@ -120,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(VARIANTS):
         cfg = variant_config(name)
         if name in done and done[name]["clt_train"] == cfg.clt_train and done[name]["finetune_lr"] == cfg.finetune.lr \
+                and done[name].get("finetune_steps", 200) == cfg.finetune.steps \
+                and done[name].get("finetune_cls_aux_coef", 0.0) == cfg.finetune.cls_aux_coef \
                 and done[name]["n_features"] == cfg.n_features and done[name].get("k", 16) == cfg.k \
                 and done[name].get("activation", "topk") == cfg.activation:  # type: ignore[union-attr]
             print(f"{name}: done before", flush=True)
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         clt, _ = load_checkpoint(run, bb)
         row = seed_row(cfg.seed, measure_transcoder(bb, clt, px, y, text, cfg.eval.fidelity_images))
         done[name] = {"variant": name, "change": VARIANTS[name][0], **row, "seconds": seconds,
-                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr, "n_features": cfg.n_features, "k": cfg.k,
+                      "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr,
+                      "finetune_steps": cfg.finetune.steps, "finetune_cls_aux_coef": cfg.finetune.cls_aux_coef, "n_features": cfg.n_features, "k": cfg.k,
                       "activation": cfg.activation}  # type: ignore[union-attr]
         print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
         rows = [done[v] for v in VARIANTS if v in done]

@@ -13,6 +13,11 @@ where `match` is either
   <e/|e|, t_c> / temperature) over the given text embeddings t_c (needs class embeddings), or
 - `cosine`: 1 - cos(e_spliced, e_true) of the image embeddings (no labels or text needed).
 The FVU term keeps the per-layer reconstruction (and so the fidelity numbers) from drifting.
+
+With `cls_aux_coef` > 0 the reconstruction term also carries the CLT's CLS AuxK
+(`CrossLayerTranscoder.loss`): features that fired on no CLS token for `cls_dead_after` CLS tokens of
+this phase reconstruct the residual at the CLS tokens. Without it, matching the replacement's logits
+silences features at the CLS token that the training's CLS AuxK had revived (docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -43,6 +48,10 @@ class FinetuneConfig:
     recon_coef: float = 1.0
     temperature: float = 1.0
     seed: int = 0
+    # CLS AuxK during this phase (see the module docstring); 0 turns it off
+    cls_aux_coef: float = 0.0
+    cls_aux_k: int = 64
+    cls_dead_after: int = 1280  # CLS tokens (images): 20 steps of 64 images
 
     def __post_init__(self) -> None:
         if self.loss not in MATCH_LOSSES:
@@ -51,9 +60,15 @@ class FinetuneConfig:
             raise ValueError(f"finetune tokens must be one of {TOKEN_SETS}, got {self.tokens!r}")
         if self.steps < 0 or self.batch_images < 1 or not self.lr > 0:
             raise ValueError("finetune needs steps >= 0, batch_images >= 1 and lr > 0")
+        if self.cls_aux_coef < 0 or self.cls_aux_k < 1 or self.cls_dead_after < 1:
+            raise ValueError("finetune needs cls_aux_coef >= 0, cls_aux_k >= 1 and cls_dead_after >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.cls_aux_coef:  # off: its settings fix nothing, and runs recorded before it existed stay comparable
+            for name in ("cls_aux_coef", "cls_aux_k", "cls_dead_after"):
+                del d[name]
+        return d
 
 
 def match_loss(e_spliced: torch.Tensor, e_true: torch.Tensor, cfg: FinetuneConfig,
@@ -90,8 +105,9 @@ def finetune_clt(
     text = text_embeddings.to(dev) if text_embeddings is not None else None
     params = [p for n, p in clt.named_parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    L = clt.cfg.n_layers
+    L, Fn = clt.cfg.n_layers, clt.cfg.n_features
     clt.eval()  # inference activation rule (the one the replacement uses); gradients still flow
+    since_fired_cls = torch.zeros(L, Fn, dtype=torch.long, device=dev)  # CLS tokens since the feature fired on one
     hist: list[dict[str, float]] = []
     t0 = time.time()
     for step in range(cfg.steps):
@@ -99,8 +115,18 @@ def finetune_clt(
         px = pixels[idx].to(dev)
         with torch.no_grad():
             cap = capture(visual, px, tokens="all")
-        d = cap.mlp_in.shape[-1]
-        recon, l0 = _fvu_with_grad(clt, cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d))
+        n_img, T, d = cap.mlp_in.shape[1:]
+        if cfg.cls_aux_coef > 0:
+            cls_rows = (torch.arange(n_img * T, device=dev) % T) == 0  # token 0 of each image, rows image-major
+            out = clt.loss(cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d), cls_rows=cls_rows,
+                           cls_dead_mask=since_fired_cls >= cfg.cls_dead_after, cls_aux_k=cfg.cls_aux_k,
+                           cls_aux_coef=cfg.cls_aux_coef, inplace=True)
+            recon, l0 = out.total, float(out.l0.mean())
+            assert out.fired_cls is not None
+            since_fired_cls += n_img
+            since_fired_cls[out.fired_cls] = 0
+        else:
+            recon, l0 = _fvu_with_grad(clt, cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d))
         res = forward(visual, px, CltSplice(clt, tokens=cfg.tokens))
         match = match_loss(res.embedding, cap.embedding, cfg, text, logit_scale)
         loss = cfg.recon_coef * recon + cfg.match_coef * match

@@ -212,3 +212,45 @@ def test_finetune_reduces_the_match_loss(tiny_backbone):
         finetune_clt(tiny_backbone.visual, clt, pixels, FinetuneConfig(steps=1, loss="kl"))
     with pytest.raises(ValueError, match="finetune loss"):
         FinetuneConfig(loss="mse")  # type: ignore[arg-type]
+
+
+def test_finetune_cls_aux_marks_the_cls_tokens_and_tracks_silence_there(tiny_backbone, monkeypatch):
+    """CLS AuxK in the fine-tuning: every step hands the CLT's loss the rows that are CLS tokens (checked
+    against the CLS token's own MLP input, captured separately) and the features silent on the CLS
+    tokens for `cls_dead_after` of them; off, the config (and so the build's recipe key) is what it was
+    before the option existed. (Whether it keeps features alive at the CLS token is measured on the
+    reference model: docs/fidelity.md.)"""
+    from training.finetune import FinetuneConfig, finetune_clt
+    from training.model.clt import CLTConfig, CrossLayerTranscoder
+    from training.model.vit import capture
+
+    torch.manual_seed(0)
+    pixels = torch.randn(8, 3, *tiny_backbone.image_size)
+    cap = capture(tiny_backbone.visual, pixels)
+    L, B, T, d = cap.mlp_in.shape
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=64, k=4))
+    clt.fit_normalisation(cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d))
+    seen: list[dict] = []
+    loss = clt.loss
+
+    def spy(mlp_in, mlp_out, **kw):
+        seen.append({"cls_in": mlp_in[:, kw["cls_rows"]].clone(), "dead": kw["cls_dead_mask"].clone(), "coef": kw["cls_aux_coef"]})
+        out = loss(mlp_in, mlp_out, **kw)
+        seen[-1]["fired_cls"] = out.fired_cls.clone()
+        return out
+
+    monkeypatch.setattr(clt, "loss", spy)
+    cfg = FinetuneConfig(steps=3, batch_images=B, lr=1e-3, loss="cosine", cls_aux_coef=0.25, cls_dead_after=2 * B)
+    finetune_clt(tiny_backbone.visual, clt, pixels, cfg, log=lambda s: None)
+    assert len(seen) == 3 and all(s["coef"] == 0.25 for s in seen)
+    cls_inputs = cap.mlp_in[:, :, 0]  # [L, B, d]
+    for s in seen:  # each step samples B images with replacement: its CLS rows are CLS inputs of those images
+        got = s["cls_in"]
+        assert got.shape == (L, B, d)
+        dist = torch.cdist(got.transpose(0, 1).reshape(B, -1), cls_inputs.transpose(0, 1).reshape(B, -1))
+        assert float(dist.min(1).values.max()) < 1e-4
+    assert not seen[0]["dead"].any() and not seen[1]["dead"].any()  # B, then 2B CLS tokens: none silent long enough yet
+    assert torch.equal(seen[2]["dead"], ~(seen[0]["fired_cls"] | seen[1]["fired_cls"]))
+    assert "cls_aux_coef" not in FinetuneConfig().to_dict() and FinetuneConfig(cls_aux_coef=0.5).to_dict()["cls_aux_coef"] == 0.5
+    with pytest.raises(ValueError, match="cls_dead_after"):
+        FinetuneConfig(cls_dead_after=0)
