@@ -1,7 +1,8 @@
 """Reduced-precision variants of the fused graph: `int8` and `int8-clt` (ONNX Runtime CPU), `fp16` (CUDA).
 
 Only the transformer blocks' own ops (attention, MLP and their layer norms: ONNX nodes in the
-`/attn*`, `/mlp*`, `/ln_1*`, `/ln_2*` export scopes) change precision, and in `int8-clt` also the
+`/attn*`, `/mlp*`, `/ln_1*`, `/ln_2*` export scopes; in graphs with spatial maps, whose attention is
+written out, its q/k/v and `/out_proj*` projections) change precision, and in `int8-clt` also the
 CLT encoders' matmuls. The residual stream sums, the CLT decoders, ln_post / proj and the
 decomposition stay float32, so each variant's contributions still sum to that variant's own logits
 to fp32 rounding; only the terms' values move.
@@ -36,13 +37,27 @@ from bundle.format import VARIANTS
 from .fused import consolidate
 
 REDUCED: tuple[str, ...] = tuple(v for v in VARIANTS if v != "fp32")  # what `make_variant` writes
-BLOCK_SCOPE = re.compile(r"^/(attn|mlp|ln_1|ln_2)(_\d+)?/")
+BLOCK_SCOPE = re.compile(r"^/(attn|out_proj|mlp|ln_1|ln_2)(_\d+)?/")
+LN_1_SCOPE = re.compile(r"^/ln_1(_\d+)?/")
 LARGE = 1_800_000_000  # bytes: save weights externally above this (protobuf's limit is 2 GiB)
 
 
 def block_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] | None = None) -> list[str]:
-    """Names of the nodes inside the transformer blocks' attention/MLP/LN scopes."""
-    return [n.name for n in model.graph.node if BLOCK_SCOPE.match(n.name) and (op_types is None or n.op_type in op_types)]
+    """Names of the nodes inside the transformer blocks' attention/MLP/LN scopes, and of the packed
+    q/k/v projections of attention written out (`training.model.vit.attention_recorded`, the graphs
+    with spatial maps): MatMuls of an LN1 output by a constant 2-D matrix. That attention's
+    out-projection is the `out_proj` scope; its q k^T, softmax and mixing stay float32."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def qkv(n: onnx.NodeProto) -> bool:
+        if n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2:
+            return False
+        p = producer.get(n.input[0])
+        return p is not None and bool(LN_1_SCOPE.match(p.name))
+
+    return [n.name for n in model.graph.node
+            if (BLOCK_SCOPE.match(n.name) or qkv(n)) and (op_types is None or n.op_type in op_types)]
 
 
 def _is_large(path: Path) -> bool:

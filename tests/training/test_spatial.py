@@ -62,7 +62,8 @@ def test_spatial_parts_sum_to_every_attention_term(tiny_backbone, tiny_clt, mode
 
 @torch.no_grad()
 def test_spatial_maps_do_not_change_the_decomposition(tiny_backbone, tiny_clt):
-    """Recording the attention (need_weights=True) leaves logits and terms as they were (fp32 rounding)."""
+    """Recording the attention (written out, `vit.attention_recorded`) leaves logits and terms as they
+    were (fp32 rounding), and the values it keeps are each head's W_V LN1(x) from the module's weights."""
     px, text = _pixels(tiny_backbone, 3, 3), _text(10, tiny_backbone.embed_dim, 3)
     for mode in MODES:
         a = decompose(tiny_backbone.visual, tiny_clt, px, text, tiny_backbone.logit_scale, mode)
@@ -71,7 +72,12 @@ def test_spatial_maps_do_not_change_the_decomposition(tiny_backbone, tiny_clt):
         torch.testing.assert_close(a.contributions, b.contributions, atol=1e-5, rtol=0)
     res = vit.forward(tiny_backbone.visual, px, record_attention=True)
     torch.testing.assert_close(res.embedding, tiny_backbone.visual(px), atol=1e-5, rtol=0)
-    assert res.attn_in.shape == (tiny_backbone.n_layers, 3, tiny_backbone.n_tokens, tiny_backbone.d_model)
+    L, H, d = tiny_backbone.n_layers, tiny_backbone.visual.transformer.resblocks[0].attn.num_heads, tiny_backbone.d_model
+    assert res.attn_values.shape == (L, 3, tiny_backbone.n_tokens, d)
+    blk = tiny_backbone.visual.transformer.resblocks[0]
+    x0 = vit.embed(tiny_backbone.visual, px)
+    want = blk.ln_1(x0) @ blk.attn.in_proj_weight[2 * d :].T
+    torch.testing.assert_close(res.attn_values[0], want, atol=1e-5, rtol=0)
     torch.testing.assert_close(res.attn_weights.sum(-1), torch.ones(res.attn_weights.shape[:-1]))
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from bundle.format import MODES, term_names
 
-from .vit import CltSplice, ForwardResult, blocks, check_spatial_supported, forward, layer_scale
+from .vit import CltSplice, ForwardResult, blocks, check_spatial_supported, explicit_attention_supported, forward, layer_scale
 
 Mode = Literal["cls", "all", "observe"]
 __all__ = ["MODES", "Decomposition", "Mode", "SpatialDecomposition", "class_directions", "decompose", "frozen_ln_map",
@@ -115,53 +115,55 @@ def class_directions(visual: nn.Module, cls_resid: torch.Tensor, norm: torch.Ten
     return dirs * (scale * frozen_inv_sigma(visual, cls_resid) / norm)[:, :, None]
 
 
-def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Every block's attention weights, layer scale g_l folded in, laid out for `spatial_parts`:
     O [d, L*d] (column block l is g_l * W_O[l], so u @ O stacks W_O[l]^T (g_l * u) for all layers,
-    heads concatenated), V [L*H, dh, d] (per-layer, per-head value matrices), b_V [L*H, dh, 1] (value
-    biases), b_O [d, L] (g_l * output bias)."""
+    heads concatenated) and the bias directions [d, 2L]: column l is g_l * W_O[l] b_V[l] (what the
+    value biases add: the CLS query's weights sum to 1 over the tokens), column L + l is g_l * b_O[l]."""
     check_spatial_supported(visual)
-    outs, values, vbias, obias = [], [], [], []
+    outs, vbias, obias = [], [], []
     for blk in blocks(visual):
         attn = blk.attn
-        d, H = attn.embed_dim, attn.num_heads
+        d = attn.embed_dim
         g = layer_scale(blk, d)
         outs.append(g[:, None] * attn.out_proj.weight)
-        values.append(attn.in_proj_weight[2 * d :].reshape(H, d // H, d))
         b_in = attn.in_proj_bias if attn.in_proj_bias is not None else attn.in_proj_weight.new_zeros(3 * d)
-        vbias.append(b_in[2 * d :].reshape(H, d // H, 1))
+        vbias.append(g * (attn.out_proj.weight @ b_in[2 * d :]))
         b_out = attn.out_proj.bias if attn.out_proj.bias is not None else attn.in_proj_weight.new_zeros(d)
         obias.append(g * b_out)
-    return torch.cat(outs, 1), torch.cat(values, 0), torch.cat(vbias, 0), torch.stack(obias, 1)
+    return torch.cat(outs, 1), torch.stack(vbias + obias, 1)
 
 
 def spatial_parts(
-    res: ForwardResult, u: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    n_tokens: int,
+    res: ForwardResult, u: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split every layer's attention term, for the class directions u [B, S, d], into
-    (cells [L, B, S, H, T] per head and source token, value-bias parts [L, B, S] (heads summed),
-    output-bias parts [B, S, L]); `res` must come from `forward(..., record_attention=True)`,
-    `weights` from `spatial_weights`, `n_tokens` = T. All layers at once: one GEMM folds W_O^T into u,
-    one batched matmul per (layer, head) W_V^T, one per (layer, image) the dot products with the tokens.
+    """Split every layer's attention term, for the class directions u [B, S, d], into (cells
+    [L, B, S, T] per source token, heads summed; the first class's cells per head [L, B, H, T]; bias
+    parts [B, S, 2L]: each layer's value biases (heads summed), then its output bias); `res` must come
+    from `forward(..., record_attention=True)`, `weights` from `spatial_weights`.
+
+    Cell (l, s, h, t) is a[l,h,t] * (W_O[l,h]^T g_l u_s) . (W_V[l,h] LN1(x_t)). One GEMM folds W_O^T
+    into u (o, [dh] per layer, head and class); the CLS query's weights scale the values the attention
+    computed anyway (v' = a * v, per head); then one [S + H, d] x [d, T] product per (layer, image)
+    gives all S classes' cells summed over heads (o . v' over all d columns is the sum over heads) and,
+    from o of the first class laid out block-diagonally over heads, its per-head cells.
 
     Every size but B is a Python int (from the weights' and u's static shapes), so that a traced graph
     carries constants, not shape arithmetic on the inputs: on small models that arithmetic costs as
     much as the products."""
-    O, V, b_v, b_o = weights
-    d = int(O.shape[0])
-    LH, dh = int(V.shape[0]), int(V.shape[1])
-    L = int(b_o.shape[1])
-    H, S, T = LH // L, int(u.shape[1]), int(n_tokens)
-    o = torch.matmul(u.reshape(-1, d), O).reshape(-1, LH, dh).transpose(0, 1)  # [L*H, B*S, dh]: W_O[l,h]^T (g_l * u)
-    # [L, H, B, S, d] -> [L, B, S*H, d]: rows (class, head) of one image and layer together
-    w = torch.matmul(o, V).reshape(L, H, -1, S, d).permute(0, 2, 3, 1, 4).reshape(L, -1, S * H, d)
-    # one [S*H, d] x [d, T] product per (layer, image): W_V^T W_O^T (g * u) against every token's LN1 output
-    z = torch.matmul(w, res.attn_in.transpose(-1, -2)).reshape(L, -1, S, H, T)  # [L, B, S, H, T]
-    cells = z * res.attn_weights.unsqueeze(2)  # [L, B, S, H, T]
-    value_bias = torch.matmul(o, b_v).reshape(L, H, -1, S).sum(1)  # [L, B, S]
-    out_bias = torch.matmul(u.reshape(-1, d), b_o).reshape(-1, S, L)  # [B, S, L]
-    return cells, value_bias, out_bias
+    O, bias_dirs = weights
+    d, L = int(O.shape[0]), int(bias_dirs.shape[1]) // 2
+    H, T, S = int(res.attn_weights.shape[2]), int(res.attn_values.shape[2]), int(u.shape[1])
+    dh = d // H
+    o = torch.matmul(u.reshape(-1, d), O).reshape(-1, S, L, d).transpose(0, 2)  # [L, S, B, d]: W_O[l,h]^T (g_l * u_s), heads concatenated
+    # v' = a * v: [L, B, T, H, dh] -> [L, B, d, T]
+    vw = (res.attn_values.reshape(L, -1, T, H, dh) * res.attn_weights.transpose(2, 3).unsqueeze(4)).reshape(L, -1, T, d)
+    eye = torch.eye(H, dtype=o.dtype, device=o.device)
+    o_heads = (o[:, 0].reshape(L, -1, 1, H, dh) * eye[:, :, None]).reshape(L, -1, H, d)  # [L, B, H, d], block-diagonal
+    rows = torch.cat([o.transpose(1, 2), o_heads], 2)  # [L, B, S + H, d]
+    cells = torch.matmul(rows, vw.transpose(-1, -2))  # [L, B, S + H, T]
+    bias = torch.matmul(u.reshape(-1, d), bias_dirs).reshape(-1, S, 2 * L)  # [B, S, 2L]
+    return cells[:, :, :S], cells[:, :, S:], bias
 
 
 def _spatial(
@@ -176,13 +178,13 @@ def _spatial(
     text = torch.cat([text_embeddings, text_embeddings.new_zeros(top, D)], 0)
     t_sel = text.index_select(0, idx.reshape(-1)).reshape(-1, top, D)  # [B, S, D]; zeros for padding
     u = class_directions(visual, res.cls_resid, norm, scale, t_sel)
-    gh, gw = visual.grid_size
-    cells, value_bias, out_bias = spatial_parts(res, u, spatial_weights(visual), 1 + int(gh) * int(gw))
+    tokens, heads, bias = spatial_parts(res, u, spatial_weights(visual))
+    L = int(tokens.shape[0])
     return SpatialDecomposition(
         classes=torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1)),
-        tokens=cells.sum(3).permute(1, 2, 0, 3),  # [B, S, L, T]
-        bias=torch.stack([value_bias.permute(1, 2, 0), out_bias], -1),  # [B, S, L, 2]
-        heads=cells[:, :, 0].transpose(0, 1),  # [B, L, H, T]
+        tokens=tokens.permute(1, 2, 0, 3),  # [B, S, L, T]
+        bias=bias.reshape(-1, int(bias.shape[1]), 2, L).transpose(2, 3),  # [B, S, L, 2]
+        heads=heads.transpose(0, 1),  # [B, L, H, T]
     )
 
 
@@ -201,7 +203,8 @@ def decompose(
     classes over heads and source tokens (`Decomposition.spatial`). Trace-friendly: used as-is by the
     ONNX exporter."""
     splice = splice_for_mode(clt, mode)
-    res: ForwardResult = forward(visual, pixels, splice, record_attention=spatial_top_k > 0)
+    res: ForwardResult = forward(visual, pixels, splice, record_attention=spatial_top_k > 0,
+                                 explicit_attention=explicit_attention_supported(visual))
     L = clt.cfg.n_layers
     B, d = res.cls_resid.shape
     # residual-space terms at the CLS token

@@ -8,10 +8,14 @@ Shapes: B images, T = 1 + n_patches tokens (CLS first), d = transformer width, D
 L = number of residual blocks, H = attention heads. "MLP input" is the LN2 output of a block, "MLP
 output" is what the block adds to the residual stream after its MLP (layer scale included).
 
-With `record_attention=True` the forward also keeps, per block, the attention's input (LN1 output)
-and the CLS query's per-head softmax weights, taken from the block's own `nn.MultiheadAttention`
-call (`need_weights=True`): the same softmax that makes the block's output, so the per-head,
-per-source-token split of the CLS output (`decompose.spatial_parts`) is exact.
+With `record_attention=True` the forward also keeps, per block, every token's value (before the value
+bias, heads concatenated) and the CLS query's per-head softmax weights. The attention is then written out from
+the block's `nn.MultiheadAttention` parameters (`attention_recorded`, the arithmetic of its
+`need_weights=True` path), so the weights and values kept are those that made the block's output and
+the per-head, per-source-token split of the CLS output (`decompose.spatial_parts`) is exact up to
+float rounding. `explicit_attention=True` runs the same written-out attention without keeping
+anything: `decompose`, and so every exported graph, uses it where the model allows (a few ONNX nodes
+per block where the module's own export has about a hundred; same values to fp32 rounding).
 """
 from __future__ import annotations
 
@@ -60,14 +64,25 @@ def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_recorded(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(what the attention sub-block adds [B, T, d], its input LN1(x) [B, T, d], the CLS query's
-    softmax weights over source tokens [B, H, T]) from the residual stream x [B, T, d].
+    """(what the attention sub-block adds [B, T, d], every token's value before the value bias, heads
+    concatenated (W_V[h] LN1(x_t) in columns h*dh..(h+1)*dh) [B, T, d], the CLS query's softmax
+    weights over source tokens [B, H, T]) from the residual stream x [B, T, d].
 
-    The block's own attention module computes the weights together with its output (one softmax),
-    so they are the weights that made the output. Needs `check_spatial_supported`."""
+    Self-attention written out from the block's `nn.MultiheadAttention` parameters in the order of
+    its `need_weights=True` path (packed in-projection, q scaled by 1/sqrt(dh) before q k^T, one
+    softmax, out-projection), so the output is the module's (tested against open_clip's own blocks)
+    and the weights and values are those that made it. Needs `check_spatial_supported`."""
+    attn = block.attn
+    T, d = int(x.shape[1]), int(x.shape[2])  # static in a traced graph; the batch stays -1
+    H = int(attn.num_heads)
+    dh = d // H
     h = block.ln_1(x)
-    out, weights = block.attn(h, h, h, need_weights=True, average_attn_weights=False)  # weights [B, H, T, T]
-    return block.ls_1(out), h, weights[:, :, 0]
+    qkv = nn.functional.linear(h, attn.in_proj_weight)  # [B, T, 3d]; the biases are added below, the values kept without
+    qkv_b = qkv if attn.in_proj_bias is None else qkv + attn.in_proj_bias
+    q, k, v = qkv_b.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each
+    weights = torch.softmax(torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2)), dim=-1)  # [B, H, T, T]
+    out = attn.out_proj(torch.matmul(weights, v).transpose(1, 2).reshape(-1, T, d))
+    return block.ls_1(out), qkv[..., 2 * d :], weights[:, :, 0]
 
 
 def check_spatial_supported(visual: nn.Module) -> None:
@@ -140,30 +155,44 @@ class MlpReplacement(Protocol):
 @dataclass
 class ForwardResult:
     """embedding [B, D]; CLS-token pieces of the final residual: embed_cls [B, d], attn_cls / mlp_cls [L, B, d].
-    With `record_attention`: attn_in [L, B, T, d] (each block's LN1 output) and attn_weights [L, B, H, T]
-    (the CLS query's softmax weights per head and source token); None otherwise."""
+    With `record_attention`: attn_values [L, B, T, d] (each block's values before the value bias, heads
+    concatenated) and attn_weights [L, B, H, T] (the CLS query's softmax weights per head and source token);
+    None otherwise."""
 
     embedding: torch.Tensor
     cls_resid: torch.Tensor
     embed_cls: torch.Tensor
     attn_cls: torch.Tensor
     mlp_cls: torch.Tensor
-    attn_in: torch.Tensor | None = None
+    attn_values: torch.Tensor | None = None
     attn_weights: torch.Tensor | None = None
 
 
+def explicit_attention_supported(visual: nn.Module) -> bool:
+    """Whether `attention_recorded` can stand in for every block's attention (`check_spatial_supported`)."""
+    try:
+        check_spatial_supported(visual)
+    except UnsupportedModel:
+        return False
+    return True
+
+
 def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | None = None,
-            record_attention: bool = False) -> ForwardResult:
+            record_attention: bool = False, explicit_attention: bool = False) -> ForwardResult:
     """Run the ViT block by block; `replace` may substitute any MLP output (see `MlpReplacement`);
-    `record_attention` keeps the attention inputs and CLS-query weights (module docstring)."""
+    `record_attention` keeps the attention values and CLS-query weights (module docstring);
+    `explicit_attention` computes the attention as `record_attention` does without keeping anything
+    (the exported graphs: fewer ONNX nodes than `nn.MultiheadAttention`'s export, same values to fp32
+    rounding). Otherwise the blocks' own attention modules run."""
     x = embed(visual, pixels)
     embed_cls = x[:, 0]
-    attn_cls, mlp_cls, attn_in, attn_weights = [], [], [], []
+    attn_cls, mlp_cls, attn_values, attn_weights = [], [], [], []
     for layer, block in enumerate(blocks(visual)):
-        if record_attention:
-            a, h, w = attention_recorded(block, x)
-            attn_in.append(h)
-            attn_weights.append(w)
+        if record_attention or explicit_attention:
+            a, v, w = attention_recorded(block, x)
+            if record_attention:
+                attn_values.append(v)
+                attn_weights.append(w)
         else:
             a = attention_out(block, x)
         x = x + a
@@ -174,7 +203,7 @@ def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | N
         attn_cls.append(a[:, 0])
         mlp_cls.append(m[:, 0])
     cls = x[:, 0]
-    recorded = (torch.stack(attn_in), torch.stack(attn_weights)) if record_attention else (None, None)
+    recorded = (torch.stack(attn_values), torch.stack(attn_weights)) if record_attention else (None, None)
     return ForwardResult(project(visual, cls), cls, embed_cls, torch.stack(attn_cls), torch.stack(mlp_cls), *recorded)
 
 
