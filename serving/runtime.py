@@ -25,7 +25,7 @@ from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundl
 from .atlas import Atlas
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
-from .schemas import ClassMap, ImageResult, SpatialExplanation
+from .schemas import ClassMap, ImageResult, SpatialExplanation, trusted
 from .spatial import spatial_maps
 from .tokenizer import ClipTokenizer
 
@@ -411,10 +411,9 @@ class BundleRuntime:
 
 
 def _constructed(spatial: dict) -> SpatialExplanation:
-    """The model of `serving.spatial.spatial_maps`'s dict without validating it again: the dict is built
-    here, from the graph's arrays, with the model's own field types (tested against the model in
-    tests/serving/test_spatial_serving.py), and validating its hundreds of floats per label would cost
-    about as much as building them (docs/spatial.md, "Cost")."""
-    return SpatialExplanation.model_construct(
-        grid=tuple(spatial["grid"]), layers=spatial["layers"], residual=spatial["residual"],
-        classes=[ClassMap.model_construct(**c) for c in spatial["classes"]])
+    """The model of `serving.spatial.spatial_maps`'s dict without validating it again (`trusted`): the
+    dict is built here, from the graph's arrays, with the model's own field types (tested against
+    `model_validate` in tests/serving/test_spatial_serving.py), and validating its hundreds of floats
+    per label would cost about as much as building them (docs/spatial.md, "Cost")."""
+    return trusted(SpatialExplanation, {**spatial, "grid": tuple(spatial["grid"]),
+                                        "classes": [trusted(ClassMap, c) for c in spatial["classes"]]})

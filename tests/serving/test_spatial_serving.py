@@ -72,6 +72,25 @@ def test_runtime_maps_sum_to_the_attention_terms(runtime):
     assert runtime.explain(images[:1], top_k=2, spatial=True)[0].spatial.classes[0].heads == []
 
 
+def test_results_without_validation_equal_the_validated_model(runtime):
+    """`results` builds the maps' models without validating them (`schemas.trusted`): they must be what
+    validating the same dicts gives, field types included, and a dict with a missing field is refused."""
+    from serving.schemas import ClassMap, ImageResult, trusted
+
+    px = runtime.normalize(np.stack([runtime.resize_crop(_image(seed=s)) for s in range(2)]))
+    raw = runtime.run(px)
+    results = runtime.results(raw, runtime.label_names, spatial=True, heads=True)
+    dicts = runtime.spatial_maps(raw, runtime.label_names, 5, heads=True)
+    for r, d in zip(results, dicts):
+        want = SpatialExplanation.model_validate(d)
+        assert r.spatial == want and r.spatial.model_dump_json() == want.model_dump_json()
+        assert type(r.spatial.grid) is tuple and all(type(c) is ClassMap for c in r.spatial.classes)
+        assert ImageResult.model_validate_json(r.model_dump_json()) == r
+    partial = {k: v for k, v in dicts[0]["classes"][0].items() if k != "heads"}
+    with pytest.raises(ValueError, match="heads"):
+        trusted(ClassMap, partial)
+
+
 def test_fewer_labels_than_the_spatial_top_k(runtime):
     names = ["a shoe", "a bag", "a shirt"]
     (r,) = runtime.explain([_image()], labels=names, top_k=3, spatial=True)
