@@ -67,11 +67,19 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def graph_code_mtime() -> float:
+    """Newest modification time of the code a fused graph is traced from (training/model/, export/)."""
+    return max(f.stat().st_mtime for d in ("training/model", "export") for f in (ROOT / d).rglob("*.py"))
+
+
 def matching(bundle: Path, fingerprint: str, spatial: bool, clt: dict | None = None) -> bool:
-    """A valid `cls`-mode bundle of these backbone weights, with or without spatial maps (and this CLT shape)."""
+    """A valid `cls`-mode bundle of these backbone weights, with or without spatial maps (and this CLT
+    shape), exported after the graph code last changed (an older graph would time old code)."""
     try:
         m, _ = load_bundle(bundle, verify_checksums=False)
     except BundleError:
+        return False
+    if (bundle / "model.onnx").stat().st_mtime < graph_code_mtime():
         return False
     same_clt = clt is None or all(m.clt.config.get(k) == v for k, v in clt.items())
     return m.backbone.weights_sha256_16 == fingerprint and (m.spatial is not None) == spatial and m.mode == "cls" and same_clt
