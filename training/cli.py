@@ -302,6 +302,8 @@ def build_spatial_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-list")
     p.add_argument("--images", type=_int_at_least(1), default=None, help="deletion test on the first N images (default all)")
     p.add_argument("--no-deletion", action="store_true", help="times only (no deletion test)")
+    p.add_argument("--gap-analysis", action="store_true", help="also delete by the maps with the CLT paths split over the "
+                   "patches and by gradient x input, to see where the maps fall behind IG (docs/spatial.md)")
     p.add_argument("--mode", choices=("cls", "all", "observe"), default="cls", help="the model explained (as served)")
     p.add_argument("--ig-steps", type=_int_at_least(1), default=50)
     p.add_argument("--random-seeds", type=_int_at_least(1), default=3, help="seeds of the random-patch baseline")
@@ -319,7 +321,7 @@ def spatial_eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-eval-spatial`; returns 0, or 2 with one error line."""
     args = build_spatial_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = spatial_eval.SpatialEvalConfig(images=args.images, batch_size=args.batch_size, random_seeds=args.random_seeds,
+    cfg = spatial_eval.SpatialEvalConfig(images=args.images, analysis=args.gap_analysis, batch_size=args.batch_size, random_seeds=args.random_seeds,
                                          ig_steps=args.ig_steps, mode=args.mode, time_images=args.time_images,
                                          time_images_ig=args.time_images_ig)
     try:

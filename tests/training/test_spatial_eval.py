@@ -76,6 +76,66 @@ def test_integrated_gradients_are_complete(tiny_backbone, tiny_clt, data):
     np.testing.assert_allclose(scores.sum(1).numpy(), want.numpy(), rtol=0.05, atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["cls", "all"])
+def test_clt_path_cells_are_an_exact_affine_split(tiny_backbone, tiny_clt, data, mode):
+    """The CLS stream with softmax weights, LN scales and active CLT features held is affine in the patch
+    values: its logits equal the model's (a plain forward), and the cells sum exactly to
+    logit(values) - logit(values = 0); cut after each attention block, the cells are `decompose`'s maps."""
+    from training.model.decompose import decompose, splice_for_mode
+    from training.model.vit import forward
+
+    pixels, _, text = data
+    visual, scale = tiny_backbone.visual, float(tiny_backbone.logit_scale)
+    px = pixels[:6]
+    with torch.no_grad():
+        want = se.model_logits(visual, tiny_clt, px, text, scale, mode)
+        dec = decompose(visual, tiny_clt, px, text, scale, mode, spatial_top_k=1)
+    target = want.argmax(1)
+    cells = se.cls_stream_cells(visual, tiny_clt, px, text, scale, mode, target)
+    assert cells.shape == (6, tiny_backbone.n_layers, 16)
+
+    splice = splice_for_mode(tiny_clt, mode)
+    with torch.no_grad():
+        res = forward(visual, px, splice, record_attention=True)
+        codes = [se.cls_code(splice, l, 6) for l in range(tiny_clt.cfg.n_layers)]
+        values = res.attn_values[:, :, 1:]
+        logits, frozen = se.cls_stream_logits(visual, tiny_clt, res.embed_cls, values, res.attn_weights, codes, text, scale)
+        zero, _ = se.cls_stream_logits(visual, tiny_clt, res.embed_cls, torch.zeros_like(values), res.attn_weights, codes,
+                                       text, scale, frozen=frozen)
+    np.testing.assert_allclose(logits.numpy(), want.numpy(), atol=1e-4)
+    pick = lambda t: t.gather(1, target[:, None])[:, 0].numpy()  # noqa: E731
+    np.testing.assert_allclose(cells.sum((1, 2)).numpy(), pick(logits) - pick(zero), atol=1e-4)
+    # the CLT paths change the map (a random CLT writes plenty), the direct cut is the maps as served
+    direct = se.cls_stream_cells(visual, tiny_clt, px, text, scale, mode, target, through_clt=False)
+    np.testing.assert_allclose(direct.numpy(), dec.spatial.tokens[:, 0, :, 1:].numpy(), atol=1e-5)
+    assert (cells - direct).abs().max() > 1e-3
+    with pytest.raises(se.EvaluationError, match="observe"):
+        se.cls_stream_cells(visual, tiny_clt, px, text, scale, "observe", target)
+
+
+def test_gradient_scores_pool_gradient_times_delta(tiny_backbone, tiny_clt, data):
+    """Gradient x (image - fill) per patch, checked against a finite difference of the logit along
+    (image - fill) restricted to one patch (first order)."""
+    pixels, _, text = data
+    visual, scale = tiny_backbone.visual, float(tiny_backbone.logit_scale)
+    px, masks = pixels[:2].double(), se.patch_masks(visual)
+    fill = pixels.mean(dim=(0, 2, 3)).double()
+    visual64, clt64 = visual.double(), tiny_clt.double()
+    try:
+        with torch.no_grad():
+            target = se.model_logits(visual64, clt64, px, text.double(), scale, "cls").argmax(1)
+        scores = se.gradient_scores(visual64, clt64, px, text.double(), scale, "cls", target, fill, masks)
+        eps, p = 1e-6, 5
+        step = (px - fill.view(1, 3, 1, 1)) * masks[p].to(px.dtype)
+        with torch.no_grad():
+            up = se.model_logits(visual64, clt64, px + eps * step, text.double(), scale, "cls")
+            down = se.model_logits(visual64, clt64, px - eps * step, text.double(), scale, "cls")
+        fd = (up - down).gather(1, target[:, None])[:, 0] / (2 * eps)
+        np.testing.assert_allclose(scores[:, p].numpy(), fd.numpy(), rtol=1e-5, atol=1e-8)
+    finally:
+        visual.float(), tiny_clt.float()
+
+
 def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_clt, tiny_backbone.identity())
     out = tmp_path / "eval"
@@ -92,6 +152,7 @@ def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
     assert dl["methods"]["ours"]["logit"][0] == pytest.approx(dl["methods"]["ig"]["logit"][0])  # the same images
     assert dl["methods"]["ours"]["logit"][-1] == pytest.approx(dl["methods"]["random"]["logit"][-1], abs=1e-4)  # all gone
     assert set(report["times"]["methods"]) == {"forward", "ours", "ig"}
+    assert "clt_paths" not in dl["methods"]
     assert report["machine"]["threads"] == 1 and "cpu" in report["machine"]
     md = (out / "spatial.md").read_text()
     assert "| ours |" in md and "IG / ours (eager)" in md and (out / "spatial_deletion.png").stat().st_size > 0
@@ -102,6 +163,16 @@ def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
                               "--time-images-ig", "1", "--ig-steps", "4", "--out", str(tmp_path / "t")]) == 0
     timed = json.loads((tmp_path / "t" / "spatial.json").read_text())
     assert "deletion" not in timed and timed["times"]["methods"]["ours"]["images"] == 2
+    rc = spatial_eval_main(["--clt", str(ckpt), "--model", "cltvit-tiny", "--images", "4", "--gap-analysis", "--ig-steps", "4",
+                            "--random-seeds", "1", "--time-images", "1", "--time-images-ig", "1", "--out", str(tmp_path / "g")])
+    assert rc == 0, capsys.readouterr().err
+    gap = json.loads((tmp_path / "g" / "spatial.json").read_text())["deletion"]
+    assert set(gap["methods"]) == set(se.METHODS + se.ANALYSIS_METHODS) and "clt_paths_vs_ig_logit" in gap["ratios"]
+    assert gap["methods"]["clt_paths"]["logit"][0] == pytest.approx(gap["methods"]["ours"]["logit"][0])
+    assert "Gap analysis" in (tmp_path / "g" / "spatial.md").read_text()
     capsys.readouterr()
+    assert spatial_eval_main(["--clt", str(ckpt), "--model", "cltvit-tiny", "--gap-analysis", "--mode", "observe",
+                              "--out", str(tmp_path / "o")]) == 2
+    assert "observe" in capsys.readouterr().err
     assert spatial_eval_main(["--random", "cltvit-tiny", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path)]) == 2
     assert "argument --onnx" in capsys.readouterr().err

@@ -24,6 +24,17 @@ The maps are the direct path through attention: what each attention layer read f
 and wrote straight into the CLS token. Effects that reach the CLS token through later layers (a patch
 changing what a later MLP/CLT or attention computes) are in other terms; Integrated Gradients sees
 those total effects. `direct_share` reports how much of the predicted logit the attention terms carry.
+
+Where the maps fall behind IG, two more methods on the same images say why (`analysis=True`,
+`cltvit-eval-spatial --gap-analysis`):
+- `clt_paths`: the maps plus every path through the CLT features at the CLS token. With the CLS
+  query's softmax weights, every LayerNorm scale at the CLS token and the CLT's active features held
+  at the image's values, the CLS stream is affine in the patch tokens' attention values, so each cell
+  (layer, patch) is <value, d logit / d value> and the cells add up exactly to the logit less the
+  part that reads no patch (`cls_stream_cells`; tested). It is ours with the CLT's share of the logit
+  split over the patches too.
+- `gradient`: gradient x (image - fill) of the logit at the pixels, per patch: a total effect to
+  first order, one backward pass. IG is the same integrated along the path from the fill to the image.
 """
 from __future__ import annotations
 
@@ -37,11 +48,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from ..model.clt import SparseCode
 from ..model.decompose import Mode, decompose, splice_for_mode
-from ..model.vit import forward
+from ..model.vit import CltSplice, blocks, check_spatial_supported, forward
 from .metrics import EvaluationError
 
 METHODS = ("ours", "random", "ig")
+ANALYSIS_METHODS = ("clt_paths", "gradient")
 
 
 @dataclass
@@ -51,6 +64,7 @@ class SpatialEvalConfig:
     model explained (as the bundle serves it)."""
 
     images: int | None = None
+    analysis: bool = False  # also the `ANALYSIS_METHODS` (module docstring)
     batch_size: int = 250
     random_seeds: int = 3
     ig_steps: int = 50
@@ -111,6 +125,100 @@ def ig_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: tor
     return torch.einsum("bhw,phw->bp", per_pixel, masks.to(per_pixel.dtype))
 
 
+def gradient_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float, mode: Mode,
+                    target: torch.Tensor, fill: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Gradient x (pixels - fill) of the target logits, pixels [B, 3, H, W], fill [3], summed per patch: [B, P]."""
+    x = pixels.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model_logits(visual, clt, x, text, scale, mode).gather(1, target[:, None]).sum(), x)
+    per_pixel = (grad * (pixels - fill.view(1, 3, 1, 1))).sum(1)  # [B, H, W]
+    return torch.einsum("bhw,phw->bp", per_pixel, masks.to(per_pixel.dtype))
+
+
+def _frozen_layernorm(ln: nn.LayerNorm, x: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
+    """LayerNorm of x [B, d] with its scale 1/sigma [B, 1] given (held constant): affine in x."""
+    return (x - x.mean(-1, keepdim=True)) * inv_sigma * ln.weight + ln.bias
+
+
+def _inv_sigma(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return torch.rsqrt(x.detach().var(-1, unbiased=False, keepdim=True) + ln.eps)
+
+
+def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor, values: torch.Tensor,
+                      weights: torch.Tensor, codes: list[SparseCode], text: torch.Tensor, scale: float,
+                      frozen: list[torch.Tensor] | None = None, through_clt: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits [B, C] as an affine function of the patch tokens' attention values `values` [L, B, P, d]
+    (before the value bias), everything else held at one image's values: the CLS embedding embed_cls
+    [B, d], the CLS query's softmax weights [L, B, H, 1 + P], the CLT's active features at the CLS token
+    (`codes`, one `SparseCode` [B, k] per layer: their indices, and which are non-zero), and every
+    LayerNorm scale at the CLS token (`frozen`: the list this function returns, of 1/sigma [B, 1] in
+    order LN1, LN2 per layer, ln_post, then ||e|| [B, 1]; None takes them from this call's own CLS
+    stream, right when `values` are the image's). `through_clt=False` cuts the CLS stream after each
+    attention block (later blocks and the CLT read it as a constant): only the direct path remains."""
+    L = clt.cfg.n_layers
+    held = iter(frozen) if frozen is not None else None
+    record: list[torch.Tensor] = []
+
+    def scale_of(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        inv = next(held) if held is not None else _inv_sigma(ln, x)
+        record.append(inv)
+        return inv
+
+    c = embed_cls
+    pending: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    for l, blk in enumerate(blocks(visual)):
+        attn = blk.attn
+        d, H = attn.embed_dim, attn.num_heads
+        src = c if through_clt else c.detach()
+        v0 = nn.functional.linear(_frozen_layernorm(blk.ln_1, src, scale_of(blk.ln_1, c)), attn.in_proj_weight[2 * d :])
+        v = torch.cat([v0[:, None], values[l]], 1)  # [B, T, d]
+        if attn.in_proj_bias is not None:
+            v = v + attn.in_proj_bias[2 * d :]
+        B, T = int(v.shape[0]), int(v.shape[1])
+        mixed = torch.einsum("bht,bthe->bhe", weights[l], v.reshape(B, T, H, d // H)).reshape(B, d)
+        c = c + blk.ls_1(attn.out_proj(mixed))
+        h = _frozen_layernorm(blk.ln_2, c if through_clt else c.detach(), scale_of(blk.ln_2, c))
+        code = codes[l]
+        val = clt.preactivations(l, h).gather(1, code.idx) * (code.val != 0).to(h.dtype)  # [B, k], active set held
+        w = clt.decode_source(l, SparseCode(code.idx, val))  # [B, n_t, d], normalised
+        w = w * clt.out_scale[l : l + int(w.shape[1])][None, :, None]
+        for off in range(int(w.shape[1])):
+            pending[l + off].append(w[:, off])
+        c = c + clt.b_dec[l] * clt.out_scale[l] + sum(pending[l])
+    e = _frozen_layernorm(visual.ln_post, c, scale_of(visual.ln_post, c))
+    if visual.proj is not None:
+        e = e @ visual.proj
+    norm = next(held) if held is not None else e.detach().norm(dim=-1, keepdim=True)
+    record.append(norm)
+    return scale * (e / norm) @ text.T, record
+
+
+def cls_stream_cells(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float,
+                     mode: Mode, target: torch.Tensor, through_clt: bool = True) -> torch.Tensor:
+    """Per layer and patch, the target logit's share through the CLS stream [B, L, P] (`clt_paths` of the
+    module docstring): <value, d logit / d value> for `cls_stream_logits`, whose logits are affine in the
+    values, so the cells sum to logit(values) - logit(values = 0) exactly. `through_clt=False` gives the
+    direct-path cells, the spatial maps' patch cells (tested equal to `decompose`'s)."""
+    if mode == "observe":
+        raise EvaluationError("the CLT-path maps need mode cls or all: in observe mode the CLS token runs the real MLPs")
+    check_spatial_supported(visual)
+    splice = splice_for_mode(clt, mode)
+    with torch.no_grad():
+        res = forward(visual, pixels, splice, record_attention=True)
+    codes = [cls_code(splice, l, len(pixels)) for l in range(clt.cfg.n_layers)]
+    values = res.attn_values[:, :, 1:].detach().clone().requires_grad_()
+    logits, _ = cls_stream_logits(visual, clt, res.embed_cls, values, res.attn_weights, codes, text, scale,
+                                  through_clt=through_clt)
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), values)
+    return (grad * values).sum(-1).permute(1, 0, 2).detach()
+
+
+def cls_code(splice: CltSplice, layer: int, batch: int) -> SparseCode:
+    """The CLT code of the CLS token [B, k] at `layer` after a spliced forward (CLS is row 0 of each image)."""
+    code = splice.codes[layer]
+    k = int(code.idx.shape[-1])
+    return SparseCode(code.idx.reshape(batch, -1, k)[:, 0], code.val.reshape(batch, -1, k)[:, 0])
+
+
 # ---------------------------------------------------------------------- deletion
 @torch.no_grad()
 def deletion_curves(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
@@ -156,7 +264,8 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
     fill = pixels.mean(dim=(0, 2, 3))  # dataset mean per channel, preprocessed
     baseline = fill.view(1, 3, 1, 1).expand(1, 3, *pixels.shape[2:])
     gen = torch.Generator().manual_seed(cfg.seed)
-    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in METHODS}
+    methods = METHODS + (ANALYSIS_METHODS if cfg.analysis else ())
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in methods}
     direct = []
     t0 = time.perf_counter()
     for i in range(0, n, cfg.batch_size):
@@ -174,7 +283,12 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
             scores = ig_scores(visual, clt, px[sl], text, scale, mode, target[sl], baseline, cfg.ig_steps, masks)
             orders.setdefault("ig_parts", []).append(scores.argsort(dim=1, descending=True, stable=True))
         orders["ig"] = torch.cat(orders.pop("ig_parts"))
-        for m in ("ours", "ig"):
+        if cfg.analysis:
+            cells = cls_stream_cells(visual, clt, px, text, scale, mode, target)
+            orders["clt_paths"] = cells.sum(1).argsort(dim=1, descending=True, stable=True)
+            grad = gradient_scores(visual, clt, px, text, scale, mode, target, fill, masks)
+            orders["gradient"] = grad.argsort(dim=1, descending=True, stable=True)
+        for m in orders:
             curves[m].append(deletion_curves(visual, clt, px, y, text, scale, mode, target, orders[m], fill, masks, steps))
         for _ in range(cfg.random_seeds):
             rnd = torch.rand(len(px), P, generator=gen).argsort(1)
@@ -198,6 +312,8 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
         "ours_vs_random_accuracy": ms["ours"]["auc_accuracy"] / ms["random"]["auc_accuracy"],
         "ours_vs_ig_accuracy": ms["ours"]["auc_accuracy"] / ms["ig"]["auc_accuracy"],
     }
+    for m in ANALYSIS_METHODS if cfg.analysis else ():
+        out["ratios"][f"{m}_vs_ig_logit"] = ms[m]["auc_logit"] / ms["ig"]["auc_logit"]
     share = np.concatenate(direct)
     out["direct_share"] = {"mean": float(share.mean()), "median": float(np.median(share))}
     out["seconds"] = time.perf_counter() - t0
@@ -285,6 +401,8 @@ def evaluate_spatial(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels
     cfg = cfg or SpatialEvalConfig()
     if clt.cfg.n_layers != backbone.n_layers:
         raise EvaluationError(f"CLT has L={clt.cfg.n_layers}, the backbone L={backbone.n_layers}")
+    if cfg.analysis and cfg.mode == "observe":
+        raise EvaluationError("the gap analysis needs mode cls or all: in observe mode the CLS token runs the real MLPs")
     clt = clt.eval()
     gh, gw, ph, pw = patch_geometry(backbone.visual)
     out: dict[str, Any] = {"config": cfg.to_dict(), "grid": [gh, gw], "patch": [ph, pw], "model": backbone.spec.model}
@@ -311,7 +429,7 @@ def render_markdown(section: dict[str, Any], title: str = "Where in the image: f
                   "|---|---|---|---|---|"]
         steps = dl["steps"]
         at = [steps.index(k) if k in steps else None for k in (1, 2, 4)]
-        for m in METHODS:
+        for m in ms:
             c = ms[m]
             lg = " / ".join(f"{c['logit'][i]:.2f}" if i is not None else "-" for i in at)
             ac = " / ".join(f"{100 * c['accuracy'][i]:.1f}%" if i is not None else "-" for i in at)
@@ -321,6 +439,10 @@ def render_markdown(section: dict[str, Any], title: str = "Where in the image: f
                   f"**{r['ours_vs_ig_logit']:.3f}** (target <= 1); accuracy: ours / random {r['ours_vs_random_accuracy']:.3f}, "
                   f"ours / IG {r['ours_vs_ig_accuracy']:.3f}. The attention terms carry {100 * dl['direct_share']['mean']:.1f}% "
                   f"of the predicted logit's |terms| on average (median {100 * dl['direct_share']['median']:.1f}%).", ""]
+        if "clt_paths" in ms:
+            lines += [f"Gap analysis: with the paths through the CLT at the CLS token split over the patches too (clt_paths) "
+                      f"the logit AUC is {r['clt_paths_vs_ig_logit']:.3f}x IG's; gradient x (image - fill), a first-order "
+                      f"total effect, {r['gradient_vs_ig_logit']:.3f}x.", ""]
     tm = section["times"]
     lines += [f"Time per explanation, one image per call, median CPU time of one thread ({tm['threads']} torch thread(s)):", "",
               "| method | ms per image (CPU) | ms (wall) | images |", "|---|---|---|---|"]
