@@ -2,6 +2,7 @@
 
   cltvit-reference export --out artifacts/reference/bundle   # serving bundle from the shipped weights (seconds)
   cltvit-reference build --out artifacts/reference-build     # retrain everything (~18 min on 2 cores)
+  cltvit-reference build --out artifacts/reference7 --model cltvit-ref7   # the same with a 7x7 patch grid (~2x the time)
   cltvit-reference ship --build artifacts/reference-build    # make the build's weights the shipped ones (atlas included)
   cltvit-reference atlas                                     # (re)measure the shipped weights' feature atlas (~2 min)
 
@@ -24,7 +25,7 @@ from training.data import DatasetError
 from training.model.backbone import BackboneError
 from training.model.checkpoint import CheckpointError
 
-from .reference import BUDGETS, STAGES, BuildError, budget, build
+from .reference import BUDGETS, REF_MODEL, REF_MODELS, STAGES, BuildError, budget, build
 from .shipped import WEIGHTS_DIR, export_shipped, ship, ship_atlas
 
 BUILD_MINUTES = 18  # a full build on a 2-core CPU with --jobs 2 (docs/reference.md)
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clt-seeds", type=int, default=1,
                    help="N > 1: also retrain the CLT with seeds 1..N-1 and report every seed's fidelity with mean and worst "
                         "(seeds/seeds.md; about 5 more minutes per seed)")
+    b.add_argument("--model", choices=REF_MODELS, default=REF_MODEL,
+                   help="the CLIP: cltvit-ref (default; a 4x4 patch grid) or cltvit-ref7 (patch 4: a 7x7 grid for finer "
+                        "spatial maps, about twice the build time; docs/spatial.md)")
     b.add_argument("--no-finetune", action="store_true", help="skip the replacement-matching phase of the CLT stage")
     b.add_argument("--finetune-loss", choices=("kl", "cosine"), help="match loss of the fine-tuning phase (default kl)")
     e = sub.add_parser("export", help="write the serving bundle from the shipped weights (seconds)")
@@ -110,7 +114,7 @@ def _build(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = replace(budget(args.budget), clt_seeds=args.clt_seeds)
+    cfg = replace(budget(args.budget), clt_seeds=args.clt_seeds, model=args.model)
     if args.no_finetune:
         cfg.finetune = None
     elif args.finetune_loss and cfg.finetune is not None:

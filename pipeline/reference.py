@@ -52,6 +52,7 @@ from training.trainer import TrainConfig, train_clt
 from .cache import Stage, refresh_files
 
 REF_MODEL = "cltvit-ref"
+REF_MODELS = ("cltvit-ref", "cltvit-ref7")  # the 4x4-grid reference and the same CLIP with a 7x7 grid
 STAGES = ("clip", "clt", "seeds", "comparison", "eval", "export", "atlas")
 BUDGETS = ("full", "smoke")
 
@@ -82,6 +83,9 @@ class TensorImages(Dataset):
 class BuildConfig:
     """Everything that fixes the build's results (a stage's key hashes the parts it depends on)."""
 
+    # the CLIP architecture: cltvit-ref (28x28 images in 7x7-pixel patches, a 4x4 grid) or cltvit-ref7 (the same
+    # with 4x4-pixel patches, a 7x7 grid: finer spatial maps at about twice the build time, docs/spatial.md)
+    model: str = REF_MODEL
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     zero_shot_limit: int | None = None  # test images for the CLIP's zero-shot accuracy (None: all 10,000)
     # 256 features per layer, TopK 15, lr 6e-3, 2 extra CLS copies per image, CLS AuxK 1/96 in training and
@@ -152,14 +156,14 @@ def load_fashion_tensors(backbone: Backbone, split: str, data_dir: str | None, l
 
 # ---------------------------------------------------------------------- stages
 def stage_clip(out: Path, cfg: BuildConfig, data_dir: str | None, device: str | None, log: Callable[[str], None]) -> dict[str, Any]:
-    model_cfg = json.loads((PROJECT_CONFIG_DIR / f"{REF_MODEL}.json").read_text())
+    model_cfg = json.loads((PROJECT_CONFIG_DIR / f"{cfg.model}.json").read_text())
     st = Stage(out, "clip", {"model": model_cfg, "clip": asdict(cfg.clip), "zero_shot_limit": cfg.zero_shot_limit})
     rec = st.cached()
     if rec:
         log(f"clip: cached (zero-shot top-1 {100 * rec['zero_shot_top1']:.2f}%)")
         return rec
     t0 = time.time()
-    bb = load_backbone(REF_MODEL, None, device=device, seed=cfg.clip.seed)
+    bb = load_backbone(cfg.model, None, device=device, seed=cfg.clip.seed)
     train = FashionMNIST("train", data_dir)
     stats = train_reference_clip(bb, train.images, train.labels, train.class_names, train.templates, cfg.clip, log=log)
     d = out / "clip"
@@ -170,9 +174,9 @@ def stage_clip(out: Path, cfg: BuildConfig, data_dir: str | None, device: str | 
     test, px, y = load_fashion_tensors(bb, "test", data_dir, cfg.zero_shot_limit)
     acc = zero_shot_accuracy(bb, px, y, test.class_names, test.templates)
     log(f"clip: zero-shot top-1 on {len(y)} test images {100 * acc:.2f}%")
-    info = {"model": REF_MODEL, "config": model_cfg, "train": cfg.clip.to_dict(), "train_stats": stats,
+    info = {"model": cfg.model, "config": model_cfg, "train": cfg.clip.to_dict(), "train_stats": stats,
             "zero_shot_top1": acc, "test_images": len(y), "templates": list(test.templates),
-            "weights_sha256_16": load_backbone(REF_MODEL, str((d / "model.pt").resolve()), device="cpu").fingerprint}
+            "weights_sha256_16": load_backbone(cfg.model, str((d / "model.pt").resolve()), device="cpu").fingerprint}
     (d / "clip.json").write_text(json.dumps(info, indent=1))
     return st.finish([d / "model.pt", d / "clip.json"], time.time() - t0, **info)
 
@@ -432,7 +436,7 @@ def check_targets(clip_rec: dict[str, Any], summary: dict[str, Any] | None, cmp_
 def _stage_inputs(out: Path, cfg: BuildConfig, data_dir: str | None, device: str | None, clip_rec: dict[str, Any]
                   ) -> tuple[Backbone, TensorImages, FashionMNIST, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the stages after `clip` read: (backbone, train set, test set, test pixels, test labels, class text embeddings)."""
-    bb = load_backbone(REF_MODEL, str(out / "clip" / "model.pt"), device=device)
+    bb = load_backbone(cfg.model, str(out / "clip" / "model.pt"), device=device)
     if bb.fingerprint != clip_rec["weights_sha256_16"]:
         raise BuildError(f"{out / 'clip' / 'model.pt'} does not load to the recorded weights; rerun with --force clip")
     train, train_px, train_y = load_fashion_tensors(bb, "train", data_dir, cfg.clt_train_limit)

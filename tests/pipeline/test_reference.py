@@ -254,3 +254,22 @@ def test_finetune_cls_aux_marks_the_cls_tokens_and_tracks_silence_there(tiny_bac
     assert "cls_aux_coef" not in FinetuneConfig().to_dict() and FinetuneConfig(cls_aux_coef=0.5).to_dict()["cls_aux_coef"] == 0.5
     with pytest.raises(ValueError, match="cls_dead_after"):
         FinetuneConfig(cls_dead_after=0)
+
+
+
+def test_build_with_the_7x7_reference_model(smoke, tmp_path):
+    """`--model cltvit-ref7`: the same build with 4x4-pixel patches; its bundle's maps are 7x7, and its CLIP
+    stage has its own cache key (a 4x4 build's CLIP is never reused for it)."""
+    from dataclasses import replace
+
+    out4, _, _ = smoke
+    out = tmp_path / "ref7"
+    build(out, replace(budget("smoke"), model="cltvit-ref7"), device="cpu", log=lambda s: None,
+          skip=("seeds", "comparison", "eval", "atlas"))
+    clip = json.loads((out / "clip" / "clip.json").read_text())
+    assert clip["model"] == "cltvit-ref7" and clip["config"]["vision_cfg"]["patch_size"] == 4
+    assert clip["weights_sha256_16"] == load_backbone("cltvit-ref7", str(out / "clip" / "model.pt"), device="cpu").fingerprint
+    m, _ = load_bundle(out / "bundle")
+    assert m.backbone.model == "cltvit-ref7" and m.spatial is not None and tuple(m.spatial.grid) == (7, 7)
+    key = lambda root: json.loads((root / "stages" / "clip.json").read_text())["key"]  # noqa: E731
+    assert key(out) != key(out4)
