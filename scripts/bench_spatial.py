@@ -35,6 +35,7 @@ Bundles are kept in --work (exported when missing or not matching; the ViT-B-32 
 and ~2 GB each).
 
   python scripts/bench_spatial.py [--work artifacts/bench] [--models reference,ViT-B-32] [--batches 1,16] [--http]
+  python scripts/bench_spatial.py --models build:artifacts/reference7     # a 7x7 reference build (docs/spatial.md)
 """
 from __future__ import annotations
 
@@ -102,6 +103,16 @@ def make_bundles(work: Path, weights: Path, model: str) -> dict[str, Path]:
     if model == "reference":
         backbone, clt, _ = load_shipped(weights)
         labels, templates = FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
+    elif model.startswith("build:"):  # a `cltvit-reference build` directory (e.g. --model cltvit-ref7's)
+        from training.model.checkpoint import load_checkpoint
+
+        build_dir = Path(model[len("build:"):])
+        arch = json.loads((build_dir / "clip" / "clip.json").read_text())["model"]
+        backbone = load_backbone(arch, str(build_dir / "clip" / "model.pt"), device="cpu")
+        clt, _ = load_checkpoint(build_dir / "clt", backbone, device="cpu")
+        labels, templates = FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES
+        name = arch.replace("-", "")
+        out = {k: work / f"spatial-{name}-{k}" for k in ("with", "without")}
     else:
         backbone, clt = load_backbone(model, None, device="cpu", seed=0), None
         labels, templates = FASHION_MNIST_CLASSES, ["a photo of a {}."]
@@ -254,7 +265,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "artifacts/bench")
     ap.add_argument("--weights", type=Path, default=ROOT / "pipeline/reference_weights")
-    ap.add_argument("--models", default="reference,ViT-B-32")
+    ap.add_argument("--models", default="reference,ViT-B-32",
+                    help="comma-separated: reference (the shipped weights), an open_clip architecture (random weights), "
+                         "or build:DIR (a `cltvit-reference build` directory, e.g. the 7x7 one of --model cltvit-ref7)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--seconds", type=float, default=20.0, help="about this long per (model, batch) cell")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
