@@ -61,3 +61,16 @@ def test_errors_name_the_problem(tmp_path):
         ClipTokenizer(tmp_path / "missing.txt.gz")
     with pytest.raises(ValueError, match="context_length"):
         ClipTokenizer(VOCAB, context_length=1)
+
+
+def test_word_cache_is_bounded_and_evicts_without_changing_tokens(reference):
+    """Arbitrary user labels cannot grow the BPE word cache past its bound, and a word tokenizes the same
+    whether it is cached, evicted or new (checked against open_clip's tokenizer)."""
+    small = ClipTokenizer(VOCAB, context_length=77, cache_size=100)
+    rng = np.random.RandomState(1)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.randint(4, 12))) for _ in range(1000)]
+    texts = [" ".join(words[i : i + 10]) for i in range(0, 1000, 10)]
+    first = small(texts)
+    info = small._bpe.cache_info()
+    assert info.currsize == 100 and info.maxsize == 100 and info.misses >= 900
+    assert (small(texts) == first).all() and (first == reference(texts).numpy()).all()
