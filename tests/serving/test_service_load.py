@@ -80,8 +80,8 @@ def test_memory_stays_bounded_under_label_churn(bundle):
 
     The words come from a pool of 2,000, so that every label set is new while the tokenizer's BPE word
     cache (bounded on its own at 50,000 words, test_tokenizer.py) fills during the warm-up: with fresh
-    random words per request it keeps filling through the measured phase, by design (~30 MiB when
-    full, measured), and the RSS growth landed at the bound (16.1 MiB in one clean-checkout CI run).
+    random words per request it keeps filling through the measured phase, by design (~22 MB when
+    full, docs/serving.md; 37 MiB of RSS growth over 2,500 such requests, measured), and the RSS growth landed at the bound (16.1 MiB in one clean-checkout CI run).
     The server runs with MALLOC_ARENA_MAX=2: glibc's per-thread malloc arenas otherwise add steps of up
     to ~12 MiB depending on which worker threads touch new memory. With both, the growth over the 200
     measured requests was 0.6-3.4 MiB in 10 of 11 runs, 8.2 MiB in one."""
