@@ -52,7 +52,7 @@ from training.trainer import TrainConfig, train_clt
 from .cache import Stage, refresh_files
 
 REF_MODEL = "cltvit-ref"
-REF_MODELS = ("cltvit-ref", "cltvit-ref7")  # the 4x4-grid reference and the same CLIP with a 7x7 grid
+REF_MODELS = (REF_MODEL, "cltvit-ref7")  # the 4x4-grid reference and the same CLIP with a 7x7 grid
 STAGES = ("clip", "clt", "seeds", "comparison", "eval", "export", "atlas")
 BUDGETS = ("full", "smoke")
 

@@ -81,6 +81,7 @@ def test_clt_path_cells_are_an_exact_affine_split(tiny_backbone, tiny_clt, data,
     """The CLS stream with softmax weights, LN scales and active CLT features held is affine in the patch
     values: its logits equal the model's (a plain forward), and the cells sum exactly to
     logit(values) - logit(values = 0); cut after each attention block, the cells are `decompose`'s maps."""
+    from training.model.clt import SparseCode
     from training.model.decompose import decompose, splice_for_mode
     from training.model.vit import forward
 
@@ -97,7 +98,7 @@ def test_clt_path_cells_are_an_exact_affine_split(tiny_backbone, tiny_clt, data,
     splice = splice_for_mode(tiny_clt, mode)
     with torch.no_grad():
         res = forward(visual, px, splice, record_attention=True)
-        codes = [se.cls_code(splice, l, 6) for l in range(tiny_clt.cfg.n_layers)]
+        codes = [SparseCode(*splice.cls_code(l, 6)) for l in range(tiny_clt.cfg.n_layers)]
         values = res.attn_values[:, :, 1:]
         logits, frozen = se.cls_stream_logits(visual, tiny_clt, res.embed_cls, values, res.attn_weights, codes, text, scale)
         zero, _ = se.cls_stream_logits(visual, tiny_clt, res.embed_cls, torch.zeros_like(values), res.attn_weights, codes,

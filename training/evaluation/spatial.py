@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from ..model.clt import SparseCode
-from ..model.decompose import Mode, decompose, splice_for_mode
-from ..model.vit import CltSplice, blocks, check_spatial_supported, forward
+from ..model.decompose import Mode, decompose, frozen_inv_sigma, splice_for_mode
+from ..model.vit import blocks, check_spatial_supported, forward
 from .metrics import EvaluationError
 
 METHODS = ("ours", "random", "ig")
@@ -139,10 +139,6 @@ def _frozen_layernorm(ln: nn.LayerNorm, x: torch.Tensor, inv_sigma: torch.Tensor
     return (x - x.mean(-1, keepdim=True)) * inv_sigma * ln.weight + ln.bias
 
 
-def _inv_sigma(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return torch.rsqrt(x.detach().var(-1, unbiased=False, keepdim=True) + ln.eps)
-
-
 def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor, values: torch.Tensor,
                       weights: torch.Tensor, codes: list[SparseCode], text: torch.Tensor, scale: float,
                       frozen: list[torch.Tensor] | None = None, through_clt: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -159,7 +155,7 @@ def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor
     record: list[torch.Tensor] = []
 
     def scale_of(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        inv = next(held) if held is not None else _inv_sigma(ln, x)
+        inv = next(held) if held is not None else frozen_inv_sigma(ln, x.detach())
         record.append(inv)
         return inv
 
@@ -204,19 +200,12 @@ def cls_stream_cells(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, te
     splice = splice_for_mode(clt, mode)
     with torch.no_grad():
         res = forward(visual, pixels, splice, record_attention=True)
-    codes = [cls_code(splice, l, len(pixels)) for l in range(clt.cfg.n_layers)]
+    codes = [SparseCode(*splice.cls_code(l, len(pixels))) for l in range(clt.cfg.n_layers)]
     values = res.attn_values[:, :, 1:].detach().clone().requires_grad_()
     logits, _ = cls_stream_logits(visual, clt, res.embed_cls, values, res.attn_weights, codes, text, scale,
                                   through_clt=through_clt)
     (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), values)
     return (grad * values).sum(-1).permute(1, 0, 2).detach()
-
-
-def cls_code(splice: CltSplice, layer: int, batch: int) -> SparseCode:
-    """The CLT code of the CLS token [B, k] at `layer` after a spliced forward (CLS is row 0 of each image)."""
-    code = splice.codes[layer]
-    k = int(code.idx.shape[-1])
-    return SparseCode(code.idx.reshape(batch, -1, k)[:, 0], code.val.reshape(batch, -1, k)[:, 0])
 
 
 # ---------------------------------------------------------------------- deletion

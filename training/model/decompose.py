@@ -84,17 +84,18 @@ def splice_for_mode(clt: nn.Module, mode: Mode) -> CltSplice:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def frozen_inv_sigma(visual: nn.Module, cls_resid: torch.Tensor) -> torch.Tensor:
-    """ln_post's scale 1/sigma [B, 1] at the final CLS residual [B, d], frozen for the decomposition."""
-    var = cls_resid.var(dim=-1, unbiased=False, keepdim=True)
-    return torch.rsqrt(var + visual.ln_post.eps)
+def frozen_inv_sigma(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """The scale 1/sigma [B, 1] of LayerNorm `ln` at its input x [B, d] (e.g. ln_post at the final CLS
+    residual), held as a constant by the decomposition."""
+    var = x.var(dim=-1, unbiased=False, keepdim=True)
+    return torch.rsqrt(var + ln.eps)
 
 
 def frozen_ln_map(visual: nn.Module, cls_resid: torch.Tensor, terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Map residual-space terms [B, T', d] linearly to embedding space [B, T', D] with ln_post's scale
     frozen at `cls_resid` [B, d]. Returns (mapped terms, the embedding of ln_post's shift [D])."""
     ln = visual.ln_post
-    inv_sigma = frozen_inv_sigma(visual, cls_resid)[:, None, :]  # [B, 1, 1]
+    inv_sigma = frozen_inv_sigma(ln, cls_resid)[:, None, :]  # [B, 1, 1]
     centred = terms - terms.mean(dim=-1, keepdim=True)
     mapped = centred * inv_sigma * ln.weight
     shift = ln.bias
@@ -112,7 +113,7 @@ def class_directions(visual: nn.Module, cls_resid: torch.Tensor, norm: torch.Ten
     dirs = text @ visual.proj.T if visual.proj is not None else text  # [B, S, d]
     dirs = dirs * ln.weight
     dirs = dirs - dirs.mean(dim=-1, keepdim=True)
-    return dirs * (scale * frozen_inv_sigma(visual, cls_resid) / norm)[:, :, None]
+    return dirs * (scale * frozen_inv_sigma(ln, cls_resid) / norm)[:, :, None]
 
 
 def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,9 +229,8 @@ def decompose(
     pred = logits.argmax(dim=-1)
     t_pred = text_embeddings.index_select(0, pred)  # [B, D]
     layers, idxs, acts, contribs = [], [], [], []
-    for i, code in enumerate(splice.codes):
-        idx = code.idx.reshape(B, -1, code.idx.shape[-1])[:, 0]  # CLS row: [B, k]
-        val = code.val.reshape(B, -1, code.val.shape[-1])[:, 0]
+    for i in range(len(splice.codes)):
+        idx, val = splice.cls_code(i, B)  # [B, k] each
         rows = clt.total_write_matrix(i).index_select(0, idx.reshape(-1)).reshape(B, -1, d)  # [B, k, d]
         dirs, _ = frozen_ln_map(visual, res.cls_resid, rows)  # [B, k, D]
         c = scale * val * (dirs * t_pred[:, None, :]).sum(-1) / norm  # [B, k]

@@ -294,6 +294,13 @@ class CltSplice:
         return join_tokens(self.tokens, recon, mlp(outside) if outside.shape[1] else outside)
 
 
+    def cls_code(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) [B, k] of the CLT code of the CLS token at `layer` after a run (CLS is row 0 of
+        each image's rows of `codes[layer]`)."""
+        code = self.codes[layer]
+        return code.idx.reshape(batch, -1, code.idx.shape[-1])[:, 0], code.val.reshape(batch, -1, code.val.shape[-1])[:, 0]
+
+
 def spliced_forward(
     visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, layers: Iterable[int] | None = None, tokens: TokenSet = "all"
 ) -> ForwardResult:
