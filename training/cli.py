@@ -302,8 +302,9 @@ def build_spatial_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-list")
     p.add_argument("--images", type=_int_at_least(1), default=None, help="deletion test on the first N images (default all)")
     p.add_argument("--no-deletion", action="store_true", help="times only (no deletion test)")
-    p.add_argument("--gap-analysis", action="store_true", help="also delete by the maps with the CLT paths split over the "
-                   "patches and by gradient x input, to see where the maps fall behind IG (docs/spatial.md)")
+    p.add_argument("--gap-analysis", action="store_true", help="also delete by four one-pass alternatives (the maps with the "
+                   "CLT paths split over the patches, gradient x input, the fully linearised model's exact split, the maps "
+                   "less the fill image's), to see where the maps fall behind IG (docs/spatial.md)")
     p.add_argument("--mode", choices=("cls", "all", "observe"), default="cls", help="the model explained (as served)")
     p.add_argument("--ig-steps", type=_int_at_least(1), default=50)
     p.add_argument("--random-seeds", type=_int_at_least(1), default=3, help="seeds of the random-patch baseline")

@@ -137,6 +137,46 @@ def test_gradient_scores_pool_gradient_times_delta(tiny_backbone, tiny_clt, data
         visual.float(), tiny_clt.float()
 
 
+@pytest.mark.parametrize("mode", ["cls", "all", "observe"])
+def test_linearised_model_is_the_model_and_affine(tiny_backbone, tiny_clt, data, mode):
+    """With nothing held its logits are the model's (open_clip's own attention modules run there); held at
+    the image, it is affine in the pixels: the patch scores sum exactly to logit(image) - logit(fill), both
+    with the image's gates, which fails if any nonlinear part escaped holding."""
+    pixels, _, text = data
+    visual, scale = tiny_backbone.visual, float(tiny_backbone.logit_scale)
+    px, masks = pixels[:6], se.patch_masks(visual)
+    fill = pixels.mean(dim=(0, 2, 3))
+    with torch.no_grad():
+        want = se.model_logits(visual, tiny_clt, px, text, scale, mode)
+        got, held = se.linearised_logits(visual, tiny_clt, px, text, scale, mode)
+        at_fill, _ = se.linearised_logits(visual, tiny_clt, fill.view(1, 3, 1, 1).expand_as(px), text, scale, mode,
+                                          held=se.Held(held.values))
+        true_fill = se.model_logits(visual, tiny_clt, fill.view(1, 3, 1, 1).expand_as(px), text, scale, mode)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
+    target = want.argmax(1)
+    scores = se.linearised_scores(visual, tiny_clt, px, text, scale, mode, target, fill, masks)
+    pick = lambda t: t.gather(1, target[:, None])[:, 0].numpy()  # noqa: E731
+    np.testing.assert_allclose(scores.sum(1).numpy(), pick(got) - pick(at_fill), atol=1e-4)
+    assert np.abs(pick(at_fill) - pick(true_fill)).max() > 1e-3  # held gates are not the fill's own
+    grad = se.gradient_scores(visual, tiny_clt, px, text, scale, mode, target, fill, masks)
+    assert (scores - grad).abs().max() > 1e-3
+
+
+def test_baseline_maps_are_the_fill_images_map_per_class(tiny_backbone, tiny_clt, data):
+    """Row c of the table is the fill image's summed map of class c, whatever c's rank (decompose on c alone)."""
+    from training.model.decompose import decompose
+
+    pixels, _, text = data
+    visual, scale = tiny_backbone.visual, float(tiny_backbone.logit_scale)
+    baseline = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1).expand(1, 3, *pixels.shape[2:])
+    table = se.baseline_maps(visual, tiny_clt, baseline, text, scale, "cls")
+    assert table.shape == (len(text), 16)
+    for c in (0, 3, len(text) - 1):
+        with torch.no_grad():
+            alone = decompose(visual, tiny_clt, baseline, text[c : c + 1], scale, "cls", spatial_top_k=1)
+        np.testing.assert_allclose(table[c].numpy(), alone.spatial.tokens[0, 0, :, 1:].sum(0).numpy(), atol=1e-5)
+
+
 def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_clt, tiny_backbone.identity())
     out = tmp_path / "eval"

@@ -25,7 +25,7 @@ and wrote straight into the CLS token. Effects that reach the CLS token through 
 changing what a later MLP/CLT or attention computes) are in other terms; Integrated Gradients sees
 those total effects. `direct_share` reports how much of the predicted logit the attention terms carry.
 
-Where the maps fall behind IG, two more methods on the same images say why (`analysis=True`,
+Where the maps fall behind IG, four more methods on the same images say why (`analysis=True`,
 `cltvit-eval-spatial --gap-analysis`):
 - `clt_paths`: the maps plus every path through the CLT features at the CLS token. With the CLS
   query's softmax weights, every LayerNorm scale at the CLS token and the CLT's active features held
@@ -35,6 +35,14 @@ Where the maps fall behind IG, two more methods on the same images say why (`ana
   split over the patches too.
 - `gradient`: gradient x (image - fill) of the logit at the pixels, per patch: a total effect to
   first order, one backward pass. IG is the same integrated along the path from the fill to the image.
+- `linearised`: every path through every token, split exactly. With every nonlinear part held at the
+  image's values (each LayerNorm's scale, every softmax weight, the CLT's active sets, the real MLPs'
+  GELU gates z -> gelu(z)/z, the embedding's norm) the model is affine in the pixels
+  (`linearised_logits`), so gradient x (image - fill) of that affine model splits
+  logit(image) - logit(fill, everything held) exactly over the patches (the conservative propagation
+  of Ali et al., ICML 2022, one backward pass).
+- `baseline_relative`: ours minus the fill image's own map of the same class (`baseline_maps`): the
+  direct path's split of the difference to the all-deleted image, a constant table per class.
 """
 from __future__ import annotations
 
@@ -50,11 +58,11 @@ from torch import nn
 
 from ..model.clt import SparseCode
 from ..model.decompose import Mode, decompose, frozen_inv_sigma, splice_for_mode
-from ..model.vit import blocks, check_spatial_supported, forward
+from ..model.vit import blocks, check_spatial_supported, forward, self_attention
 from .metrics import EvaluationError
 
 METHODS = ("ours", "random", "ig")
-ANALYSIS_METHODS = ("clt_paths", "gradient")
+ANALYSIS_METHODS = ("clt_paths", "gradient", "linearised", "baseline_relative")
 
 
 @dataclass
@@ -128,14 +136,104 @@ def ig_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: tor
 def gradient_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float, mode: Mode,
                     target: torch.Tensor, fill: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Gradient x (pixels - fill) of the target logits, pixels [B, 3, H, W], fill [3], summed per patch: [B, P]."""
+    return _gradient_times_delta(lambda x: model_logits(visual, clt, x, text, scale, mode), pixels, target, fill, masks)
+
+
+def linearised_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float,
+                      mode: Mode, target: torch.Tensor, fill: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Gradient x (pixels - fill) of the target logits of `linearised_logits` (held at `pixels`), summed
+    per patch: [B, P]. The model being affine there, the scores sum to logit(pixels) - logit(fill, held)."""
+    return _gradient_times_delta(lambda x: linearised_logits(visual, clt, x, text, scale, mode)[0], pixels, target, fill,
+                                 masks)
+
+
+def _gradient_times_delta(logits: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, target: torch.Tensor,
+                          fill: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     x = pixels.detach().clone().requires_grad_()
-    (grad,) = torch.autograd.grad(model_logits(visual, clt, x, text, scale, mode).gather(1, target[:, None]).sum(), x)
+    (grad,) = torch.autograd.grad(logits(x).gather(1, target[:, None]).sum(), x)
     per_pixel = (grad * (pixels - fill.view(1, 3, 1, 1))).sum(1)  # [B, H, W]
     return torch.einsum("bhw,phw->bp", per_pixel, masks.to(per_pixel.dtype))
 
 
+@torch.no_grad()
+def baseline_maps(visual: nn.Module, clt: nn.Module, baseline: torch.Tensor, text: torch.Tensor, scale: float,
+                  mode: Mode) -> torch.Tensor:
+    """The spatial map summed over layers of the image `baseline` [1, 3, H, W] for every class: [C, P]."""
+    C = int(text.shape[0])
+    d = decompose(visual, clt, baseline, text, scale, mode, spatial_top_k=C)
+    table = torch.zeros(C, d.spatial.tokens.shape[-1] - 1)
+    table[d.spatial.classes[0]] = d.spatial.tokens[0, :, :, 1:].sum(1)
+    return table
+
+
+class Held:
+    """The values of a forward pass's nonlinear parts (LayerNorm scales, softmax weights, active sets,
+    gates), recorded in call order on one input (`values` None) or replayed in the same order on
+    another (`values` a recording): with them held, the pass is affine in its input."""
+
+    def __init__(self, values: list[Any] | None = None) -> None:
+        self.values: list[Any] = [] if values is None else values
+        self._replay = iter(values) if values is not None else None
+
+    def __call__(self, compute: Callable[[], Any]) -> Any:
+        if self._replay is not None:
+            return next(self._replay)
+        v = compute()
+        v = v.detach() if isinstance(v, torch.Tensor) else SparseCode(v.idx, v.val.detach())
+        self.values.append(v)
+        return v
+
+
+def linearised_logits(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float,
+                      mode: Mode, held: Held | None = None) -> tuple[torch.Tensor, Held]:
+    """The logits [B, C] of the model `decompose` explains in `mode`, from pixels [B, 3, H, W], with every
+    nonlinear part held (`Held`; None: at this call's own values, so the logits are the model's): each
+    LayerNorm's 1/sigma, the softmax weights [B, H, T, T], the CLT's active sets, each real MLP's gate
+    gelu(z)/z per unit, the image embedding's norm. Affine in the pixels (module docstring, `linearised`)."""
+    check_spatial_supported(visual)
+    held = held or Held()
+
+    def ln(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x if isinstance(mod, nn.Identity) else _frozen_layernorm(mod, x, held(lambda: frozen_inv_sigma(mod, x)))
+
+    B = int(pixels.shape[0])
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [B, P, d]
+    x = torch.cat([visual.class_embedding.reshape(1, 1, -1).expand(B, 1, -1), x], 1) + visual.positional_embedding
+    x = ln(visual.ln_pre, x)
+    T, d, L = int(x.shape[1]), int(x.shape[2]), clt.cfg.n_layers
+    n_clt = {"cls": 1, "all": T, "observe": 0}[mode]  # leading tokens whose MLP output the CLT writes
+    pending: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    for l, blk in enumerate(blocks(visual)):
+        h = ln(blk.ln_1, x)
+        x = x + self_attention(blk, h, held(lambda: self_attention(blk, h)[2]))[0]
+        h = ln(blk.ln_2, x)
+        parts = []
+        if n_clt:
+            rows = h[:, :n_clt].reshape(B * n_clt, d)
+            code = clt.held_code(l, rows, held(lambda: clt.encode(l, rows)))
+            w = clt.decode_source(l, code)  # [B * n_clt, n_t, d], normalised
+            w = (w * clt.out_scale[l : l + int(w.shape[1])][None, :, None]).reshape(B, n_clt, -1, d)
+            for off in range(int(w.shape[2])):
+                pending[l + off].append(w[:, :, off])
+            parts.append((clt.b_dec[l] * clt.out_scale[l] + sum(pending[l])).expand(B, n_clt, d))
+        if n_clt < T:
+            mlp = blk.mlp
+            if not all(hasattr(mlp, name) for name in ("c_fc", "gelu", "c_proj")) or len(mlp) != 3:
+                raise EvaluationError(f"block {l}: the linearised model needs open_clip's MLP (c_fc, gelu, c_proj)")
+            z = mlp.c_fc(h[:, n_clt:])
+            # a unit with z == 0 adds nothing whatever its gate: 0 avoids dividing by it
+            gate = held(lambda: torch.where(z != 0, mlp.gelu(z) / torch.where(z != 0, z, torch.ones_like(z)), 0.0))
+            parts.append(blk.ls_2(mlp.c_proj(z * gate)))
+        x = x + torch.cat(parts, 1)
+    e = ln(visual.ln_post, x[:, 0])
+    if visual.proj is not None:
+        e = e @ visual.proj
+    norm = held(lambda: e.norm(dim=-1, keepdim=True))
+    return scale * (e / norm) @ text.T, held
+
+
 def _frozen_layernorm(ln: nn.LayerNorm, x: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
-    """LayerNorm of x [B, d] with its scale 1/sigma [B, 1] given (held constant): affine in x."""
+    """LayerNorm of x [..., d] with its scale 1/sigma [..., 1] given (held constant): affine in x."""
     return (x - x.mean(-1, keepdim=True)) * inv_sigma * ln.weight + ln.bias
 
 
@@ -151,13 +249,10 @@ def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor
     stream, right when `values` are the image's). `through_clt=False` cuts the CLS stream after each
     attention block (later blocks and the CLT read it as a constant): only the direct path remains."""
     L = clt.cfg.n_layers
-    held = iter(frozen) if frozen is not None else None
-    record: list[torch.Tensor] = []
+    held = Held(frozen)
 
     def scale_of(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        inv = next(held) if held is not None else frozen_inv_sigma(ln, x.detach())
-        record.append(inv)
-        return inv
+        return held(lambda: frozen_inv_sigma(ln, x))
 
     c = embed_cls
     pending: list[list[torch.Tensor]] = [[] for _ in range(L)]
@@ -173,9 +268,7 @@ def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor
         mixed = torch.einsum("bht,bthe->bhe", weights[l], v.reshape(B, T, H, d // H)).reshape(B, d)
         c = c + blk.ls_1(attn.out_proj(mixed))
         h = _frozen_layernorm(blk.ln_2, c if through_clt else c.detach(), scale_of(blk.ln_2, c))
-        code = codes[l]
-        val = clt.preactivations(l, h).gather(1, code.idx) * (code.val != 0).to(h.dtype)  # [B, k], active set held
-        w = clt.decode_source(l, SparseCode(code.idx, val))  # [B, n_t, d], normalised
+        w = clt.decode_source(l, clt.held_code(l, h, codes[l]))  # [B, n_t, d], normalised
         w = w * clt.out_scale[l : l + int(w.shape[1])][None, :, None]
         for off in range(int(w.shape[1])):
             pending[l + off].append(w[:, off])
@@ -183,9 +276,8 @@ def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor
     e = _frozen_layernorm(visual.ln_post, c, scale_of(visual.ln_post, c))
     if visual.proj is not None:
         e = e @ visual.proj
-    norm = next(held) if held is not None else e.detach().norm(dim=-1, keepdim=True)
-    record.append(norm)
-    return scale * (e / norm) @ text.T, record
+    norm = held(lambda: e.norm(dim=-1, keepdim=True))
+    return scale * (e / norm) @ text.T, held.values
 
 
 def cls_stream_cells(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float,
@@ -254,6 +346,7 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
     baseline = fill.view(1, 3, 1, 1).expand(1, 3, *pixels.shape[2:])
     gen = torch.Generator().manual_seed(cfg.seed)
     methods = METHODS + (ANALYSIS_METHODS if cfg.analysis else ())
+    fill_maps = baseline_maps(visual, clt, baseline, text, scale, mode) if cfg.analysis else None
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in methods}
     direct = []
     t0 = time.perf_counter()
@@ -277,6 +370,9 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
             orders["clt_paths"] = cells.sum(1).argsort(dim=1, descending=True, stable=True)
             grad = gradient_scores(visual, clt, px, text, scale, mode, target, fill, masks)
             orders["gradient"] = grad.argsort(dim=1, descending=True, stable=True)
+            lin = linearised_scores(visual, clt, px, text, scale, mode, target, fill, masks)
+            orders["linearised"] = lin.argsort(dim=1, descending=True, stable=True)
+            orders["baseline_relative"] = (ours - fill_maps[target]).argsort(dim=1, descending=True, stable=True)
         for m in orders:
             curves[m].append(deletion_curves(visual, clt, px, y, text, scale, mode, target, orders[m], fill, masks, steps))
         for _ in range(cfg.random_seeds):
@@ -429,9 +525,11 @@ def render_markdown(section: dict[str, Any], title: str = "Where in the image: f
                   f"ours / IG {r['ours_vs_ig_accuracy']:.3f}. The attention terms carry {100 * dl['direct_share']['mean']:.1f}% "
                   f"of the predicted logit's |terms| on average (median {100 * dl['direct_share']['median']:.1f}%).", ""]
         if "clt_paths" in ms:
-            lines += [f"Gap analysis: with the paths through the CLT at the CLS token split over the patches too (clt_paths) "
-                      f"the logit AUC is {r['clt_paths_vs_ig_logit']:.3f}x IG's; gradient x (image - fill), a first-order "
-                      f"total effect, {r['gradient_vs_ig_logit']:.3f}x.", ""]
+            lines += [f"Gap analysis, logit AUC / IG's: the maps with the paths through the CLT at the CLS token split "
+                      f"over the patches too (clt_paths) {r['clt_paths_vs_ig_logit']:.3f}; gradient x (image - fill), a "
+                      f"first-order total effect, {r['gradient_vs_ig_logit']:.3f}; every path split exactly with every "
+                      f"nonlinearity held (linearised) {r['linearised_vs_ig_logit']:.3f}; the maps less the fill image's "
+                      f"(baseline_relative) {r['baseline_relative_vs_ig_logit']:.3f}.", ""]
     tm = section["times"]
     lines += [f"Time per explanation, one image per call, median CPU time of one thread ({tm['threads']} torch thread(s)):", "",
               "| method | ms per image (CPU) | ms (wall) | images |", "|---|---|---|---|"]

@@ -194,6 +194,14 @@ class CrossLayerTranscoder(nn.Module):
         """[N, d] raw MLP input -> sparse features of `layer`."""
         return self.activate(layer, self.preactivations(layer, x))
 
+    def held_code(self, layer: int, x: torch.Tensor, code: SparseCode) -> SparseCode:
+        """The code of x [N, d] (raw MLP input) with the active set of `code` [N, k] held: the
+        pre-activations at `code.idx` where `code.val` is non-zero, zero elsewhere. Affine in x; equal to
+        `encode(layer, x)` where `code` is x's own code and the activation is the identity on what it keeps
+        (topk's, batchtopk's and relu's kept values are the pre-activations; jumprelu's too)."""
+        z = self.preactivations(layer, x).gather(1, code.idx)
+        return SparseCode(code.idx, z * (code.val != 0).to(z.dtype))
+
     # ------------------------------------------------------------------ decoder
     def decode_source(self, source: int, code: SparseCode) -> torch.Tensor:
         """Normalised writes of one source layer to each of its targets: [N, n_targets, d]."""

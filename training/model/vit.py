@@ -66,23 +66,32 @@ def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def attention_recorded(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(what the attention sub-block adds [B, T, d], every token's value before the value bias, heads
     concatenated (W_V[h] LN1(x_t) in columns h*dh..(h+1)*dh) [B, T, d], the CLS query's softmax
-    weights over source tokens [B, H, T]) from the residual stream x [B, T, d].
+    weights over source tokens [B, H, T]) from the residual stream x [B, T, d] (`self_attention`)."""
+    a, v, w = self_attention(block, block.ln_1(x))
+    return a, v, w[:, :, 0]
+
+
+def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(what the attention sub-block adds [B, T, d], the values before the value bias [B, T, d], the
+    softmax weights [B, H, T, T]) from the sub-block's input h = LN1(x) [B, T, d]. Given `weights`, those
+    mix the values instead of the softmax of h's queries and keys (held at another input's values).
 
     Self-attention written out from the block's `nn.MultiheadAttention` parameters in the order of
     its `need_weights=True` path (packed in-projection, q scaled by 1/sqrt(dh) before q k^T, one
     softmax, out-projection), so the output is the module's (tested against open_clip's own blocks)
     and the weights and values are those that made it. Needs `check_spatial_supported`."""
     attn = block.attn
-    T, d = int(x.shape[1]), int(x.shape[2])  # static in a traced graph; the batch stays -1
+    T, d = int(h.shape[1]), int(h.shape[2])  # static in a traced graph; the batch stays -1
     H = int(attn.num_heads)
     dh = d // H
-    h = block.ln_1(x)
     qkv = nn.functional.linear(h, attn.in_proj_weight)  # [B, T, 3d]; the biases are added below, the values kept without
     qkv_b = qkv if attn.in_proj_bias is None else qkv + attn.in_proj_bias
     q, k, v = qkv_b.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each
-    weights = torch.softmax(torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2)), dim=-1)  # [B, H, T, T]
+    if weights is None:
+        weights = torch.softmax(torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2)), dim=-1)  # [B, H, T, T]
     out = attn.out_proj(torch.matmul(weights, v).transpose(1, 2).reshape(-1, T, d))
-    return block.ls_1(out), qkv[..., 2 * d :], weights[:, :, 0]
+    return block.ls_1(out), qkv[..., 2 * d :], weights
 
 
 def check_spatial_supported(visual: nn.Module) -> None:
