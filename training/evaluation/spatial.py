@@ -196,35 +196,24 @@ def linearised_logits(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, t
     def ln(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x if isinstance(mod, nn.Identity) else _frozen_layernorm(mod, x, held(lambda: frozen_inv_sigma(mod, x)))
 
+    def linear_mlp(l: int, blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        mlp = blk.mlp
+        if not all(hasattr(mlp, name) for name in ("c_fc", "gelu", "c_proj")) or len(mlp) != 3:
+            raise EvaluationError(f"block {l}: the linearised model needs open_clip's MLP (c_fc, gelu, c_proj)")
+        z = mlp.c_fc(t)
+        # a unit with z == 0 adds nothing whatever its gate: 0 avoids dividing by it
+        gate = held(lambda: torch.where(z != 0, mlp.gelu(z) / torch.where(z != 0, z, torch.ones_like(z)), 0.0))
+        return blk.ls_2(mlp.c_proj(z * gate))
+
+    splice = splice_for_mode(clt, mode, encode=lambda l, rows: clt.held_code(l, rows, held(lambda: clt.encode(l, rows))))
     B = int(pixels.shape[0])
     x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [B, P, d]
     x = torch.cat([visual.class_embedding.reshape(1, 1, -1).expand(B, 1, -1), x], 1) + visual.positional_embedding
     x = ln(visual.ln_pre, x)
-    T, d, L = int(x.shape[1]), int(x.shape[2]), clt.cfg.n_layers
-    n_clt = {"cls": 1, "all": T, "observe": 0}[mode]  # leading tokens whose MLP output the CLT writes
-    pending: list[list[torch.Tensor]] = [[] for _ in range(L)]
     for l, blk in enumerate(blocks(visual)):
         h = ln(blk.ln_1, x)
         x = x + self_attention(blk, h, held(lambda: self_attention(blk, h)[2]))[0]
-        h = ln(blk.ln_2, x)
-        parts = []
-        if n_clt:
-            rows = h[:, :n_clt].reshape(B * n_clt, d)
-            code = clt.held_code(l, rows, held(lambda: clt.encode(l, rows)))
-            w = clt.decode_source(l, code)  # [B * n_clt, n_t, d], normalised
-            w = (w * clt.out_scale[l : l + int(w.shape[1])][None, :, None]).reshape(B, n_clt, -1, d)
-            for off in range(int(w.shape[2])):
-                pending[l + off].append(w[:, :, off])
-            parts.append((clt.b_dec[l] * clt.out_scale[l] + sum(pending[l])).expand(B, n_clt, d))
-        if n_clt < T:
-            mlp = blk.mlp
-            if not all(hasattr(mlp, name) for name in ("c_fc", "gelu", "c_proj")) or len(mlp) != 3:
-                raise EvaluationError(f"block {l}: the linearised model needs open_clip's MLP (c_fc, gelu, c_proj)")
-            z = mlp.c_fc(h[:, n_clt:])
-            # a unit with z == 0 adds nothing whatever its gate: 0 avoids dividing by it
-            gate = held(lambda: torch.where(z != 0, mlp.gelu(z) / torch.where(z != 0, z, torch.ones_like(z)), 0.0))
-            parts.append(blk.ls_2(mlp.c_proj(z * gate)))
-        x = x + torch.cat(parts, 1)
+        x = x + splice(l, ln(blk.ln_2, x), lambda t, l=l, blk=blk: linear_mlp(l, blk, t))
     e = ln(visual.ln_post, x[:, 0])
     if visual.proj is not None:
         e = e @ visual.proj

@@ -27,7 +27,7 @@ Token 0 is the CLS->CLS cell; tokens 1.. are the patches in row-major grid order
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -74,13 +74,14 @@ class Decomposition:
     spatial: SpatialDecomposition | None = None
 
 
-def splice_for_mode(clt: nn.Module, mode: Mode) -> CltSplice:
+def splice_for_mode(clt: nn.Module, mode: Mode, encode: Callable[[int, torch.Tensor], Any] | None = None) -> CltSplice:
+    """The CLT splice of `mode`; `encode` as `CltSplice`'s (None: the CLT's own)."""
     if mode == "cls":
-        return CltSplice(clt, tokens="cls")
+        return CltSplice(clt, tokens="cls", encode=encode)
     if mode == "all":
-        return CltSplice(clt, tokens="all")
+        return CltSplice(clt, tokens="all", encode=encode)
     if mode == "observe":
-        return CltSplice(clt, tokens="cls", observe=True)
+        return CltSplice(clt, tokens="cls", observe=True, encode=encode)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 

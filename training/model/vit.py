@@ -20,7 +20,7 @@ per block where the module's own export has about a hundred; same values to fp32
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Any, Callable, Iterable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -259,15 +259,18 @@ class CltSplice:
     Features of every layer are computed from this (spliced) run's own MLP inputs at `tokens`, and
     each source layer's decoded writes to later layers are kept until those layers run. With
     `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
+    `encode` (layer, rows [N, d]) -> SparseCode stands in for `clt.encode` (e.g. with active sets held).
 
     After a run: `codes[l]` (SparseCode over B*T' tokens), `writes[l]` raw-unit writes of source l
     [B, T', n_targets, d], `recon[l]` / `true[l]` [B, T', d] for every layer in `layers` (true only
     when observing).
     """
 
-    def __init__(self, clt: nn.Module, layers: Iterable[int] | None = None, tokens: TokenSet = "cls", observe: bool = False) -> None:
+    def __init__(self, clt: nn.Module, layers: Iterable[int] | None = None, tokens: TokenSet = "cls", observe: bool = False,
+                 encode: Callable[[int, torch.Tensor], Any] | None = None) -> None:
         n = clt.cfg.n_layers
         self.clt, self.tokens, self.observe = clt, tokens, observe
+        self.encode = encode or clt.encode
         self.layers = set(range(n)) if layers is None else set(layers)
         self.codes: list = []
         self.writes: list[torch.Tensor] = []
@@ -281,7 +284,7 @@ class CltSplice:
         b, t, d = inside.shape
         needed = any(j >= layer for j in self.layers)
         if needed:
-            code = clt.encode(layer, inside.reshape(b * t, d))
+            code = self.encode(layer, inside.reshape(b * t, d))
             w = clt.decode_source(layer, code)  # [N, n_t, d] normalised
             scale = clt.out_scale[layer : layer + w.shape[1]]
             w = (w * scale[None, :, None]).reshape(b, t, w.shape[1], d)
@@ -301,7 +304,6 @@ class CltSplice:
             self.true[layer] = split_tokens(self.tokens, m)[0]
             return m
         return join_tokens(self.tokens, recon, mlp(outside) if outside.shape[1] else outside)
-
 
     def cls_code(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values) [B, k] of the CLT code of the CLS token at `layer` after a run (CLS is row 0 of
