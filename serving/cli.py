@@ -45,6 +45,7 @@ from bundle import BundleError, load_bundle
 
 from .explainer import Explainer, read_image
 from .images import ImageError
+from .jobs.drift import DriftError, DriftProfile
 from .report import write_report
 from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable
 from .schemas import ImageResult
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-cache-mb", type=float, default=64.0, help="memory bound of the custom label-set cache, MiB (default 64)")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU per request)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files at startup")
+    p.add_argument("--reference", default=os.environ.get("CLTVIT_DRIFT_REFERENCE"), metavar="REF_JSON",
+                   help="drift reference profile (cltvit-drift reference) made with this bundle: /metrics then carries "
+                   "the drift statistics of the served explanations (docs/monitoring.md; default: $CLTVIT_DRIFT_REFERENCE)")
     return p
 
 
@@ -111,12 +115,19 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.timeout < 1:
         _fail(parser, f"--timeout must be >= 1, got {args.timeout}")
     try:
-        _, paths = load_bundle(args.bundle, verify_checksums=not args.no_verify)
+        manifest, paths = load_bundle(args.bundle, verify_checksums=not args.no_verify)
     except BundleError as exc:
         _fail(parser, str(exc))
         raise  # unreachable: parser.exit raises SystemExit
     if args.variant not in paths.models:
         _fail(parser, f"--variant {args.variant!r}: bundle {paths.root} has only {', '.join(sorted(paths.models))}")
+    if args.reference:
+        try:
+            DriftProfile.load(args.reference).check_bundle(manifest.term_names, manifest.labels.names,
+                                                           manifest.files.get("model.onnx"),
+                                                           source=f"reference profile {args.reference}")
+        except DriftError as exc:
+            _fail(parser, f"argument --reference: {exc}")
     env = {
         "CLTVIT_BUNDLE": str(paths.root),
         "CLTVIT_DEVICE": args.device,
@@ -132,6 +143,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "CLTVIT_ACCESS_LOG": "1" if args.access_log else "0",
         "BENTOML_DO_NOT_TRACK": "True",
     }
+    if args.reference:
+        env["CLTVIT_DRIFT_REFERENCE"] = str(Path(args.reference).resolve())
     if args.threads is not None:
         env["CLTVIT_THREADS"] = str(args.threads)
     return env
@@ -168,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     warning = exposure_warning(args.host, bool(env.get("CLTVIT_API_TOKEN")))
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    drift = f", drift against {env['CLTVIT_DRIFT_REFERENCE']}" if env.get("CLTVIT_DRIFT_REFERENCE") else ""
     print(f"cltvit-serve: serving {env['CLTVIT_BUNDLE']} on http://{args.host}:{args.port} "
-          f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'})", file=sys.stderr, flush=True)
+          f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'}{drift})", file=sys.stderr, flush=True)
     cmd = serve_command(args.host, args.port)
     os.execve(cmd[0], cmd, env)
 

@@ -32,6 +32,7 @@ from .batcher import MicroBatcher, Overloaded
 from .guard import log_client_error
 from .images import ImageError, decode_image
 from .inputs import MAX_TOP_K, ImageRequest, RequestError
+from .jobs.drift import DriftProfile
 from .metrics import ServiceMetrics
 from .results import RawOutputs, check_top_k, image_result
 from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
@@ -44,6 +45,7 @@ Kind = Literal["classify", "explain", "embed"]
 # never stalls the other requests.
 INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 512 * 512
+HEARTBEAT_S = 5.0  # the worker's heartbeat gauge moves this often while its event loop runs
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,12 @@ class ServingEngine:
             threads=settings.ort_threads, verify_checksums=settings.verify_checksums, spinning=settings.ort_spinning,
             label_cache_bytes=int(settings.label_cache_mb * (1 << 20)),
         )
-        self.metrics = ServiceMetrics(self.runtime.term_names, settings.max_batch_size)
+        reference = None
+        if settings.drift_reference:
+            reference = load_reference(settings.drift_reference, self.runtime)  # cltvit-serve checked it already
+        self.metrics = ServiceMetrics(self.runtime.term_names, settings.max_batch_size, reference, self.runtime.label_names)
+        self.runtime.label_cache.on_evict = self.metrics.label_cache_evicted
+        self._heartbeat: asyncio.Task | None = None
         self.batcher: MicroBatcher[Job, bytes] = MicroBatcher(
             self.run_batch, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             max_wait_s=settings.batch_wait_ms / 1000.0, max_queue_wait_s=settings.max_latency_ms / 1000.0,
@@ -118,7 +125,19 @@ class ServingEngine:
         gc.collect()
         gc.freeze()
 
+    def start(self) -> None:
+        """Start the heartbeat on the running event loop (the service's startup hook)."""
+        self.metrics.beat()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="cltvit-heartbeat")
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            self.metrics.beat()
+
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         await self.batcher.close()
 
     # ------------------------------------------------------------------ per request (event loop)
@@ -239,3 +258,12 @@ class ServingEngine:
             auth=bool(s.api_token),
             spatial=None if m.spatial is None else m.spatial.model_dump(mode="json"),
         )
+
+
+def load_reference(path: str, runtime: BundleRuntime) -> DriftProfile:
+    """The drift reference profile at `path`, checked against the served bundle (model, terms, labels);
+    DriftError names the file and the mismatch."""
+    profile = DriftProfile.load(path)
+    profile.check_bundle(runtime.term_names, runtime.label_names, runtime.manifest.files.get("model.onnx"),
+                         source=f"reference profile {path}")
+    return profile

@@ -204,13 +204,17 @@ class Explainer:
 
     # -- drift ------------------------------------------------------------------------------------
     def reference_profile(self, images: Sequence[ImageInput], batch_size: int = 32) -> DriftProfile:
-        """Drift reference profile (per-term share mean and std) of `images`; unreadable ones are skipped."""
-        rows = []
+        """Drift reference profile of `images` (per-term share mean and std, the class mix over this
+        explainer's labels, and which bundle made it); unreadable ones are skipped."""
+        rows, predicted = [], []
         for i in range(0, len(images), batch_size):
             for rec in self.score(images[i : i + batch_size], paths=[None] * len(images[i : i + batch_size])):
                 if rec["error"] is None:
                     rows.append([rec["shares"][t] for t in self.term_names])
-        return DriftProfile.from_shares(np.array(rows), self.term_names, meta={"labels": self.label_names})
+                    predicted.append(rec["label"])
+        meta = {"labels": self.label_names, "bundle": self.runtime.manifest.files.get("model.onnx")}
+        return DriftProfile.from_shares(np.array(rows), self.term_names, meta=meta, predicted=predicted,
+                                        classes=self.label_names)
 
     def monitor(self, reference: DriftProfile | str | Path, window: int = DEFAULT_WINDOW) -> DriftMonitor:
         """A `DriftMonitor` for this bundle's terms against `reference` (a profile or its JSON path)."""

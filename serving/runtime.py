@@ -102,6 +102,7 @@ class LabelCache:
         self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._inflight: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
+        self.on_evict: Callable[[int], None] | None = None  # called with the number of sets just evicted (metrics)
 
     @staticmethod
     def key(labels: Sequence[str], templates: Sequence[str]) -> bytes:
@@ -152,9 +153,13 @@ class LabelCache:
                 self.nbytes -= old.nbytes + self.ENTRY_OVERHEAD
             self._data[key] = value
             self.nbytes += cost
+            evictions = 0
             while self.nbytes > self.max_bytes:
                 _, evicted = self._data.popitem(last=False)
                 self.nbytes -= evicted.nbytes + self.ENTRY_OVERHEAD
+                evictions += 1
+        if evictions and self.on_evict is not None:
+            self.on_evict(evictions)
 
     def __len__(self) -> int:
         return len(self._data)

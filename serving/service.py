@@ -82,6 +82,10 @@ class CltvitService:
     def __init__(self) -> None:
         self.engine = ServingEngine(SETTINGS)
 
+    @bentoml.on_startup
+    async def start(self) -> None:
+        self.engine.start()
+
     @bentoml.on_shutdown
     async def close(self) -> None:
         await self.engine.close()

@@ -28,6 +28,7 @@ ENV_KEYS: dict[str, str] = {
     "timeout_s": "CLTVIT_TIMEOUT_S",
     "api_token": "CLTVIT_API_TOKEN",
     "label_cache_mb": "CLTVIT_LABEL_CACHE_MB",
+    "drift_reference": "CLTVIT_DRIFT_REFERENCE",
 }
 BOOL_KEYS: dict[str, str] = {
     "ort_spinning": "CLTVIT_ORT_SPINNING",
@@ -64,6 +65,8 @@ class ServeSettings(BaseModel):
     label_cache_mb: float = Field(default=64.0, gt=0.0, description="bound of the custom label-set embedding cache, MiB")
     verify_checksums: bool = True
     access_log: bool = False
+    drift_reference: str | None = Field(default=None, description="drift reference profile (cltvit-drift reference): "
+                                        "the served explanations' drift statistics go to /metrics")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "ServeSettings":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .drift import DriftError, DriftMonitor, DriftProfile, read_result_shares
+from .drift import DriftError, DriftMonitor, DriftProfile, read_result_shares, read_results
 from .ray_engine import score_with_ray
 from .score import FORMATS, ScoreError, bundle_identity, open_explainer, score_folder
 from .stream import run_stream
@@ -147,11 +147,30 @@ def stream_main(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------- cltvit-drift
 def _cmd_reference(args: argparse.Namespace) -> int:
-    names, shares = read_result_shares(args.results)
-    profile = DriftProfile.from_shares(shares, names, meta={"source": str(args.results)})
+    names, shares, predicted = read_results(args.results)
+    meta: dict[str, Any] = {"source": str(args.results)}
+    # cltvit-score's sidecar says which bundle and label set made the results: the profile then
+    # carries the class mix and refuses to serve another bundle (cltvit-serve --reference)
+    run = _run_meta(args.results)
+    classes = None
+    if run is not None:
+        meta.update(bundle=run.get("bundle"), labels=run.get("labels"))
+        classes = run.get("labels")
+    profile = DriftProfile.from_shares(shares, names, meta=meta, predicted=predicted if classes else None, classes=classes)
     profile.save(args.out)
-    print(f"wrote reference profile of {profile.count} images, {len(names)} terms, to {args.out}", file=sys.stderr)
+    mix = f", class mix over {len(profile.classes)} labels" if profile.classes else " (no class mix: no cltvit-score .meta.json beside the results)"
+    print(f"wrote reference profile of {profile.count} images, {len(names)} terms{mix}, to {args.out}", file=sys.stderr)
     return 0
+
+
+def _run_meta(results: Path) -> dict[str, Any] | None:
+    """The `<results>.meta.json` cltvit-score wrote beside a results file, if any."""
+    path = results.with_name(results.name + ".meta.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("labels"), list) else None
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

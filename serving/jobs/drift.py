@@ -14,6 +14,15 @@ i.e. how many reference standard deviations the window mean has moved (a standar
 on data like the reference it shrinks like ~0.8 / sqrt(window size)). The overall score is the
 largest per-term score. Scores are exposed as dicts (for JSONL records) and as Prometheus metrics.
 
+A profile may also hold the reference's *class mix*: the fraction `q_c` of reference images
+predicted as each of the bundle's labels, with half an image of prior per class (CLASS_PRIOR). The class mix is scored with the same mean shift, the
+share being the indicator "predicted c" (mean `q_c`, standard deviation `sqrt(q_c (1 - q_c))`):
+`class_score_c = |p_c - q_c| / max(sqrt(q_c (1 - q_c)), STD_FLOOR)` for a window's class fractions `p_c`.
+`meta["bundle"]` (the sha256 of the bundle's fp32 graph) and `meta["labels"]` say which bundle
+and label set a profile was made for; `check_bundle` refuses another bundle's profile. The HTTP
+service exports the sufficient statistics of these scores as counters, and the window is taken
+in Prometheus (serving/metrics.py, monitoring/, docs/monitoring.md).
+
 `cltvit-drift` (serving/jobs/cli.py) saves profiles and scores results files with these classes.
 """
 from __future__ import annotations
@@ -31,6 +40,7 @@ PROFILE_FORMAT = "cltvit-drift-profile"
 PROFILE_VERSION = 1
 STD_FLOOR = 1e-3  # shares are in [0, 1]; below this spread a term is treated as constant
 DEFAULT_WINDOW = 500
+CLASS_PRIOR = 0.5  # pseudo-images per class added to a reference's class counts
 
 
 class DriftError(ValueError):
@@ -57,23 +67,65 @@ class DriftProfile:
     std: np.ndarray
     count: int
     meta: dict[str, Any] | None = None
+    classes: tuple[str, ...] = ()  # the label set whose class mix is kept (empty: no class mix)
+    class_mean: np.ndarray | None = None  # [C] fraction of reference images predicted as each class
 
     @classmethod
-    def from_shares(cls, shares: np.ndarray, term_names: Sequence[str], meta: dict[str, Any] | None = None) -> DriftProfile:
-        """Profile of `shares [N, T]` (N >= 2 images)."""
+    def from_shares(cls, shares: np.ndarray, term_names: Sequence[str], meta: dict[str, Any] | None = None,
+                    predicted: Sequence[str] | None = None, classes: Sequence[str] | None = None) -> DriftProfile:
+        """Profile of `shares [N, T]` (N >= 2 images); with `predicted` (N labels) and `classes` (the label
+        set they were predicted from) also the class mix."""
         arr = _as_shares(shares, len(term_names))
         if arr.shape[0] < 2:
             raise DriftError(f"a reference profile needs at least 2 images, got {arr.shape[0]}")
-        return cls(tuple(term_names), arr.mean(axis=0), arr.std(axis=0, ddof=1), int(arr.shape[0]), meta)
+        names: tuple[str, ...] = ()
+        class_mean = None
+        if predicted is not None and classes is not None:
+            names = tuple(classes)
+            if len(predicted) != arr.shape[0]:
+                raise DriftError(f"{len(predicted)} predicted labels for {arr.shape[0]} share rows")
+            index = {c: i for i, c in enumerate(names)}
+            unknown = sorted(set(predicted) - set(index))
+            if unknown:
+                raise DriftError(f"predicted labels {unknown[:5]} are not in the label set")
+            counts = np.bincount([index[p] for p in predicted], minlength=len(names))
+            # half an image of prior per class (Jeffreys): a finite reference cannot say a class never
+            # occurs, and q_c = 0 would make one such image an unbounded score
+            class_mean = (counts + CLASS_PRIOR) / (len(predicted) + CLASS_PRIOR * len(names))
+        return cls(tuple(term_names), arr.mean(axis=0), arr.std(axis=0, ddof=1), int(arr.shape[0]), meta, names, class_mean)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """`[T]` the denominator of the term scores: the reference std, floored at STD_FLOOR."""
+        return np.maximum(self.std, STD_FLOOR)
+
+    @property
+    def class_scale(self) -> np.ndarray:
+        """`[C]` the denominator of the class scores: sqrt(q (1 - q)), floored at STD_FLOOR."""
+        q = self.class_mean if self.class_mean is not None else np.zeros(0)
+        return np.maximum(np.sqrt(q * (1.0 - q)), STD_FLOOR)
+
+    def class_scores(self, counts: np.ndarray) -> np.ndarray:
+        """`[C]` mean-shift scores of a window's class counts `[C]` (zeros when the window is empty)."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if self.class_mean is None or counts.shape != self.class_mean.shape:
+            raise DriftError(f"class counts must be [{len(self.classes)}], got shape {counts.shape}")
+        total = counts.sum()
+        if total <= 0:
+            return np.zeros(len(self.classes))
+        return np.abs(counts / total - self.class_mean) / self.class_scale
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": PROFILE_FORMAT,
             "version": PROFILE_VERSION,
             "count": self.count,
             "terms": {t: {"mean": float(m), "std": float(s)} for t, m, s in zip(self.term_names, self.mean, self.std)},
             "meta": self.meta or {},
         }
+        if self.class_mean is not None:
+            data["classes"] = {c: float(q) for c, q in zip(self.classes, self.class_mean)}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "profile") -> DriftProfile:
@@ -91,7 +143,18 @@ class DriftProfile:
             count = int(data["count"])
         except (KeyError, TypeError, ValueError) as e:
             raise DriftError(f"{source}: malformed term statistics ({e})") from None
-        return cls(names, mean, std, count, data.get("meta") or {})
+        classes = data.get("classes")
+        class_names: tuple[str, ...] = ()
+        class_mean = None
+        if classes is not None:
+            try:
+                class_names = tuple(classes)
+                class_mean = np.array([float(classes[c]) for c in class_names])
+            except (TypeError, ValueError) as e:
+                raise DriftError(f"{source}: malformed \"classes\" ({e})") from None
+            if not class_names or np.any(class_mean < 0) or abs(class_mean.sum() - 1.0) > 1e-6:
+                raise DriftError(f"{source}: \"classes\" must map each label to its fraction of the reference (summing to 1)")
+        return cls(names, mean, std, count, data.get("meta") or {}, class_names, class_mean)
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON (atomically) and return its path."""
@@ -111,6 +174,8 @@ class DriftProfile:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DriftError(f"reference profile {path} is not valid JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DriftError(f"reference profile {path} is unreadable ({getattr(e, 'strerror', None) or e})") from None
         return cls.from_dict(data, source=str(path))
 
     def check_terms(self, term_names: Sequence[str]) -> None:
@@ -120,13 +185,31 @@ class DriftProfile:
                 f"reference profile terms {list(self.term_names)} do not match the bundle's terms {list(term_names)}"
             )
 
+    def check_bundle(self, term_names: Sequence[str], label_names: Sequence[str], bundle_id: str | None,
+                     source: str = "reference profile") -> None:
+        """Raise DriftError (one line naming `source` and the mismatch) unless the profile was made for this
+        bundle: the same model (`meta["bundle"]`, when the profile records it), terms, and label set."""
+        made_for = (self.meta or {}).get("bundle")
+        if made_for and bundle_id and made_for != bundle_id:
+            raise DriftError(f"{source} was made for another bundle: its model is sha256 {str(made_for)[:12]}..., "
+                             f"the served bundle's is {bundle_id[:12]}...")
+        if tuple(term_names) != self.term_names:
+            raise DriftError(f"{source} was made for another bundle: {len(self.term_names)} terms "
+                             f"({', '.join(self.term_names[:4])}, ...) against the bundle's {len(term_names)} "
+                             f"({', '.join(list(term_names)[:4])}, ...)")
+        if self.class_mean is not None and set(self.classes) != set(label_names):
+            extra = sorted(set(self.classes) - set(label_names))[:3]
+            missing = sorted(set(label_names) - set(self.classes))[:3]
+            raise DriftError(f"{source} was made for another label set: its classes {extra} are not the bundle's "
+                             f"labels, and the bundle's {missing} are not among its classes")
+
 
 def mean_shift(window: np.ndarray, reference: DriftProfile) -> np.ndarray:
     """Per-term mean-shift scores `[T]` of `window [N, T]` against `reference` (see module doc)."""
     arr = _as_shares(window, len(reference.term_names))
     if arr.shape[0] == 0:
         return np.zeros(len(reference.term_names))
-    return np.abs(arr.mean(axis=0) - reference.mean) / np.maximum(reference.std, STD_FLOOR)
+    return np.abs(arr.mean(axis=0) - reference.mean) / reference.scale
 
 
 class DriftMonitor:
@@ -173,8 +256,7 @@ class DriftMonitor:
         """Per-term mean-shift scores `[T]` over the current window (zeros when it is empty)."""
         if not self._buf:
             return np.zeros(len(self.term_names))
-        ref = self.reference
-        return np.abs(self.window_mean() - ref.mean) / np.maximum(ref.std, STD_FLOOR)
+        return np.abs(self.window_mean() - self.reference.mean) / self.reference.scale
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: window size, overall score (max over terms), worst term, per-term scores."""
@@ -261,11 +343,18 @@ def shares_vector(record: dict[str, Any], term_names: Sequence[str]) -> np.ndarr
 
 def read_result_shares(path: str | Path) -> tuple[list[str], np.ndarray]:
     """Term names and `[N, T]` shares of the successful records of a results JSONL file."""
+    names, shares, _ = read_results(path)
+    return names, shares
+
+
+def read_results(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """Term names, `[N, T]` shares and the N predicted labels of the successful records of a results JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise DriftError(f"results file {path} does not exist")
     names: list[str] | None = None
     rows: list[np.ndarray] = []
+    labels: list[str] = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -282,6 +371,7 @@ def read_result_shares(path: str | Path) -> tuple[list[str], np.ndarray]:
                 v = shares_vector(rec, names)
                 if v is not None:
                     rows.append(v)
+                    labels.append(str(rec.get("label")))
     if names is None or not rows:
         raise DriftError(f"{path} holds no successful results with \"shares\"")
-    return names, np.stack(rows)
+    return names, np.stack(rows), labels
