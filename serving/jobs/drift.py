@@ -168,8 +168,10 @@ class DriftProfile:
     @classmethod
     def load(cls, path: str | Path) -> DriftProfile:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise DriftError(f"reference profile {path} does not exist")
+        if not path.is_file():
+            raise DriftError(f"reference profile {path} is not a file")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -194,9 +196,12 @@ class DriftProfile:
             raise DriftError(f"{source} was made for another bundle: its model is sha256 {str(made_for)[:12]}..., "
                              f"the served bundle's is {bundle_id[:12]}...")
         if tuple(term_names) != self.term_names:
-            raise DriftError(f"{source} was made for another bundle: {len(self.term_names)} terms "
-                             f"({', '.join(self.term_names[:4])}, ...) against the bundle's {len(term_names)} "
-                             f"({', '.join(list(term_names)[:4])}, ...)")
+            extra = [t for t in self.term_names if t not in term_names][:4]
+            missing = [t for t in term_names if t not in self.term_names][:4]
+            what = (f"its terms {extra} are not the bundle's" if extra else "") + (" and " if extra and missing else "") + \
+                (f"the bundle's terms {missing} are not in it" if missing else "") or "its terms are in another order"
+            raise DriftError(f"{source} was made for another bundle: {len(self.term_names)} terms against the "
+                             f"bundle's {len(term_names)}; {what}")
         if self.class_mean is not None and set(self.classes) != set(label_names):
             extra = sorted(set(self.classes) - set(label_names))[:3]
             missing = sorted(set(label_names) - set(self.classes))[:3]
