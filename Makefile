@@ -9,7 +9,7 @@ PORT ?= 3000
 # loopback only by default; HOST=0.0.0.0 serves every interface (set CLTVIT_API_TOKEN then)
 HOST ?= 127.0.0.1
 
-.PHONY: setup data wrk test test-slow serve reference-bundle reference bench bench-serve load clean
+.PHONY: setup data wrk prometheus test test-slow serve monitor reference-bundle reference bench bench-serve load clean
 
 setup: $(VENV)/.installed data
 
@@ -36,12 +36,22 @@ wrk:
 	  else echo "wrk missing: run 'sudo apt-get install -y wrk'" >&2; exit 1; fi; \
 	fi
 
+# Prometheus, promtool and amtool (Debian's prometheus and prometheus-alertmanager; installed when missing and run
+# as root): `make monitor` runs Prometheus, the tests run promtool/amtool on the kit and a real Prometheus (slow).
+prometheus:
+	@missing=""; for pair in /usr/bin/prometheus:prometheus /usr/bin/amtool:prometheus-alertmanager; do \
+	  [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y $$missing || (apt-get update && apt-get install -y $$missing)); \
+	  else echo "missing Debian packages:$$missing; run 'sudo apt-get install -y$$missing'" >&2; exit 1; fi; \
+	fi
+
 # The suite without the `slow` tests (ViT-B-32/B-16 parity, the shipped weights' full report, the label-churn
 # load test), and those alone; CI (.ci/run) runs both.
-test: setup
+test: setup prometheus
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: setup
+test-slow: setup prometheus
 	$(PY) -m pytest -q -m slow
 
 # The main command: on first run (when BUNDLE is the default) export the reference bundle from the
@@ -49,6 +59,13 @@ test-slow: setup
 # Any bundle: make serve BUNDLE=path/to/bundle. Auth: CLTVIT_API_TOKEN=... make serve
 serve: setup reference-bundle
 	$(VENV)/bin/cltvit-serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
+# The service with drift monitoring and a Prometheus with the monitoring kit (monitoring/), both on loopback:
+# prints their URLs, Ctrl-C stops both. The drift reference is made on first use from Fashion-MNIST training
+# images ($(ARTIFACTS)/monitor/reference.json); `$(PY) scripts/monitor.py traffic [--invert]` sends images.
+PROMETHEUS_PORT ?= 9090
+monitor: setup prometheus reference-bundle
+	$(PY) scripts/monitor.py run --bundle $(BUNDLE) --port $(PORT) --prometheus-port $(PROMETHEUS_PORT) --work $(ARTIFACTS)/monitor
 
 reference-bundle:
 	@if [ ! -f $(BUNDLE)/bundle.json ]; then \
