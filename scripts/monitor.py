@@ -166,7 +166,16 @@ def send_traffic(url: str, images: int = 300, invert: bool = False, rate: float 
 
 
 # ---------------------------------------------------------------------- commands
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # Ctrl-C (and a plain kill) end the wait below, and the context managers stop both children (each in
+    # its own session, so the terminal's SIGINT reaches only this process); installed explicitly because
+    # a shell that starts this in the background leaves SIGINT ignored
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     reference = Path(args.reference) if args.reference else ensure_reference(args.bundle, work / "reference.json")

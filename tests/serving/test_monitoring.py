@@ -140,6 +140,17 @@ def test_serve_accepts_the_bundles_own_profile(bundle, tmp_path: Path):
     assert env["CLTVIT_DRIFT_REFERENCE"] == str((tmp_path / "ref.json").resolve())
 
 
+def test_label_cache_reports_each_eviction():
+    from serving.runtime import LabelCache
+
+    cache = LabelCache(max_bytes=3 * (800 + LabelCache.ENTRY_OVERHEAD))
+    evicted: list[int] = []
+    cache.on_evict = evicted.append
+    for i in range(5):  # room for three 800-byte entries: the 4th and 5th each push one out
+        cache.get_or_compute(bytes([i]), lambda: np.zeros(100))
+    assert evicted == [1, 1] and len(cache) == 3
+
+
 # ---------------------------------------------------------------------- the kit's rules
 def test_promtool_checks_the_rules_and_the_config():
     promtool = _tool("promtool")
