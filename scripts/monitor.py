@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import requests
 import yaml
 from PIL import Image, ImageOps
 
@@ -153,8 +154,6 @@ def ensure_reference(bundle: str | Path, path: Path) -> Path:
 
 def send_traffic(url: str, images: int = 300, invert: bool = False, rate: float = 0.0, endpoint: str = "explain") -> int:
     """POST the first `images` Fashion-MNIST test images (inverted if asked) to `url`/`endpoint`; returns the 200s."""
-    import requests
-
     ok = 0
     for im in fashion_mnist("t10k", images):
         img = ImageOps.invert(im) if invert else im
