@@ -36,10 +36,12 @@ wrk:
 	  else echo "wrk missing: run 'sudo apt-get install -y wrk'" >&2; exit 1; fi; \
 	fi
 
-# Prometheus, promtool and amtool (Debian's prometheus and prometheus-alertmanager; installed when missing and run
-# as root): `make monitor` runs Prometheus, the tests run promtool/amtool on the kit and a real Prometheus (slow).
+# Prometheus, promtool, amtool and node_exporter (Debian's prometheus, prometheus-alertmanager and
+# prometheus-node-exporter; installed when missing and run as root): `make monitor` runs Prometheus, the tests run
+# promtool/amtool on the kit, and a real Prometheus and node_exporter (slow).
 prometheus:
-	@missing=""; for pair in /usr/bin/prometheus:prometheus /usr/bin/amtool:prometheus-alertmanager; do \
+	@missing=""; for pair in /usr/bin/prometheus:prometheus /usr/bin/amtool:prometheus-alertmanager \
+	    /usr/bin/prometheus-node-exporter:prometheus-node-exporter; do \
 	  [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y $$missing || (apt-get update && apt-get install -y $$missing)); \

@@ -8,13 +8,16 @@ Checked: Fashion-MNIST test images as they are leave the drift alert inactive, t
 inverted make it pending or firing; the drift score and every term's window mean equal the values
 recomputed by hand (numpy, from the reference JSON and the shares in the served /explain responses);
 the 2-worker score equals the 1-worker score; custom label sets are counted apart; and every PromQL
-expression of the Grafana dashboard returns data.
+expression of the Grafana dashboard returns data. And the stream's textfile through node_exporter
+(the kit's `cltvit-stream` job) fires the same alert.
 """
 from __future__ import annotations
 
 import importlib.util
 import io
 import json
+import shutil
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -27,7 +30,7 @@ import requests
 import yaml
 from PIL import ImageOps
 
-from serving.cli import server_process
+from serving.cli import free_port, server_process
 
 ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / "monitoring"
@@ -191,3 +194,51 @@ def test_drift_alert_scores_and_dashboard_against_a_real_prometheus(bundle, refe
             metric = var[len("label_values("):].split(",")[0]
             jobs = requests.get(f"{prom}/api/v1/label/job/values", params={"match[]": metric}, timeout=30).json()["data"]
             assert set(JOBS) <= set(jobs)
+
+
+def test_stream_textfile_through_node_exporter_fires_the_drift_alert(bundle, reference, tmp_path):
+    """The kit's `cltvit-stream` scrape job: cltvit-stream --metrics-file writes the textfile, Debian's
+    node_exporter serves it (textfile collector), Prometheus keeps only cltvit_* series; inverted
+    images over a window of 150 make the drift alert's stream branch pending or firing."""
+    node_exporter = shutil.which("prometheus-node-exporter")
+    if node_exporter is None:
+        pytest.fail("prometheus-node-exporter is not installed: `make prometheus` installs it")
+    alerts = yaml.safe_load((KIT / "rules" / "cltvit.alerts.yml").read_text())
+    for rule in alerts["groups"][0]["rules"]:
+        if rule["alert"] == "CltvitExplanationDrift":
+            rule["for"] = DRIFT_FOR
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(alerts, sort_keys=False))
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = []
+    for i, im in enumerate(monitor.fashion_mnist("t10k", N_SAME)):
+        ImageOps.invert(im).save(images / f"{i}.png")
+        paths.append(str(images / f"{i}.png"))
+    textfiles = tmp_path / "textfile"
+    textfiles.mkdir()
+    out = subprocess.run([sys.executable, "-c", "from serving.jobs.cli import stream_main; raise SystemExit(stream_main())",
+                          "--bundle", str(bundle), "--reference", str(reference), "--window", str(N_SAME),
+                          "--metrics-file", str(textfiles / "cltvit.prom")],
+                         input="\n".join(paths) + "\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    last = json.loads(out.stdout.splitlines()[-1])["drift"]
+    assert last["window"] == N_SAME and last["score"] > 0.5, last
+    port = free_port()
+    with open(tmp_path / "node.log", "wb") as log:
+        node = subprocess.Popen([node_exporter, "--collector.disable-defaults", "--collector.textfile",
+                                 f"--collector.textfile.directory={textfiles}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            config = monitor.prometheus_config({}, interval="1s", stream_targets=[f"127.0.0.1:{port}"],
+                                               rule_files=[KIT / "rules" / "cltvit.rules.yml", tmp_path / "alerts.yml"])
+            with monitor.running_prometheus(config, tmp_path / "prometheus") as prom:
+                score = wait_for(lambda: by_job(prom, "cltvit_drift_max_score"), what="the textfile's scrape")
+                assert score["cltvit-stream"] == pytest.approx(last["score"], rel=1e-5)
+                assert by_job(prom, "cltvit_drift_window_images") == {"cltvit-stream": N_SAME}
+                # node_exporter's own series are dropped by the kit's metric_relabel_configs
+                assert query(prom, '{job="cltvit-stream", __name__!~"cltvit_.*|up|scrape_.*"}') == []
+                states = wait_for(lambda: drift_alerts(prom) or None, 30, "the drift alert")
+                assert set(states) == {"cltvit-stream"} and states["cltvit-stream"] in {"pending", "firing"}
+        finally:
+            node.terminate()
+            node.wait(timeout=20)
