@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -242,3 +245,32 @@ def test_stream_textfile_through_node_exporter_fires_the_drift_alert(bundle, ref
         finally:
             node.terminate()
             node.wait(timeout=20)
+
+
+def heartbeats(url: str) -> dict[str, float]:
+    """{pid: last heartbeat (unix s)} from one /metrics answer; {} when the answering worker does not reply in 3 s."""
+    try:
+        text = requests.get(f"{url}/metrics", timeout=3).text
+    except requests.RequestException:
+        return {}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^cltvit_worker_heartbeat_timestamp_seconds\{pid="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def test_a_stopped_worker_stops_beating_while_the_other_answers(bundle, tmp_path):
+    """What CltvitWorkerStalled reads: SIGSTOP one of two workers; /metrics (answered by the other) shows
+    its heartbeat frozen while the other's moves on; SIGCONT and it beats again."""
+    with server_process(bundle, extra_args=["--workers", "2", "--threads", "1"], log_path=tmp_path / "s.log") as (url, _):
+        beats = wait_for(lambda: (lambda b: b if len(b) == 2 else None)(heartbeats(url)), what="two workers' heartbeats")
+        stopped, running = sorted(beats)
+        os.kill(int(stopped), signal.SIGSTOP)
+        try:
+            time.sleep(12)  # over two heartbeat periods (5 s)
+            now = time.time()
+            seen = wait_for(lambda: heartbeats(url) or None, 30, "an answer from the running worker")
+            assert now - seen[stopped] > 10, seen
+            assert now - seen[running] < 7, seen
+        finally:
+            os.kill(int(stopped), signal.SIGCONT)
+        time.sleep(6)
+        seen = wait_for(lambda: heartbeats(url) or None, 30, "an answer")
+        assert time.time() - seen[stopped] < 7, seen
