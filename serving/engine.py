@@ -117,8 +117,10 @@ class ServingEngine:
         # of the collector's generations so that full collections under load stay short.
         gc.collect()
         gc.freeze()
+        self.metrics.watch_gc()
 
     async def close(self) -> None:
+        self.metrics.unwatch_gc()
         await self.batcher.close()
 
     # ------------------------------------------------------------------ per request (event loop)
