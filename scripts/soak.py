@@ -11,7 +11,9 @@ Traffic (each group in its own process, so a client's own pauses do not show up 
   (the whole process stopped: a full garbage collection over a large heap, a blocked event loop).
 Per window (default 30 s): requests/s and p50/p99 per endpoint, the server's resident memory (its
 process tree, from /proc), the longest /livez round trip, full (generation-2) garbage collections of
-the server's workers (from /metrics: `cltvit_gc_full_collections_total`). At the end the verdict against the
+the server's workers and the bytes in its custom label-set cache (from /metrics:
+`cltvit_gc_full_collections_total`, `cltvit_label_cache_bytes`: under label churn that bounded cache
+fills towards --label-cache-mb, which shows as resident memory growth until it is full). At the end the verdict against the
 targets of docs/serving.md ("Long runs"), measured on the first window after warm-up:
   p99 of every window <= 3x that window's p99 and <= 10x the window's own p50 (per endpoint);
   longest /livez round trip < 100 ms; resident memory over the last two thirds grows < 5 % and < 30 MB;
@@ -29,6 +31,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -71,9 +74,10 @@ def word_pool(n: int = 400, seed: int = 0) -> list[str]:
 
 
 # ---------------------------------------------------------------------- clients (one process per group)
-def _client(role: str, url: str, conns: int, deadline: float, queue: Any, seed: int) -> None:
-    """Run `conns` threads of `role` until `deadline` (time.time()); put (role, t_end, seconds, ok) records
-    on `queue` in chunks. ok: 2xx for valid requests, 4xx for bad ones."""
+def _client(role: str, url: str, conns: int, start: Any, deadline: Any, queue: Any, seed: int) -> None:
+    """Once loaded, put "ready" on `queue`, wait for `start` (an Event), then run `conns` threads of `role`
+    until `deadline.value` (time.time()); put (role, t_end, seconds, ok) records on `queue` in chunks.
+    ok: 2xx for valid requests, 4xx for bad ones."""
     import threading
 
     rng = random.Random(seed)
@@ -125,10 +129,13 @@ def _client(role: str, url: str, conns: int, deadline: float, queue: Any, seed: 
         time.sleep(0.01)
 
     step = {"explain": explain, "classify": classify, "bad": bad, "livez": livez}[role]
+    queue.put("ready")
+    start.wait()
+    end = deadline.value
 
     def loop() -> None:
         s = requests.Session()
-        while time.time() < deadline:
+        while time.time() < end:
             try:
                 step(s)
             except requests.RequestException:
@@ -167,15 +174,18 @@ def tree_rss_mb(root: int) -> float:
     return total * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
-def full_gc_count(url: str) -> float | None:
-    """Full (generation-2) collections so far, summed over workers (`cltvit_gc_full_collections_total`), or None."""
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
+    """Each metric of `names` summed over its samples (workers), None where absent or unreachable."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
             text = r.read().decode()
     except OSError:
-        return None
-    vals = re.findall(r'^cltvit_gc_full_collections_total\{[^}]*\} ([0-9.e+]+)$', text, re.M)
-    return sum(float(v) for v in vals) if vals else None
+        return dict.fromkeys(names)
+    out: dict[str, float | None] = {}
+    for name in names:
+        vals = re.findall(rf'^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$', text, re.M)
+        out[name] = sum(float(v) for v in vals) if vals else None
+    return out
 
 
 # ---------------------------------------------------------------------- figures
@@ -195,7 +205,7 @@ def window_rows(records: list[tuple[str, float, float, bool]], t0: float, window
     return rows
 
 
-def verdict(rows: list[dict[str, Any]], rss: list[float], alive: bool) -> list[tuple[str, bool, str]]:
+def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float | None], alive: bool) -> list[tuple[str, bool, str]]:
     checks: list[tuple[str, bool, str]] = []
     ref = rows[WARMUP_WINDOWS] if len(rows) > WARMUP_WINDOWS else rows[0]
     for ep in ("explain", "classify"):
@@ -209,8 +219,10 @@ def verdict(rows: list[dict[str, Any]], rss: list[float], alive: bool) -> list[t
     third = len(rss) // 3
     grow = rss[-1] - rss[third] if rss else float("nan")
     frac = grow / rss[third] if rss and rss[third] else float("nan")
+    cache = f"; of it the label-set cache {cache_mb[-1] - cache_mb[third]:+.1f} MB" if cache_mb and None not in (
+        cache_mb[-1], cache_mb[third]) else ""
     checks.append((f"RSS growth over the last two thirds < {RSS_GROWTH_FRACTION:.0%} and < {RSS_GROWTH_MB:g} MB",
-                   grow < RSS_GROWTH_MB and frac < RSS_GROWTH_FRACTION, f"{grow:+.1f} MB ({frac:+.1%})"))
+                   grow < RSS_GROWTH_MB and frac < RSS_GROWTH_FRACTION, f"{grow:+.1f} MB ({frac:+.1%}){cache}"))
     failed = sum(r[ep]["failed"] for r in rows for ep in ("explain", "classify", "livez"))
     checks.append(("0 failed valid requests", failed == 0, str(failed)))
     bad_failed = sum(r["bad"]["failed"] for r in rows)
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=30.0, help="seconds per reported window")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="0: a free port")
+    p.add_argument("--serve-args", default="", help="more cltvit-serve arguments, e.g. '--label-cache-mb 16'")
     p.add_argument("--out", default="artifacts/soak", help="folder for the server log and soak.json")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "BENTOML_HOME": str(home)}
     log = open(out / "server.log", "wb")
     cmd = [str(Path(sys.executable).parent / "cltvit-serve"), "--bundle", args.bundle, "--port", str(port),
-           "--workers", str(args.workers)]
+           "--workers", str(args.workers), *shlex.split(args.serve_args)]
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(url, 300, server)
@@ -253,29 +266,36 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):  # first answers load the label cache and ONNX Runtime's arenas
             requests.post(f"{url}/explain", files={"image": ("x.png", fashion_mnist_pngs(1)[0], "image/png")}, timeout=120)
         ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        t0 = time.time()
-        deadline = t0 + args.minutes * 60
+        queue, start, deadline = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
         groups = [("explain", 4), ("classify", 2), ("bad", 1), ("livez", 1)]
-        procs = [ctx.Process(target=_client, args=(role, url, n, deadline, queue, i), daemon=True)
+        procs = [ctx.Process(target=_client, args=(role, url, n, start, deadline, queue, i), daemon=True)
                  for i, (role, n) in enumerate(groups)]
         for pr in procs:
             pr.start()
+        for _ in procs:  # client processes start slowly on a busy machine: the clock starts when all are loaded
+            assert queue.get(timeout=300) == "ready"
+        t0 = time.time()
+        deadline.value = t0 + args.minutes * 60
+        start.set()
         records: list[tuple[str, float, float, bool]] = []
         n_windows = int(args.minutes * 60 // args.window)
         rss: list[float] = []
         gcs: list[float | None] = []
+        cache_mb: list[float | None] = []
         done, w = 0, 0
         while done < len(procs):
             while w < n_windows and time.time() >= t0 + (w + 1) * args.window:
                 rss.append(tree_rss_mb(server.pid))
-                gcs.append(full_gc_count(url))
+                m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes"))
+                gcs.append(m["cltvit_gc_full_collections_total"])
+                cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
                 row = window_rows(records, t0, args.window, w + 1)[-1]
                 g = gcs[-1] - gcs[-2] if len(gcs) > 1 and gcs[-1] is not None and gcs[-2] is not None else None
                 print(f"[{row['start_s']:6.0f} s] " + "  ".join(
                     f"{ep} {row[ep]['rps']:.0f}/s p50 {row[ep]['p50_ms'] or 0:.0f} p99 {row[ep]['p99_ms'] or 0:.0f} ms"
                     for ep in ("explain", "classify")) + f"  livez max {row['livez']['max_ms'] or 0:.0f} ms"
-                    f"  RSS {rss[-1]:.0f} MB" + (f"  full GCs {g:.0f}" if g is not None else ""), flush=True)
+                    f"  RSS {rss[-1]:.0f} MB" + (f" (label cache {cache_mb[-1]:.1f})" if cache_mb[-1] is not None else "")
+                    + (f"  full GCs {g:.0f}" if g is not None else ""), flush=True)
                 w += 1
             try:
                 chunk = queue.get(timeout=1.0)
@@ -291,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         if alive:
             alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
         rows = window_rows(records, t0, args.window, n_windows)
-        checks = verdict(rows, rss, alive)
+        checks = verdict(rows, rss, cache_mb, alive)
         print("verdict:")
         for name, ok, detail in checks:
             print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
         (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
-                                                    "rss_mb": rss, "full_gcs": gcs,
+                                                    "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs,
                                                     "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                    indent=1))
         return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0

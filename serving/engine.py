@@ -161,7 +161,10 @@ class ServingEngine:
             text = self.runtime.default_text
         else:
             cached = self.runtime.cached_labels(names)
-            text = cached if cached is not None else await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
+            if cached is None:
+                cached = await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
+                self.metrics.label_cache_bytes.set(self.runtime.label_cache.nbytes)
+            text = cached
         if _cheap_to_decode(request.image):
             pixels = self._prepare(request.image)
         else:

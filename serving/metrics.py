@@ -59,6 +59,9 @@ class ServiceMetrics:
         self.gc_objects = prom.Gauge("cltvit_gc_objects", "Objects the collector tracked after the worker's last full collection "
                                      "(those frozen at start-up not counted)", worker,
                                      multiprocess_mode="liveall").labels(worker=self.worker)
+        self.label_cache_bytes = prom.Gauge("cltvit_label_cache_bytes", "Bytes held by the custom label-set cache "
+                                            "(bounded by --label-cache-mb)", worker,
+                                            multiprocess_mode="liveall").labels(worker=self.worker)
         self._gc_started = 0.0
         self._gc_done: collections.deque[tuple[float, int]] = collections.deque(maxlen=1024)
 
