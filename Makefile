@@ -9,7 +9,7 @@ PORT ?= 3000
 # loopback only by default; HOST=0.0.0.0 serves every interface (set CLTVIT_API_TOKEN then)
 HOST ?= 127.0.0.1
 
-.PHONY: setup data wrk prometheus test test-slow serve monitor reference-bundle reference bench bench-serve load clean
+.PHONY: setup data wrk prometheus test test-slow serve monitor reference-bundle reference bench bench-serve load soak clean
 
 setup: $(VENV)/.installed data
 
@@ -114,6 +114,16 @@ bench-serve: setup wrk
 	@if [ "$(BENCH_SERVE_BUNDLE)" = "$(BUNDLE)" ]; then $(MAKE) --no-print-directory reference-bundle; fi
 	$(PY) scripts/bench_serve.py --bundle $(BENCH_SERVE_BUNDLE) --seconds $(BENCH_SERVE_SECONDS) \
 	  --threads $(BENCH_SERVE_THREADS) --work $(ARTIFACTS)/bench/serve
+
+# Soak (docs/serving.md "Long runs"): one server under mixed traffic for SOAK_MINUTES (4 /explain, 2 /classify
+# with label churn, bad requests, a /livez poller), figures per window and the verdict against the targets.
+SOAK_BUNDLE ?= $(BUNDLE)
+SOAK_MINUTES ?= 30
+SOAK_WORKERS ?= 1
+soak: setup
+	@if [ "$(SOAK_BUNDLE)" = "$(BUNDLE)" ]; then $(MAKE) --no-print-directory reference-bundle; fi
+	$(PY) scripts/soak.py --bundle $(SOAK_BUNDLE) --minutes $(SOAK_MINUTES) --workers $(SOAK_WORKERS) \
+	  --out $(ARTIFACTS)/soak/w$(SOAK_WORKERS)
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

@@ -124,6 +124,7 @@ class ServingEngine:
         # of the collector's generations so that full collections under load stay short.
         gc.collect()
         gc.freeze()
+        self.metrics.watch_gc()
 
     def start(self) -> None:
         """Start the heartbeat on the running event loop (the service's startup hook)."""
@@ -138,6 +139,7 @@ class ServingEngine:
     async def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        self.metrics.unwatch_gc()
         await self.batcher.close()
 
     # ------------------------------------------------------------------ per request (event loop)
@@ -178,7 +180,10 @@ class ServingEngine:
             text = self.runtime.default_text
         else:
             cached = self.runtime.cached_labels(names)
-            text = cached if cached is not None else await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
+            if cached is None:
+                cached = await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
+                self.metrics.label_cache_bytes.set(self.runtime.label_cache.nbytes)
+            text = cached
         if _cheap_to_decode(request.image):
             pixels = self._prepare(request.image)
         else:

@@ -3,8 +3,10 @@
 Requests per endpoint and status; predicted labels; per-term share of the predicted logit; and the
 batching stage: images per batch (`cltvit_batch_size`), time a request waited in the
 queue (`cltvit_queue_wait_seconds`), wall time and thread CPU time of the model calls
-(`cltvit_inference_seconds`, `cltvit_model_cpu_seconds_total`); label-set cache evictions; a
-heartbeat per worker. Created once per worker process; the batching metrics carry a `worker` label
+(`cltvit_inference_seconds`, `cltvit_model_cpu_seconds_total`); label-set cache evictions and bytes; a
+heartbeat per worker; the worker's full (generation-2) garbage collections: how many, how long each
+stopped the process, and how many objects the collector still tracked after the last one (`cltvit_gc_*`,
+see `watch_gc`). Created once per worker process; the batching metrics carry a `worker` label
 (the worker's process id), so that with several workers each one's share of the model
 (accelerator) time can be read off.
 
@@ -17,9 +19,11 @@ one worker or many, and the scores are recording rules (monitoring/rules/cltvit.
 """
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from .jobs.drift import DriftProfile
 
@@ -71,9 +75,49 @@ class ServiceMetrics:
         self.drift: DriftCounters | None = None
         if reference is not None:
             self.drift = DriftCounters(prom, reference, label_names)
+        self.gc_full = prom.Counter("cltvit_gc_full_collections", "Full (generation-2) garbage collections of the worker",
+                                    worker).labels(worker=self.worker)
+        self.gc_pause = prom.Histogram("cltvit_gc_full_pause_seconds", "Time one full garbage collection stopped the worker",
+                                       worker, buckets=SECONDS).labels(worker=self.worker)
+        self.gc_objects = prom.Gauge("cltvit_gc_objects", "Objects the collector tracked after the worker's last full collection "
+                                     "(those frozen at start-up not counted)", worker,
+                                     multiprocess_mode="liveall").labels(worker=self.worker)
+        self.label_cache_bytes = prom.Gauge("cltvit_label_cache_bytes", "Bytes held by the custom label-set cache "
+                                            "(bounded by --label-cache-mb)", worker,
+                                            multiprocess_mode="liveall").labels(worker=self.worker)
+        self._gc_started = 0.0
+        self._gc_done: collections.deque[tuple[float, int]] = collections.deque(maxlen=1024)
+
+    def watch_gc(self) -> None:
+        """Record the worker's full garbage collections (`cltvit_gc_*`, written at the next `request`) until
+        `unwatch_gc`. Only generation 2 is watched: younger collections are frequent and short."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # Runs inside whichever thread's allocation set off the collection, possibly while it holds
+        # prometheus_client's (non-reentrant) value lock: only plain attributes and a deque here.
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:  # O(objects) like the collection itself, once per full collection
+            self._gc_done.append((time.perf_counter() - self._gc_started, len(gc.get_objects())))
+
+    def _flush_gc(self) -> None:
+        while self._gc_done:
+            pause, objects = self._gc_done.popleft()
+            self.gc_pause.observe(pause)
+            self.gc_full.inc()
+            self.gc_objects.set(objects)
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self._flush_gc()
 
     def prediction(self, predicted: str, term_shares: Sequence[float], custom_labels: bool) -> None:
         self.predictions.labels(label="custom" if custom_labels else predicted).inc()

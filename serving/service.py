@@ -32,7 +32,8 @@ from .inputs import ImageRequest, image_input_spec
 from .runtime import BundleRuntime
 from .schemas import ClassifyResponse, EmbedResponse, ExplainResponse, InfoResponse
 from .settings import ServeSettings
-from .web import web_routes
+from .traffic import replace_bentoml_traffic_middlewares
+from .web import WEB_EXACT_PATHS, WEB_LABEL_PREFIXES, web_routes
 
 SETTINGS = ServeSettings.from_env()
 
@@ -114,3 +115,10 @@ class CltvitService:
 
 
 CltvitService.add_asgi_middleware(RequestGuard, settings=SETTINGS, on_reject=_count_rejection)
+# BentoML's timeout without a timer left behind per request, its request metrics with one `endpoint`
+# label per route and any other path as "other" (serving/traffic.py)
+replace_bentoml_traffic_middlewares(
+    {*(api.route for api in CltvitService.apis.values()), "/", "/docs", "/docs.json", "/livez", "/readyz", "/healthz",
+     *WEB_EXACT_PATHS},
+    WEB_LABEL_PREFIXES,
+)

@@ -126,6 +126,13 @@ def web_routes(get_runtime: Callable[[], BundleRuntime | None]) -> list[Route]:
     ]
 
 
+# Metrics labels of the routes above: those without parameters as they are, the others by
+# (path prefix, label) (serving/traffic.py)
+WEB_EXACT_PATHS = ("/atlas", "/ui")
+WEB_LABEL_PREFIXES = (("/atlas/features/", "/atlas/features/{layer}/{index}"), ("/atlas/examples/", "/atlas/examples/{i}.png"),
+                      ("/ui/", "/ui/{asset}"))
+
+
 def is_ui_path(path: str) -> bool:
     """Whether a request path is one of the viewer's static files (served without a token)."""
     return path in UI_PATHS or (path.startswith("/ui/") and path[4:] in UI_ASSETS)

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""`make soak`: long mixed traffic against one `cltvit-serve`, with per-window figures and a verdict.
+
+Traffic (each group in its own process, so a client's own pauses do not show up as the server's):
+- `explain`: 4 keep-alive connections posting one Fashion-MNIST image to /explain back to back;
+- `classify`: 2 keep-alive connections posting /classify with a custom label set of 3-8 words drawn
+  from a pool of 400 (the label-set cache and the tokenizer's word cache churn);
+- `bad`: one client every 0.2 s sending a bad request (undecodable image, malformed labels, top_k out of
+  range, unknown field) or a GET of a random unknown path;
+- `livez`: one client polling /livez every 10 ms; a "pause" is the longest /livez round trip of a window
+  (the whole process stopped: a full garbage collection over a large heap, a blocked event loop).
+Per window (default 30 s): requests/s and p50/p99 per endpoint, the server's resident memory (its
+process tree, from /proc), the longest /livez round trip, full (generation-2) garbage collections of
+the server's workers and the bytes in its custom label-set cache (from /metrics:
+`cltvit_gc_full_collections_total`, `cltvit_label_cache_bytes`: under label churn that bounded cache
+fills towards --label-cache-mb, which shows as resident memory growth until it is full). At the end the verdict against the
+targets of docs/serving.md ("Long runs"), measured on the first window after warm-up:
+  p99 of every window <= 3x that window's p99 and <= 10x the window's own p50 (per endpoint);
+  longest /livez round trip < 100 ms; resident memory over the last two thirds grows < 5 % and < 30 MB;
+  0 failed valid requests, every bad request answered 4xx, the server alive at the end.
+
+  python scripts/soak.py --bundle artifacts/reference/bundle [--minutes 30] [--window 30] [--workers 1]
+Exit status 1 when a target is missed (--strict) or the server died.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bundle.provenance import machine_info  # noqa: E402
+from load.fmnist import fashion_mnist_pngs  # noqa: E402
+from serving.cli import free_port, wait_ready  # noqa: E402
+
+WARMUP_WINDOWS = 1  # the first window warms caches and allocators: the reference is the next one
+P99_GROWTH, P99_OVER_P50, MAX_PAUSE_S = 3.0, 10.0, 0.100
+RSS_GROWTH_FRACTION, RSS_GROWTH_MB = 0.05, 30.0
+BAD_REQUESTS = ("image", "labels", "top_k", "field", "path")
+
+
+def word_pool(n: int = 400, seed: int = 0) -> list[str]:
+    """n distinct lowercase words: WordNet's nouns where Debian's wordnet-base is installed, else made up."""
+    index = Path("/usr/share/wordnet/index.noun")
+    rng = random.Random(seed)
+    if index.exists():
+        words = [line.split(" ", 1)[0] for line in index.read_text(errors="replace").splitlines() if line[:1].isalpha()]
+        words = sorted({w.replace("_", " ") for w in words if len(w) <= 20})
+        return rng.sample(words, n)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out: set[str] = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(letters) for _ in range(rng.randint(4, 9))))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------- clients (one process per group)
+def _client(role: str, url: str, conns: int, start: Any, deadline: Any, queue: Any, seed: int) -> None:
+    """Once loaded, put "ready" on `queue`, wait for `start` (an Event), then run `conns` threads of `role`
+    until `deadline.value` (time.time()); put (role, t_end, seconds, ok) records on `queue` in chunks.
+    ok: 2xx for valid requests, 4xx for bad ones."""
+    import threading
+
+    rng = random.Random(seed)
+    image = fashion_mnist_pngs(1)[0]
+    pool = word_pool()
+    buf: list[tuple[str, float, float, bool]] = []
+    lock = threading.Lock()
+
+    def record(name: str, t0: float, ok: bool) -> None:
+        t1 = time.time()
+        with lock:
+            buf.append((name, t1, t1 - t0, ok))
+            if len(buf) >= 200:
+                queue.put(buf[:])
+                buf.clear()
+
+    def explain(s: requests.Session) -> None:
+        t0 = time.time()
+        r = s.post(f"{url}/explain", files={"image": ("x.png", image, "image/png")}, timeout=60)
+        record("explain", t0, r.status_code == 200)
+
+    def classify(s: requests.Session) -> None:
+        labels = rng.sample(pool, rng.randint(3, 8))
+        t0 = time.time()
+        r = s.post(f"{url}/classify", files={"image": ("x.png", image, "image/png")},
+                   data={"labels": json.dumps(labels)}, timeout=60)
+        record("classify", t0, r.status_code == 200)
+
+    def bad(s: requests.Session) -> None:
+        kind = rng.choice(BAD_REQUESTS)
+        t0 = time.time()
+        if kind == "path":
+            r = s.get(f"{url}/no-such-{rng.getrandbits(48):012x}", timeout=60)
+        elif kind == "image":
+            r = s.post(f"{url}/classify", files={"image": ("x.png", b"not an image", "image/png")}, timeout=60)
+        elif kind == "labels":
+            r = s.post(f"{url}/classify", files={"image": ("x.png", image, "image/png")}, data={"labels": "[1, 2"}, timeout=60)
+        elif kind == "top_k":
+            r = s.post(f"{url}/explain", files={"image": ("x.png", image, "image/png")}, data={"top_k": "0"}, timeout=60)
+        else:
+            r = s.post(f"{url}/explain", json={"image": "", "unknown": 1}, timeout=60)
+        record("bad", t0, 400 <= r.status_code < 500)
+        time.sleep(max(0.0, 0.2 - (time.time() - t0)))
+
+    def livez(s: requests.Session) -> None:
+        t0 = time.time()
+        r = s.get(f"{url}/livez", timeout=60)
+        record("livez", t0, r.status_code == 200)
+        time.sleep(0.01)
+
+    step = {"explain": explain, "classify": classify, "bad": bad, "livez": livez}[role]
+    queue.put("ready")
+    start.wait()
+    end = deadline.value
+
+    def loop() -> None:
+        s = requests.Session()
+        while time.time() < end:
+            try:
+                step(s)
+            except requests.RequestException:
+                record(role, time.time(), False)
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with lock:
+        queue.put(buf[:])
+    queue.put(None)
+
+
+# ---------------------------------------------------------------------- the server
+def tree_rss_mb(root: int) -> float:
+    """Resident memory (MiB) of process `root` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            total += int(open(f"/proc/{pid}/statm").read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
+    """Each metric of `names` summed over its samples (workers), None where absent or unreachable."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return dict.fromkeys(names)
+    out: dict[str, float | None] = {}
+    for name in names:
+        vals = re.findall(rf'^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$', text, re.M)
+        out[name] = sum(float(v) for v in vals) if vals else None
+    return out
+
+
+# ---------------------------------------------------------------------- figures
+def window_rows(records: list[tuple[str, float, float, bool]], t0: float, window: float, n: int) -> list[dict[str, Any]]:
+    rows = []
+    for w in range(n):
+        lo, hi = t0 + w * window, t0 + (w + 1) * window
+        row: dict[str, Any] = {"window": w, "start_s": w * window}
+        for name in ("explain", "classify", "bad", "livez"):
+            lat = np.array([s for r, t, s, _ in records if r == name and lo <= t < hi])
+            fails = sum(1 for r, t, _, ok in records if r == name and lo <= t < hi and not ok)
+            row[name] = {"n": int(lat.size), "rps": lat.size / window, "failed": fails,
+                         "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
+                         "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None,
+                         "max_ms": float(lat.max() * 1e3) if lat.size else None}
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float | None], alive: bool) -> list[tuple[str, bool, str]]:
+    checks: list[tuple[str, bool, str]] = []
+    ref = rows[WARMUP_WINDOWS] if len(rows) > WARMUP_WINDOWS else rows[0]
+    for ep in ("explain", "classify"):
+        base = ref[ep]["p99_ms"]
+        worst_growth = max((r[ep]["p99_ms"] / base for r in rows[WARMUP_WINDOWS:] if r[ep]["p99_ms"] and base), default=0.0)
+        worst_tail = max((r[ep]["p99_ms"] / r[ep]["p50_ms"] for r in rows[WARMUP_WINDOWS:] if r[ep]["p50_ms"]), default=0.0)
+        checks.append((f"{ep} p99 / first window's p99 <= {P99_GROWTH:g}", worst_growth <= P99_GROWTH, f"worst {worst_growth:.2f}"))
+        checks.append((f"{ep} p99 / p50 <= {P99_OVER_P50:g}", worst_tail <= P99_OVER_P50, f"worst {worst_tail:.2f}"))
+    pause = max((r["livez"]["max_ms"] or 0.0) for r in rows[WARMUP_WINDOWS:]) if len(rows) > WARMUP_WINDOWS else float("nan")
+    checks.append((f"longest /livez round trip < {MAX_PAUSE_S * 1e3:g} ms", pause < MAX_PAUSE_S * 1e3, f"{pause:.0f} ms"))
+    third = len(rss) // 3
+    grow = rss[-1] - rss[third] if rss else float("nan")
+    frac = grow / rss[third] if rss and rss[third] else float("nan")
+    cache = f"; of it the label-set cache {cache_mb[-1] - cache_mb[third]:+.1f} MB" if cache_mb and None not in (
+        cache_mb[-1], cache_mb[third]) else ""
+    checks.append((f"RSS growth over the last two thirds < {RSS_GROWTH_FRACTION:.0%} and < {RSS_GROWTH_MB:g} MB",
+                   grow < RSS_GROWTH_MB and frac < RSS_GROWTH_FRACTION, f"{grow:+.1f} MB ({frac:+.1%}){cache}"))
+    failed = sum(r[ep]["failed"] for r in rows for ep in ("explain", "classify", "livez"))
+    checks.append(("0 failed valid requests", failed == 0, str(failed)))
+    bad_failed = sum(r["bad"]["failed"] for r in rows)
+    checks.append(("every bad request 4xx", bad_failed == 0, f"{bad_failed} not 4xx of {sum(r['bad']['n'] for r in rows)}"))
+    checks.append(("server alive at the end", alive, ""))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--window", type=float, default=30.0, help="seconds per reported window")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--port", type=int, default=0, help="0: a free port")
+    p.add_argument("--serve-args", default="", help="more cltvit-serve arguments, e.g. '--label-cache-mb 16'")
+    p.add_argument("--out", default="artifacts/soak", help="folder for the server log and soak.json")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = p.parse_args(argv)
+    if not (Path(args.bundle) / "bundle.json").exists():
+        p.error(f"--bundle: no bundle.json in {args.bundle}")
+    if args.minutes <= 0 or args.window <= 0:
+        p.error("--minutes and --window must be > 0")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    home = out / "bentoml-home"
+    shutil.rmtree(home, ignore_errors=True)
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    log = open(out / "server.log", "wb")
+    cmd = [str(Path(sys.executable).parent / "cltvit-serve"), "--bundle", args.bundle, "--port", str(port),
+           "--workers", str(args.workers), *shlex.split(args.serve_args)]
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(url, 300, server)
+        info = machine_info()
+        print(f"soak: {args.minutes:g} min, {args.workers} worker(s), bundle {args.bundle}, {url}; "
+              f"CPU {info['cpu']} ({', '.join(info['isa'])}; {info['cores']} logical CPUs)", flush=True)
+        for _ in range(3):  # first answers load the label cache and ONNX Runtime's arenas
+            requests.post(f"{url}/explain", files={"image": ("x.png", fashion_mnist_pngs(1)[0], "image/png")}, timeout=120)
+        ctx = mp.get_context("spawn")
+        queue, start, deadline = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+        groups = [("explain", 4), ("classify", 2), ("bad", 1), ("livez", 1)]
+        procs = [ctx.Process(target=_client, args=(role, url, n, start, deadline, queue, i), daemon=True)
+                 for i, (role, n) in enumerate(groups)]
+        for pr in procs:
+            pr.start()
+        for _ in procs:  # client processes start slowly on a busy machine: the clock starts when all are loaded
+            assert queue.get(timeout=300) == "ready"
+        t0 = time.time()
+        deadline.value = t0 + args.minutes * 60
+        start.set()
+        records: list[tuple[str, float, float, bool]] = []
+        n_windows = int(args.minutes * 60 // args.window)
+        rss: list[float] = []
+        gcs: list[float | None] = []
+        cache_mb: list[float | None] = []
+        done, w = 0, 0
+        while done < len(procs):
+            while w < n_windows and time.time() >= t0 + (w + 1) * args.window:
+                rss.append(tree_rss_mb(server.pid))
+                m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes"))
+                gcs.append(m["cltvit_gc_full_collections_total"])
+                cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
+                row = window_rows(records, t0, args.window, w + 1)[-1]
+                g = gcs[-1] - gcs[-2] if len(gcs) > 1 and gcs[-1] is not None and gcs[-2] is not None else None
+                print(f"[{row['start_s']:6.0f} s] " + "  ".join(
+                    f"{ep} {row[ep]['rps']:.0f}/s p50 {row[ep]['p50_ms'] or 0:.0f} p99 {row[ep]['p99_ms'] or 0:.0f} ms"
+                    for ep in ("explain", "classify")) + f"  livez max {row['livez']['max_ms'] or 0:.0f} ms"
+                    f"  RSS {rss[-1]:.0f} MB" + (f" (label cache {cache_mb[-1]:.1f})" if cache_mb[-1] is not None else "")
+                    + (f"  full GCs {g:.0f}" if g is not None else ""), flush=True)
+                w += 1
+            try:
+                chunk = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: nothing arrived this second
+                continue
+            if chunk is None:
+                done += 1
+            else:
+                records.extend(chunk)
+        for pr in procs:
+            pr.join(timeout=30)
+        alive = server.poll() is None
+        if alive:
+            alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
+        rows = window_rows(records, t0, args.window, n_windows)
+        checks = verdict(rows, rss, cache_mb, alive)
+        print("verdict:")
+        for name, ok, detail in checks:
+            print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
+        (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
+                                                    "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs,
+                                                    "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
+                                                   indent=1))
+        return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
