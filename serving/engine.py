@@ -7,7 +7,8 @@ Per request, on the event loop: check top_k against the label set, look up (or e
 thread) the label set's text embeddings, decode and resize the image (inline when the upload is
 small, else in a thread), and queue it; a request alone in the worker (no other in flight, model
 idle) runs its model call right there instead. Per batch, in the batcher's thread: group the images by
-label set, one ONNX Runtime call per group, build each image's result (and, for /explain, its
+label set, one ONNX Runtime call per group (and, for each /explain asking for `total_effect`, one
+more call on its patches + 1 edited copies), build each image's result (and, for /explain, its
 spatial maps, vectorised over the group) as plain dicts and encode it to JSON once (pydantic-core),
 record the metrics. Each request gets the answer of its own
 label set, whatever else shared its batch.
