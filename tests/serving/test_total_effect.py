@@ -7,9 +7,9 @@ file too: the reference here is the runtime's ordinary explanation of images edi
 `bundle.patches`."""
 from __future__ import annotations
 
+import io
 import json
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ from PIL import Image
 import serving
 from export.testing import GREY
 from serving.cli import explain_main
-from serving.jobs.cli import score_main
+from serving.jobs.cli import score_main, stream_main
 from serving.runtime import BundleRuntime, TotalEffectUnavailable
 from serving.schemas import ImageResult
 from training.data import FashionMNIST
@@ -109,10 +109,11 @@ def test_total_effect_heatmap_and_cli(bundle, tmp_path, capsys):
 
 
 def test_bundles_without_a_patch_grid_refuse_it(bundle, v1_bundle, tmp_path, capsys):
+    ex = serving.Explainer(v1_bundle, threads=1)
     with pytest.raises(TotalEffectUnavailable, match="no patch grid"):
-        serving.Explainer(v1_bundle, total_effect=True)
+        serving.Explainer(ex.runtime, total_effect=True)
     with pytest.raises(TotalEffectUnavailable, match="no patch grid"):
-        BundleRuntime(v1_bundle, device="cpu").explain([model_size_image(0)], total_effect=True)
+        ex.explain([model_size_image(0)], total_effect=True)
     src = tmp_path / "in.png"
     model_size_image(0).save(src)
     assert explain_main([str(src), "--bundle", str(v1_bundle), "--total-effect"]) == 2
@@ -121,8 +122,6 @@ def test_bundles_without_a_patch_grid_refuse_it(bundle, v1_bundle, tmp_path, cap
     assert "argument --total-effect" in capsys.readouterr().err
     # a format-2 bundle written before `patches` existed: its spatial grid with the preprocessing mean as fill
     old = tmp_path / "old"
-    import shutil
-
     shutil.copytree(bundle, old)
     raw = json.loads((old / "bundle.json").read_text())
     del raw["patches"]
@@ -131,7 +130,7 @@ def test_bundles_without_a_patch_grid_refuse_it(bundle, v1_bundle, tmp_path, cap
     assert r.total_effect.fill == (0.0, 0.0, 0.0) and "states no fill" in r.total_effect.fill_source
 
 
-def test_score_and_stream_with_total_effect(bundle, tmp_path, capsys):
+def test_score_and_stream_with_total_effect(bundle, tmp_path, capsys, monkeypatch):
     root = tmp_path / "imgs"
     good, broken = make_image_folder(root, n=6)
     out = tmp_path / "r.jsonl"
@@ -147,9 +146,8 @@ def test_score_and_stream_with_total_effect(bundle, tmp_path, capsys):
     assert all("total_effect" not in records[b] for b in broken)
     assert score_main([str(root), "--bundle", str(bundle), "--out", str(out), "--quiet"]) == 2  # a resume keeps the setting
     assert "total_effect=True" in capsys.readouterr().err
-    cmd = [sys.executable, "-c", "import sys; from serving.jobs.cli import stream_main; sys.exit(stream_main())",
-           "--bundle", str(bundle), "--total-effect", "--threads", "1"]
-    proc = subprocess.run(cmd, input=f"{root / good[0]}\n", capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    line = json.loads(proc.stdout.splitlines()[0])
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{root / good[0]}\n"))
+    assert stream_main(["--bundle", str(bundle), "--total-effect", "--threads", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
     np.testing.assert_allclose(line["total_effect"]["total"], records[good[0]]["total_effect"]["total"], rtol=1e-5, atol=1e-6)
