@@ -303,7 +303,7 @@ def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path, 
     from serving.cli import explain_main  # cltvit-explain comes with the spatial maps (issue 12)
 
     out = tmp_path / "report.html"
-    assert explain_main([str(images["test0"]), "--bundle", str(atlas_bundle), "--html", str(out)]) in (0, None)
+    assert explain_main([str(images["test0"]), "--bundle", str(atlas_bundle), "--html", str(out), "--total-effect"]) in (0, None)
     html = out.read_text()
     assert "http://" not in html and "https://" not in html and "<script src" not in html and 'rel="stylesheet"' not in html
     data = json.loads(re.search(r"window\.CLTVIT_REPORT = (\{.*?\});</script>", html, re.S).group(1))
@@ -315,6 +315,9 @@ def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path, 
         assert pg.get_attribute("#top", "data-predicted") == data["result"]["predicted"]
         terms = pg.eval_on_selector_all(".wf-term", "els => els.map(e => parseFloat(e.dataset.value))")
         assert sum(terms) == pytest.approx(float(pg.get_attribute(".wf-total", "data-value")), abs=1e-4)
+        pg.select_option("#map-kind", "total")  # the report carries the total-effect map: no server to ask
+        pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'total'")
+        assert _drawn(pg)[1] == pytest.approx(data["result"]["total_effect"]["classes"][0]["total"], rel=1e-6, abs=1e-9)
         pg.locator(".card .thumbs img").first.wait_for()
         assert pg.locator("#source").is_hidden()
         pg.locator(".card a.atlas-page").first.click()
