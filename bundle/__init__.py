@@ -4,6 +4,7 @@
 - `bundle.manifest`: `bundle.json` as pydantic models, `read_manifest`.
 - `bundle.validate`: `load_bundle(dir)` -> (Manifest, BundlePaths), or one `BundleError` listing every problem.
 - `bundle.checksums`: `file_sha256`.
+- `bundle.patches`: patch deletion on preprocessed pixels (`fill_patches`) and the total-effect map's rows and scores.
 - `bundle.atlas`: the optional feature atlas (`AtlasInfo` in the manifest, `AtlasIndex` = atlas/atlas.json, array specs).
 The format is described in docs/bundle.md.
 """
@@ -25,12 +26,12 @@ from .format import (
     model_outputs,
     term_names,
 )
-from .manifest import BundleError, Manifest, PreprocessSpec, SpatialSpec, read_manifest
+from .manifest import BundleError, Manifest, PatchSpec, PreprocessSpec, SpatialSpec, read_manifest
 from .validate import BundlePaths, load_bundle
 
 __all__ = [
     "CORE_OUTPUTS", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES",
     "SPATIAL_OUTPUTS", "SUPPORTED_FORMAT_VERSIONS", "TEXT_INPUTS", "TEXT_OUTPUTS", "VARIANTS", "AtlasIndex", "AtlasInfo",
-    "BundleError", "BundlePaths", "Manifest", "PreprocessSpec", "SpatialSpec", "file_sha256", "load_bundle",
+    "BundleError", "BundlePaths", "Manifest", "PatchSpec", "PreprocessSpec", "SpatialSpec", "file_sha256", "load_bundle",
     "model_outputs", "read_manifest", "term_names",
 ]

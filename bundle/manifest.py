@@ -6,6 +6,7 @@ Torch-free (pydantic only). `read_manifest(dir)` parses and validates the manife
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +113,40 @@ class SpatialSpec(_Strict):
         return 1 + self.grid[0] * self.grid[1]
 
 
+class PatchSpec(_Strict):
+    """How a patch is deleted (the total-effect map, patch edits; `bundle.patches`): the `grid` (rows,
+    columns) of patches over the preprocessed image, and the `fill` every pixel of a deleted patch takes,
+    one value per channel in preprocessed units ((x - mean) / std); `fill_source` says what it is (for the
+    reference model the dataset mean, the fill of the deletion test in training/evaluation/spatial.py)."""
+
+    grid: tuple[int, int]
+    fill: tuple[float, float, float]
+    fill_source: str = Field(min_length=1, max_length=300)
+
+    @field_validator("grid")
+    @classmethod
+    def _positive_grid(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"grid must be positive, got {v}")
+        return v
+
+    @field_validator("fill")
+    @classmethod
+    def _finite_fill(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError(f"fill must be finite, got {v}")
+        return v
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+# the fill export writes when given none, and what a bundle without a `patches` block deletes patches to:
+# 0 in preprocessed units, the normalisation's mean (open_clip's statistic of the CLIP's training images)
+PREPROCESS_MEAN_FILL = "the preprocessing mean (0 in preprocessed units)"
+
+
 class Manifest(_Strict):
     """`bundle.json`, format version 2 (docs/bundle.md); version 1 is the same without `spatial`."""
 
@@ -130,6 +165,7 @@ class Manifest(_Strict):
     versions: dict[str, str]
     files: dict[str, str]
     spatial: SpatialSpec | None = None
+    patches: PatchSpec | None = None  # optional in formats 1 and 2; `effective_patches` covers bundles without it
     atlas: AtlasInfo | None = None
 
 
@@ -164,6 +200,15 @@ class Manifest(_Strict):
             if self.spatial.n_tokens != self.backbone.n_tokens:
                 raise ValueError(f"spatial grid {list(self.spatial.grid)} gives {self.spatial.n_tokens} tokens, "
                                  f"the backbone has {self.backbone.n_tokens}")
+        if self.patches is not None:
+            g = self.patches.grid
+            if 1 + g[0] * g[1] != self.backbone.n_tokens:
+                raise ValueError(f"patches grid {list(g)} gives {1 + g[0] * g[1]} tokens, the backbone has {self.backbone.n_tokens}")
+            if self.spatial is not None and tuple(self.spatial.grid) != tuple(g):
+                raise ValueError(f"patches grid {list(g)} differs from the spatial grid {list(self.spatial.grid)}")
+            H, W = self.preprocess.image_size
+            if H % g[0] or W % g[1]:
+                raise ValueError(f"patches grid {list(g)} does not tile the {H}x{W} image")
         if self.atlas is not None:
             a = self.atlas
             for f in (a.index, a.features, a.images):
@@ -184,6 +229,15 @@ class Manifest(_Strict):
     @property
     def embed_dim(self) -> int:
         return self.backbone.embed_dim
+
+    def effective_patches(self) -> PatchSpec | None:
+        """The bundle's `patches` block, or for a bundle without one (written before it existed) its
+        spatial grid with the fill 0 (`PREPROCESS_MEAN_FILL`); None when neither states a grid."""
+        if self.patches is not None:
+            return self.patches
+        if self.spatial is None:
+            return None
+        return PatchSpec(grid=self.spatial.grid, fill=(0.0, 0.0, 0.0), fill_source=f"{PREPROCESS_MEAN_FILL}: the bundle states no fill")
 
 
 def read_manifest(root: str | Path) -> Manifest:

@@ -5,13 +5,15 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES, FashionMNIST
-from training.model.backbone import load_backbone
+from training.model.backbone import Backbone, load_backbone
 from training.model.checkpoint import load_checkpoint, save_checkpoint
 from training.testing import random_clt
 
 from .atlas import AtlasConfig, DatasetSource, build_atlas
-from .writer import export_bundle
+from .writer import export_bundle, preprocess_spec
 
 
 def make_tiny_bundle(
@@ -40,7 +42,21 @@ def make_tiny_bundle(
         d = save_checkpoint(checkpoint_dir, clt, backbone.identity())
         sha, name = json.loads((d / "clt.json").read_text())["sha256"], d.name
     return export_bundle(backbone, clt, mode, labels, templates, out_dir, top_k_features=top_k_features,
-                         spatial_top_k=spatial_top_k, variants=variants, overwrite=overwrite, checkpoint=name, clt_sha256=sha)
+                         spatial_top_k=spatial_top_k, variants=variants, overwrite=overwrite, checkpoint=name, clt_sha256=sha,
+                         fill=grey_fill(backbone), fill_source=GREY_FILL_SOURCE)
+
+
+GREY = 128  # the tiny bundles' patch fill in uint8 pixels
+GREY_FILL_SOURCE = "mid-grey: uint8 128 in every channel, preprocessed (a value an edited image file can hold exactly)"
+
+
+def grey_fill(backbone: Backbone, value: int = GREY) -> list[float]:
+    """The preprocessed value [3] of the uint8 pixel `value` in every channel, computed in float32 as the serving
+    preprocessing does ((x / 255 - mean) / std), so that an image file with those pixels preprocesses to it exactly:
+    the tiny bundles' fill, which lets tests send a deleted patch as an image."""
+    spec = preprocess_spec(backbone.visual)
+    x = np.float32(value) / np.float32(255.0)
+    return [float((x - np.float32(m)) / np.float32(sd)) for m, sd in zip(spec["mean"], spec["std"])]
 
 
 SMALL_VOCAB: tuple[str, ...] = ("shoe", "boot", "shirt", "trousers", "jacket", "handbag", "sleeve", "collar", "heel", "strap",

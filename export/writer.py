@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
 from bundle.atomic import staged_directory
+from bundle.manifest import PREPROCESS_MEAN_FILL
 from training.model.backbone import Backbone
 from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
@@ -72,6 +74,19 @@ def spatial_spec(backbone: Backbone, top_k: int) -> dict[str, Any]:
     return {"top_k": int(top_k), "grid": list(grid), "heads": heads.pop()}
 
 
+def patch_spec(backbone: Backbone, fill: Sequence[float] | None, fill_source: str | None) -> dict[str, Any]:
+    """The manifest's `patches` block (docs/bundle.md): the patch grid and the fill of a deleted patch."""
+    grid = [int(g) for g in backbone.visual.grid_size]
+    if fill is None:
+        return {"grid": grid, "fill": [0.0, 0.0, 0.0], "fill_source": fill_source or PREPROCESS_MEAN_FILL}
+    values = [float(v) for v in fill]
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ExportError(f"fill must be 3 finite values (one per channel, preprocessed units), got {list(fill)}")
+    if not fill_source:
+        raise ExportError("fill_source must say what the fill is (e.g. 'dataset mean of ...')")
+    return {"grid": grid, "fill": values, "fill_source": fill_source}
+
+
 def check_labels(labels: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
     names = [s.strip() for s in labels]
     if not names or any(not s for s in names):
@@ -103,13 +118,17 @@ def export_bundle(
     clt_sha256: str | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    fill: Sequence[float] | None = None,
+    fill_source: str | None = None,
 ) -> Path:
     """Export `model.onnx` (+ reduced-precision `variants`: "int8", "int8-clt", "fp16"), `text.onnx`, `labels.npy`,
     the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
 
     `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
     `spatial_top_k`: classes per image with spatial maps (where in the image, docs/bundle.md); 0 leaves
-    the spatial outputs out. Returns `out_dir`.
+    the spatial outputs out. `fill`: what a deleted patch's pixels take, per channel in preprocessed units
+    (the total-effect map and patch edits; the reference build passes the dataset mean), with `fill_source`
+    saying what it is; None writes 0, the preprocessing mean. Returns `out_dir`.
     """
 
     if mode not in MODES:
@@ -121,6 +140,7 @@ def export_bundle(
     if spatial_top_k < 0:
         raise ExportError(f"spatial_top_k must be >= 0 (0: no spatial maps), got {spatial_top_k}")
     spatial = spatial_spec(backbone, spatial_top_k) if spatial_top_k > 0 else None
+    patches = patch_spec(backbone, fill, fill_source)
     cfg = clt.cfg
     if (cfg.n_layers, cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise ExportError(f"CLT (L={cfg.n_layers}, d={cfg.d_model}) does not fit backbone {backbone.spec.model} "
@@ -166,6 +186,7 @@ def export_bundle(
             "versions": export_versions(),
             "files": files,
             "spatial": spatial,
+            "patches": patches,
         }
         Manifest.model_validate(manifest)  # fail here, not in the server
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -369,8 +369,16 @@ def stage_eval(out: Path, cfg: BuildConfig, bb: Backbone, test_ds: FashionMNIST,
     return st.finish(files, time.time() - t0, summary=report["summary"])
 
 
-def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    st = Stage(out, "export", {"clt": clt_rec["files"], "variants": list(cfg.export_variants)})
+def dataset_fill(test_px: torch.Tensor) -> tuple[list[float], str]:
+    """The bundle's patch fill (docs/bundle.md, `patches`): the per-channel mean of the preprocessed test images
+    [N, 3, H, W], the fill of the deletion test (training/evaluation/spatial.py) on all of them, and its description."""
+    fill = test_px.double().mean(dim=(0, 2, 3)).tolist()
+    return fill, f"dataset mean: the {len(test_px)} Fashion-MNIST test images, per channel, preprocessed (the deletion test's fill)"
+
+
+def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, Any], log: Callable[[str], None],
+                 fill: tuple[list[float], str] | None = None) -> dict[str, Any]:
+    st = Stage(out, "export", {"clt": clt_rec["files"], "variants": list(cfg.export_variants), "fill": fill})
     rec = st.cached()
     if rec and (out / "bundle" / "bundle.json").is_file():
         log("export: cached")
@@ -379,7 +387,8 @@ def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, A
     clt, meta = load_checkpoint(out / "clt", bb)
     test = FashionMNIST.class_names, FashionMNIST.templates
     path = export_bundle(bb, clt, "cls", list(test[0]), list(test[1]), out / "bundle", variants=cfg.export_variants,
-                         checkpoint="clt", clt_sha256=meta.get("sha256"), overwrite=True)
+                         checkpoint="clt", clt_sha256=meta.get("sha256"), overwrite=True,
+                         fill=fill[0] if fill else None, fill_source=fill[1] if fill else None)
     files = sorted(p for p in path.iterdir() if p.is_file())
     log(f"export: bundle in {path}")
     return st.finish(files, time.time() - t0)
@@ -498,7 +507,7 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
     if "eval" not in skip:
         recs["eval"] = stage_eval(out, cfg, bb, test_ds, (test_px, test_y, text), recs["clt"], recs.get("comparison"), log)
     if "export" not in skip:
-        recs["export"] = stage_export(out, cfg, bb, recs["clt"], log)
+        recs["export"] = stage_export(out, cfg, bb, recs["clt"], log, dataset_fill(test_px))
         if "atlas" not in skip:
             recs["atlas"] = stage_atlas(out, cfg, bb, train_ds, recs["clt"], log)
             recs["export"] = refresh_files(out, "export") or recs["export"]  # the bundle now lists the atlas

@@ -46,7 +46,7 @@ from training.model.backbone import Backbone, load_backbone
 from training.model.checkpoint import load_checkpoint, save_checkpoint
 from training.model.clt import CrossLayerTranscoder
 
-from .reference import REF_MODEL, BuildError, load_fashion_tensors
+from .reference import REF_MODEL, BuildError, dataset_fill, load_fashion_tensors
 
 WEIGHTS_DIR = Path(__file__).parent / "reference_weights"
 CLIP_FILE = "clip.safetensors"
@@ -124,8 +124,14 @@ def export_shipped(out_dir: str | Path, root: str | Path = WEIGHTS_DIR, *, varia
     shipped atlas (its thumbnails rebuilt from the Fashion-MNIST training images); seconds."""
     backbone, clt, manifest = load_shipped(root)
     meta = json.loads((Path(root) / CLT_DIR / "clt.json").read_text())
+    try:
+        fill: tuple[list[float], str] | None = dataset_fill(load_fashion_tensors(backbone, "test", data_dir)[1])
+    except DatasetError as exc:
+        log(f"export: the bundle's patch fill is the preprocessing mean: the dataset mean needs the Fashion-MNIST test images ({exc})")
+        fill = None
     out = export_bundle(backbone, clt, EXPORT_MODE, list(FashionMNIST.class_names), list(FashionMNIST.templates), out_dir,
-                        variants=variants, checkpoint=CLT_DIR, clt_sha256=meta["sha256"], overwrite=overwrite)
+                        variants=variants, checkpoint=CLT_DIR, clt_sha256=meta["sha256"], overwrite=overwrite,
+                        fill=fill[0] if fill else None, fill_source=fill[1] if fill else None)
     if not set(ATLAS_FILES) <= set(manifest["files"]):
         log(f"export: {root} ships no atlas; the bundle has none (add it with `cltvit-reference atlas`)")
         return out

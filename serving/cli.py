@@ -47,7 +47,7 @@ from .explainer import Explainer, read_image
 from .images import ImageError
 from .jobs.drift import DriftError, DriftProfile
 from .report import write_report
-from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable
+from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable
 from .schemas import ImageResult
 
 SERVICE_IMPORT = "serving.service:CltvitService"
@@ -270,6 +270,9 @@ def build_explain_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=None, help="class names (default: the bundle's labels)")
     p.add_argument("--top-k", type=int, default=5, help="labels reported (default 5)")
     p.add_argument("--heads", action="store_true", help="also per-head maps of the predicted label (in --json)")
+    p.add_argument("--total-effect", action="store_true",
+                   help="also the total-effect map: the model run on patches + 1 edited copies of the image (each patch "
+                   "alone on the bundle's fill), in logit units; --heatmap then draws it instead of the direct map")
     p.add_argument("--heatmap", metavar="PNG", default=None,
                    help="write the image (its own size) with the predicted label's patch map laid over it")
     p.add_argument("--heatmap-label", default=None, help="the label whose map --heatmap draws (default: the predicted one)")
@@ -308,17 +311,26 @@ def render_text(result: ImageResult, term_names: list[str], n_terms: int = 6) ->
         lines.append(format_grid(c.total, sp.grid))
     elif sp is None:
         lines.append("where in the image: this bundle has no spatial maps (re-export it with cltvit-export)")
+    te = result.total_effect
+    if te is not None and te.classes and te.classes[0].label == result.predicted:
+        c = te.classes[0]
+        lines.append(f"total effect: {te.grid[0]}x{te.grid[1]} patches, each alone on the fill ({te.rows} edited copies, one "
+                     f"batch), logit units (logit {c.logit:+.3f}, on the all-fill image {c.fill_logit:+.3f}; the cells sum "
+                     f"to {float(np.sum(c.total)):+.3f}):")
+        lines.append(format_grid(c.total, te.grid))
     return "\n".join(lines)
 
 
 def write_heatmap(args: argparse.Namespace, explainer: Explainer, image: Any, result: ImageResult) -> str:
     """--heatmap: the overlay PNG; returns a line for stderr."""
-    label = args.heatmap_label
-    have = {c.label for c in result.spatial.classes} if result.spatial is not None else set()
+    label, te = args.heatmap_label, bool(args.total_effect)
+    maps = result.total_effect if te else result.spatial
+    have = {c.label for c in maps.classes} if maps is not None else set()
     img = explainer.heatmap(image, result=result if label is None or label in have else None, label=label,
-                            layer=args.heatmap_layer)
+                            layer=args.heatmap_layer, total_effect=te)
     img.save(args.heatmap, format="PNG")
-    what = f"layer {args.heatmap_layer}" if args.heatmap_layer is not None else "attention layers summed"
+    what = ("total effect, each patch alone on the fill" if te else
+            f"layer {args.heatmap_layer}" if args.heatmap_layer is not None else "attention layers summed")
     return f"wrote {args.heatmap} ({img.width}x{img.height}, {label or result.predicted}, {what}; red raised the logit, blue lowered it)"
 
 
@@ -352,6 +364,8 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
         return fail(f"argument --threads: must be >= 1, got {args.threads}")
     if (args.heatmap_label is not None or args.heatmap_layer is not None) and not args.heatmap:
         return fail("argument --heatmap-label/--heatmap-layer: needs --heatmap PNG")
+    if args.heatmap_layer is not None and args.total_effect:
+        return fail("argument --heatmap-layer: the total-effect map has no layers (leave it out with --total-effect)")
     try:
         explainer = Explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
                               variant=args.variant, threads=args.threads)
@@ -362,17 +376,20 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
     except LabelError as e:
         return fail(f"argument --labels: {e}")
     if explainer.runtime.spatial is None:
-        for flag, on in (("--heads", args.heads), ("--heatmap", args.heatmap)):
+        for flag, on in (("--heads", args.heads), ("--heatmap", args.heatmap and not args.total_effect)):
             if on:
                 return fail(f"argument {flag}: {explainer.runtime.spatial_unavailable_message()}")
+    if args.total_effect and explainer.runtime.patches is None:
+        return fail(f"argument --total-effect: {explainer.runtime.total_effect_unavailable_message()}")
     try:
         image = read_image(args.image)
     except (ImageError, TypeError) as e:
         return fail(f"argument IMAGE: {e}")
-    (result,) = explainer.explain([image], heads=args.heads or (bool(args.html) and explainer.runtime.spatial is not None))
+    (result,) = explainer.explain([image], heads=args.heads or (bool(args.html) and explainer.runtime.spatial is not None),
+                                  total_effect=args.total_effect)
     try:
         explain_outputs(args, explainer, image, result)
-    except (LabelError, SpatialUnavailable) as e:
+    except (LabelError, SpatialUnavailable, TotalEffectUnavailable) as e:
         return fail(f"argument --heatmap-{'layer' if 'layer' in str(e) else 'label'}: {e}")
     except OSError as e:
         which = "--html" if args.html and Path(args.html).name in str(e) else "--heatmap"

@@ -7,7 +7,8 @@ Per request, on the event loop: check top_k against the label set, look up (or e
 thread) the label set's text embeddings, decode and resize the image (inline when the upload is
 small, else in a thread), and queue it; a request alone in the worker (no other in flight, model
 idle) runs its model call right there instead. Per batch, in the batcher's thread: group the images by
-label set, one ONNX Runtime call per group, build each image's result (and, for /explain, its
+label set, one ONNX Runtime call per group (and, for each /explain asking for `total_effect`, one
+more call on its patches + 1 edited copies), build each image's result (and, for /explain, its
 spatial maps, vectorised over the group) as plain dicts and encode it to JSON once (pydantic-core),
 record the metrics. Each request gets the answer of its own
 label set, whatever else shared its batch.
@@ -60,6 +61,7 @@ class Job:
     k: int
     spatial: bool = False
     heads: bool = False
+    total_effect: bool = False
 
 
 def _cheap_to_decode(data: bytes) -> bool:
@@ -73,17 +75,18 @@ def _cheap_to_decode(data: bytes) -> bool:
     return w * h <= INLINE_DECODE_PIXELS
 
 
-def response_body(kind: Kind, res: dict[str, Any], term_names: list[str], spatial: dict[str, Any] | None = None) -> bytes:
+def response_body(kind: Kind, res: dict[str, Any], term_names: list[str], spatial: dict[str, Any] | None = None,
+                  total_effect: dict[str, Any] | None = None) -> bytes:
     """The JSON body of /classify, /explain or /embed (fields of ClassifyResponse / ExplainResponse /
     EmbedResponse) from one `serving.results.image_result` dict and, for /explain, the image's spatial
-    maps in array form (`BundleRuntime.spatial_maps(..., arrays=True)`)."""
+    maps and total-effect map in array form (`BundleRuntime.spatial_maps` / `total_effect`, `arrays=True`)."""
     if kind == "classify":
         body = {"predicted": res["predicted"], "top": res["top"]}
     elif kind == "explain":
         body = {"predicted": res["predicted"], "top": res["top"], "term_names": term_names,
                 "explanations": res["explanations"], "top_features": res["top_features"],
                 "completeness_residual": res["completeness_residual"], "term_shares": res["term_shares"],
-                "spatial": spatial}
+                "spatial": spatial, "total_effect": total_effect}
     else:
         body = {"embedding": res["embedding"], "dim": len(res["embedding"]), "predicted": res["predicted"],
                 "term_names": term_names, "term_shares": res["term_shares"]}
@@ -171,6 +174,8 @@ class ServingEngine:
     async def _job(self, kind: Kind, request: ImageRequest) -> Job:
         if kind == "explain" and request.heads and self.runtime.spatial is None:
             raise RequestError(400, self.runtime.spatial_unavailable_message(), "heads")
+        if kind == "explain" and request.total_effect and self.runtime.patches is None:
+            raise RequestError(400, self.runtime.total_effect_unavailable_message(), "total_effect")
         names = self.runtime.label_names if request.labels is None else request.labels
         try:
             k = check_top_k(request.top_k, len(names))
@@ -189,7 +194,8 @@ class ServingEngine:
         else:
             pixels = await anyio.to_thread.run_sync(self._prepare, request.image)
         spatial = kind == "explain" and (request.spatial or request.heads) and self.runtime.spatial is not None
-        return Job(kind, pixels, text, list(names), request.labels is not None, k, spatial, spatial and request.heads)
+        return Job(kind, pixels, text, list(names), request.labels is not None, k, spatial, spatial and request.heads,
+                   kind == "explain" and request.total_effect)
 
     def _prepare(self, data: bytes) -> np.ndarray:
         """Decode (limits enforced) and resize + crop: uint8 [H, W, 3]."""
@@ -223,12 +229,24 @@ class ServingEngine:
                 for i in members:
                     out[i] = exc
                 continue
+            effects: dict[int, dict[str, Any]] = {}
             for j, i in enumerate(members):
+                if jobs[i].total_effect:  # its edited copies as one more model call (P + 1 rows)
+                    try:
+                        t0, c0 = time.perf_counter(), time.thread_time()
+                        (effects[j],) = self.runtime.total_effect(pixels[j : j + 1], text, jobs[i].names, raw.logits[j : j + 1],
+                                                                  jobs[i].k, arrays=True)
+                        self.metrics.model_call(time.perf_counter() - t0, time.thread_time() - c0)
+                    except Exception as exc:
+                        out[i] = exc
+            for j, i in enumerate(members):
+                if out[i] is not None:
+                    continue
                 try:
                     res = image_result(raw, j, jobs[i].names, self.runtime.term_names, k=jobs[i].k,
                                        detail=jobs[i].kind == "explain", include_embedding=jobs[i].kind == "embed",
                                        feature_label=self.runtime.feature_label)
-                    out[i] = self._encode(jobs[i], res, maps.get(j))
+                    out[i] = self._encode(jobs[i], res, maps.get(j), effects.get(j))
                 except Exception as exc:
                     out[i] = exc
         return [o if o is not None else RuntimeError("job was not run") for o in out]
@@ -243,10 +261,11 @@ class ServingEngine:
                                          heads=[jobs[members[j]].heads for j in rows], arrays=True)
         return dict(zip(rows, maps))
 
-    def _encode(self, job: Job, res: dict[str, Any], spatial: dict[str, Any] | None = None) -> bytes:
+    def _encode(self, job: Job, res: dict[str, Any], spatial: dict[str, Any] | None = None,
+                total_effect: dict[str, Any] | None = None) -> bytes:
         """The endpoint's response body (fields of ClassifyResponse / ExplainResponse / EmbedResponse)."""
         self.metrics.prediction(res["predicted"], res["term_shares"], job.custom_labels)
-        return response_body(job.kind, res, self.runtime.term_names, spatial)
+        return response_body(job.kind, res, self.runtime.term_names, spatial, total_effect)
 
     # ------------------------------------------------------------------ /info
     def describe(self) -> InfoResponse:
@@ -262,6 +281,7 @@ class ServingEngine:
                       "max_latency_ms": s.max_latency_ms, "workers": s.workers},
             auth=bool(s.api_token),
             spatial=None if m.spatial is None else m.spatial.model_dump(mode="json"),
+            patches=None if rt.patches is None else rt.patches.model_dump(mode="json"),
         )
 
 

@@ -17,7 +17,9 @@ format of `cltvit-score` and `cltvit-stream`) are
 predicted logit, serving.shares.term_shares); `top` entries also carry the raw `logit`;
 `error` records (unreadable input) carry no other fields than `path` and `error`. With
 `Explainer(spatial=True)` records also carry `spatial`: the predicted label's maps (`ClassMap` without
-per-head maps, plus `grid` and `residual`; serving/spatial.py).
+per-head maps, plus `grid` and `residual`; serving/spatial.py). With `Explainer(total_effect=True)` they
+carry `total_effect`: the predicted label's total-effect map (`TotalEffectClass` plus `grid`, `method`,
+`rows`, `fill`, `fill_source`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from PIL import Image
 from .heatmap import overlay
 from .images import ImageError, decode_image
 from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
-from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, validate_labels
+from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, TotalEffectUnavailable, validate_labels
 from .schemas import ImageResult
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
@@ -70,6 +72,16 @@ def spatial_record(result: ImageResult) -> dict[str, Any] | None:
     return {"grid": list(sp.grid), "residual": sp.residual, **sp.classes[0].model_dump(exclude={"heads", "heads_cls_cell"})}
 
 
+def total_effect_record(result: ImageResult) -> dict[str, Any] | None:
+    """The predicted label's total-effect map as a flat record field: the `TotalEffectClass` fields plus the
+    map's grid, method, rows, fill and fill_source (None when the result has none for the predicted label)."""
+    te = result.total_effect
+    if te is None or not te.classes or te.classes[0].label != result.predicted:
+        return None
+    return {"grid": list(te.grid), "method": te.method, "rows": te.rows, "fill": list(te.fill), "fill_source": te.fill_source,
+            **te.classes[0].model_dump()}
+
+
 class Explainer:
     """A bundle, a label set and a top-k: explain or score images in process.
 
@@ -77,6 +89,8 @@ class Explainer:
     labels: custom class names (embedded once with the bundle's text graph); None = the bundle's.
     spatial: records (`score`, `assemble`) carry the predicted label's spatial maps; raises
     `SpatialUnavailable` when the bundle has none.
+    total_effect: records carry the predicted label's total-effect map (P + 1 more model rows per image);
+    raises `TotalEffectUnavailable` when the bundle states no patch grid.
     """
 
     def __init__(
@@ -89,11 +103,15 @@ class Explainer:
         variant: str = "fp32",
         threads: int | None = None,
         spatial: bool = False,
+        total_effect: bool = False,
     ) -> None:
         self.runtime = bundle if isinstance(bundle, BundleRuntime) else BundleRuntime(bundle, device=device, variant=variant, threads=threads)
         if spatial and self.runtime.spatial is None:
             raise SpatialUnavailable(self.runtime.spatial_unavailable_message())
+        if total_effect and self.runtime.patches is None:
+            raise TotalEffectUnavailable(self.runtime.total_effect_unavailable_message())
         self.spatial = spatial
+        self.total_effect = total_effect
         if labels is not None:
             labels = validate_labels(labels)
             self.label_names = labels
@@ -108,32 +126,50 @@ class Explainer:
 
     # -- the service's result objects -------------------------------------------------------------
     def explain(self, images: Sequence[ImageInput], *, top_k: int | None = None, detail: bool = True,
-                spatial: bool = True, heads: bool = False) -> list[ImageResult]:
+                spatial: bool = True, heads: bool = False, total_effect: bool = False) -> list[ImageResult]:
         """`ImageResult`s (serving.schemas) for `images`, exactly as the HTTP service computes them.
 
         `spatial`: where in the image, per top label (when the bundle has spatial maps); `heads`: also
-        per attention head for the predicted label (raises `SpatialUnavailable` without maps)."""
+        per attention head for the predicted label (raises `SpatialUnavailable` without maps);
+        `total_effect`: the total-effect map of the top labels, from P + 1 edited copies of each image run
+        as one batch (raises `TotalEffectUnavailable` when the bundle states no patch grid)."""
         pil = [read_image(im) for im in images]
         labels = self.label_names if self.text_embeddings is not None else None
-        return self.runtime.explain(pil, labels=labels, top_k=top_k or self.top_k, detail=detail, spatial=spatial, heads=heads)
+        return self.runtime.explain(pil, labels=labels, top_k=top_k or self.top_k, detail=detail, spatial=spatial, heads=heads,
+                                    total_effect=total_effect)
 
     def heatmap(self, image: ImageInput, *, result: ImageResult | None = None, label: str | None = None,
-                layer: int | None = None, alpha: float = 0.7) -> Image.Image:
+                layer: int | None = None, alpha: float = 0.7, total_effect: bool = False) -> Image.Image:
         """The image at its own size with a spatial map laid over it (serving.heatmap.overlay): red
         patches raised `label`'s logit (default: the predicted label), blue ones lowered it, summed over
-        the attention layers (or one `layer`). Pass the image's `result` from `explain` to skip re-running it.
+        the attention layers (or one `layer`); with `total_effect` the total-effect map instead (what each
+        patch alone adds on the fill; no layers). Pass the image's `result` from `explain` to skip re-running it.
 
-        Raises `SpatialUnavailable` (bundle without maps) or `LabelError` (label not among the labels
-        with maps, bad layer)."""
+        Raises `SpatialUnavailable` (bundle without maps), `TotalEffectUnavailable` (no patch grid) or
+        `LabelError` (label not among the labels with maps, bad layer, a layer with `total_effect`)."""
         pil = read_image(image)
-        if self.runtime.spatial is None:
+        if total_effect:
+            if layer is not None:
+                raise LabelError("the total-effect map has no layers: leave layer out with total_effect")
+            if self.runtime.patches is None:
+                raise TotalEffectUnavailable(self.runtime.total_effect_unavailable_message())
+        elif self.runtime.spatial is None:
             raise SpatialUnavailable(self.runtime.spatial_unavailable_message())
         if result is None:
-            top = min(len(self.label_names), max(self.top_k, self.runtime.spatial.top_k))  # every label with a map
-            (result,) = self.explain([pil], top_k=top, detail=False)
+            cap = self.runtime.spatial.top_k if self.runtime.spatial is not None else 1
+            top = min(len(self.label_names), max(self.top_k, cap))  # every label with a map
+            (result,) = self.explain([pil], top_k=top, detail=False, spatial=not total_effect, total_effect=total_effect)
+        want = result.predicted if label is None else label
+        if total_effect:
+            if result.total_effect is None:
+                raise TotalEffectUnavailable("this result has no total-effect map: explain with total_effect=True")
+            te = {c.label: c for c in result.total_effect.classes}
+            if want not in te:
+                raise LabelError(f"label {want!r} has no total-effect map in this result (maps for: {', '.join(te)})")
+            grid = np.asarray(te[want].total, np.float64).reshape(result.total_effect.grid)
+            return overlay(pil, grid, self.runtime.preprocessor.view_box(*pil.size), alpha=alpha)
         if result.spatial is None:
             raise SpatialUnavailable("this result has no spatial maps: explain with spatial=True")
-        want = result.predicted if label is None else label
         maps = {c.label: c for c in result.spatial.classes}
         if want not in maps:
             raise LabelError(f"label {want!r} has no spatial map in this result (maps for: {', '.join(maps)})")
@@ -156,12 +192,20 @@ class Explainer:
         """Records (without `path`) for a preprocessed batch `[B, 3, H, W]`."""
         if len(pixels) == 0:
             return []
-        raw = self.runtime.run(np.ascontiguousarray(pixels, dtype=np.float32), self.text_embeddings)
-        return self.records_from_outputs(raw)
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        raw = self.runtime.run(pixels, self.text_embeddings)
+        return self.records_from_outputs(raw, pixels if self.total_effect else None)
 
-    def records_from_outputs(self, raw: RawOutputs) -> list[dict[str, Any]]:
-        """Records from the graph's outputs, built by `BundleRuntime.results` (the service's own code)."""
-        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False, spatial=self.spatial)
+    def records_from_outputs(self, raw: RawOutputs, pixels: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """Records from the graph's outputs, built by `BundleRuntime.results` (the service's own code).
+        `pixels` [B, 3, H, W] (the batch `raw` came from): with `total_effect`, its maps are measured on them."""
+        te = None
+        if self.total_effect:
+            if pixels is None:
+                raise ValueError("total_effect records need the preprocessed pixels the outputs came from")
+            te = self.runtime.total_effect(pixels, self.text_embeddings, self.label_names, raw.logits, 1)
+        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False, spatial=self.spatial,
+                                       total_effect=te)
         records = []
         for r in results:
             rec: dict[str, Any] = {
@@ -173,6 +217,8 @@ class Explainer:
             }
             if self.spatial and r.spatial is not None:
                 rec["spatial"] = spatial_record(r)
+            if self.total_effect and r.total_effect is not None:
+                rec["total_effect"] = total_effect_record(r)
             records.append(rec)
         return records
 

@@ -2,7 +2,7 @@
 
 Two encodings are accepted (docs/serving.md):
 - multipart/form-data: one file part `image`; optional text parts `labels` (a JSON list or a
-  comma-separated string), `top_k`, and for /explain `spatial` / `heads` (true / false).
+  comma-separated string), `top_k`, and for /explain `spatial` / `heads` / `total_effect` (true / false).
 - JSON object: `{"image": "<base64 or data: URL>", "labels": [...], "top_k": 3, "heads": true}`.
 The whole body is already in memory (the guard read it under the size limit); parts are kept as
 bytes, never written to temporary files. JSON goes through pydantic-core's parser, whose nesting
@@ -47,13 +47,14 @@ class RequestError(Exception):
 @dataclass(frozen=True)
 class ImageRequest:
     """One parsed request: the encoded image bytes, a validated custom label set (None: the bundle's), top_k,
-    and for /explain whether to add the spatial maps and their per-head split."""
+    and for /explain whether to add the spatial maps, their per-head split and the total-effect map."""
 
     image: bytes
     labels: list[str] | None
     top_k: int | None
     spatial: bool = True
     heads: bool = False
+    total_effect: bool = False
 
 
 class _Fields(BaseModel):
@@ -64,6 +65,7 @@ class _Fields(BaseModel):
     top_k: Optional[int] = Field(default=None, ge=1, le=MAX_TOP_K)
     spatial: bool = True
     heads: bool = False
+    total_effect: bool = False
 
 
 def parse_image_request(body: bytes, content_type: str) -> ImageRequest:
@@ -87,7 +89,8 @@ def parse_image_request(body: bytes, content_type: str) -> ImageRequest:
             labels = validate_labels(checked.labels)
         except LabelError as exc:
             raise RequestError(400, str(exc), "labels") from None
-    return ImageRequest(image=image, labels=labels, top_k=checked.top_k, spatial=checked.spatial, heads=checked.heads)
+    return ImageRequest(image=image, labels=labels, top_k=checked.top_k, spatial=checked.spatial, heads=checked.heads,
+                        total_effect=checked.total_effect)
 
 
 def check_json_body(body: bytes) -> None:
@@ -193,7 +196,7 @@ def _parse_multipart(body: bytes, content_type: str) -> tuple[bytes | None, dict
                                 "are not accepted", "image")
     fields: dict[str, Any] = {}
     for part in parts:
-        if part.name not in ("labels", "top_k", "spatial", "heads"):
+        if part.name not in ("labels", "top_k", "spatial", "heads", "total_effect"):
             continue
         if part.filename is not None:
             raise RequestError(400, f"'{part.name}' must be a text field, not a file", part.name)
@@ -219,6 +222,8 @@ TOP_K_DOC = f"number of labels reported, 1..{MAX_TOP_K} and at most the number o
 IMAGE_DOC = "the image: a multipart file part, or in JSON a base64 string (data: URL prefix allowed)"
 SPATIAL_DOC = "where in the image: patch maps per top label (up to the bundle's spatial top-k), per attention layer and summed"
 HEADS_DOC = "also per-head patch maps of the predicted label (needs a bundle with spatial maps)"
+TOTAL_EFFECT_DOC = ("also the total-effect map of the top labels: the model run on patches + 1 edited copies of the image "
+                    "in one batch (each patch alone on the bundle's fill), in logit units; costs patches + 1 forward passes")
 
 
 # ---------------------------------------------------------------------- BentoML input specs
@@ -237,6 +242,7 @@ def image_input_spec(*, with_top_k: bool, with_spatial: bool = False) -> type[be
         if with_spatial:
             spatial: bool = Field(default=True, description=SPATIAL_DOC)
             heads: bool = Field(default=False, description=HEADS_DOC)
+            total_effect: bool = Field(default=False, description=TOTAL_EFFECT_DOC)
 
         @classmethod
         async def from_http_request(cls, request: Request, serde: Any) -> "Input":
@@ -247,7 +253,7 @@ def image_input_spec(*, with_top_k: bool, with_spatial: bool = False) -> type[be
             if with_top_k:
                 fields["top_k"] = parsed.top_k
             if with_spatial:
-                fields.update(spatial=parsed.spatial, heads=parsed.heads)
+                fields.update(spatial=parsed.spatial, heads=parsed.heads, total_effect=parsed.total_effect)
             return cls.model_construct(**fields)  # validated by parse_image_request
 
     return Input

@@ -2,7 +2,8 @@
 
 The file is the viewer of `/ui` (serving/ui/: its HTML, with the CSS and JS inlined) plus the data it
 would have asked the server for, as JSON in `window.CLTVIT_REPORT`: what the bundle is, the result,
-the image, and the atlas pages of the top features (thumbnails included). It opens from disk in a
+the image, and the atlas pages of the top features (thumbnails included); the total-effect map when the
+result has one (`cltvit-explain --total-effect --html`), shown by the viewer's map toggle. It opens from disk in a
 browser with no server and fetches nothing; share it, archive it for an audit.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def report_data(runtime: BundleRuntime, image: Image.Image, result: ImageResult,
     m = runtime.manifest
     names = list(labels) if labels is not None else runtime.label_names
     info = {"backbone": m.backbone.model_dump(), "clt": m.clt.model_dump(), "mode": m.mode, "labels": names,
-            "term_names": runtime.term_names, "image_size": list(runtime.image_size), "variant": runtime.variant}
+            "term_names": runtime.term_names, "image_size": list(runtime.image_size), "variant": runtime.variant,
+            "patches": None if runtime.patches is None else runtime.patches.model_dump(mode="json")}
     features: dict[str, Any] = {}
     atlas = None
     if runtime.atlas is not None:

@@ -20,13 +20,14 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bundle import MODEL_OUTPUTS, BundleError, Manifest, SpatialSpec, load_bundle, model_outputs
+from bundle import MODEL_OUTPUTS, BundleError, Manifest, PatchSpec, SpatialSpec, load_bundle, model_outputs
+from bundle.patches import DEFAULT_TOTAL_EFFECT_METHOD, total_effect_rows
 
 from .atlas import Atlas
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
-from .schemas import ClassMap, ImageResult, SpatialExplanation, trusted
-from .spatial import spatial_maps
+from .schemas import ClassMap, ImageResult, SpatialExplanation, TotalEffectClass, TotalEffectMap, trusted
+from .spatial import spatial_maps, total_effect_map
 from .tokenizer import ClipTokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -45,6 +46,14 @@ class RuntimeSetupError(RuntimeError):
 
 class SpatialUnavailable(ValueError):
     """Spatial maps were required but the bundle has none (format 1, or exported with --spatial-top-k 0)."""
+
+
+class TotalEffectUnavailable(ValueError):
+    """The total-effect map was asked for but the bundle states no patch grid (a format-1 bundle without `patches`)."""
+
+
+# labels with a total-effect map when the bundle has no spatial top-k to match
+TOTAL_EFFECT_TOP_K = 5
 
 
 def validate_labels(labels: Sequence[str]) -> list[str]:
@@ -208,6 +217,7 @@ class BundleRuntime:
         self.image_size: tuple[int, int] = (int(m.preprocess.image_size[0]), int(m.preprocess.image_size[1]))
         self.embed_dim = int(m.backbone.embed_dim)
         self.spatial: SpatialSpec | None = m.spatial
+        self.patches: PatchSpec | None = m.effective_patches()  # grid and fill of patch deletion (None: no grid stated)
         self.output_names: list[str] = list(model_outputs(m.spatial is not None))
         self.preprocessor = Preprocessor(m.preprocess)
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
@@ -329,13 +339,15 @@ class BundleRuntime:
         include_embedding: bool = False,
         spatial: bool = False,
         heads: bool = False,
+        total_effect: Sequence[dict] | None = None,
     ) -> list[ImageResult]:
         """Turn raw outputs into one `ImageResult` per image (see schemas.py for the fields' units).
 
         `top_k` labels are reported (None: min(5, C)); it must be in [1, C]. `spatial` adds the maps of
         those top labels that the graph has maps for (the first `manifest.spatial.top_k`; none when the
         bundle has no spatial maps); `heads` also the per-head maps of the predicted label, and raises
-        `SpatialUnavailable` when the bundle has no spatial maps.
+        `SpatialUnavailable` when the bundle has no spatial maps. `total_effect`: each image's total-effect
+        map dict (`total_effect`), put in the results as they are.
         """
         if heads and not raw.has_spatial:
             raise SpatialUnavailable(self.spatial_unavailable_message())
@@ -350,7 +362,8 @@ class BundleRuntime:
         return [
             ImageResult.model_validate({**image_result(raw, b, label_names, self.term_names, k=k, detail=detail,
                                                        include_embedding=include_embedding, feature_label=self.feature_label),
-                                        "spatial": _constructed(maps[b]) if maps is not None else None})
+                                        "spatial": _constructed(maps[b]) if maps is not None else None,
+                                        "total_effect": _constructed_total(total_effect[b]) if total_effect is not None else None})
             for b in range(len(raw))
         ]
 
@@ -366,6 +379,50 @@ class BundleRuntime:
         return (f"bundle {self.bundle_dir} has no spatial maps (format {self.manifest.format_version}"
                 f"{', exported with --spatial-top-k 0' if self.manifest.format_version >= 2 else ''}); "
                 f"re-export it with cltvit-export to get them")
+
+    def total_effect_unavailable_message(self) -> str:
+        return (f"bundle {self.bundle_dir} states no patch grid (format {self.manifest.format_version}, no `patches` or "
+                f"`spatial` block), so patches cannot be deleted; re-export it with cltvit-export to get the total-effect map")
+
+    def run_logits(self, pixels: np.ndarray, text_embeddings: np.ndarray | None = None) -> np.ndarray:
+        """The graph's logits alone, float32 [B, C], for preprocessed pixels [B, 3, H, W] (one ONNX Runtime call)."""
+        H, W = self.image_size
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, H, W) or pixels.shape[0] < 1:
+            raise ValueError(f"pixels must be float32 [B>=1, 3, {H}, {W}], got shape {list(pixels.shape)}")
+        text = self.default_text if text_embeddings is None else np.ascontiguousarray(text_embeddings, dtype=np.float32)
+        feeds = {"pixels": pixels, "text_embeddings": text}
+        if self.use_io_binding:
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output("logits", self._output_device)
+            self.session.run_with_iobinding(binding)
+            return np.asarray(binding.copy_outputs_to_cpu()[0])
+        return np.asarray(self.session.run(["logits"], feeds)[0])
+
+    def total_effect_rows(self, pixels: np.ndarray) -> np.ndarray:
+        """The edited copies of one preprocessed image [3, H, W] the total-effect map runs (`bundle.patches`,
+        method keep_one, the bundle's fill): float32 [P + 1, 3, H, W]. Raises `TotalEffectUnavailable`."""
+        if self.patches is None:
+            raise TotalEffectUnavailable(self.total_effect_unavailable_message())
+        return total_effect_rows(pixels, self.patches.fill, self.patches.grid, DEFAULT_TOTAL_EFFECT_METHOD)
+
+    def total_effect(self, pixels: np.ndarray, text_embeddings: np.ndarray | None, label_names: Sequence[str],
+                     logits: np.ndarray, k: int | Sequence[int], *, arrays: bool = False) -> list[dict]:
+        """The total-effect map of each preprocessed image of `pixels` [B, 3, H, W] for its top `k` labels (at
+        most the bundle's spatial top-k) as plain dicts (`serving.spatial.total_effect_map`): per image its
+        P + 1 edited copies (`total_effect_rows`) through the graph as one batch. `logits` [B, C]: the
+        images' own logits (from the explanation's run). Raises `TotalEffectUnavailable`."""
+        if self.patches is None:
+            raise TotalEffectUnavailable(self.total_effect_unavailable_message())
+        cap = self.spatial.top_k if self.spatial is not None else TOTAL_EFFECT_TOP_K
+        ks = [int(k)] * len(pixels) if isinstance(k, int) else [int(v) for v in k]
+        out = []
+        for b in range(len(pixels)):
+            rows = self.run_logits(self.total_effect_rows(pixels[b]), text_embeddings)
+            out.append(total_effect_map(rows, logits[b], label_names, min(ks[b], cap), self.patches, arrays=arrays))
+        return out
 
     def feature_label(self, layer: int, index: int) -> dict[str, object]:
         """The atlas label fields of a top feature ({} without an atlas): label, label_source, low_confidence."""
@@ -384,21 +441,31 @@ class BundleRuntime:
         include_embedding: bool = False,
         spatial: bool = False,
         heads: bool = False,
+        total_effect: bool = False,
     ) -> list[ImageResult]:
         """Classify and explain PIL images in one batch against `labels` (default: the bundle's).
 
         `top_k` None reports min(5, C) labels; `detail` adds per-term explanations and top features;
-        `spatial` / `heads` add the maps (see `results`).
+        `spatial` / `heads` add the maps (see `results`); `total_effect` the total-effect map of the top
+        labels (`total_effect`; raises `TotalEffectUnavailable` for a bundle without a patch grid).
         """
         if heads and self.spatial is None:
             raise SpatialUnavailable(self.spatial_unavailable_message())
+        if total_effect and self.patches is None:
+            raise TotalEffectUnavailable(self.total_effect_unavailable_message())
         if not images:
             return []
         names = self.label_names if labels is None else validate_labels(labels)
         text = self.embed_labels(None if labels is None else names)
         pixels = np.stack([self.preprocess(im) for im in images])
-        return self.results(self.run(pixels, text), names, top_k=top_k, detail=detail, include_embedding=include_embedding,
-                            spatial=spatial, heads=heads)
+        raw = self.run(pixels, text)
+        try:
+            k = check_top_k(top_k, len(names))
+        except ValueError as exc:
+            raise LabelError(str(exc)) from None
+        te = self.total_effect(pixels, text, names, raw.logits, k) if total_effect else None
+        return self.results(raw, names, top_k=top_k, detail=detail, include_embedding=include_embedding,
+                            spatial=spatial, heads=heads, total_effect=te)
 
     def describe(self) -> dict:
         """Short description for logs and /info."""
@@ -412,6 +479,7 @@ class BundleRuntime:
             "labels": len(self.label_names),
             "terms": len(self.term_names),
             "spatial": None if self.spatial is None else self.spatial.model_dump(mode="json"),
+            "patches": None if self.patches is None else self.patches.model_dump(mode="json"),
         }
 
 
@@ -422,3 +490,9 @@ def _constructed(spatial: dict) -> SpatialExplanation:
     per label would cost about as much as building them (docs/spatial.md, "Cost")."""
     return trusted(SpatialExplanation, {**spatial, "grid": tuple(spatial["grid"]),
                                         "classes": [trusted(ClassMap, c) for c in spatial["classes"]]})
+
+
+def _constructed_total(te: dict) -> TotalEffectMap:
+    """The model of `serving.spatial.total_effect_map`'s dict without validating its floats again (as `_constructed`)."""
+    return trusted(TotalEffectMap, {**te, "grid": tuple(te["grid"]), "fill": tuple(te["fill"]),
+                                    "classes": [trusted(TotalEffectClass, c) for c in te["classes"]]})

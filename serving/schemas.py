@@ -6,7 +6,8 @@ values of all terms sum to the logit); `share` = value / logit (signed); `term_s
 |contribution| / sum |contribution| to the predicted logit, per term, in `term_names` order
 (non-negative, summing to 1), the compact per-layer summary used by monitoring. Spatial maps
 (`SpatialExplanation`) are in logit units too: each cell is one source token's share of a class
-logit through one attention layer (docs/spatial.md).
+logit through one attention layer (docs/spatial.md). The total-effect map (`TotalEffectMap`) is in
+logit units too: how much a class's logit rises when the patch alone is put back on the fill image.
 """
 from __future__ import annotations
 
@@ -115,6 +116,29 @@ class SpatialExplanation(_Model):
     )
 
 
+class TotalEffectClass(_Model):
+    """One label's total-effect map: `total[p]` = its logit on the fill image with patch p kept as in the
+    image, less `fill_logit` (its logit on the all-fill image). Unlike the direct maps the cells need not
+    add up to anything: patches interact (their sum against `logit - fill_logit` says how much)."""
+
+    label: str
+    logit: float = Field(description="the label's logit on the image")
+    fill_logit: float = Field(description="the label's logit on the all-fill image (every patch deleted)")
+    total: list[float] = Field(description="[rows * columns], row-major: what each patch alone adds to the logit on the fill")
+
+
+class TotalEffectMap(_Model):
+    """Which patches the prediction needs, measured by running the model on edited copies of the image
+    (docs/spatial.md, "Total effect"): one batch of `rows` copies, deleted patches taking `fill`."""
+
+    grid: tuple[int, int] = Field(description="(rows, columns) of the patch grid; maps list its cells row-major")
+    method: Literal["keep_one"] = Field(description="keep_one: row 0 the all-fill image, row 1 + p the fill with patch p kept")
+    rows: int = Field(description="edited copies of the image run (one batch): patches + 1")
+    fill: tuple[float, float, float] = Field(description="a deleted patch's value per channel, preprocessed units")
+    fill_source: str = Field(description="what the fill is (the bundle's `patches.fill_source`)")
+    classes: list[TotalEffectClass] = Field(description="the top labels (at most the bundle's spatial top-k), best first")
+
+
 class ImageResult(_Model):
     """Everything the runtime knows about one image (what `BundleRuntime.explain` returns)."""
 
@@ -133,6 +157,8 @@ class ImageResult(_Model):
     embedding: list[float] | None = Field(default=None, description="unnormalised image embedding [D]")
     spatial: SpatialExplanation | None = Field(default=None, description="where in the image (when requested and the "
                                                "bundle has spatial maps)")
+    total_effect: TotalEffectMap | None = Field(default=None, description="which patches the prediction needs, from "
+                                                "edited copies of the image (when requested)")
 
 
 class ClassifyResponse(_Model):
@@ -155,6 +181,10 @@ class ExplainResponse(_Model):
     spatial: SpatialExplanation | None = Field(
         default=None, description="where in the image: patch maps per top class (null when the bundle has none or "
         "spatial=false)"
+    )
+    total_effect: TotalEffectMap | None = Field(
+        default=None, description="which patches the prediction needs, measured on edited copies of the image (with "
+        "total_effect=true; null otherwise)"
     )
 
 
@@ -188,3 +218,5 @@ class InfoResponse(_Model):
     auth: bool
     spatial: dict[str, Any] | None = Field(default=None, description="the bundle's spatial maps: top_k, grid, heads "
                                            "(null: none)")
+    patches: dict[str, Any] | None = Field(default=None, description="how patches are deleted for the total-effect map: "
+                                           "grid, fill, fill_source (null: the bundle states no patch grid)")

@@ -3,7 +3,8 @@
 Endpoints (JSON out; errors are 4xx with `{"error": "...", "field": "..."}`, overload 503 + Retry-After):
   POST /classify  image -> top labels with probabilities
   POST /explain   image -> the same plus per-term contributions, top CLT features, completeness residual,
-                  and where in the image (`spatial`: patch maps per top label; `heads=true`: per head too)
+                  and where in the image (`spatial`: patch maps per top label; `heads=true`: per head too;
+                  `total_effect=true`: the total-effect map from edited copies of the image)
   POST /embed     image -> image embedding plus the per-term contribution shares
   GET|POST /info  what is served (backbone, CLT, mode, labels, term names, versions, limits)
   GET /atlas, /atlas/features/{layer}/{index}, /atlas/examples/{i}.png  the feature atlas (serving/web.py)
@@ -98,10 +99,11 @@ class CltvitService:
 
     @bentoml.api(route="/explain", input_spec=image_input_spec(with_top_k=True, with_spatial=True), output_spec=ExplainResponse)
     async def explain(self, image: bytes, labels: Optional[list[str]] = None, top_k: Optional[int] = None,
-                      spatial: bool = True, heads: bool = False) -> Response:
+                      spatial: bool = True, heads: bool = False, total_effect: bool = False) -> Response:
         """Top labels plus, for each, the additive per-term decomposition of its logit, the top CLT features
-        and where in the image (patch maps per attention layer and summed; docs/spatial.md)."""
-        return await self.engine.answer("explain", ImageRequest(image, labels, top_k, spatial, heads))
+        and where in the image (patch maps per attention layer and summed; with total_effect=true also the
+        total-effect map from edited copies of the image; docs/spatial.md)."""
+        return await self.engine.answer("explain", ImageRequest(image, labels, top_k, spatial, heads, total_effect))
 
     @bentoml.api(route="/embed", input_spec=image_input_spec(with_top_k=False), output_spec=EmbedResponse)
     async def embed(self, image: bytes, labels: Optional[list[str]] = None) -> Response:

@@ -13,12 +13,18 @@ floats rounded to 7 significant digits (float32 carries about 7.2, and a float64
 the 17 digits of the float32's binary expansion); for the HTTP responses, float32 numpy arrays that
 `orjson` writes straight from memory, each value as the shortest decimal that reads back as the same
 float32 (docs/spatial.md has the sizes and what this form saves).
+
+`total_effect_map` builds the total-effect map's dict (fields of `serving.schemas.TotalEffectMap`) from
+the logits of an image's edited copies; the copies and the arithmetic are `bundle.patches`'.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import numpy as np
+
+from bundle import PatchSpec
+from bundle.patches import DEFAULT_TOTAL_EFFECT_METHOD, total_effect_scores
 
 from .results import RawOutputs
 
@@ -118,3 +124,22 @@ def spatial_maps(
             })
         out.append({"grid": [rows, cols], "layers": layer_names, "classes": maps, "residual": residuals[b]})
     return out
+
+
+def total_effect_map(row_logits: np.ndarray, image_logits: np.ndarray, label_names: Sequence[str], k: int,
+                     patches: PatchSpec, *, arrays: bool = False) -> dict[str, Any]:
+    """The total-effect map of one image as a plain dict (fields of `TotalEffectMap`): for its top `k` labels by
+    `image_logits` [C], best first, the scores of `bundle.patches.total_effect_scores` from the logits of its
+    edited copies `row_logits` [R = P + 1, C] (the `keep_one` rows; row 0 the all-fill image). Forms as in
+    `spatial_maps`: lists rounded to 7 significant digits, or float32 arrays (`arrays=True`, for orjson)."""
+    logits = np.asarray(image_logits, dtype=np.float64)
+    order = np.argsort(-logits, kind="stable")[:k]
+    rows = np.asarray(row_logits)[:, order]  # [R, k]
+    scores = total_effect_scores(rows, DEFAULT_TOTAL_EFFECT_METHOD)  # [k, P] float64
+    cells = np.ascontiguousarray(scores, np.float32) if arrays else round_significant(scores).tolist()
+    fill_logits = rows[0].astype(np.float64).tolist()
+    classes = [{"label": label_names[c], "logit": float(logits[c]), "fill_logit": fill_logits[j], "total": cells[j]}
+               for j, c in enumerate(order.tolist())]
+    return {"grid": [int(patches.grid[0]), int(patches.grid[1])], "method": DEFAULT_TOTAL_EFFECT_METHOD,
+            "rows": int(len(rows)), "fill": [float(v) for v in patches.fill], "fill_source": patches.fill_source,
+            "classes": classes}

@@ -57,11 +57,11 @@ def observe_variant_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def v1_bundle(tmp_path_factory) -> Path:
     """A format-1 bundle as older cltvit versions wrote it: the tiny model without spatial outputs and
-    a manifest with `format_version` 1 and no `spatial` key. Read-only."""
+    a manifest with `format_version` 1 and no `spatial` or `patches` key. Read-only."""
     root = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-v1", spatial_top_k=0)
     raw = json.loads((root / "bundle.json").read_text())
     raw["format_version"] = 1
-    del raw["spatial"]
+    del raw["spatial"], raw["patches"]
     (root / "bundle.json").write_text(json.dumps(raw, indent=2))
     return root
 

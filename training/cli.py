@@ -305,6 +305,9 @@ def build_spatial_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-analysis", action="store_true", help="also delete by four one-pass alternatives (the maps with the "
                    "CLT paths split over the patches, gradient x input, the fully linearised model's exact split, the maps "
                    "less the fill image's), to see where the maps fall behind IG (docs/spatial.md)")
+    p.add_argument("--methods", nargs="+", choices=spatial_eval.METHODS + spatial_eval.EXTRA_METHODS,
+                   default=list(spatial_eval.METHODS), help="deletion-test methods (default: %(default)s; delete_one: the "
+                   "single-patch deletion total effect, measured against the served keep_one map)")
     p.add_argument("--mode", choices=("cls", "all", "observe"), default="cls", help="the model explained (as served)")
     p.add_argument("--ig-steps", type=_int_at_least(1), default=50)
     p.add_argument("--random-seeds", type=_int_at_least(1), default=3, help="seeds of the random-patch baseline")
@@ -322,7 +325,8 @@ def spatial_eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-eval-spatial`; returns 0, or 2 with one error line."""
     args = build_spatial_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = spatial_eval.SpatialEvalConfig(images=args.images, analysis=args.gap_analysis, batch_size=args.batch_size, random_seeds=args.random_seeds,
+    cfg = spatial_eval.SpatialEvalConfig(images=args.images, analysis=args.gap_analysis, methods=tuple(dict.fromkeys(args.methods)),
+                                         batch_size=args.batch_size, random_seeds=args.random_seeds,
                                          ig_steps=args.ig_steps, mode=args.mode, time_images=args.time_images,
                                          time_images_ig=args.time_images_ig)
     try:

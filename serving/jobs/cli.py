@@ -18,15 +18,18 @@ from .ray_engine import score_with_ray
 from .score import FORMATS, ScoreError, bundle_identity, open_explainer, score_folder
 from .stream import run_stream
 
+TOTAL_EFFECT_HELP = ("records carry the predicted label's total-effect map: the model run on patches + 1 edited copies of "
+                     "each image (each patch alone on the bundle's fill), in logit units; patches + 1 times the model work")
+
 
 def load_explainer(args: argparse.Namespace) -> tuple[Any, Any]:
     """(Explainer, DriftMonitor or None) from the CLI arguments; ScoreError names the bad argument.
 
     Shared by cltvit-score and cltvit-stream (`bundle`, `labels`, `top_k`, `device`, `variant`,
-    `threads`, `reference`, `window`, `spatial`).
+    `threads`, `reference`, `window`, `spatial`, `total_effect`).
     """
     explainer = open_explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
-                               variant=args.variant, threads=args.threads, spatial=args.spatial)
+                               variant=args.variant, threads=args.threads, spatial=args.spatial, total_effect=args.total_effect)
     try:
         monitor = explainer.monitor(args.reference, window=args.window) if args.reference else None
     except DriftError as e:
@@ -57,6 +60,7 @@ def build_score_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", type=Path, default=None, help="Prometheus textfile for drift metrics")
     p.add_argument("--spatial", action="store_true",
                    help="records carry the predicted label's patch maps (where in the image; local engine)")
+    p.add_argument("--total-effect", action="store_true", help=TOTAL_EFFECT_HELP + " (local engine)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -83,6 +87,8 @@ def score_main(argv: Sequence[str] | None = None) -> int:
                                  "or run `cltvit-drift compare` on the results")
             if args.spatial:
                 raise ScoreError("argument --spatial: spatial maps are written by --engine local only")
+            if args.total_effect:
+                raise ScoreError("argument --total-effect: total-effect maps are written by --engine local only")
             summary = score_with_ray(
                 args.dir, args.out, bundle=args.bundle, fmt=fmt, batch_size=args.batch_size,
                 concurrency=args.workers or 1, labels=args.labels, top_k=args.top_k, address=args.ray_address,
@@ -124,6 +130,7 @@ def stream_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=500, help="drift window (images)")
     p.add_argument("--metrics-file", type=Path, default=None, help="Prometheus textfile for drift metrics")
     p.add_argument("--spatial", action="store_true", help="records carry the predicted label's patch maps (where in the image)")
+    p.add_argument("--total-effect", action="store_true", help=TOTAL_EFFECT_HELP)
     args = p.parse_args(argv)
     for name in ("top_k", "batch_size", "workers", "window"):
         if getattr(args, name) < 1:

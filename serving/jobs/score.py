@@ -2,7 +2,7 @@
 
     cltvit-score DIR --bundle B --out results.jsonl [--format jsonl|parquet] [--batch-size 32]
                  [--workers 4] [--labels a b c] [--top-k 5] [--reference ref.json] [--engine local|ray]
-                 [--spatial]
+                 [--spatial] [--total-effect]
 
 Local engine: images are discovered recursively (by extension, sorted by relative path), decoded and
 preprocessed by a thread pool that runs `--prefetch` batches ahead of inference (PIL and ONNX
@@ -22,7 +22,9 @@ mean-shift scores of the last `--window` images' contribution shares against the
 (serving.jobs.drift); `--metrics-file` keeps a Prometheus textfile of them up to date.
 
 With `--spatial` every record carries `spatial`: the predicted label's patch maps per attention layer
-and summed (serving.explainer.spatial_record; local engine only).
+and summed (serving.explainer.spatial_record; local engine only). With `--total-effect` every record
+carries `total_effect`: the predicted label's total-effect map, measured on P + 1 edited copies of the
+image per image (serving.explainer.total_effect_record; local engine only; P + 1 times the model work).
 
 `--engine ray` runs the same scoring on Ray Data (serving.jobs.ray_engine); `--out` is then a directory.
 """
@@ -46,7 +48,7 @@ from bundle.format import IMAGE_EXTENSIONS
 from bundle.killpoints import killpoint
 
 from ..explainer import Explainer
-from ..runtime import LabelError, RuntimeSetupError, SpatialUnavailable
+from ..runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable
 
 FORMATS = ("jsonl", "parquet")
 
@@ -127,6 +129,7 @@ class RunMeta:
     labels: list[str]
     top_k: int
     spatial: bool = False  # added later: meta files without it were written without spatial maps
+    total_effect: bool = False  # added later: likewise, without total-effect maps
 
     def check(self, other: dict[str, Any], meta_path: Path) -> None:
         for key, value in self.__dict__.items():
@@ -217,7 +220,8 @@ def score_folder(
     journal = out if fmt == "jsonl" else out.with_name(out.name + ".partial.jsonl")
     meta_path = out.with_name(out.name + ".meta.json")
     spatial = bool(getattr(explainer, "spatial", False))
-    meta = RunMeta(str(root), bundle_id, variant, list(explainer.label_names), int(explainer.top_k), spatial)
+    total_effect = bool(getattr(explainer, "total_effect", False))
+    meta = RunMeta(str(root), bundle_id, variant, list(explainer.label_names), int(explainer.top_k), spatial, total_effect)
     if overwrite:
         for p in (out, journal, meta_path):
             p.unlink(missing_ok=True)
@@ -269,7 +273,7 @@ def score_folder(
     seconds = time.perf_counter() - start
     if fmt == "parquet":
         write_parquet(out, sorted(read_journal(journal), key=lambda r: r["path"]), explainer.term_names, explainer.top_k,
-                      spatial=spatial)
+                      spatial=spatial, total_effect=total_effect)
         journal.unlink()
     return ScoreSummary(len(paths), len(todo), errors, len(paths) - len(todo), seconds, out)
 
@@ -285,9 +289,10 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
-def arrow_schema(term_names: Sequence[str], spatial: bool = False) -> Any:
+def arrow_schema(term_names: Sequence[str], spatial: bool = False, total_effect: bool = False) -> Any:
     """The Arrow schema of result records (shares as a struct with one float field per term; with
-    `spatial` the predicted label's maps as a struct, see serving.explainer.spatial_record)."""
+    `spatial` the predicted label's maps as a struct, see serving.explainer.spatial_record; with
+    `total_effect` its total-effect map, serving.explainer.total_effect_record)."""
     pa = _pyarrow()
     fields = [
         ("path", pa.string()),
@@ -302,16 +307,22 @@ def arrow_schema(term_names: Sequence[str], spatial: bool = False) -> Any:
             ("grid", pa.list_(pa.int64())), ("residual", f64), ("label", pa.string()), ("logit", f64), ("attention", f64),
             ("total", vec), ("layers", pa.list_(vec)), ("cls_cell", vec), ("value_bias", vec), ("output_bias", vec),
         ])))
+    if total_effect:
+        f64, vec = pa.float64(), pa.list_(pa.float64())
+        fields.append(("total_effect", pa.struct([
+            ("grid", pa.list_(pa.int64())), ("method", pa.string()), ("rows", pa.int64()), ("fill", vec),
+            ("fill_source", pa.string()), ("label", pa.string()), ("logit", f64), ("fill_logit", f64), ("total", vec),
+        ])))
     return pa.schema(fields)
 
 
 def write_parquet(path: Path, records: list[dict[str, Any]], term_names: Sequence[str], top_k: int,
-                  spatial: bool = False) -> None:
+                  spatial: bool = False, total_effect: bool = False) -> None:
     """Write records (drift fields dropped) to `path` atomically."""
     pa = _pyarrow()
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(term_names, spatial)
+    schema = arrow_schema(term_names, spatial, total_effect)
     cols = [f.name for f in schema]
     table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in records], schema=schema)
     tmp = path.with_name(path.name + ".tmp")
@@ -329,13 +340,18 @@ def read_parquet(path: str | Path) -> list[dict[str, Any]]:
 
 
 def open_explainer(bundle: str | Path, *, labels: Sequence[str] | None, top_k: int, device: str = "auto",
-                   variant: str = "fp32", threads: int | None = None, spatial: bool = False) -> Any:
-    """An `Explainer`; a bad bundle, variant, device, thread count or label set, or spatial maps asked of
-    a bundle without them, becomes a ScoreError naming the CLI argument. Shared by the local and the Ray engines."""
+                   variant: str = "fp32", threads: int | None = None, spatial: bool = False,
+                   total_effect: bool = False) -> Any:
+    """An `Explainer`; a bad bundle, variant, device, thread count or label set, or spatial (total-effect) maps
+    asked of a bundle without them (without a patch grid), becomes a ScoreError naming the CLI argument. Shared by
+    the local and the Ray engines."""
     try:
-        return Explainer(bundle, labels=labels, top_k=top_k, device=device, variant=variant, threads=threads, spatial=spatial)
+        return Explainer(bundle, labels=labels, top_k=top_k, device=device, variant=variant, threads=threads, spatial=spatial,
+                         total_effect=total_effect)
     except SpatialUnavailable as e:
         raise ScoreError(f"argument --spatial: {e}") from None
+    except TotalEffectUnavailable as e:
+        raise ScoreError(f"argument --total-effect: {e}") from None
     except BundleError as e:
         raise ScoreError(f"argument --bundle: {e}") from None
     except RuntimeSetupError as e:

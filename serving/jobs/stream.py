@@ -8,7 +8,8 @@ Input lines, one image each (blank lines are ignored):
   - a JSON object: `{"path": "imgs/a.png"}` or `{"image": "<base64 bytes>"}`, with an optional `id`
     that is copied to the output.
 Output lines are result records in input order (serving.explainer: path, error, label, top,
-shares; plus `id` when given, `drift` with `--reference`, `spatial` with `--spatial`). A bad input line (unreadable image,
+shares; plus `id` when given, `drift` with `--reference`, `spatial` with `--spatial`, `total_effect` with
+`--total-effect`). A bad input line (unreadable image,
 malformed JSON or base64) gets a record with `error`; the stream goes on.
 
 Latency vs throughput: the first waiting line is processed at once, together with any lines that

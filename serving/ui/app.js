@@ -85,13 +85,15 @@ async function getFeature(layer, index) {
   if (!featureCache.has(key)) featureCache.set(key, getJSON(`/atlas/features/${layer}/${index}`).catch((e) => { featureCache.delete(key); throw e; }));
   return featureCache.get(key);
 }
-async function explain(blob, labels) {
+// totalEffect: also the total-effect map (patches + 1 more model rows on the server), asked for only when shown
+async function explain(blob, labels, totalEffect) {
   if (REPORT) return REPORT.result;
   const form = new FormData();
   form.append("image", blob, "image");
   if (labels.length) form.append("labels", JSON.stringify(labels));
   form.append("top_k", String(Math.min(5, labels.length || app.info.labels.length)));
   form.append("heads", "true");
+  if (totalEffect) form.append("total_effect", "true");
   return (await request("/explain", { method: "POST", body: form })).json();
 }
 
@@ -180,7 +182,8 @@ async function renderExplain(state) {
   $("#rerun").disabled = !(state.img || state.example);
   document.querySelectorAll("#examples button").forEach((b) => b.classList.toggle("selected", b.dataset.example === state.example));
   const key = [state.img, state.example, state.labels].join("|");
-  if (key === app.resultKey && app.result) { drawResult(state); return; }
+  const wantTotal = state.kind === "total" && app.info.patches != null;  // a bundle without a patch grid has no total effect
+  if (key === app.resultKey && app.result && (!wantTotal || app.result.total_effect || REPORT)) { drawResult(state); return; }
   let blob;
   try { blob = await currentImage(state); } catch (e) { showError(e.message); return; }
   if (!blob) { $("#result").hidden = true; return; }
@@ -188,7 +191,7 @@ async function renderExplain(state) {
   $("#status").textContent = "explaining...";
   showError("");
   try {
-    const result = await explain(blob, parseLabels(state.labels || ""));
+    const result = await explain(blob, parseLabels(state.labels || ""), wantTotal);
     if (run !== app.run) return;
     app.result = result; app.resultKey = key; app.imageBlob = blob; app.imageKey = state.img;
     app.imageEl = await blobImage(blob).catch(() => null);
@@ -274,8 +277,16 @@ function mapClass(r, cls) {
   return sp.classes.find((c) => c.label === r.top[cls].label) || null;
 }
 
+function totalEffectClass(r, cls) {
+  const te = r.total_effect;
+  if (!te) return null;
+  return te.classes.find((c) => c.label === r.top[cls].label) || null;
+}
+
 function drawMapControls(r, state, cls) {
   const sp = r.spatial;
+  const total = state.kind === "total";
+  $("#map-kind").value = total ? "total" : "direct";
   const classSel = $("#map-class");
   classSel.replaceChildren(...r.top.map((t, i) => el("option", { value: String(i), text: t.label, selected: i === cls })));
   const layerSel = $("#map-layer");
@@ -290,12 +301,22 @@ function drawMapControls(r, state, cls) {
   headSel.replaceChildren(el("option", { value: "all", text: "all heads" }),
     ...Array.from({ length: heads }, (_, h) => el("option", { value: String(h), text: `head ${h}` })));
   headSel.value = heads && state.head && state.head !== "all" && Number(state.head) < heads ? state.head : "all";
-  headSel.disabled = heads === 0;
-  layerSel.disabled = !c;
+  headSel.disabled = heads === 0 || total;
+  layerSel.disabled = !c || total;  // the total-effect map is one map per class: no layers, no heads
 }
 
 function currentGrid(r, state) {
   const cls = Math.min(Number(state.cls || 0), r.top.length - 1);
+  if (state.kind === "total") {
+    const te = r.total_effect;
+    if (!te) return { grid: null, note: app.info.patches == null ? "this bundle states no patch grid: no total-effect map"
+      : REPORT ? "this report has no total-effect map (cltvit-explain --total-effect --html)" : "no total-effect map in this answer" };
+    const t = totalEffectClass(r, cls);
+    if (!t) return { grid: null, note: `no total-effect map for this class (measured for the top ${te.classes.length} classes)` };
+    return { grid: toRows(t.total, te.grid), kind: "total",
+             note: `${t.label}: total effect, each patch alone on the fill (${te.rows} edited copies of the image, one batch); ` +
+                   `logit ${fmt(t.logit)} on the image, ${fmt(t.fill_logit)} on the all-fill image` };
+  }
   const c = mapClass(r, cls);
   if (!c) return { grid: null, note: r.spatial ? "no map for this class (the bundle maps its top " + r.spatial.classes.length + " classes)" : "this bundle has no spatial maps" };
   const layer = $("#map-layer").value, head = $("#map-head").value;
@@ -331,9 +352,10 @@ function drawMap(state) {
     const sw = W / s, sh = H / s;
     ctx.drawImage(img, (img.naturalWidth - sw) / 2, (img.naturalHeight - sh) / 2, sw, sh, 0, 0, canvas.width, canvas.height);
   }
-  const { grid, note } = currentGrid(r, state);
+  const { grid, note, kind } = currentGrid(r, state);
   $("#map-note").textContent = note;
-  if (!grid) { $("#map-scale-text").textContent = ""; canvas.dataset.max = "0"; return; }
+  canvas.dataset.kind = kind || "direct";
+  if (!grid) { $("#map-scale-text").textContent = ""; canvas.dataset.max = "0"; canvas.dataset.cells = ""; return; }
   const rows = grid.length, cols = grid[0].length;
   const max = Math.max(1e-12, ...grid.flat().map(Math.abs));
   const cw = canvas.width / cols, ch = canvas.height / rows;
@@ -345,6 +367,7 @@ function drawMap(state) {
     }
   }
   canvas.dataset.max = String(max);
+  canvas.dataset.cells = JSON.stringify(grid.flat());  // what is drawn, for scripts and tests
   $("#map-scale-text").textContent = `${fmt(-max, 4)} … ${fmt(max, 4)} logits per patch`;
 }
 
@@ -449,6 +472,7 @@ function wireInputs() {
   drop.addEventListener("drop", (ev) => { ev.preventDefault(); drop.classList.remove("over"); useFile(ev.dataTransfer.files[0]); });
   $("#labels").addEventListener("change", () => setState({ labels: parseLabels($("#labels").value).join(","), cls: "" }, { push: true }));
   $("#rerun").addEventListener("click", () => { app.resultKey = null; route(); });
+  $("#map-kind").addEventListener("change", (ev) => { setState({ kind: ev.target.value === "total" ? "total" : "" }); renderExplain(readState()); });
   $("#map-class").addEventListener("change", (ev) => { setState({ cls: ev.target.value }); drawResult(readState()); });
   $("#map-layer").addEventListener("change", (ev) => { setState({ map: ev.target.value, head: "all" }); drawResult(readState()); });
   $("#map-head").addEventListener("change", (ev) => { setState({ head: ev.target.value }); drawResult(readState()); });

@@ -175,6 +175,42 @@ def test_explain_returns_spatial_maps(server, runtime):
     assert info["spatial"] == {"top_k": 5, "grid": [4, 4], "heads": 4}
 
 
+def test_explain_total_effect_equals_the_edited_images_sent_one_by_one(server, runtime):
+    """/explain with total_effect=true: its map equals the same edited images (patches painted the tiny bundle's
+    mid-grey fill with PIL) sent as separate /classify calls, and the in-process runtime's; off by default."""
+    from export.testing import GREY
+
+    img = Image.open(io.BytesIO(fmnist_png(3))).convert("RGB").resize((32, 32), Image.BICUBIC)  # the model's size
+    body = post(server, "explain", png_bytes(img), top_k=3, total_effect="true").json()
+    te = body["total_effect"]
+    assert te["grid"] == [4, 4] and te["rows"] == 17 and te["method"] == "keep_one"
+    assert [c["label"] for c in te["classes"]] == [t["label"] for t in body["top"]]
+
+    def logits(keep: list[int]) -> dict[str, float]:
+        a = np.asarray(img).copy()
+        for p in set(range(16)) - set(keep):
+            a[(p // 4) * 8 : (p // 4 + 1) * 8, (p % 4) * 8 : (p % 4 + 1) * 8] = GREY
+        top = post(server, "classify", png_bytes(Image.fromarray(a)), top_k=10).json()["top"]
+        return {t["label"]: t["logit"] for t in top}
+
+    base = logits([])
+    alone = [logits([p]) for p in range(16)]
+    scale = max(1.0, max(abs(t["logit"]) for t in body["top"]))
+    for c in te["classes"]:
+        want = [a[c["label"]] - base[c["label"]] for a in alone]
+        assert np.abs(np.asarray(c["total"]) - want).max() <= 1e-5 * scale, c["label"]
+        assert c["fill_logit"] == pytest.approx(base[c["label"]], abs=1e-5 * scale)
+    (local,) = runtime.explain([img], top_k=3, total_effect=True)
+    np.testing.assert_allclose([c["total"] for c in te["classes"]], [c.total for c in local.total_effect.classes],
+                               rtol=1e-5, atol=1e-6)
+    as_json = requests.post(f"{server}/explain", json={"image": base64.b64encode(png_bytes(img)).decode(), "top_k": 3,
+                                                        "total_effect": True}, timeout=TIMEOUT).json()["total_effect"]
+    np.testing.assert_allclose([c["total"] for c in as_json["classes"]], [c["total"] for c in te["classes"]], atol=1e-6)
+    assert post(server, "explain", png_bytes(img)).json()["total_effect"] is None
+    info = requests.get(f"{server}/info", timeout=TIMEOUT).json()
+    assert info["patches"]["grid"] == [4, 4] and info["patches"]["fill"] == list(te["fill"])
+
+
 def test_openapi_has_models(server):
     spec = requests.get(f"{server}/docs.json", timeout=TIMEOUT).json()
     for route in ("/classify", "/explain", "/embed", "/info"):
@@ -270,9 +306,13 @@ def test_upload_over_20mb(server):
         ({"top_k": 100000}, ("top_k",)),
         ({"labels": ["shoe", "boot"], "top_k": 3}, ("top_k", "2")),
         ({"top_k": "many"}, ("top_k",)),
+        ({"total_effect": "maybe"}, ("total_effect", "boolean")),
+        ({"total_effect": [1]}, ("total_effect", "boolean")),
+        ({"total_effect": 2}, ("total_effect", "boolean")),
     ],
     ids=["empty-labels", "duplicate-labels", "empty-string-label", "1001-labels", "long-label",
-         "top_k-0", "top_k-over-C", "top_k-huge", "top_k-over-custom-C", "top_k-not-int"],
+         "top_k-0", "top_k-over-C", "top_k-huge", "top_k-over-custom-C", "top_k-not-int",
+         "total_effect-word", "total_effect-list", "total_effect-2"],
 )
 def test_bad_fields(server, fields, words):
     data = fmnist_png(0)

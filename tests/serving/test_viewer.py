@@ -162,6 +162,44 @@ def test_heatmap_changes_with_the_layer_and_head(page, server, images, spatial):
     page.check()
 
 
+def _canvas_digest(pg) -> int:
+    """A hash of the heatmap canvas's pixels computed in the page (transferring them costs seconds)."""
+    return pg.evaluate("""() => { const c = document.querySelector('#heatmap');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let h = 0;
+        for (let i = 0; i < d.length; i++) h = (Math.imul(h, 31) + d[i]) | 0; return h; }""")
+
+
+def _drawn(pg) -> tuple[str, list[float]]:
+    """(map kind, the cells the heatmap canvas shows, row-major) as the page records them on the canvas."""
+    kind, cells = pg.evaluate("() => { const c = document.querySelector('#heatmap'); return [c.dataset.kind, c.dataset.cells]; }")
+    return kind, json.loads(cells) if cells else []
+
+
+def test_map_toggle_shows_the_total_effect(page, server, images, spatial):
+    pg = page.page
+    pg.goto(f"{server}/ui/")
+    _upload(pg, images["test1"])
+    with open(images["test1"], "rb") as f:
+        api = requests.post(f"{server}/explain", files={"image": f}, data={"top_k": "5", "total_effect": "true"}, timeout=60).json()
+    kind, cells = _drawn(pg)
+    assert kind == "direct" and cells == pytest.approx(api["spatial"]["classes"][0]["total"], rel=1e-6, abs=1e-9)
+    direct = _canvas_digest(pg)
+    pg.select_option("#map-kind", "total")  # asks the server again, with total_effect=true
+    pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'total'")
+    kind, cells = _drawn(pg)
+    assert cells == pytest.approx(api["total_effect"]["classes"][0]["total"], rel=1e-6, abs=1e-9)
+    assert _canvas_digest(pg) != direct  # the pixels changed, not only the recorded cells
+    assert pg.is_disabled("#map-layer") and pg.is_disabled("#map-head") and "kind=total" in pg.evaluate("location.hash")
+    assert "total effect" in pg.inner_text("#map-note") and "17 edited copies" in pg.inner_text("#map-note")
+    pg.select_option("#map-class", "1")
+    assert _drawn(pg)[1] == pytest.approx(api["total_effect"]["classes"][1]["total"], rel=1e-6, abs=1e-9)
+    pg.select_option("#map-kind", "direct")  # the answer already holds both maps
+    pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'direct'")
+    assert _drawn(pg)[1] == pytest.approx(api["spatial"]["classes"][1]["total"], rel=1e-6, abs=1e-9)
+    assert not pg.is_disabled("#map-layer")
+    page.check()
+
+
 def test_feature_cards_link_to_their_atlas_pages(page, server, images):
     pg = page.page
     pg.goto(f"{server}/ui/")
@@ -265,7 +303,7 @@ def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path, 
     from serving.cli import explain_main  # cltvit-explain comes with the spatial maps (issue 12)
 
     out = tmp_path / "report.html"
-    assert explain_main([str(images["test0"]), "--bundle", str(atlas_bundle), "--html", str(out)]) in (0, None)
+    assert explain_main([str(images["test0"]), "--bundle", str(atlas_bundle), "--html", str(out), "--total-effect"]) in (0, None)
     html = out.read_text()
     assert "http://" not in html and "https://" not in html and "<script src" not in html and 'rel="stylesheet"' not in html
     data = json.loads(re.search(r"window\.CLTVIT_REPORT = (\{.*?\});</script>", html, re.S).group(1))
@@ -277,6 +315,9 @@ def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path, 
         assert pg.get_attribute("#top", "data-predicted") == data["result"]["predicted"]
         terms = pg.eval_on_selector_all(".wf-term", "els => els.map(e => parseFloat(e.dataset.value))")
         assert sum(terms) == pytest.approx(float(pg.get_attribute(".wf-total", "data-value")), abs=1e-4)
+        pg.select_option("#map-kind", "total")  # the report carries the total-effect map: no server to ask
+        pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'total'")
+        assert _drawn(pg)[1] == pytest.approx(data["result"]["total_effect"]["classes"][0]["total"], rel=1e-6, abs=1e-9)
         pg.locator(".card .thumbs img").first.wait_for()
         assert pg.locator("#source").is_hidden()
         pg.locator(".card a.atlas-page").first.click()

@@ -58,6 +58,30 @@ def test_deletion_curves_start_at_the_image_and_end_at_the_fill(tiny_backbone, t
     assert abs(float(by_hand) - logit[0, 1]) <= 1e-5
 
 
+def test_total_effect_scores_are_each_patch_alone_on_the_fill(tiny_backbone, tiny_clt, data):
+    """The deletion test's total-effect map (keep_one, and delete_one) against images edited here by hand in torch."""
+    pixels, _, text = data
+    visual, scale = tiny_backbone.visual, tiny_backbone.logit_scale
+    masks = se.patch_masks(visual)
+    fill = pixels.mean(dim=(0, 2, 3))
+    px = pixels[:3]
+    with torch.no_grad():
+        target = se.model_logits(visual, tiny_clt, px, text, scale, "cls").argmax(1)
+    keep = se.total_effect_scores_of(visual, tiny_clt, px, text, scale, "cls", target, fill, chunk=7)  # chunks split images
+    drop = se.total_effect_scores_of(visual, tiny_clt, px, text, scale, "cls", target, fill, "delete_one")
+    assert keep.shape == drop.shape == (3, 16)
+    for b in range(3):
+        on_fill = fill.view(3, 1, 1).expand_as(px[b]).clone()
+        alone = torch.stack([torch.where(masks[p], px[b], on_fill) for p in range(16)])  # patch p alone on the fill
+        without = torch.stack([torch.where(masks[p], on_fill, px[b]) for p in range(16)])  # the image without patch p
+        with torch.no_grad():
+            lg = lambda x: se.model_logits(visual, tiny_clt, x, text, scale, "cls")[:, target[b]]  # noqa: E731
+            want_keep = lg(alone) - lg(on_fill[None])
+            want_drop = lg(px[b : b + 1]) - lg(without)
+        np.testing.assert_allclose(keep[b].numpy(), want_keep.numpy(), atol=1e-4)
+        np.testing.assert_allclose(drop[b].numpy(), want_drop.numpy(), atol=1e-4)
+
+
 def test_integrated_gradients_are_complete(tiny_backbone, tiny_clt, data):
     """IG's completeness axiom: the patch scores sum to logit(image) - logit(baseline) of the target class
     (up to the integral's error), so the baseline and the target are the ones meant."""
@@ -192,7 +216,10 @@ def test_cli_writes_the_report(tiny_backbone, tiny_clt, tmp_path, capsys):
         assert len(c["logit"]) == 17 and 0 <= c["auc_accuracy"] <= 1
     assert dl["methods"]["ours"]["logit"][0] == pytest.approx(dl["methods"]["ig"]["logit"][0])  # the same images
     assert dl["methods"]["ours"]["logit"][-1] == pytest.approx(dl["methods"]["random"]["logit"][-1], abs=1e-4)  # all gone
-    assert set(report["times"]["methods"]) == {"forward", "ours", "ig"}
+    assert set(report["times"]["methods"]) == {"forward", "ours", "ig", "total_effect"}
+    assert report["times"]["ratios"]["total_effect_vs_ig"] > 0 and "Total-effect map / IG" in (out / "spatial.md").read_text()
+    assert dl["methods"]["total_effect"]["logit"][0] == pytest.approx(dl["methods"]["ours"]["logit"][0])
+    assert "total_effect_vs_ig_logit" in dl["ratios"] and "delete_one" not in dl["methods"]
     assert "clt_paths" not in dl["methods"]
     assert report["machine"]["threads"] == 1 and "cpu" in report["machine"]
     md = (out / "spatial.md").read_text()

@@ -105,7 +105,9 @@ def plot_spatial_deletion(section: dict[str, Any], path: Path) -> None:
     dl = section["deletion"]
     f = np.array(dl["fractions"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for m, style in zip(section["deletion"]["methods"], ("o-", "s--", "^-", "v:", "d-.")):
+    styles = ("o-", "s--", "^-", "v:", "d-.", "x-", "+--", "*:")
+    for j, m in enumerate(section["deletion"]["methods"]):
+        style = styles[j % len(styles)]
         c = dl["methods"][m]
         lg = np.array(c["logit"])
         axes[0].plot(f * 100, (lg - lg[-1]) / (lg[0] - lg[-1]), style, label=f"{m} (AUC {c['auc_logit']:.3f})")

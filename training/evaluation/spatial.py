@@ -10,6 +10,11 @@ accuracy (prediction == true label). Methods on the same images and the same del
 - `random`: a random order per image (mean curve over `random_seeds` seeds).
 - `ig`: Captum's Integrated Gradients of c's logit w.r.t. the pixels (`ig_steps` steps, Gauss-Legendre,
   the dataset-mean image as baseline), summed over channels and each patch's pixels.
+- `total_effect`: the total-effect map served by `/explain?total_effect=true` (`bundle.patches`, method
+  `keep_one`): c's logit on the all-fill image with only patch p kept, less its logit on the all-fill
+  image, for every p: P + 1 edited copies of the image, one batch, the same fill as the deletion.
+- `delete_one` (only when asked for, `methods`): the other single-patch total effect, c's logit on the
+  image less its logit without patch p (P + 1 copies); it measures why `keep_one` is the one served.
 AUC: trapezoid over the deleted fraction in [0, 1] of the mean logit curve normalised to 1 before and
 0 after deleting everything (every method ends at the same all-mean image), so a curve that falls at
 once has AUC ~0 and a linear fall 0.5; lower is faster. Accuracy curves get the same trapezoid, raw.
@@ -17,7 +22,9 @@ once has AUC ~0 and a linear fall 0.5; lower is faster. Accuracy curves get the 
 Time per explanation (`explanation_times`): one image per call, median over images, CPU time of
 this thread (robust to other processes on a shared machine) and wall time: `forward` (logits only,
 the unexplained model), `ours` (the whole `decompose` with spatial maps, eager), `ours_onnx` (the
-bundle's fused graph in ONNX Runtime, when given), `ig` (Integrated Gradients, the same steps).
+bundle's fused graph in ONNX Runtime, when given), `ig` (Integrated Gradients, the same steps),
+`total_effect` (its P + 1 copies built and run as one batch in eager PyTorch, the scores combined) and
+`total_effect_onnx` (the same rows through the bundle's graph, logits fetched, when given).
 `ours` holds each CLT source layer's total write precomputed, as the exported graph does.
 
 The maps are the direct path through attention: what each attention layer read from each patch
@@ -56,13 +63,17 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from bundle.patches import fill_patches, patch_pixel_masks, total_effect_rows, total_effect_scores
+
 from ..model.clt import SparseCode
 from ..model.decompose import Mode, decompose, frozen_inv_sigma, splice_for_mode
 from ..model.vit import blocks, check_spatial_supported, forward, self_attention
 from .metrics import EvaluationError
 
-METHODS = ("ours", "random", "ig")
+METHODS = ("ours", "random", "ig", "total_effect")
+EXTRA_METHODS = ("delete_one",)  # run only when `SpatialEvalConfig.methods` names them
 ANALYSIS_METHODS = ("clt_paths", "gradient", "linearised", "baseline_relative")
+TOTAL_EFFECT_CHUNK = 2048  # edited copies per forward pass of the deletion test (memory bound on 7x7 grids)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class SpatialEvalConfig:
 
     images: int | None = None
     analysis: bool = False  # also the `ANALYSIS_METHODS` (module docstring)
+    methods: tuple[str, ...] = METHODS  # deletion-test methods of METHODS + EXTRA_METHODS (the analysis ones come with `analysis`)
     batch_size: int = 250
     random_seeds: int = 3
     ig_steps: int = 50
@@ -102,13 +114,9 @@ def patch_geometry(visual: nn.Module) -> tuple[int, int, int, int]:
 
 
 def patch_masks(visual: nn.Module) -> torch.Tensor:
-    """bool [P, H, W]: the pixels of each patch (row-major, as the spatial maps' tokens 1..P)."""
+    """bool [P, H, W]: the pixels of each patch (row-major, as the spatial maps' tokens 1..P; `bundle.patches`)."""
     gh, gw, ph, pw = patch_geometry(visual)
-    masks = torch.zeros(gh * gw, gh * ph, gw * pw, dtype=torch.bool)
-    for p in range(gh * gw):
-        r, c = divmod(p, gw)
-        masks[p, r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = True
-    return masks
+    return torch.from_numpy(patch_pixel_masks((gh, gw), (gh * ph, gw * pw)))
 
 
 def deletion_steps(n_patches: int) -> list[int]:
@@ -131,6 +139,23 @@ def ig_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: tor
                         internal_batch_size=steps * len(pixels))
     per_pixel = attr.detach().sum(1)  # [B, H, W]
     return torch.einsum("bhw,phw->bp", per_pixel, masks.to(per_pixel.dtype))
+
+
+@torch.no_grad()
+def total_effect_scores_of(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float,
+                           mode: Mode, target: torch.Tensor, fill: torch.Tensor, method: str = "keep_one",
+                           chunk: int = TOTAL_EFFECT_CHUNK) -> torch.Tensor:
+    """The total-effect map (`bundle.patches`, `method`) of the target classes [B] for pixels [B, 3, H, W]:
+    each image's P + 1 edited copies (the per-channel `fill` [3]) through the model, combined: [B, P],
+    logit units. The rows of all images run in batches of at most `chunk` copies."""
+    gh, gw, _, _ = patch_geometry(visual)
+    fill_np = fill.double().cpu().numpy()
+    rows = np.concatenate([total_effect_rows(x, fill_np, (gh, gw), method) for x in pixels.cpu().numpy()])  # [B R, 3, H, W]
+    R = len(rows) // len(pixels)
+    logits = torch.cat([model_logits(visual, clt, torch.from_numpy(rows[i : i + chunk]).to(pixels.device), text, scale, mode)
+                        for i in range(0, len(rows), chunk)])  # [B R, C]
+    lg = logits.view(len(pixels), R, -1).gather(2, target.view(-1, 1, 1).expand(-1, R, 1))[..., 0].cpu()  # [B, R]
+    return torch.stack([torch.from_numpy(total_effect_scores(lg[b, :, None].numpy(), method)[0]) for b in range(len(lg))])
 
 
 def gradient_scores(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, text: torch.Tensor, scale: float, mode: Mode,
@@ -299,10 +324,10 @@ def deletion_curves(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, lab
     logit, correct = [], []
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))  # rank of every patch
+    grid = patch_geometry(visual)[:2]
     for k in steps:
-        gone = (rank < k).to(masks.dtype)  # [B, P]
-        pix_gone = torch.einsum("bp,phw->bhw", gone.float(), masks.float()).bool()[:, None]  # [B, 1, H, W]
-        x = torch.where(pix_gone, fill.view(1, 3, 1, 1), pixels)
+        x = torch.from_numpy(fill_patches(pixels.cpu().numpy(), (rank < k).cpu().numpy(), fill.double().cpu().numpy(), grid))
+        x = x.to(pixels.device)
         lg = model_logits(visual, clt, x, text, scale, mode)
         logit.append(lg.gather(1, target[:, None])[:, 0])
         correct.append(lg.argmax(1) == labels)
@@ -334,7 +359,10 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
     fill = pixels.mean(dim=(0, 2, 3))  # dataset mean per channel, preprocessed
     baseline = fill.view(1, 3, 1, 1).expand(1, 3, *pixels.shape[2:])
     gen = torch.Generator().manual_seed(cfg.seed)
-    methods = METHODS + (ANALYSIS_METHODS if cfg.analysis else ())
+    unknown = sorted(set(cfg.methods) - set(METHODS + EXTRA_METHODS))
+    if unknown:
+        raise EvaluationError(f"unknown deletion-test method(s) {unknown}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
+    methods = tuple(cfg.methods) + (ANALYSIS_METHODS if cfg.analysis else ())
     fill_maps = baseline_maps(visual, clt, baseline, text, scale, mode) if cfg.analysis else None
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in methods}
     direct = []
@@ -348,12 +376,18 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
         L = backbone.n_layers
         c = d.contributions.gather(2, target[:, None, None].expand(-1, d.contributions.shape[1], 1))[..., 0]  # [B, T]
         direct.append((c[:, 1 : 1 + L].abs().sum(1) / c.abs().sum(1)).numpy())
-        orders = {"ours": ours.argsort(dim=1, descending=True, stable=True)}
-        for j in range(0, len(px), cfg.ig_batch):
-            sl = slice(j, j + cfg.ig_batch)
-            scores = ig_scores(visual, clt, px[sl], text, scale, mode, target[sl], baseline, cfg.ig_steps, masks)
-            orders.setdefault("ig_parts", []).append(scores.argsort(dim=1, descending=True, stable=True))
-        orders["ig"] = torch.cat(orders.pop("ig_parts"))
+        orders = {"ours": ours.argsort(dim=1, descending=True, stable=True)} if "ours" in methods else {}
+        if "ig" in methods:
+            parts = []
+            for j in range(0, len(px), cfg.ig_batch):
+                sl = slice(j, j + cfg.ig_batch)
+                scores = ig_scores(visual, clt, px[sl], text, scale, mode, target[sl], baseline, cfg.ig_steps, masks)
+                parts.append(scores.argsort(dim=1, descending=True, stable=True))
+            orders["ig"] = torch.cat(parts)
+        for m, how in (("total_effect", "keep_one"), ("delete_one", "delete_one")):
+            if m in methods:
+                te = total_effect_scores_of(visual, clt, px, text, scale, mode, target, fill, how)
+                orders[m] = te.argsort(dim=1, descending=True, stable=True)
         if cfg.analysis:
             cells = cls_stream_cells(visual, clt, px, text, scale, mode, target)
             orders["clt_paths"] = cells.sum(1).argsort(dim=1, descending=True, stable=True)
@@ -364,7 +398,7 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
             orders["baseline_relative"] = (ours - fill_maps[target]).argsort(dim=1, descending=True, stable=True)
         for m in orders:
             curves[m].append(deletion_curves(visual, clt, px, y, text, scale, mode, target, orders[m], fill, masks, steps))
-        for _ in range(cfg.random_seeds):
+        for _ in range(cfg.random_seeds if "random" in methods else 0):
             rnd = torch.rand(len(px), P, generator=gen).argsort(1)
             curves["random"].append(deletion_curves(visual, clt, px, y, text, scale, mode, target, rnd, fill, masks, steps))
         log(f"spatial eval: deletion on {min(i + cfg.batch_size, n)}/{n} images ({time.perf_counter() - t0:.0f} s)")
@@ -380,14 +414,12 @@ def deletion_test(backbone: Any, clt: nn.Module, pixels: torch.Tensor, labels: t
         out["methods"][m] = {"logit": mean_logit.tolist(), "accuracy": accuracy.tolist(),
                              "auc_logit": normalised_auc(mean_logit, fractions), "auc_accuracy": raw_auc(accuracy, fractions)}
     ms = out["methods"]
-    out["ratios"] = {
-        "ours_vs_random_logit": ms["ours"]["auc_logit"] / ms["random"]["auc_logit"],
-        "ours_vs_ig_logit": ms["ours"]["auc_logit"] / ms["ig"]["auc_logit"],
-        "ours_vs_random_accuracy": ms["ours"]["auc_accuracy"] / ms["random"]["auc_accuracy"],
-        "ours_vs_ig_accuracy": ms["ours"]["auc_accuracy"] / ms["ig"]["auc_accuracy"],
-    }
-    for m in ANALYSIS_METHODS if cfg.analysis else ():
-        out["ratios"][f"{m}_vs_ig_logit"] = ms[m]["auc_logit"] / ms["ig"]["auc_logit"]
+    out["ratios"] = {}
+    for m in ms:  # every method against random and IG, when both ran (e.g. `total_effect_vs_ig_logit`)
+        for ref in ("random", "ig"):
+            if ref in ms and m != ref:
+                for unit in ("logit", "accuracy"):
+                    out["ratios"][f"{m}_vs_{ref}_{unit}"] = ms[m][f"auc_{unit}"] / ms[ref][f"auc_{unit}"]
     share = np.concatenate(direct)
     out["direct_share"] = {"mean": float(share.mean()), "median": float(np.median(share))}
     out["seconds"] = time.perf_counter() - t0
@@ -446,9 +478,25 @@ def explanation_times(backbone: Any, clt: nn.Module, pixels: torch.Tensor, text:
         return ig_scores(visual, clt, x, text, scale, mode, target, baseline, cfg.ig_steps, patch_masks(visual))
 
     runs["ig"] = ig_one
+    gh, gw, _, _ = patch_geometry(visual)
+    fill_np = fill.view(3).double().numpy()
+
+    def total_effect_one(x: torch.Tensor) -> Any:  # one image: its P + 1 copies as one batch, the predicted class's map
+        rows = torch.from_numpy(total_effect_rows(x[0].numpy(), fill_np, (gh, gw)))
+        lg = model_logits(visual, clt, torch.cat([x, rows]), text, scale, mode).numpy()
+        return total_effect_scores(lg[1:, [int(lg[0].argmax())]])
+
+    runs["total_effect"] = total_effect_one
+    if onnx_model is not None:
+        def total_effect_onnx(x: torch.Tensor) -> Any:  # the same rows through the graph, logits fetched
+            rows = np.concatenate([x.numpy(), total_effect_rows(x[0].numpy(), fill_np, (gh, gw))])
+            (lg,) = sess.run(["logits"], {"pixels": rows, "text_embeddings": text_np})
+            return total_effect_scores(lg[1:, [int(lg[0].argmax())]])
+
+        runs["total_effect_onnx"] = total_effect_onnx
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "ig_steps": cfg.ig_steps, "methods": {}}
     for name, fn in runs.items():
-        n = min(len(pixels), cfg.time_images_ig if name == "ig" else cfg.time_images)
+        n = min(len(pixels), cfg.time_images_ig if name in ("ig", "total_effect", "total_effect_onnx") else cfg.time_images)
         cpu, wall = [], []
         with torch.no_grad() if name != "ig" else torch.enable_grad():
             for _ in range(1 if name == "ig" else 3):  # warm-up (first-call allocations, ORT's arena)
@@ -460,9 +508,11 @@ def explanation_times(backbone: Any, clt: nn.Module, pixels: torch.Tensor, text:
         out["methods"][name] = {"images": n, "cpu_s": float(np.median(cpu)), "wall_s": float(np.median(wall))}
         log(f"spatial eval: {name}: {out['methods'][name]['cpu_s'] * 1e3:.2f} ms CPU per image (median of {n})")
     m = out["methods"]
-    out["ratios"] = {"ig_vs_ours": m["ig"]["cpu_s"] / m["ours"]["cpu_s"], "ours_vs_forward": m["ours"]["cpu_s"] / m["forward"]["cpu_s"]}
+    out["ratios"] = {"ig_vs_ours": m["ig"]["cpu_s"] / m["ours"]["cpu_s"], "ours_vs_forward": m["ours"]["cpu_s"] / m["forward"]["cpu_s"],
+                     "total_effect_vs_ig": m["total_effect"]["cpu_s"] / m["ig"]["cpu_s"]}
     if "ours_onnx" in m:
         out["ratios"]["ig_vs_ours_onnx"] = m["ig"]["cpu_s"] / m["ours_onnx"]["cpu_s"]
+        out["ratios"]["total_effect_onnx_vs_ig"] = m["total_effect_onnx"]["cpu_s"] / m["ig"]["cpu_s"]
     return out
 
 
@@ -508,12 +558,16 @@ def render_markdown(section: dict[str, Any], title: str = "Where in the image: f
             lg = " / ".join(f"{c['logit'][i]:.2f}" if i is not None else "-" for i in at)
             ac = " / ".join(f"{100 * c['accuracy'][i]:.1f}%" if i is not None else "-" for i in at)
             lines.append(f"| {m} | {c['auc_logit']:.3f} | {c['auc_accuracy']:.3f} | {lg} | {ac} |")
-        lines += ["", f"Before deletion: mean logit {ms['ours']['logit'][0]:.2f}, accuracy {100 * ms['ours']['accuracy'][0]:.2f}%. "
-                  f"AUC ratios (logit): ours / random **{r['ours_vs_random_logit']:.3f}** (target <= 0.5), ours / IG "
-                  f"**{r['ours_vs_ig_logit']:.3f}** (target <= 1); accuracy: ours / random {r['ours_vs_random_accuracy']:.3f}, "
-                  f"ours / IG {r['ours_vs_ig_accuracy']:.3f}. The attention terms carry {100 * dl['direct_share']['mean']:.1f}% "
-                  f"of the predicted logit's |terms| on average (median {100 * dl['direct_share']['median']:.1f}%).", ""]
-        if "clt_paths" in ms:
+        first = next(iter(ms.values()))
+        lines += ["", f"Before deletion: mean logit {first['logit'][0]:.2f}, accuracy {100 * first['accuracy'][0]:.2f}%. "
+                  f"The attention terms carry {100 * dl['direct_share']['mean']:.1f}% of the predicted logit's |terms| on "
+                  f"average (median {100 * dl['direct_share']['median']:.1f}%).", ""]
+        said = [f"{m} / {ref} **{r[f'{m}_vs_{ref}_logit']:.3f}** (accuracy {r[f'{m}_vs_{ref}_accuracy']:.3f})"
+                for m in ("ours", "total_effect", "delete_one") for ref in ("random", "ig") if f"{m}_vs_{ref}_logit" in r]
+        if said:
+            lines += ["AUC ratios, logit (accuracy): " + "; ".join(said) + ". Targets: ours / random <= 0.5, ours / IG <= 1, "
+                      "total_effect / IG <= 1.", ""]
+        if "clt_paths" in ms and "ig" in ms:
             lines += [f"Gap analysis, logit AUC / IG's: the maps with the paths through the CLT at the CLS token split "
                       f"over the patches too (clt_paths) {r['clt_paths_vs_ig_logit']:.3f}; gradient x (image - fill), a "
                       f"first-order total effect, {r['gradient_vs_ig_logit']:.3f}; every path split exactly with every "
@@ -526,5 +580,8 @@ def render_markdown(section: dict[str, Any], title: str = "Where in the image: f
         lines.append(f"| {name} | {m['cpu_s'] * 1e3:.2f} | {m['wall_s'] * 1e3:.2f} | {m['images']} |")
     rr = tm["ratios"]
     lines += ["", f"IG / ours (eager): **{rr['ig_vs_ours']:.0f}x**" + (f", IG / ours (ONNX Runtime): **{rr['ig_vs_ours_onnx']:.0f}x**"
-              if "ig_vs_ours_onnx" in rr else "") + f" (target >= 50x); ours / unexplained forward: {rr['ours_vs_forward']:.2f}x.", ""]
+              if "ig_vs_ours_onnx" in rr else "") + f" (target >= 50x); ours / unexplained forward: {rr['ours_vs_forward']:.2f}x. "
+              f"Total-effect map / IG (eager): **{rr['total_effect_vs_ig']:.3f}**" + (
+                  f", through ONNX Runtime: **{rr['total_effect_onnx_vs_ig']:.3f}**" if "total_effect_onnx_vs_ig" in rr else "")
+              + " (target <= 0.5).", ""]
     return "\n".join(lines)
