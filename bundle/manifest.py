@@ -6,13 +6,14 @@ Torch-free (pydantic only). `read_manifest(dir)` parses and validates the manife
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .atlas import AtlasInfo
-from .format import FORMAT_VERSION, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
+from .format import FORMAT_VERSION, INTERVENE_MODES, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
 
 
 class BundleError(ValueError):
@@ -112,6 +113,24 @@ class SpatialSpec(_Strict):
         return 1 + self.grid[0] * self.grid[1]
 
 
+class InterveneSpec(_Strict):
+    """The optional intervention graph (docs/intervene.md): its `file`, the patch `grid` (rows, columns)
+    its patch edits address, and the `fill` [3] (per channel, preprocessed units) that deleted
+    patches' pixels take, with where that fill comes from."""
+
+    file: str
+    grid: tuple[int, int]
+    fill: tuple[float, float, float]
+    fill_source: str = Field(min_length=1)
+
+    @field_validator("fill")
+    @classmethod
+    def _finite_fill(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError(f"fill must be finite, got {v}")
+        return v
+
+
 class Manifest(_Strict):
     """`bundle.json`, format version 2 (docs/bundle.md); version 1 is the same without `spatial`."""
 
@@ -131,7 +150,7 @@ class Manifest(_Strict):
     files: dict[str, str]
     spatial: SpatialSpec | None = None
     atlas: AtlasInfo | None = None
-
+    intervene: InterveneSpec | None = None
 
     @field_validator("format_version")
     @classmethod
@@ -164,6 +183,14 @@ class Manifest(_Strict):
             if self.spatial.n_tokens != self.backbone.n_tokens:
                 raise ValueError(f"spatial grid {list(self.spatial.grid)} gives {self.spatial.n_tokens} tokens, "
                                  f"the backbone has {self.backbone.n_tokens}")
+        if self.intervene is not None:
+            if self.intervene.file not in self.files:
+                raise ValueError(f"intervene.file {self.intervene.file} is referenced but has no sha256 in 'files'")
+            g = self.intervene.grid
+            if g[0] < 1 or g[1] < 1 or 1 + g[0] * g[1] != self.backbone.n_tokens:
+                raise ValueError(f"intervene.grid {list(g)} does not give the backbone's {self.backbone.n_tokens} tokens")
+            if self.mode not in INTERVENE_MODES:
+                raise ValueError(f"an intervention graph needs mode {' or '.join(INTERVENE_MODES)}, the bundle's is {self.mode!r}")
         if self.atlas is not None:
             a = self.atlas
             for f in (a.index, a.features, a.images):

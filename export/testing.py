@@ -28,11 +28,12 @@ def make_tiny_bundle(
     seed: int = 0,
     overwrite: bool = True,
     checkpoint_dir: str | Path | None = None,
+    intervene: bool | None = None,
 ) -> Path:
     """Export a bundle of cltvit-tiny (32x32 input, L=4, d=64, D=32) + a random CLT; seconds on a CPU.
 
     With `checkpoint_dir` the CLT is saved there first and the bundle records its checkpoint and sha256
-    (what an atlas is tied to)."""
+    (what an atlas is tied to). `intervene` as `export_bundle`'s (None: in cls and all modes)."""
     backbone = load_backbone("cltvit-tiny", None, device="cpu", seed=seed)
     clt = random_clt(backbone.n_layers, backbone.d_model, n_features, k, seed)
     sha = name = None
@@ -40,7 +41,8 @@ def make_tiny_bundle(
         d = save_checkpoint(checkpoint_dir, clt, backbone.identity())
         sha, name = json.loads((d / "clt.json").read_text())["sha256"], d.name
     return export_bundle(backbone, clt, mode, labels, templates, out_dir, top_k_features=top_k_features,
-                         spatial_top_k=spatial_top_k, variants=variants, overwrite=overwrite, checkpoint=name, clt_sha256=sha)
+                         spatial_top_k=spatial_top_k, variants=variants, overwrite=overwrite, checkpoint=name, clt_sha256=sha,
+                         intervene=intervene)
 
 
 SMALL_VOCAB: tuple[str, ...] = ("shoe", "boot", "shirt", "trousers", "jacket", "handbag", "sleeve", "collar", "heel", "strap",

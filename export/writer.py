@@ -14,12 +14,12 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
+from bundle import FORMAT_VERSION, INTERVENE_FILE, INTERVENE_MODES, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
 from bundle.atomic import staged_directory
 from training.model.backbone import Backbone
 from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
-from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, external_files
+from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, export_intervener, external_files
 from .quantize import REDUCED, make_variant
 from .text import VOCAB_FILE, context_length, copy_vocab, export_text
 
@@ -103,13 +103,18 @@ def export_bundle(
     clt_sha256: str | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    intervene: bool | None = None,
+    fill: Sequence[float] | None = None,
+    fill_source: str | None = None,
 ) -> Path:
     """Export `model.onnx` (+ reduced-precision `variants`: "int8", "int8-clt", "fp16"), `text.onnx`, `labels.npy`,
     the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
 
     `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
     `spatial_top_k`: classes per image with spatial maps (where in the image, docs/bundle.md); 0 leaves
-    the spatial outputs out. Returns `out_dir`.
+    the spatial outputs out. `intervene`: also write the intervention graph `intervene.onnx` (modes
+    cls and all; None: exactly in those modes; docs/intervene.md), whose deleted patches take `fill` [3] (preprocessed units; default
+    0, the preprocessing mean), described by `fill_source`. Returns `out_dir`.
     """
 
     if mode not in MODES:
@@ -121,6 +126,19 @@ def export_bundle(
     if spatial_top_k < 0:
         raise ExportError(f"spatial_top_k must be >= 0 (0: no spatial maps), got {spatial_top_k}")
     spatial = spatial_spec(backbone, spatial_top_k) if spatial_top_k > 0 else None
+    if intervene is None:
+        intervene = mode in INTERVENE_MODES
+    if intervene and mode not in INTERVENE_MODES:
+        raise ExportError(f"an intervention graph needs mode {' or '.join(INTERVENE_MODES)}, got {mode!r}; export with intervene=False "
+                          f"(--no-intervene)")
+    fill_values = [0.0, 0.0, 0.0] if fill is None else [float(v) for v in fill]
+    if len(fill_values) != 3 or not all(np.isfinite(fill_values)):
+        raise ExportError(f"fill must be 3 finite numbers (per channel, preprocessed units), got {fill}")
+    if intervene:
+        try:
+            check_spatial_supported(backbone.visual)  # patch-key drops need the written-out attention
+        except UnsupportedModel as exc:
+            raise ExportError(f"interventions are not supported for {backbone.spec.model}: {exc}; export with intervene=False") from None
     cfg = clt.cfg
     if (cfg.n_layers, cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise ExportError(f"CLT (L={cfg.n_layers}, d={cfg.d_model}) does not fit backbone {backbone.spec.model} "
@@ -135,6 +153,9 @@ def export_bundle(
         model_path = export_explainer(visual, clt, tmp / "model.onnx", logit_scale=backbone.logit_scale,
                                       embed_dim=backbone.embed_dim, mode=mode, top_k_features=top_k_features,
                                       spatial_top_k=spatial_top_k, opset=opset)
+        if intervene:
+            export_intervener(visual, clt, tmp / INTERVENE_FILE, logit_scale=backbone.logit_scale, embed_dim=backbone.embed_dim,
+                              mode=mode, top_k_features=top_k_features, opset=opset)
         export_text(backbone.model, backbone.tokenizer, tmp / "text.onnx", opset=opset)
         copy_vocab(tmp)
         emb = backbone.class_embeddings(names, temps).float().cpu().numpy().astype(np.float32)
@@ -143,7 +164,7 @@ def export_bundle(
         for v in variants:
             variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx", n_layers=clt.cfg.n_layers).name
         files = {}
-        for name in [*variant_files.values(), "text.onnx", LABELS_FILE, VOCAB_FILE]:
+        for name in [*variant_files.values(), *([INTERVENE_FILE] if intervene else []), "text.onnx", LABELS_FILE, VOCAB_FILE]:
             files[name] = file_sha256(tmp / name)
             for ext in external_files(tmp / name) if name.endswith(".onnx") else []:
                 files[ext] = file_sha256(tmp / ext)
@@ -167,6 +188,9 @@ def export_bundle(
             "files": files,
             "spatial": spatial,
         }
+        if intervene:
+            manifest["intervene"] = {"file": INTERVENE_FILE, "grid": [int(g) for g in visual.grid_size], "fill": fill_values,
+                                     "fill_source": fill_source or "the preprocessing mean (0 in preprocessed units)"}
         Manifest.model_validate(manifest)  # fail here, not in the server
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         load_bundle(tmp)

@@ -118,14 +118,29 @@ class FashionTrainImages:
         return self.dataset.description()
 
 
+def dataset_fill(backbone: Any, data_dir: str | None, log: Callable[[str], None] = print) -> tuple[list[float] | None, str | None]:
+    """The fill of deleted patches (intervene.onnx): the Fashion-MNIST test images' mean per channel in
+    preprocessed units, the deletion test's fill (training/evaluation/spatial.py); (None, None) without the data."""
+    try:
+        ds = FashionMNIST("test", data_dir)
+    except DatasetError as exc:
+        log(f"export: deleted patches take the preprocessing mean: the Fashion-MNIST test images are missing ({exc})")
+        return None, None
+    mean, std = preprocess_stats(backbone.preprocess)
+    fill = tensorise(ds.images, mean, std).mean(dim=(0, 2, 3))
+    return [float(v) for v in fill], "Fashion-MNIST test-set mean per channel (the deletion test's fill)"
+
+
 def export_shipped(out_dir: str | Path, root: str | Path = WEIGHTS_DIR, *, variants: Sequence[str] = EXPORT_VARIANTS,
                    overwrite: bool = False, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write the reference serving bundle (`cls` mode, fp32 + `variants`) from the shipped weights, with the
     shipped atlas (its thumbnails rebuilt from the Fashion-MNIST training images); seconds."""
     backbone, clt, manifest = load_shipped(root)
     meta = json.loads((Path(root) / CLT_DIR / "clt.json").read_text())
+    fill, fill_source = dataset_fill(backbone, data_dir, log)
     out = export_bundle(backbone, clt, EXPORT_MODE, list(FashionMNIST.class_names), list(FashionMNIST.templates), out_dir,
-                        variants=variants, checkpoint=CLT_DIR, clt_sha256=meta["sha256"], overwrite=overwrite)
+                        variants=variants, checkpoint=CLT_DIR, clt_sha256=meta["sha256"], overwrite=overwrite,
+                        fill=fill, fill_source=fill_source)
     if not set(ATLAS_FILES) <= set(manifest["files"]):
         log(f"export: {root} ships no atlas; the bundle has none (add it with `cltvit-reference atlas`)")
         return out

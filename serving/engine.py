@@ -32,13 +32,14 @@ from .batcher import MicroBatcher, Overloaded
 from .guard import log_client_error
 from .images import ImageError, decode_image
 from .inputs import MAX_TOP_K, ImageRequest, RequestError
+from .intervene import EditError, InterventionUnavailable, check_edit_set
 from .metrics import ServiceMetrics
 from .results import RawOutputs, check_top_k, image_result
 from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
-from .schemas import InfoResponse
+from .schemas import EditSet, InfoResponse
 from .settings import ServeSettings
 
-Kind = Literal["classify", "explain", "embed"]
+Kind = Literal["classify", "explain", "embed", "intervene"]
 # Images this small (bytes and, from the header, pixels) are decoded on the event loop (well under a
 # millisecond); others in a worker thread, so that a big photo or a small file of many pixels
 # never stalls the other requests.
@@ -58,6 +59,8 @@ class Job:
     k: int
     spatial: bool = False
     heads: bool = False
+    edits: tuple[EditSet, ...] = ()  # /intervene: range-checked edit sets (one graph call per job, serving/intervene.py)
+    check_linearity: bool = False
 
 
 def _cheap_to_decode(data: bytes) -> bool:
@@ -150,6 +153,15 @@ class ServingEngine:
     async def _job(self, kind: Kind, request: ImageRequest) -> Job:
         if kind == "explain" and request.heads and self.runtime.spatial is None:
             raise RequestError(400, self.runtime.spatial_unavailable_message(), "heads")
+        if kind == "intervene":
+            try:
+                space = self.runtime.edit_space()
+                for i, edit in enumerate(request.edits):
+                    check_edit_set(edit, space, f"edits[{i}]")
+            except InterventionUnavailable as exc:
+                raise RequestError(400, str(exc), "edits") from None
+            except EditError as exc:
+                raise RequestError(400, exc.message, exc.field) from None
         names = self.runtime.label_names if request.labels is None else request.labels
         try:
             k = check_top_k(request.top_k, len(names))
@@ -165,7 +177,8 @@ class ServingEngine:
         else:
             pixels = await anyio.to_thread.run_sync(self._prepare, request.image)
         spatial = kind == "explain" and (request.spatial or request.heads) and self.runtime.spatial is not None
-        return Job(kind, pixels, text, list(names), request.labels is not None, k, spatial, spatial and request.heads)
+        return Job(kind, pixels, text, list(names), request.labels is not None, k, spatial, spatial and request.heads,
+                   request.edits, request.check_linearity)
 
     def _prepare(self, data: bytes) -> np.ndarray:
         """Decode (limits enforced) and resize + crop: uint8 [H, W, 3]."""
@@ -181,6 +194,9 @@ class ServingEngine:
         out: list[bytes | BaseException | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
+            if job.kind == "intervene":  # its own graph call: the image's rows with their edit sets
+                out[i] = self._intervene(job)
+                continue
             groups.setdefault(id(job.text), []).append(i)
         for members in groups.values():
             text = jobs[members[0]].text
@@ -208,6 +224,17 @@ class ServingEngine:
                 except Exception as exc:
                     out[i] = exc
         return [o if o is not None else RuntimeError("job was not run") for o in out]
+
+    def _intervene(self, job: Job) -> bytes | BaseException:
+        """The /intervene body of one job (InterveneResponse), or its exception."""
+        try:
+            pixels = self.runtime.normalize(job.pixels[None])[0]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            body = self.runtime.intervene_pixels(pixels, job.text, job.names, job.edits, k=job.k, check_linearity=job.check_linearity)
+            self.metrics.model_call(time.perf_counter() - t0, time.thread_time() - c0)
+            return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        except Exception as exc:
+            return exc
 
     def _spatial_maps(self, jobs: list[Job], members: list[int], raw: RawOutputs) -> dict[int, dict[str, Any]]:
         """{row of `raw`: its spatial maps} for the members (job indices, in `raw`'s row order) that asked for them."""
