@@ -1,0 +1,64 @@
+"""The intervention graph in the bundle contract: declared, checksummed and signature-checked by
+load_bundle; a bundle without it loads as before."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from bundle import BundleError, file_sha256, load_bundle
+
+
+@pytest.fixture()
+def copy(bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _edit(root, fn):
+    p = root / "bundle.json"
+    raw = json.loads(p.read_text())
+    fn(raw)
+    p.write_text(json.dumps(raw))
+
+
+def test_intervene_block_and_graph_load(bundle):
+    m, paths = load_bundle(bundle)
+    assert m.intervene is not None and paths.intervene == paths.root / "intervene.onnx"
+    assert m.intervene.grid == (4, 4) and len(m.intervene.fill) == 3 and m.intervene.fill_source
+
+
+def test_bundle_without_the_graph_still_loads(copy):
+    (copy / "intervene.onnx").unlink()
+
+    def drop(raw):
+        del raw["intervene"]
+        del raw["files"]["intervene.onnx"]
+
+    _edit(copy, drop)
+    m, paths = load_bundle(copy)
+    assert m.intervene is None and paths.intervene is None
+
+
+def test_missing_or_wrong_graph_is_reported(copy):
+    shutil.copyfile(copy / "model.onnx", copy / "intervene.onnx")  # a graph without the edit inputs
+    _edit(copy, lambda r: r["files"].update({"intervene.onnx": file_sha256(copy / "intervene.onnx")}))
+    with pytest.raises(BundleError, match=r"intervene.onnx: signature \['pixels', 'text_embeddings'\]"):
+        load_bundle(copy)
+    (copy / "intervene.onnx").unlink()
+    with pytest.raises(BundleError, match="intervene.onnx: listed in bundle.json but missing"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda r: r.update(mode="observe"), "needs mode cls or all"),
+    (lambda r: r["intervene"].update(grid=[3, 4]), "does not give the backbone's 17 tokens"),
+    (lambda r: r["intervene"].update(fill=[0.0, float("nan"), 0.0]), "finite"),
+    (lambda r: r["files"].pop("intervene.onnx"), "has no sha256"),
+])
+def test_manifest_block_is_validated(copy, change, words):
+    _edit(copy, change)
+    with pytest.raises(BundleError, match=words):
+        load_bundle(copy, verify_checksums=False)
