@@ -251,15 +251,13 @@ def decompose(
             k0 = clt.cfg.inference_k
             appended = torch.ones_like(val).cumsum(1) > k0  # columns k0..: the edit entries (E is dynamic in a graph)
             keys.append(torch.where(appended & (val == 0), torch.full_like(c, -1.0), c.abs()))
-        else:
-            keys.append(c.abs())
         layers.append(torch.full_like(idx, i))
         idxs.append(idx)
         acts.append(val)
         contribs.append(c)
     all_c = torch.cat(contribs, 1)
     kk = min(top_k_features, all_c.shape[1] if edits is None else L * clt.cfg.inference_k)
-    _, order = torch.cat(keys, 1).topk(kk, dim=1)
+    _, order = (all_c.abs() if edits is None else torch.cat(keys, 1)).topk(kk, dim=1)
     pick = lambda t: torch.gather(torch.cat(t, 1), 1, order)  # noqa: E731
     return Decomposition(
         logits=logits,
