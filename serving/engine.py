@@ -32,7 +32,7 @@ from .batcher import MicroBatcher, Overloaded
 from .guard import log_client_error
 from .images import ImageError, decode_image
 from .inputs import MAX_TOP_K, ImageRequest, RequestError
-from .intervene import EditError, InterventionUnavailable, check_edit_set
+from .intervene import MAX_EDIT_SETS, EditError, InterventionUnavailable, check_edit_set
 from .metrics import ServiceMetrics
 from .results import RawOutputs, check_top_k, image_result
 from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
@@ -260,9 +260,11 @@ class ServingEngine:
             image_size=rt.image_size, embed_dim=rt.embed_dim, variant=rt.variant, provider=rt.provider,
             versions=dict(m.versions),
             limits={"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
-                    "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS, "max_top_k": MAX_TOP_K},
+                    "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS, "max_top_k": MAX_TOP_K,
+                    "max_edit_sets": MAX_EDIT_SETS},
             batching={"max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
                       "max_latency_ms": s.max_latency_ms, "workers": s.workers},
             auth=bool(s.api_token),
             spatial=None if m.spatial is None else m.spatial.model_dump(mode="json"),
+            intervene=None if rt.intervene_session is None or m.intervene is None else m.intervene.model_dump(mode="json"),
         )

@@ -2,10 +2,13 @@
 
     space = EditSpace.of(manifest)                      # what may be edited in this bundle
     sets = parse_edit_sets(raw_json_list, space)        # pydantic + range checks; EditError names the field
-    answer = intervene(runtime, pixels, text, names, sets, k=5)     # an InterveneResponse dict
+    answer = intervene(session, space, fill, pixels, text, names, sets, k=5)   # InterveneResponse fields (dicts)
+    # the same through a runtime: BundleRuntime.intervene_pixels(pixels, text, names, sets, k=5)
 
 One graph call runs the unedited row and every edit set (B = 1 + n rows of the same image); the
-unedited row is computed once and every edited row's differences are taken against it. With
+unedited row is computed once and every edited row's differences are taken against it. In the HTTP
+service an /intervene request is one such call of its own in the worker's batcher thread (it does not
+share a batch with other requests). With
 `check_linearity` a second call ablates each of the unedited row's top features alone.
 
 Edits become dense per-row arrays (`edit_arrays`, shapes in docs/bundle.md): feature edits padded to

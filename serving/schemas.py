@@ -188,6 +188,8 @@ class InfoResponse(_Model):
     auth: bool
     spatial: dict[str, Any] | None = Field(default=None, description="the bundle's spatial maps: top_k, grid, heads "
                                            "(null: none)")
+    intervene: dict[str, Any] | None = Field(default=None, description="POST /intervene: the patch grid and the fill of "
+                                             "deleted patches (null: the bundle has no intervention graph)")
 
 
 # ---------------------------------------------------------------------- POST /intervene (docs/intervene.md)

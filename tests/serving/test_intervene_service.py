@@ -114,6 +114,9 @@ def test_json_body_with_base64_image(server):
                                                    "top_k": 2}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     assert len(r.json()["edited"]) == 1 and len(r.json()["baseline"]["top"]) == 2
+    info = requests.get(f"{server}/info", timeout=TIMEOUT).json()
+    assert info["intervene"]["grid"] == [4, 4] and info["limits"]["max_edit_sets"] == MAX_EDIT_SETS
+    assert "/intervene" in requests.get(f"{server}/docs.json", timeout=TIMEOUT).json()["paths"]
 
 
 def test_batched_edit_sets_equal_one_at_a_time(explainer):
