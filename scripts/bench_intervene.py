@@ -19,7 +19,11 @@ Also the graph calls alone (intervene.onnx on 17 rows vs model.onnx on 16) and t
 Times are the calling thread's CPU time with one ONNX Runtime thread (it runs on the caller), the
 ratio of each round's pair, median over rounds. Target: intervene / explain16 <= 1.2.
 
-  python scripts/bench_intervene.py [--work artifacts/bench] [--models reference[,ViT-B-32]] [--rounds 30]
+With `--http`, the same comparison through a real `cltvit-serve`: the server process tree's CPU for one
+POST /intervene with the 16 edit sets against 16 concurrent POST /explain of the same PNG (batched by
+the server into one batch of 16), alternating, median of the per-round ratio.
+
+  python scripts/bench_intervene.py [--work artifacts/bench] [--models reference[,ViT-B-32]] [--rounds 30] [--http]
 """
 from __future__ import annotations
 
@@ -168,11 +172,71 @@ def bench(bundle: Path, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def http_bench(bundle: Path, work: Path, rounds: int) -> dict[str, float]:
+    """One `cltvit-serve` (1 ORT thread, batches of up to 16 formed within 50 ms): server process-tree CPU
+    of one POST /intervene with the 16 edit sets against 16 concurrent POST /explain of the same PNG
+    (the batcher runs them as one batch: the mean batch size is reported), alternating, per round."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from bench_serve import Server, tree_cpu_seconds
+    from serving.cli import free_port
+
+    rt = BundleRuntime(bundle, device="cpu", threads=1, verify_checksums=False)
+    image = test_images(1, rt.image_size)[0]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    png = buf.getvalue()
+    edits = json.dumps([s.model_dump(mode="json") for s in edit_sets(rt, rt.preprocess(image))])
+    port = free_port()
+    import os
+
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "serving.cli", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port),
+           "--threads", "1", "--max-batch-size", "16", "--batch-wait-ms", "50"]
+    srv = Server("cltvit", cmd, env, f"http://127.0.0.1:{port}", work / "intervene-http.log")
+    pool = ThreadPoolExecutor(16)
+
+    def post(path: str, data: dict) -> None:
+        r = requests.post(srv.url + path, files={"image": ("i.png", png, "image/png")}, data=data, timeout=300)
+        r.raise_for_status()
+
+    calls = {"intervene": lambda: post("/intervene", {"edits": edits}),
+             "explain16": lambda: list(pool.map(lambda _: post("/explain", {}), range(16)))}
+    try:
+        for fn in calls.values():
+            fn(), fn()
+        srv.settle()
+        cpu: dict[str, list[float]] = {k: [] for k in calls}
+        batches = []
+        for rnd in range(rounds):
+            for name in (list(calls) if rnd % 2 == 0 else list(calls)[::-1]):
+                m0 = srv.metrics() if name == "explain16" else None
+                c0 = tree_cpu_seconds(srv.pid)
+                calls[name]()
+                cpu[name].append(tree_cpu_seconds(srv.pid) - c0)
+                if m0 is not None:
+                    m1 = srv.metrics()
+                    n = m1["cltvit_batch_size_count"] - m0["cltvit_batch_size_count"]
+                    batches.append((m1["cltvit_batch_size_sum"] - m0["cltvit_batch_size_sum"]) / max(n, 1))
+                srv.settle()
+    finally:
+        pool.shutdown()
+        srv.stop()
+    return {"ratio": statistics.median(a / b for a, b in zip(cpu["intervene"], cpu["explain16"])),
+            "intervene_ms": 1000 * statistics.median(cpu["intervene"]), "explain16_ms": 1000 * statistics.median(cpu["explain16"]),
+            "mean_batch": statistics.median(batches)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="artifacts/bench")
     ap.add_argument("--models", default="reference")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--http", action="store_true", help="also over HTTP: server CPU of POST /intervene vs 16 POST /explain")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -188,6 +252,10 @@ def main() -> int:
         log(f"{model}: /intervene 16 edit sets / 16-image /explain batch = {ratio('intervene', 'explain16'):.3f} (target <= 1.2); "
             f"graphs alone {ratio('graph_intervene', 'graph_explain16'):.3f}; Python API {ratio('api_intervene', 'api_explain16'):.3f}; "
             f"/explain with / without the intervention graph in the bundle {ratio('explain16', 'explain16_without'):.3f}")
+        if args.http:
+            h = http_bench(make_bundle(work, model), work, max(args.rounds // 3, 5))
+            log(f"{model} HTTP: server CPU of POST /intervene (16 edit sets) / 16 POST /explain = {h['ratio']:.3f} "
+                f"({h['intervene_ms']:.1f} / {h['explain16_ms']:.1f} ms; /explain mean batch {h['mean_batch']:.1f})")
     return 0
 
 
