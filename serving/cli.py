@@ -426,6 +426,10 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
     if (args.heatmap_label is not None or args.heatmap_layer is not None) and not args.heatmap:
         return fail("argument --heatmap-label/--heatmap-layer: needs --heatmap PNG")
     try:
+        edit, origin = edit_set_from_args(args)
+    except ValueError as e:
+        return fail(str(e))
+    try:
         explainer = Explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
                               variant=args.variant, threads=args.threads)
     except BundleError as e:
@@ -438,10 +442,6 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
         for flag, on in (("--heads", args.heads), ("--heatmap", args.heatmap)):
             if on:
                 return fail(f"argument {flag}: {explainer.runtime.spatial_unavailable_message()}")
-    try:
-        edit, origin = edit_set_from_args(args)
-    except ValueError as e:
-        return fail(str(e))
     try:
         image = read_image(args.image)
     except (ImageError, TypeError) as e:

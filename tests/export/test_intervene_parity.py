@@ -134,7 +134,7 @@ def test_tiny_intervene_graph_equals_hooked_open_clip(tiny_graphs, tiny_interven
     print(f"cltvit-tiny {mode}: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
 
 
-@pytest.mark.parametrize("mode", ["cls", "all"])
+@pytest.mark.parametrize("mode", ["cls", pytest.param("all", marks=pytest.mark.slow)])  # all: an export of its own
 def test_reference_intervene_graph_equals_hooked_open_clip(reference_bundle, tmp_path, mode):
     """The reference bundle's own intervene.onnx (cls mode) and an all-token graph of the same shipped weights."""
     backbone, clt, _ = load_shipped()

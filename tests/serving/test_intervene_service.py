@@ -218,15 +218,16 @@ def test_cli_edits(bundle, tmp_path, capsys):
 
     src = tmp_path / "x.png"
     src.write_bytes(fmnist_png(0))
-    assert explain_main([str(src), "--bundle", str(bundle), "--term", "attn.1=0", "--delete-patch", "2,3", "--json"]) == 0
-    ans = json.loads(capsys.readouterr().out)
-    assert ans["edited"][0]["edit"]["delete_patches"] == [[2, 3]] and ans["edited"][0]["edit"]["terms"][0]["term"] == "attn.1"
-    assert explain_main([str(src), "--bundle", str(bundle), "--ablate", "1:2", "--check-linearity"]) == 0
+    assert explain_main([str(src), "--bundle", str(bundle), "--term", "attn.1=0", "--delete-patch", "2,3", "--ablate", "1:2",
+                         "--check-linearity"]) == 0
     out = capsys.readouterr().out
-    assert "unedited:" in out and "ablated" in out
-    for argv, words in ((["--ablate", "1"], "argument --ablate: expected L:I"),
+    assert "unedited:" in out and "terms of the" in out and "ablated" in out
+    assert explain_main([str(src), "--bundle", str(bundle), "--set-feature", "0:3=1.5", "--drop-key", "1,1", "--json"]) == 0
+    ans = json.loads(capsys.readouterr().out)
+    assert ans["edited"][0]["edit"]["drop_keys"] == [[1, 1]] and ans["edited"][0]["edit"]["features"][0]["set"] == 1.5
+    for argv, words in ((["--ablate", "1"], "argument --ablate: expected L:I"),  # refused before the bundle loads
+                        (["--drop-key", "0"], "argument --drop-key: expected R,C"),
                         (["--ablate", "0:1", "--scale-feature", "9:1=2"], "argument --scale-feature: edits[0].features[1].layer"),
-                        (["--term", "attn.9=0"], "argument --term: edits[0].terms[0].term"),
                         (["--drop-key", "0,4"], "argument --drop-key: edits[0].drop_keys[0]: patch (0, 4) is off the 4x4 grid")):
         assert explain_main([str(src), "--bundle", str(bundle), *argv]) == 2
         assert words in capsys.readouterr().err
