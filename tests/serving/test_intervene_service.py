@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import time
 
@@ -23,16 +24,13 @@ from serving.engine import ServingEngine
 from serving.inputs import ImageRequest, RequestError
 from serving.intervene import MAX_EDIT_SETS, EditError, InterventionUnavailable
 from serving.runtime import BundleRuntime
+from training.data import FashionMNIST
 
 TIMEOUT = 60
 DEEP = "[" * 50_000 + "]" * 50_000
 
 
 def fmnist_png(i: int) -> bytes:
-    import io
-
-    from training.data import FashionMNIST
-
     img, _ = FashionMNIST("test", limit=i + 1)[i]
     buf = io.BytesIO()
     img.save(buf, format="PNG")
