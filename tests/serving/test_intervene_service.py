@@ -229,3 +229,13 @@ def test_cli_edits(bundle, tmp_path, capsys):
                         (["--drop-key", "0,4"], "argument --drop-key: edits[0].drop_keys[0]: patch (0, 4) is off the 4x4 grid")):
         assert explain_main([str(src), "--bundle", str(bundle), *argv]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_python_client(server):
+    from serving.client import CltvitClient, ServiceError
+
+    with CltvitClient(server) as client:
+        ans = client.intervene(fmnist_png(4), [{"drop_keys": [[1, 1]]}], top_k=2)
+        assert ans.edited[0].edit.drop_keys == [(1, 1)] and len(ans.baseline.top) == 2
+        with pytest.raises(ServiceError, match=r"edits\[0\]\.terms\[0\]\.term"):
+            client.intervene(fmnist_png(4), [{"terms": [{"term": "nope"}]}])
