@@ -116,6 +116,9 @@ class ServingEngine:
         self._in_flight = 0  # requests inside answer(); only touched on the event loop
         H, W = self.runtime.image_size
         self.runtime.run(np.zeros((1, 3, H, W), np.float32))  # warm-up: the first ORT run allocates
+        if self.runtime.intervene_session is not None:  # and so does the intervention graph's
+            self.runtime.intervene_pixels(np.zeros((3, H, W), np.float32), self.runtime.default_text, self.runtime.label_names,
+                                          [EditSet()], k=1)
         # Everything loaded so far (frameworks, bundle metadata) lives as long as the worker: move it out
         # of the collector's generations so that full collections under load stay short.
         gc.collect()
