@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-cache-mb", type=float, default=64.0, help="memory bound of the custom label-set cache, MiB (default 64)")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU per request)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files at startup")
+    p.add_argument("--no-intervene", action="store_true",
+                   help="do not open the bundle's intervention graph: POST /intervene answers 400, and each worker saves "
+                        "its memory (a second copy of the model's weights)")
     return p
 
 
@@ -133,6 +136,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "CLTVIT_LABEL_CACHE_MB": str(args.label_cache_mb),
         "CLTVIT_ORT_SPINNING": "1" if args.ort_spinning else "0",
         "CLTVIT_ACCESS_LOG": "1" if args.access_log else "0",
+        "CLTVIT_NO_INTERVENE": "1" if args.no_intervene else "0",
         "BENTOML_DO_NOT_TRACK": "True",
     }
     if args.threads is not None:

@@ -105,7 +105,7 @@ class ServingEngine:
         self.runtime = BundleRuntime(
             settings.bundle, device=settings.device, variant=settings.variant,  # type: ignore[arg-type]
             threads=settings.ort_threads, verify_checksums=settings.verify_checksums, spinning=settings.ort_spinning,
-            label_cache_bytes=int(settings.label_cache_mb * (1 << 20)),
+            label_cache_bytes=int(settings.label_cache_mb * (1 << 20)), intervene=settings.intervene,
         )
         self.metrics = ServiceMetrics(self.runtime.term_names, settings.max_batch_size)
         self.batcher: MicroBatcher[Job, bytes] = MicroBatcher(

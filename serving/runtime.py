@@ -172,6 +172,7 @@ class BundleRuntime:
     `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
     threads need the CPU between batches).
     `label_cache_bytes`: bound of the custom label-set embedding cache (`LabelCache`).
+    `intervene`: open the bundle's intervention graph when it has one (False saves its memory).
     """
 
     def __init__(
@@ -185,6 +186,7 @@ class BundleRuntime:
         verify_checksums: bool = True,
         io_binding: bool | None = None,
         spinning: bool = True,
+        intervene: bool = True,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise RuntimeSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -231,7 +233,8 @@ class BundleRuntime:
             )
             self.text_session = ort.InferenceSession(str(self.paths.text), opts, providers=providers)
             # the intervention graph (fp32; bundles without one serve everything else as before)
-            self.intervene_session = (None if self.paths.intervene is None else
+            self.intervene_disabled = not intervene and self.paths.intervene is not None
+            self.intervene_session = (None if self.paths.intervene is None or not intervene else
                                       ort.InferenceSession(str(self.paths.intervene), opts, providers=providers))
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
             raise RuntimeSetupError(f"ONNX Runtime could not open the graphs of {self.paths.root}: {exc}") from exc
@@ -402,6 +405,8 @@ class BundleRuntime:
 
     # ------------------------------------------------------------------ interventions (docs/intervene.md)
     def intervention_unavailable_message(self) -> str:
+        if self.intervene_disabled:
+            return "interventions are switched off on this server (cltvit-serve --no-intervene)"
         return (f"bundle {self.bundle_dir} has no intervention graph ({INTERVENE_FILE}; {self.manifest.mode} mode"
                 f"{': interventions need cls or all mode' if self.manifest.mode not in INTERVENE_MODES else ''}); "
                 f"re-export it with cltvit-export to get one")

@@ -206,6 +206,17 @@ def test_bundle_without_intervention_graph(v1_bundle):
         Explainer(rt).intervene(fmnist_png(0), [{}])
 
 
+def test_server_setting_switches_the_graph_off(bundle):
+    from serving.settings import ServeSettings
+
+    assert ServeSettings.from_env({"CLTVIT_NO_INTERVENE": "1"}).intervene is False
+    assert ServeSettings.from_env({}).intervene is True
+    rt = BundleRuntime(bundle, device="cpu", threads=1, verify_checksums=False, intervene=False)
+    assert rt.intervene_session is None
+    with pytest.raises(InterventionUnavailable, match="switched off on this server"):
+        rt.edit_space()
+
+
 def test_python_api_errors_name_the_field(explainer):
     with pytest.raises(EditError, match=r"edits\[0\]\.features\[0\]\.layer"):
         explainer.intervene(fmnist_png(0), [{"features": [{"layer": 9, "index": 0}]}])
