@@ -140,6 +140,17 @@ def test_linearity_check_equals_ablating_each_feature_alone(explainer):
         assert np.isfinite(c.contribution) and c.activation != 0.0
 
 
+def _result(pred: str, logit: float) -> dict:
+    return {"predicted": pred, "top": [{"label": pred, "probability": 1.0, "logit": logit}], "explanations": None,
+            "top_features": None, "completeness_residual": 0.0, "term_shares": [1.0, 0.0], "embedding": None, "spatial": None}
+
+
+SAMPLE = json.dumps({
+    "term_names": ["embed", "error"], "fill": [0, 0, 0], "baseline": _result("a", 2.0),
+    "edited": [{"edit": {}, "result": _result("b", 1.5), "predicted_changed": True,
+                "logit_changes": [{"label": "a", "before": 2.0, "after": 1.0, "change": -1.0}], "term_changes": [-1.0, 0.0]}],
+    "feature_ablations": [{"layer": 3, "index": 7, "activation": 1.0, "contribution": 0.5, "ablated_change": -0.4}]})
+
 BAD = [
     ([{"features": [{"layer": 4, "index": 0}]}], "edits[0].features[0].layer", "out of range"),
     ([{}, {"features": [{"layer": 0, "index": 128}]}], "edits[1].features[0].index", "out of range"),
@@ -228,18 +239,25 @@ def test_cli_edits(bundle, tmp_path, capsys):
     src = tmp_path / "x.png"
     src.write_bytes(fmnist_png(0))
     assert explain_main([str(src), "--bundle", str(bundle), "--term", "attn.1=0", "--delete-patch", "2,3", "--ablate", "1:2",
-                         "--check-linearity"]) == 0
-    out = capsys.readouterr().out
-    assert "unedited:" in out and "terms of the" in out and "ablated" in out
-    assert explain_main([str(src), "--bundle", str(bundle), "--set-feature", "0:3=1.5", "--drop-key", "1,1", "--json"]) == 0
-    ans = json.loads(capsys.readouterr().out)
-    assert ans["edited"][0]["edit"]["drop_keys"] == [[1, 1]] and ans["edited"][0]["edit"]["features"][0]["set"] == 1.5
+                         "--set-feature", "0:3=1.5", "--drop-key", "1,1", "--check-linearity", "--json"]) == 0
+    edit = json.loads(capsys.readouterr().out)["edited"][0]["edit"]
+    assert edit["drop_keys"] == [[1, 1]] and edit["delete_patches"] == [[2, 3]] and edit["terms"][0]["term"] == "attn.1"
+    assert [f.get("set") for f in edit["features"]] == [None, 1.5]
     for argv, words in ((["--ablate", "1"], "argument --ablate: expected L:I"),  # refused before the bundle loads
                         (["--drop-key", "0"], "argument --drop-key: expected R,C"),
-                        (["--ablate", "0:1", "--scale-feature", "9:1=2"], "argument --scale-feature: edits[0].features[1].layer"),
-                        (["--drop-key", "0,4"], "argument --drop-key: edits[0].drop_keys[0]: patch (0, 4) is off the 4x4 grid")):
+                        (["--ablate", "0:1", "--scale-feature", "9:1=2"], "argument --scale-feature: edits[0].features[1].layer")):
         assert explain_main([str(src), "--bundle", str(bundle), *argv]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_cli_summary():
+    from serving.cli import render_intervention
+    from serving.schemas import InterveneResponse
+
+    ans = InterveneResponse.model_validate(json.loads(SAMPLE))
+    text = render_intervention(ans)
+    assert "unedited: a (logit 2.000); edited: b (logit 1.500) - the prediction changed" in text
+    assert "a 2.000 -> 1.000 (-1.000)" in text and "3:7  contribution +0.5000  ablated -0.4000" in text
 
 
 def test_python_client(server):
