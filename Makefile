@@ -103,6 +103,7 @@ bench: setup wrk
 	$(PY) scripts/bench_export.py --out $(ARTIFACTS)/bench
 	$(PY) scripts/bench_score.py --bundle $(ARTIFACTS)/bench/vitb32-bundle --out $(ARTIFACTS)/bench/bench_score.json
 	$(PY) scripts/bench_spatial.py --work $(ARTIFACTS)/bench --json $(ARTIFACTS)/bench/bench_spatial.json --http
+	$(PY) scripts/bench_intervene.py --work $(ARTIFACTS)/bench --models reference,ViT-B-32 --rounds 10 --http
 
 # Serving benchmark (docs/serving.md): BentoML's floor, the service at 1/16/64 clients and the
 # in-process ceiling in one run; prints the issue's targets as ratios. ViT-B-32 architecture:

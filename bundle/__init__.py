@@ -13,7 +13,12 @@ from .checksums import file_sha256
 from .format import (
     CORE_OUTPUTS,
     FORMAT_VERSION,
+    EDIT_INPUTS,
     IMAGE_EXTENSIONS,
+    INTERVENE_FILE,
+    INTERVENE_INPUTS,
+    INTERVENE_MODES,
+    INTERVENE_OUTPUTS,
     MANIFEST,
     MODEL_INPUTS,
     MODEL_OUTPUTS,
@@ -26,11 +31,12 @@ from .format import (
     model_outputs,
     term_names,
 )
-from .manifest import BundleError, Manifest, PatchSpec, PreprocessSpec, SpatialSpec, read_manifest
+from .manifest import BundleError, InterveneSpec, Manifest, PatchSpec, PreprocessSpec, SpatialSpec, read_manifest
 from .validate import BundlePaths, load_bundle
 
 __all__ = [
-    "CORE_OUTPUTS", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES",
+    "CORE_OUTPUTS", "EDIT_INPUTS", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "INTERVENE_FILE", "INTERVENE_INPUTS", "INTERVENE_MODES",
+    "INTERVENE_OUTPUTS", "InterveneSpec", "MANIFEST", "MODEL_INPUTS", "MODEL_OUTPUTS", "MODES",
     "SPATIAL_OUTPUTS", "SUPPORTED_FORMAT_VERSIONS", "TEXT_INPUTS", "TEXT_OUTPUTS", "VARIANTS", "AtlasIndex", "AtlasInfo",
     "BundleError", "BundlePaths", "Manifest", "PatchSpec", "PreprocessSpec", "SpatialSpec", "file_sha256", "load_bundle",
     "model_outputs", "read_manifest", "term_names",

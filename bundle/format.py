@@ -38,6 +38,26 @@ def model_outputs(spatial: bool) -> tuple[str, ...]:
     return MODEL_OUTPUTS if spatial else CORE_OUTPUTS
 
 
+# The optional intervention graph (`intervene.onnx`, manifest `intervene`, docs/bundle.md and
+# docs/intervene.md): the image graph's inputs plus per-row edits (training/model/edits.py), the
+# core outputs of the edited model. E (edits per row) is a dynamic axis; T terms, P patches.
+INTERVENE_FILE = "intervene.onnx"
+EDIT_INPUTS: tuple[str, ...] = (
+    "feature_layer",  # int64 [B, E]; -1: padding
+    "feature_index",  # int64 [B, E]
+    "feature_scale",  # float32 [B, E]
+    "feature_shift",  # float32 [B, E]
+    "term_scale",  # float32 [B, T]
+    "term_all_tokens",  # bool [B]
+    "patch_delete",  # bool [B, P]
+    "patch_key_drop",  # bool [B, P]
+    "fill",  # float32 [3], preprocessed units
+)
+INTERVENE_INPUTS: tuple[str, ...] = MODEL_INPUTS + EDIT_INPUTS
+INTERVENE_OUTPUTS: tuple[str, ...] = CORE_OUTPUTS
+# modes whose CLT replaces the MLPs, the only ones an edit of a CLT feature can act in
+INTERVENE_MODES: tuple[str, ...] = ("cls", "all")
+
 TEXT_INPUTS: tuple[str, ...] = ("tokens",)
 TEXT_OUTPUTS: tuple[str, ...] = ("text_embeddings",)
 

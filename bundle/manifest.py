@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .atlas import AtlasInfo
-from .format import FORMAT_VERSION, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
+from .format import FORMAT_VERSION, INTERVENE_MODES, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
 
 
 class BundleError(ValueError):
@@ -147,6 +147,14 @@ class PatchSpec(_Strict):
 PREPROCESS_MEAN_FILL = "the preprocessing mean (0 in preprocessed units)"
 
 
+class InterveneSpec(_Strict):
+    """The optional intervention graph (docs/intervene.md): its `file`. The patch grid its patch edits
+    address and the fill deleted patches' pixels take are the bundle's one patch spec
+    (`Manifest.effective_patches()`, the `patches` block), shared with the total-effect map."""
+
+    file: str
+
+
 class Manifest(_Strict):
     """`bundle.json`, format version 2 (docs/bundle.md); version 1 is the same without `spatial`."""
 
@@ -167,7 +175,7 @@ class Manifest(_Strict):
     spatial: SpatialSpec | None = None
     patches: PatchSpec | None = None  # optional in formats 1 and 2; `effective_patches` covers bundles without it
     atlas: AtlasInfo | None = None
-
+    intervene: InterveneSpec | None = None
 
     @field_validator("format_version")
     @classmethod
@@ -209,6 +217,13 @@ class Manifest(_Strict):
             H, W = self.preprocess.image_size
             if H % g[0] or W % g[1]:
                 raise ValueError(f"patches grid {list(g)} does not tile the {H}x{W} image")
+        if self.intervene is not None:
+            if self.intervene.file not in self.files:
+                raise ValueError(f"intervene.file {self.intervene.file} is referenced but has no sha256 in 'files'")
+            if self.mode not in INTERVENE_MODES:
+                raise ValueError(f"an intervention graph needs mode {' or '.join(INTERVENE_MODES)}, the bundle's is {self.mode!r}")
+            if self.effective_patches() is None:
+                raise ValueError("an intervention graph needs a patch grid: the bundle has neither a 'patches' nor a 'spatial' block")
         if self.atlas is not None:
             a = self.atlas
             for f in (a.index, a.features, a.images):

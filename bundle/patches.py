@@ -52,7 +52,11 @@ def patch_pixel_masks(grid: Sequence[int], image_size: Sequence[int]) -> np.ndar
 def fill_patches(pixels: np.ndarray, deleted: np.ndarray, fill: Sequence[float], grid: Sequence[int]) -> np.ndarray:
     """Copies of preprocessed `pixels` [B, 3, H, W] with the patches marked in `deleted` bool [B, P]
     replaced by `fill` [3] (per channel, preprocessed units): float32 [B, 3, H, W]. Patch p of image b is
-    deleted when deleted[b, p]; the other pixels are the input's, bit for bit."""
+    deleted when deleted[b, p]; the other pixels are the input's, bit for bit.
+
+    Its in-graph twin is `training.model.edits.delete_patches` (torch, traced into intervene.onnx for
+    /intervene's `delete_patches`): the same operation on the same grid and fill, kept apart because
+    serving has no torch and the graph takes the flags as an input."""
     x = np.asarray(pixels, dtype=np.float32)
     gone = np.asarray(deleted, dtype=bool)
     if x.ndim != 4 or x.shape[1] != 3:

@@ -17,7 +17,7 @@ import onnx
 
 from .atlas import check_atlas_files
 from .checksums import file_sha256
-from .format import MANIFEST, MODEL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, model_outputs
+from .format import INTERVENE_INPUTS, INTERVENE_OUTPUTS, MANIFEST, MODEL_INPUTS, TEXT_INPUTS, TEXT_OUTPUTS, model_outputs
 from .manifest import BundleError, Manifest, read_manifest
 
 
@@ -33,6 +33,7 @@ class BundlePaths:
     vocab: Path
     extra: dict[str, Path] = field(default_factory=dict)
     atlas: dict[str, Path] = field(default_factory=dict)  # "index", "features", "images" when the bundle has an atlas
+    intervene: Path | None = None  # the intervention graph, when the bundle has one
 
     @property
     def model(self) -> Path:
@@ -64,7 +65,7 @@ def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str,
     return sig(model.graph.input), sig(model.graph.output), opset
 
 
-_FLOAT, _INT64, _FLOAT16 = 1, 7, 10
+_FLOAT, _INT64, _BOOL, _FLOAT16 = 1, 7, 9, 10
 
 
 def _check_opset(path: Path, got: int | None, m: Manifest, problems: list[str]) -> None:
@@ -127,6 +128,42 @@ def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str
                     problems.append(f"{path.name} ({variant}): {name} axis {axis} is fixed at {got}; it must be dynamic")
             elif isinstance(got, int) and got != exp:
                 problems.append(f"{path.name} ({variant}): {name} axis {axis} is {got}, expected {exp}")
+
+
+def _check_intervene_graph(path: Path, m: Manifest, problems: list[str]) -> None:
+    """The intervention graph's signature (docs/bundle.md): inputs, outputs, element types, fixed sizes."""
+    try:
+        ins, outs, opset = _graph_signature(path)
+    except Exception as exc:
+        problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
+        return
+    _check_opset(path, opset, m, problems)
+    if tuple(ins) != INTERVENE_INPUTS or tuple(outs) != INTERVENE_OUTPUTS:
+        problems.append(f"{path.name}: signature {list(ins)} -> {list(outs)}, expected {list(INTERVENE_INPUTS)} -> "
+                        f"{list(INTERVENE_OUTPUTS)}")
+        return
+    H, W = m.preprocess.image_size
+    D, T, K, P = m.backbone.embed_dim, m.n_terms, m.top_k_features, m.backbone.n_tokens - 1
+    want = {
+        "pixels": (_FLOAT, [None, 3, H, W]), "text_embeddings": (_FLOAT, [None, D]),
+        "feature_layer": (_INT64, [None, None]), "feature_index": (_INT64, [None, None]),
+        "feature_scale": (_FLOAT, [None, None]), "feature_shift": (_FLOAT, [None, None]),
+        "term_scale": (_FLOAT, [None, T]), "term_all_tokens": (_BOOL, [None]),
+        "patch_delete": (_BOOL, [None, P]), "patch_key_drop": (_BOOL, [None, P]), "fill": (_FLOAT, [3]),
+        "logits": (_FLOAT, [None, None]), "embedding": (_FLOAT, [None, D]), "contributions": (_FLOAT, [None, T, None]),
+        "top_feature_layer": (_INT64, [None, K]), "top_feature_index": (_INT64, [None, K]),
+        "top_feature_activation": (_FLOAT, [None, K]), "top_feature_contribution": (_FLOAT, [None, K]),
+    }
+    for name, (etype, dims) in {**ins, **outs}.items():
+        wtype, wdims = want[name]
+        if etype != wtype:
+            problems.append(f"{path.name}: {name} has ONNX element type {etype}, expected {wtype}")
+        if len(dims) != len(wdims):
+            problems.append(f"{path.name}: {name} has rank {len(dims)}, expected {len(wdims)}")
+            continue
+        for axis, (got, exp) in enumerate(zip(dims, wdims)):
+            if exp is not None and isinstance(got, int) and got != exp:
+                problems.append(f"{path.name}: {name} axis {axis} is {got}, expected {exp}")
 
 
 def _check_text_graph(path: Path, m: Manifest, problems: list[str]) -> None:
@@ -195,6 +232,8 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
                 _check_model_graph(root / name, variant, m, problems)
         if "text.onnx" in present:
             _check_text_graph(root / "text.onnx", m, problems)
+        if m.intervene is not None and m.intervene.file in present:
+            _check_intervene_graph(root / m.intervene.file, m, problems)
     a = m.atlas
     if a is not None and {a.index, a.features, a.images} <= present:
         problems += check_atlas_files(root, a, n_layers=m.backbone.n_layers, n_features=int(m.clt.config.get("n_features", 0)),
@@ -212,5 +251,6 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True, check_graphs
         vocab=root / m.tokenizer.vocab_file,
         extra={n: root / n for n in m.files if n not in set(m.variants.values()) | {"text.onnx", m.labels.embeddings_file, m.tokenizer.vocab_file}},
         atlas={} if a is None else {"index": root / a.index, "features": root / a.features, "images": root / a.images},
+        intervene=None if m.intervene is None else root / m.intervene.file,
     )
     return m, paths

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--spatial-top-k", type=int, default=5,
                     help="classes per image with spatial maps (where in the image; docs/spatial.md); 0: none")
     ap.add_argument("--variants", default="", help="comma-separated reduced-precision variants: int8, int8-clt (CPU), fp16 (CUDA)")
+    ap.add_argument("--no-intervene", action="store_true",
+                    help="leave out the intervention graph intervene.onnx (written by default in cls and all modes; docs/intervene.md)")
+    ap.add_argument("--fill", default=None,
+                    help="r,g,b: the value a deleted patch's pixels take, in preprocessed units (the manifest's patches block, "
+                         "read by the total-effect map and by intervene.onnx's patch deletions; default 0,0,0: the preprocessing mean)")
+    ap.add_argument("--fill-source", default=None, help="what --fill is (written next to it; default: 'given to cltvit-export --fill')")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--out", required=True, help="bundle directory to write")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         clt, meta = load_checkpoint(args.clt, backbone)
         out = export_bundle(backbone, clt, args.mode, labels, templates, args.out, top_k_features=args.top_k_features,
                             spatial_top_k=args.spatial_top_k, variants=variants, checkpoint=Path(args.clt).resolve().name, clt_sha256=meta.get("sha256"),
-                            opset=args.opset, overwrite=args.overwrite)
+                            opset=args.opset, overwrite=args.overwrite, intervene=False if args.no_intervene else None,
+                            fill=None if args.fill is None else [float(v) for v in args.fill.split(",")],
+                            fill_source=None if args.fill is None else (args.fill_source or "given to cltvit-export --fill"))
     except (BackboneError, CheckpointError, ExportError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"cltvit-export: error: {exc}", file=sys.stderr)
         return 2

@@ -19,8 +19,9 @@ import onnx
 import torch
 from torch import nn
 
-from bundle.format import MODEL_INPUTS, MODES, model_outputs
+from bundle.format import CORE_OUTPUTS, INTERVENE_INPUTS, INTERVENE_MODES, MODEL_INPUTS, MODES, model_outputs, term_names
 from training.model.decompose import decompose
+from training.model.edits import Edits
 
 DEFAULT_OPSET = 17
 DEFAULT_SPATIAL_TOP_K = 5  # classes with spatial maps: the service's default top-k
@@ -51,18 +52,35 @@ class FusedExplainer(nn.Module):
                 self.register_buffer(f"total_write_{i}", clt.total_write_matrix(i).detach().clone(), persistent=False)
 
     def forward(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.explain(pixels, text_embeddings)
+
+    def explain(self, pixels: torch.Tensor, text_embeddings: torch.Tensor, edits: Edits | None = None) -> tuple[torch.Tensor, ...]:
         clt = self.clt
         writes = [getattr(self, f"total_write_{i}") for i in range(clt.cfg.n_layers)]
         clt.total_write_matrix = writes.__getitem__  # instance attribute shadows the method for this call
         try:
             d = decompose(self.visual, clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features,
-                          self.spatial_top_k)
+                          self.spatial_top_k, edits=edits)
         finally:
             del clt.total_write_matrix
         core = (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
         if d.spatial is None:
             return core
         return (*core, d.spatial.classes, d.spatial.tokens, d.spatial.bias, d.spatial.heads)
+
+
+class InterveneExplainer(FusedExplainer):
+    """The intervention graph (`intervene.onnx`, docs/intervene.md): pixels [B,3,H,W], text_embeddings
+    [C,D] and one edit set per row (`bundle.format.EDIT_INPUTS`, training/model/edits.py) -> the seven
+    core outputs of the edited model, through the same `decompose` as `FusedExplainer`. No spatial maps."""
+
+    def __init__(self, visual: nn.Module, clt: nn.Module, logit_scale: float, mode: str = "cls", top_k_features: int = 16) -> None:
+        if mode not in INTERVENE_MODES:
+            raise ValueError(f"an intervention graph needs mode {' or '.join(INTERVENE_MODES)}, got {mode!r}")
+        super().__init__(visual, clt, logit_scale, mode, top_k_features, spatial_top_k=0)
+
+    def forward(self, pixels: torch.Tensor, text_embeddings: torch.Tensor, *edit_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return self.explain(pixels, text_embeddings, Edits(*edit_inputs))
 
 
 class PlainClassifier(nn.Module):
@@ -188,6 +206,44 @@ def export_explainer(
     dyn.update({n: {0: "B"} for n in outputs[3:]})
     args = example_inputs(visual, embed_dim)
     path = torch_export(module, args, path, list(MODEL_INPUTS), list(outputs), dyn, opset)
+    with export_context(module), torch.no_grad():
+        shapes = {n: list(t.shape) for n, t in zip(outputs, module.eval()(*args))}
+    return declare_static_dims(path, shapes, dyn)
+
+
+def example_edits(visual: nn.Module, n_layers: int, batch: int = 2, n_edits: int = 2) -> Edits:
+    """Edits for tracing: row 0 none, row 1 one feature ablated, a term halved, a patch deleted and one
+    dropped as a key (every branch of the graph runs with values that matter)."""
+    P = int(visual.grid_size[0]) * int(visual.grid_size[1])
+    e = Edits.identity(batch, len(term_names(n_layers)), P, n_edits)
+    e.feature_layer[1, 0], e.feature_scale[1, 0] = 0, 0.0
+    e.term_scale[1, 1] = 0.5
+    e.patch_delete[1, 0], e.patch_key_drop[1, P - 1] = True, True
+    return e
+
+
+def export_intervener(
+    visual: nn.Module,
+    clt: nn.Module,
+    path: str | Path,
+    *,
+    logit_scale: float,
+    embed_dim: int,
+    mode: str = "cls",
+    top_k_features: int = 16,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write the intervention graph (docs/bundle.md `intervene.onnx`) to `path`. B (rows), C (classes)
+    and E (feature edits per row) are dynamic."""
+    module = InterveneExplainer(visual, clt, logit_scale, mode, top_k_features)
+    outputs = list(CORE_OUTPUTS)
+    dyn = {"pixels": {0: "B"}, "text_embeddings": {0: "C"}, "logits": {0: "B", 1: "C"}, "embedding": {0: "B"},
+           "contributions": {0: "B", 2: "C"}, "feature_layer": {0: "B", 1: "E"}, "feature_index": {0: "B", 1: "E"},
+           "feature_scale": {0: "B", 1: "E"}, "feature_shift": {0: "B", 1: "E"}, "term_scale": {0: "B"},
+           "term_all_tokens": {0: "B"}, "patch_delete": {0: "B"}, "patch_key_drop": {0: "B"}}
+    dyn.update({n: {0: "B"} for n in outputs[3:]})
+    args = (*example_inputs(visual, embed_dim), *example_edits(visual, clt.cfg.n_layers).tensors())
+    path = torch_export(module, args, path, list(INTERVENE_INPUTS), outputs, dyn, opset)
     with export_context(module), torch.no_grad():
         shapes = {n: list(t.shape) for n, t in zip(outputs, module.eval()(*args))}
     return declare_static_dims(path, shapes, dyn)

@@ -30,11 +30,12 @@ def make_tiny_bundle(
     seed: int = 0,
     overwrite: bool = True,
     checkpoint_dir: str | Path | None = None,
+    intervene: bool | None = None,
 ) -> Path:
     """Export a bundle of cltvit-tiny (32x32 input, L=4, d=64, D=32) + a random CLT; seconds on a CPU.
 
     With `checkpoint_dir` the CLT is saved there first and the bundle records its checkpoint and sha256
-    (what an atlas is tied to)."""
+    (what an atlas is tied to). `intervene` as `export_bundle`'s (None: in cls and all modes)."""
     backbone = load_backbone("cltvit-tiny", None, device="cpu", seed=seed)
     clt = random_clt(backbone.n_layers, backbone.d_model, n_features, k, seed)
     sha = name = None
@@ -43,7 +44,7 @@ def make_tiny_bundle(
         sha, name = json.loads((d / "clt.json").read_text())["sha256"], d.name
     return export_bundle(backbone, clt, mode, labels, templates, out_dir, top_k_features=top_k_features,
                          spatial_top_k=spatial_top_k, variants=variants, overwrite=overwrite, checkpoint=name, clt_sha256=sha,
-                         fill=grey_fill(backbone), fill_source=GREY_FILL_SOURCE)
+                         fill=grey_fill(backbone), fill_source=GREY_FILL_SOURCE, intervene=intervene)
 
 
 GREY = 128  # the tiny bundles' patch fill in uint8 pixels

@@ -15,13 +15,13 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from bundle import FORMAT_VERSION, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
+from bundle import FORMAT_VERSION, INTERVENE_FILE, INTERVENE_MODES, MANIFEST, MODES, Manifest, file_sha256, load_bundle, term_names
 from bundle.atomic import staged_directory
 from bundle.manifest import PREPROCESS_MEAN_FILL
 from training.model.backbone import Backbone
 from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
-from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, external_files
+from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, export_intervener, external_files
 from .quantize import REDUCED, make_variant
 from .text import VOCAB_FILE, context_length, copy_vocab, export_text
 
@@ -118,6 +118,7 @@ def export_bundle(
     clt_sha256: str | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    intervene: bool | None = None,
     fill: Sequence[float] | None = None,
     fill_source: str | None = None,
 ) -> Path:
@@ -126,9 +127,11 @@ def export_bundle(
 
     `labels`: class names; `templates`: prompt templates with a `{}` slot (default "a photo of a {}.").
     `spatial_top_k`: classes per image with spatial maps (where in the image, docs/bundle.md); 0 leaves
-    the spatial outputs out. `fill`: what a deleted patch's pixels take, per channel in preprocessed units
-    (the total-effect map and patch edits; the reference build passes the dataset mean), with `fill_source`
-    saying what it is; None writes 0, the preprocessing mean. Returns `out_dir`.
+    the spatial outputs out. `intervene`: also write the intervention graph `intervene.onnx` (modes cls
+    and all; None: exactly in those modes; docs/intervene.md). `fill`: what a deleted patch's pixels take,
+    per channel in preprocessed units, in the manifest's `patches` block that both the total-effect map and
+    the intervention graph's patch deletions read (the reference build passes the dataset mean), with
+    `fill_source` saying what it is; None writes 0, the preprocessing mean. Returns `out_dir`.
     """
 
     if mode not in MODES:
@@ -141,6 +144,16 @@ def export_bundle(
         raise ExportError(f"spatial_top_k must be >= 0 (0: no spatial maps), got {spatial_top_k}")
     spatial = spatial_spec(backbone, spatial_top_k) if spatial_top_k > 0 else None
     patches = patch_spec(backbone, fill, fill_source)
+    if intervene is None:
+        intervene = mode in INTERVENE_MODES
+    if intervene and mode not in INTERVENE_MODES:
+        raise ExportError(f"an intervention graph needs mode {' or '.join(INTERVENE_MODES)}, got {mode!r}; export with intervene=False "
+                          f"(--no-intervene)")
+    if intervene:
+        try:
+            check_spatial_supported(backbone.visual)  # patch-key drops need the written-out attention
+        except UnsupportedModel as exc:
+            raise ExportError(f"interventions are not supported for {backbone.spec.model}: {exc}; export with intervene=False") from None
     cfg = clt.cfg
     if (cfg.n_layers, cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise ExportError(f"CLT (L={cfg.n_layers}, d={cfg.d_model}) does not fit backbone {backbone.spec.model} "
@@ -155,6 +168,9 @@ def export_bundle(
         model_path = export_explainer(visual, clt, tmp / "model.onnx", logit_scale=backbone.logit_scale,
                                       embed_dim=backbone.embed_dim, mode=mode, top_k_features=top_k_features,
                                       spatial_top_k=spatial_top_k, opset=opset)
+        if intervene:
+            export_intervener(visual, clt, tmp / INTERVENE_FILE, logit_scale=backbone.logit_scale, embed_dim=backbone.embed_dim,
+                              mode=mode, top_k_features=top_k_features, opset=opset)
         export_text(backbone.model, backbone.tokenizer, tmp / "text.onnx", opset=opset)
         copy_vocab(tmp)
         emb = backbone.class_embeddings(names, temps).float().cpu().numpy().astype(np.float32)
@@ -163,7 +179,7 @@ def export_bundle(
         for v in variants:
             variant_files[v] = make_variant(model_path, v, tmp / f"model.{v}.onnx", n_layers=clt.cfg.n_layers).name
         files = {}
-        for name in [*variant_files.values(), "text.onnx", LABELS_FILE, VOCAB_FILE]:
+        for name in [*variant_files.values(), *([INTERVENE_FILE] if intervene else []), "text.onnx", LABELS_FILE, VOCAB_FILE]:
             files[name] = file_sha256(tmp / name)
             for ext in external_files(tmp / name) if name.endswith(".onnx") else []:
                 files[ext] = file_sha256(tmp / ext)
@@ -188,6 +204,8 @@ def export_bundle(
             "spatial": spatial,
             "patches": patches,
         }
+        if intervene:
+            manifest["intervene"] = {"file": INTERVENE_FILE}  # grid and fill: the `patches` block
         Manifest.model_validate(manifest)  # fail here, not in the server
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         load_bundle(tmp)

@@ -1,5 +1,6 @@
 """`cltvit-serve --bundle DIR [--host 127.0.0.1] [--port 3000]`: validate a bundle, then serve it with BentoML.
-`cltvit-explain IMAGE --bundle DIR [--heatmap out.png] [--html report.html] [--json]`: explain one image in process.
+`cltvit-explain IMAGE --bundle DIR [--heatmap out.png] [--html report.html] [--json]`: explain one image in process;
+with `--ablate L:I`, `--term attn.5=0`, `--delete-patch R,C` ... (docs/intervene.md) run it edited too.
 
 The bundle is validated here first (manifest, checksums, graph signatures, variant), so a missing,
 corrupt or mismatched bundle stops the start with one clear message and exit status 2 instead of
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,10 +47,11 @@ from bundle import BundleError, load_bundle
 
 from .explainer import Explainer, read_image
 from .images import ImageError
+from .intervene import EditError, InterventionUnavailable
 from .jobs.drift import DriftError, DriftProfile
 from .report import write_report
 from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable
-from .schemas import ImageResult
+from .schemas import ImageResult, InterveneResponse
 
 SERVICE_IMPORT = "serving.service:CltvitService"
 
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=os.environ.get("CLTVIT_DRIFT_REFERENCE"), metavar="REF_JSON",
                    help="drift reference profile (cltvit-drift reference) made with this bundle: /metrics then carries "
                    "the drift statistics of the served explanations (docs/monitoring.md; default: $CLTVIT_DRIFT_REFERENCE)")
+    p.add_argument("--no-intervene", action="store_true",
+                   help="do not open the bundle's intervention graph: POST /intervene answers 400, and each worker saves "
+                        "its memory (a second copy of the model's weights)")
     return p
 
 
@@ -141,6 +147,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "CLTVIT_LABEL_CACHE_MB": str(args.label_cache_mb),
         "CLTVIT_ORT_SPINNING": "1" if args.ort_spinning else "0",
         "CLTVIT_ACCESS_LOG": "1" if args.access_log else "0",
+        "CLTVIT_NO_INTERVENE": "1" if args.no_intervene else "0",
         "BENTOML_DO_NOT_TRACK": "True",
     }
     if args.reference:
@@ -280,6 +287,17 @@ def build_explain_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", default=None,
                    help="write the explanation as one self-contained HTML page (the /ui viewer with its data, per-head maps included)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of a summary")
+    e = p.add_argument_group("what if (docs/intervene.md): the edits below make one edit set, run through the real model")
+    e.add_argument("--ablate", metavar="L:I", action="append", default=[], help="ablate CLT feature I of layer L (repeatable)")
+    e.add_argument("--scale-feature", metavar="L:I=S", action="append", default=[], help="multiply feature L:I's activation by S")
+    e.add_argument("--set-feature", metavar="L:I=V", action="append", default=[], help="set feature L:I's activation to V")
+    e.add_argument("--term", metavar="NAME=S", action="append", default=[],
+                   help="multiply a term's residual write by S (embed, attn.l, clt.s, bias; S=0 removes it)")
+    e.add_argument("--term-tokens", choices=("cls", "all"), default="cls", help="term edits at the CLS token (default) or every token")
+    e.add_argument("--delete-patch", metavar="R,C", action="append", default=[], help="replace patch (row R, column C) by the bundle's fill")
+    e.add_argument("--drop-key", metavar="R,C", action="append", default=[], help="no token attends to patch (R, C)")
+    e.add_argument("--check-linearity", action="store_true",
+                   help="also ablate each top feature alone: its logit change next to its direct contribution")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--variant", default="fp32", help="graph variant from the bundle's 'variants' (fp32, int8, fp16)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -347,6 +365,79 @@ def explain_outputs(args: argparse.Namespace, explainer: Explainer, image: Any, 
         print(render_text(result, explainer.term_names))
 
 
+FEATURE_OPTIONS = ("ablate", "scale_feature", "set_feature")
+
+
+def edit_set_from_args(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
+    """The edit options as one edit set dict (None when there are none) and, per feature edit, the option
+    it came from. Raises ValueError('argument --x: ...') on a malformed value."""
+    features, origin = [], []
+    for opt in FEATURE_OPTIONS:
+        flag = "--" + opt.replace("_", "-")
+        for raw in getattr(args, opt):
+            where, _, value = raw.partition("=")
+            layer, sep, index = where.partition(":")
+            try:
+                if not sep or (opt != "ablate") != bool(value):
+                    raise ValueError
+                f: dict[str, Any] = {"layer": int(layer), "index": int(index)}
+                if opt == "scale_feature":
+                    f["scale"] = float(value)
+                elif opt == "set_feature":
+                    f["set"] = float(value)
+            except ValueError:
+                form = "L:I" if opt == "ablate" else "L:I=S" if opt == "scale_feature" else "L:I=V"
+                raise ValueError(f"argument {flag}: expected {form}, got {raw!r}") from None
+            features.append(f)
+            origin.append(flag)
+    terms = []
+    for raw in args.term:
+        name, sep, value = raw.partition("=")
+        try:
+            terms.append({"term": name.strip(), "scale": float(value) if sep else 0.0})
+        except ValueError:
+            raise ValueError(f"argument --term: expected NAME=S, got {raw!r}") from None
+    patches: dict[str, list[list[int]]] = {}
+    for opt, key in (("delete_patch", "delete_patches"), ("drop_key", "drop_keys")):
+        for raw in getattr(args, opt):
+            try:
+                r, c = (int(v) for v in raw.split(","))
+            except ValueError:
+                raise ValueError(f"argument --{opt.replace('_', '-')}: expected R,C (row, column), got {raw!r}") from None
+            patches.setdefault(key, []).append([r, c])
+    if not (features or terms or patches):
+        return None, []
+    return {"features": features, "terms": terms, "term_tokens": args.term_tokens, **patches}, origin
+
+
+def edit_error_argument(field: str, origin: list[str]) -> str:
+    """The command-line option behind an edit set's field (edits[0].features[2].layer -> --scale-feature)."""
+    m = re.match(r"edits\[0\]\.(features|terms|delete_patches|drop_keys)(?:\[(\d+)\])?", field)
+    if not m:
+        return "--ablate"
+    kind, j = m.group(1), m.group(2)
+    if kind == "features":
+        return origin[int(j)] if j is not None and int(j) < len(origin) else "--ablate"
+    return {"terms": "--term", "delete_patches": "--delete-patch", "drop_keys": "--drop-key"}[kind]
+
+
+def render_intervention(answer: InterveneResponse, n_terms: int = 6) -> str:
+    """The human summary of `cltvit-explain` with edits: the labels before and after, the terms that moved."""
+    base, row = answer.baseline, answer.edited[0]
+    after = row.result
+    lines = [f"unedited: {base.predicted} (logit {base.top[0].logit:.3f}); edited: {after.predicted} "
+             f"(logit {after.top[0].logit:.3f}){' - the prediction changed' if row.predicted_changed else ''}",
+             "logits of the unedited top labels: " + ", ".join(f"{c.label} {c.before:.3f} -> {c.after:.3f} ({c.change:+.3f})"
+                                                               for c in row.logit_changes)]
+    moved = sorted(zip(answer.term_names, row.term_changes), key=lambda t: -abs(t[1]))[:n_terms]
+    lines.append(f"terms of the {base.predicted!r} logit that changed most: " + ", ".join(f"{n} {v:+.3f}" for n, v in moved))
+    if answer.feature_ablations:
+        lines.append("top features: direct contribution vs logit change when ablated (linear: change = -contribution)")
+        lines += [f"  {f.layer}:{f.index}  contribution {f.contribution:+.4f}  ablated {f.ablated_change:+.4f}"
+                  for f in answer.feature_ablations]
+    return "\n".join(lines)
+
+
 def explain_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-explain`; 0, or 2 with one error line naming the argument."""
     parser = build_explain_parser()
@@ -367,6 +458,13 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
     if args.heatmap_layer is not None and args.total_effect:
         return fail("argument --heatmap-layer: the total-effect map has no layers (leave it out with --total-effect)")
     try:
+        edit, origin = edit_set_from_args(args)
+    except ValueError as e:
+        return fail(str(e))
+    if args.total_effect and (edit is not None or args.check_linearity):
+        return fail("argument --total-effect: not with the edit options (--ablate, --term, --delete-patch, ..., --check-linearity), "
+                    "which print the intervention instead; run them separately")
+    try:
         explainer = Explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
                               variant=args.variant, threads=args.threads)
     except BundleError as e:
@@ -385,6 +483,15 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
         image = read_image(args.image)
     except (ImageError, TypeError) as e:
         return fail(f"argument IMAGE: {e}")
+    if edit is not None or args.check_linearity:
+        try:
+            answer = explainer.intervene(image, [edit or {}], check_linearity=args.check_linearity)
+        except InterventionUnavailable as e:
+            return fail(f"argument --bundle: {e}")
+        except EditError as e:
+            return fail(f"argument {edit_error_argument(e.field, origin)}: {e.message}")
+        print(answer.model_dump_json(indent=1) if args.json else render_intervention(answer))
+        return 0
     (result,) = explainer.explain([image], heads=args.heads or (bool(args.html) and explainer.runtime.spatial is not None),
                                   total_effect=args.total_effect)
     try:

@@ -22,7 +22,7 @@ import httpx
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 
-from .schemas import ClassifyResponse, EmbedResponse, ExplainResponse, InfoResponse
+from .schemas import ClassifyResponse, EditSet, EmbedResponse, ExplainResponse, InfoResponse, InterveneResponse
 
 ImageLike = str | Path | bytes | Image.Image
 
@@ -36,7 +36,7 @@ class ServiceError(RuntimeError):
 
 
 class CltvitClient:
-    """Typed helper over `bentoml.SyncHTTPClient` for /classify, /explain, /embed and /info."""
+    """Typed helper over `bentoml.SyncHTTPClient` for /classify, /explain, /embed, /intervene and /info."""
 
     def __init__(self, url: str = "http://127.0.0.1:3000", *, token: str | None = None, timeout: float = 120.0,
                  server_ready_timeout: float | None = 30.0) -> None:
@@ -51,6 +51,8 @@ class CltvitClient:
             hint = " (wrong or missing token)" if status == 401 else ""
             raise ServiceError(status, f"cannot use the service at {url}: {exc}{hint}") from None
         self._tmp = tempfile.TemporaryDirectory(prefix="cltvit-client-")
+        self._url, self._timeout = url.rstrip("/"), timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def close(self) -> None:
         self._client.close()
@@ -107,6 +109,27 @@ class CltvitClient:
     def embed(self, image: ImageLike, labels: Sequence[str] | None = None) -> EmbedResponse:
         out = self._call("embed", image=self._as_path(image), labels=list(labels) if labels else labels)
         return EmbedResponse.model_validate(out)
+
+    def intervene(self, image: ImageLike, edits: Sequence[EditSet | dict[str, Any]], labels: Sequence[str] | None = None,
+                  top_k: int | None = None, *, check_linearity: bool = False) -> InterveneResponse:
+        """What if: the image unedited and once per edit set (docs/intervene.md)."""
+        sets = [e if isinstance(e, EditSet) else EditSet.model_validate(e) for e in edits]
+        data = {"edits": json.dumps([s.model_dump(mode="json") for s in sets]), "check_linearity": str(check_linearity).lower()}
+        if labels:
+            data["labels"] = json.dumps(list(labels))
+        if top_k is not None:
+            data["top_k"] = str(top_k)
+        # posted here, not through bentoml's client: its response decoder fails on the result's null fields
+        path = self._as_path(image)
+        r = httpx.post(f"{self._url}/intervene", files={"image": (path.name, path.read_bytes())}, data=data,
+                       headers=self._headers, timeout=self._timeout)
+        if r.status_code != 200:
+            try:
+                message = r.json().get("error", r.text)
+            except ValueError:
+                message = r.text
+            raise ServiceError(r.status_code, message)
+        return InterveneResponse.model_validate(r.json())
 
     def info(self) -> InfoResponse:
         return InfoResponse.model_validate(self._call("info"))

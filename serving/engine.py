@@ -33,14 +33,15 @@ from .batcher import MicroBatcher, Overloaded
 from .guard import log_client_error
 from .images import ImageError, decode_image
 from .inputs import MAX_TOP_K, ImageRequest, RequestError
+from .intervene import MAX_EDIT_SETS, EditError, InterventionUnavailable, check_edit_set
 from .jobs.drift import DriftProfile
 from .metrics import ServiceMetrics
 from .results import RawOutputs, check_top_k, image_result
 from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
-from .schemas import InfoResponse
+from .schemas import EditSet, InfoResponse
 from .settings import ServeSettings
 
-Kind = Literal["classify", "explain", "embed"]
+Kind = Literal["classify", "explain", "embed", "intervene"]
 # Images this small (bytes and, from the header, pixels) are decoded on the event loop (well under a
 # millisecond); others in a worker thread, so that a big photo or a small file of many pixels
 # never stalls the other requests.
@@ -62,6 +63,8 @@ class Job:
     spatial: bool = False
     heads: bool = False
     total_effect: bool = False
+    edits: tuple[EditSet, ...] = ()  # /intervene: range-checked edit sets (one graph call per job, serving/intervene.py)
+    check_linearity: bool = False
 
 
 def _cheap_to_decode(data: bytes) -> bool:
@@ -107,7 +110,7 @@ class ServingEngine:
         self.runtime = BundleRuntime(
             settings.bundle, device=settings.device, variant=settings.variant,  # type: ignore[arg-type]
             threads=settings.ort_threads, verify_checksums=settings.verify_checksums, spinning=settings.ort_spinning,
-            label_cache_bytes=int(settings.label_cache_mb * (1 << 20)),
+            label_cache_bytes=int(settings.label_cache_mb * (1 << 20)), intervene=settings.intervene,
         )
         reference = None
         if settings.drift_reference:
@@ -123,6 +126,9 @@ class ServingEngine:
         self._in_flight = 0  # requests inside answer(); only touched on the event loop
         H, W = self.runtime.image_size
         self.runtime.run(np.zeros((1, 3, H, W), np.float32))  # warm-up: the first ORT run allocates
+        if self.runtime.intervene_session is not None:  # and so does the intervention graph's
+            self.runtime.intervene_pixels(np.zeros((3, H, W), np.float32), self.runtime.default_text, self.runtime.label_names,
+                                          [EditSet()], k=1)
         # Everything loaded so far (frameworks, bundle metadata) lives as long as the worker: move it out
         # of the collector's generations so that full collections under load stay short.
         gc.collect()
@@ -176,6 +182,15 @@ class ServingEngine:
             raise RequestError(400, self.runtime.spatial_unavailable_message(), "heads")
         if kind == "explain" and request.total_effect and self.runtime.patches is None:
             raise RequestError(400, self.runtime.total_effect_unavailable_message(), "total_effect")
+        if kind == "intervene":
+            try:
+                space = self.runtime.edit_space()
+                for i, edit in enumerate(request.edits):
+                    check_edit_set(edit, space, f"edits[{i}]")
+            except InterventionUnavailable as exc:
+                raise RequestError(400, str(exc), "edits") from None
+            except EditError as exc:
+                raise RequestError(400, exc.message, exc.field) from None
         names = self.runtime.label_names if request.labels is None else request.labels
         try:
             k = check_top_k(request.top_k, len(names))
@@ -195,7 +210,7 @@ class ServingEngine:
             pixels = await anyio.to_thread.run_sync(self._prepare, request.image)
         spatial = kind == "explain" and (request.spatial or request.heads) and self.runtime.spatial is not None
         return Job(kind, pixels, text, list(names), request.labels is not None, k, spatial, spatial and request.heads,
-                   kind == "explain" and request.total_effect)
+                   kind == "explain" and request.total_effect, request.edits, request.check_linearity)
 
     def _prepare(self, data: bytes) -> np.ndarray:
         """Decode (limits enforced) and resize + crop: uint8 [H, W, 3]."""
@@ -211,6 +226,9 @@ class ServingEngine:
         out: list[bytes | BaseException | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
+            if job.kind == "intervene":  # its own graph call: the image's rows with their edit sets
+                out[i] = self._intervene(job)
+                continue
             groups.setdefault(id(job.text), []).append(i)
         for members in groups.values():
             text = jobs[members[0]].text
@@ -251,6 +269,17 @@ class ServingEngine:
                     out[i] = exc
         return [o if o is not None else RuntimeError("job was not run") for o in out]
 
+    def _intervene(self, job: Job) -> bytes | BaseException:
+        """The /intervene body of one job (InterveneResponse), or its exception."""
+        try:
+            pixels = self.runtime.normalize(job.pixels[None])[0]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            body = self.runtime.intervene_pixels(pixels, job.text, job.names, job.edits, k=job.k, check_linearity=job.check_linearity)
+            self.metrics.model_call(time.perf_counter() - t0, time.thread_time() - c0)
+            return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        except Exception as exc:
+            return exc
+
     def _spatial_maps(self, jobs: list[Job], members: list[int], raw: RawOutputs) -> dict[int, dict[str, Any]]:
         """{row of `raw`: its spatial maps} for the members (job indices, in `raw`'s row order) that asked for them."""
         rows = [j for j, i in enumerate(members) if jobs[i].spatial]
@@ -276,12 +305,14 @@ class ServingEngine:
             image_size=rt.image_size, embed_dim=rt.embed_dim, variant=rt.variant, provider=rt.provider,
             versions=dict(m.versions),
             limits={"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
-                    "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS, "max_top_k": MAX_TOP_K},
+                    "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS, "max_top_k": MAX_TOP_K,
+                    "max_edit_sets": MAX_EDIT_SETS},
             batching={"max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
                       "max_latency_ms": s.max_latency_ms, "workers": s.workers},
             auth=bool(s.api_token),
             spatial=None if m.spatial is None else m.spatial.model_dump(mode="json"),
             patches=None if rt.patches is None else rt.patches.model_dump(mode="json"),
+            intervene=None if rt.intervene_session is None or m.intervene is None else m.intervene.model_dump(mode="json"),
         )
 
 

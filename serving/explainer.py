@@ -6,6 +6,7 @@
     ex.heatmap("shirt.png").save("shirt-where.png")               # where in the image, as a PNG overlay
     records = ex.score(["shirt.png"])                             # flat dicts, as cltvit-score writes
     ex.reference_profile(images).save("reference.json")           # drift reference (serving.drift)
+    ex.intervene("shirt.png", [{"features": [{"layer": 7, "index": 29}]}])   # what if (docs/intervene.md)
 
 Images may be file paths, encoded bytes, PIL images or HxWx3 uint8 arrays. Records (the JSONL line
 format of `cltvit-score` and `cltvit-stream`) are
@@ -32,8 +33,9 @@ from PIL import Image
 from .heatmap import overlay
 from .images import ImageError, decode_image
 from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
+from .intervene import parse_edit_sets
 from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, TotalEffectUnavailable, validate_labels
-from .schemas import ImageResult
+from .schemas import EditSet, ImageResult, InterveneResponse
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 # Batch jobs see the same decoding limits as the HTTP service (decompression bombs, huge files).
@@ -182,6 +184,24 @@ class Explainer:
             raise LabelError(f"layer {layer} is out of range: the model has {len(cmap.layers)} attention layers")
         grid = np.asarray(cells, np.float64).reshape(result.spatial.grid)
         return overlay(pil, grid, self.runtime.preprocessor.view_box(*pil.size), alpha=alpha)
+
+    # -- what if (docs/intervene.md) --------------------------------------------------------------
+    def intervene(self, image: ImageInput, edits: Sequence[EditSet | dict[str, Any]], *, top_k: int | None = None,
+                  check_linearity: bool = False) -> InterveneResponse:
+        """The image unedited and once per edit set (features, terms, patches; `EditSet`s or their dicts, at
+        most `MAX_EDIT_SETS`), each run through the real model in one graph call: logits, decomposition,
+        top features and the change from the unedited run; `check_linearity` adds each top feature's
+        ablation next to its direct contribution. Raises `EditError` (naming the field) or
+        `InterventionUnavailable` (bundle without intervene.onnx)."""
+        space = self.runtime.edit_space()
+        sets = parse_edit_sets([e.model_dump() if isinstance(e, EditSet) else e for e in edits], space)
+        pixels = self.runtime.preprocess(read_image(image))
+        text = self.runtime.default_text if self.text_embeddings is None else self.text_embeddings
+        k = min(top_k or self.top_k, len(self.label_names))
+        if k < 1:
+            raise LabelError(f"top_k must be >= 1, got {top_k}")
+        body = self.runtime.intervene_pixels(pixels, text, self.label_names, sets, k=k, check_linearity=check_linearity)
+        return InterveneResponse.model_validate(body)
 
     # -- flat records for batch jobs and pipelines ------------------------------------------------
     def load(self, image: ImageInput) -> np.ndarray:

@@ -20,7 +20,7 @@ from .web import is_ui_path
 logger = logging.getLogger("cltvit.serving")
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
-IMAGE_PATHS = frozenset({"/classify", "/explain", "/embed"})
+IMAGE_PATHS = frozenset({"/classify", "/explain", "/embed", "/intervene"})
 
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
@@ -52,7 +52,7 @@ class RequestGuard:
                 body = await self._read_body(scope, receive)
                 if path in IMAGE_PATHS:
                     ctype = _header(scope, b"content-type").decode("latin-1")
-                    scope.setdefault("state", {})[STATE_KEY] = parse_image_request(body, ctype)
+                    scope.setdefault("state", {})[STATE_KEY] = parse_image_request(body, ctype, path)
                 else:
                     check_json_body(body)
                 receive = _replay(body, receive)

@@ -2,7 +2,8 @@
 
 Two encodings are accepted (docs/serving.md):
 - multipart/form-data: one file part `image`; optional text parts `labels` (a JSON list or a
-  comma-separated string), `top_k`, and for /explain `spatial` / `heads` / `total_effect` (true / false).
+  comma-separated string), `top_k`, for /explain `spatial` / `heads` / `total_effect` (true / false), for
+  /intervene `edits` (a JSON list of edit sets, required) and `check_linearity`.
 - JSON object: `{"image": "<base64 or data: URL>", "labels": [...], "top_k": 3, "heads": true}`.
 The whole body is already in memory (the guard read it under the size limit); parts are kept as
 bytes, never written to temporary files. JSON goes through pydantic-core's parser, whose nesting
@@ -23,7 +24,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .intervene import MAX_EDIT_SETS
 from .runtime import MAX_LABEL_CHARS, MAX_LABELS, LabelError, validate_labels
+from .schemas import EditSet
 
 MAX_TOP_K = 1000
 MAX_PARTS = 16
@@ -55,6 +58,8 @@ class ImageRequest:
     spatial: bool = True
     heads: bool = False
     total_effect: bool = False
+    edits: tuple[EditSet, ...] = ()  # /intervene: the edit sets (pydantic-checked; ranges are the bundle's to check)
+    check_linearity: bool = False  # /intervene: also ablate each top feature alone
 
 
 class _Fields(BaseModel):
@@ -66,10 +71,25 @@ class _Fields(BaseModel):
     spatial: bool = True
     heads: bool = False
     total_effect: bool = False
+    edits: Optional[list[EditSet]] = Field(default=None, min_length=1, max_length=MAX_EDIT_SETS)
+    check_linearity: bool = False
 
 
-def parse_image_request(body: bytes, content_type: str) -> ImageRequest:
-    """Parse and validate a request body (see the module docstring); raises `RequestError` (400)."""
+def _where(loc: tuple) -> str:
+    """A pydantic error location as a field path: ('edits', 1, 'features', 0, 'layer') -> edits[1].features[0].layer
+    (the tags of union members, e.g. 'int', are left out)."""
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p not in ("int", "tuple[int,int]"):
+            out += f".{p}" if out else str(p)
+    return out
+
+
+def parse_image_request(body: bytes, content_type: str, path: str = "/explain") -> ImageRequest:
+    """Parse and validate a request body (see the module docstring) for the endpoint at `path`; raises
+    `RequestError` (400)."""
     ctype = content_type.lower()
     if ctype.startswith("multipart/"):
         image, fields = _parse_multipart(body, content_type)
@@ -81,8 +101,10 @@ def parse_image_request(body: bytes, content_type: str) -> ImageRequest:
         checked = _Fields.model_validate(fields)
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
-        field = str(err["loc"][0]) if err["loc"] else None
+        field = _where(err["loc"]) or None
         raise RequestError(400, f"{field}: {err['msg']}" if field else err["msg"], field) from None
+    if path == "/intervene" and checked.edits is None:
+        raise RequestError(400, "edits: missing: send a JSON list of edit sets (docs/intervene.md)", "edits")
     labels = None
     if checked.labels is not None:
         try:
@@ -90,7 +112,8 @@ def parse_image_request(body: bytes, content_type: str) -> ImageRequest:
         except LabelError as exc:
             raise RequestError(400, str(exc), "labels") from None
     return ImageRequest(image=image, labels=labels, top_k=checked.top_k, spatial=checked.spatial, heads=checked.heads,
-                        total_effect=checked.total_effect)
+                        total_effect=checked.total_effect, edits=tuple(checked.edits or ()),
+                        check_linearity=checked.check_linearity)
 
 
 def check_json_body(body: bytes) -> None:
@@ -196,13 +219,26 @@ def _parse_multipart(body: bytes, content_type: str) -> tuple[bytes | None, dict
                                 "are not accepted", "image")
     fields: dict[str, Any] = {}
     for part in parts:
-        if part.name not in ("labels", "top_k", "spatial", "heads", "total_effect"):
+        if part.name not in ("labels", "top_k", "spatial", "heads", "total_effect", "edits", "check_linearity"):
             continue
         if part.filename is not None:
             raise RequestError(400, f"'{part.name}' must be a text field, not a file", part.name)
         text = bytes(part.data or b"").decode("utf-8", "replace")
-        fields[part.name] = _labels_from_text(text) if part.name == "labels" else text.strip()
+        if part.name == "labels":
+            fields[part.name] = _labels_from_text(text)
+        elif part.name == "edits":
+            fields[part.name] = _json_field(text, "edits")
+        else:
+            fields[part.name] = text.strip()
     return (bytes(images[0].data or b"") if images else None), fields
+
+
+def _json_field(text: str, name: str) -> Any:
+    """A multipart text part holding JSON (pydantic-core's parser: its nesting limit refuses deep documents)."""
+    try:
+        return pydantic_core.from_json(text.strip() or "null")
+    except ValueError as exc:
+        raise RequestError(400, f"{name} is not valid JSON: {exc}", name) from None
 
 
 def _labels_from_text(text: str) -> Any:
@@ -224,10 +260,34 @@ SPATIAL_DOC = "where in the image: patch maps per top label (up to the bundle's 
 HEADS_DOC = "also per-head patch maps of the predicted label (needs a bundle with spatial maps)"
 TOTAL_EFFECT_DOC = ("also the total-effect map of the top labels: the model run on patches + 1 edited copies of the image "
                     "in one batch (each patch alone on the bundle's fill), in logit units; costs patches + 1 forward passes")
+EDITS_DOC = (f"/intervene: a JSON list of 1..{MAX_EDIT_SETS} edit sets (features, terms, term_tokens, delete_patches, drop_keys; "
+             "docs/intervene.md); in multipart a text part holding the JSON")
+LINEARITY_DOC = "/intervene: also ablate each top feature of the unedited run alone (its logit change next to its direct contribution)"
 
 
 # ---------------------------------------------------------------------- BentoML input specs
 STATE_KEY = "cltvit.request"  # scope["state"][STATE_KEY]: the ImageRequest parsed by the guard
+
+
+def intervene_input_spec() -> type[bentoml.IODescriptor]:
+    """BentoML input spec of /intervene (as `image_input_spec`: the guard parsed the body already)."""
+
+    class Input(bentoml.IODescriptor):
+        image: Path = Field(description=IMAGE_DOC)
+        edits: list[EditSet] = Field(description=EDITS_DOC, min_length=1, max_length=MAX_EDIT_SETS)
+        labels: Optional[list[str]] = Field(default=None, description=LABELS_DOC)
+        top_k: Optional[int] = Field(default=None, ge=1, le=MAX_TOP_K, description=TOP_K_DOC)
+        check_linearity: bool = Field(default=False, description=LINEARITY_DOC)
+
+        @classmethod
+        async def from_http_request(cls, request: Request, serde: Any) -> "Input":
+            parsed = request.scope.get("state", {}).get(STATE_KEY)
+            if not isinstance(parsed, ImageRequest):  # only if the guard is not installed
+                raise RuntimeError("image request reached the endpoint without passing the RequestGuard")
+            return cls.model_construct(image=parsed.image, edits=list(parsed.edits), labels=parsed.labels, top_k=parsed.top_k,
+                                       check_linearity=parsed.check_linearity)  # validated by parse_image_request
+
+    return Input
 
 
 def image_input_spec(*, with_top_k: bool, with_spatial: bool = False) -> type[bentoml.IODescriptor]:

@@ -20,13 +20,15 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from bundle import MODEL_OUTPUTS, BundleError, Manifest, PatchSpec, SpatialSpec, load_bundle, model_outputs
+from bundle import INTERVENE_FILE, INTERVENE_MODES, MODEL_OUTPUTS, BundleError, Manifest, PatchSpec, SpatialSpec, load_bundle, model_outputs
 from bundle.patches import DEFAULT_TOTAL_EFFECT_METHOD, total_effect_rows
 
 from .atlas import Atlas
+from .intervene import EditSpace, InterventionUnavailable
+from .intervene import intervene as run_intervention
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
-from .schemas import ClassMap, ImageResult, SpatialExplanation, TotalEffectClass, TotalEffectMap, trusted
+from .schemas import ClassMap, EditSet, ImageResult, SpatialExplanation, TotalEffectClass, TotalEffectMap, trusted
 from .spatial import spatial_maps, total_effect_map
 from .tokenizer import ClipTokenizer
 
@@ -184,6 +186,7 @@ class BundleRuntime:
     `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
     threads need the CPU between batches).
     `label_cache_bytes`: bound of the custom label-set embedding cache (`LabelCache`).
+    `intervene`: open the bundle's intervention graph when it has one (False saves its memory).
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class BundleRuntime:
         verify_checksums: bool = True,
         io_binding: bool | None = None,
         spinning: bool = True,
+        intervene: bool = True,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise RuntimeSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -243,6 +247,10 @@ class BundleRuntime:
                 str(self.paths.model_for(variant)), opts, providers=providers, disabled_optimizers=disabled
             )
             self.text_session = ort.InferenceSession(str(self.paths.text), opts, providers=providers)
+            # the intervention graph (fp32; bundles without one serve everything else as before)
+            self.intervene_disabled = not intervene and self.paths.intervene is not None
+            self.intervene_session = (None if self.paths.intervene is None or not intervene else
+                                      ort.InferenceSession(str(self.paths.intervene), opts, providers=providers))
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
             raise RuntimeSetupError(f"ONNX Runtime could not open the graphs of {self.paths.root}: {exc}") from exc
         self.provider: str = self.session.get_providers()[0]
@@ -467,6 +475,29 @@ class BundleRuntime:
         return self.results(raw, names, top_k=top_k, detail=detail, include_embedding=include_embedding,
                             spatial=spatial, heads=heads, total_effect=te)
 
+    # ------------------------------------------------------------------ interventions (docs/intervene.md)
+    def intervention_unavailable_message(self) -> str:
+        if self.intervene_disabled:
+            return "interventions are switched off on this server (cltvit-serve --no-intervene)"
+        return (f"bundle {self.bundle_dir} has no intervention graph ({INTERVENE_FILE}; {self.manifest.mode} mode"
+                f"{': interventions need cls or all mode' if self.manifest.mode not in INTERVENE_MODES else ''}); "
+                f"re-export it with cltvit-export to get one")
+
+    def edit_space(self) -> EditSpace:
+        """What edits may name in this bundle; raises `InterventionUnavailable` without an intervention graph."""
+        if self.intervene_session is None:
+            raise InterventionUnavailable(self.intervention_unavailable_message())
+        return EditSpace.of(self.manifest)
+
+    def intervene_pixels(self, pixels: np.ndarray, text: np.ndarray, names: Sequence[str], sets: Sequence[EditSet], *,
+                         k: int, check_linearity: bool = False) -> dict:
+        """The fields of `InterveneResponse` (plain dicts) for one preprocessed image [3, H, W] and validated
+        edit sets (`serving.intervene.parse_edit_sets`), against text [C, D] with label `names`."""
+        space = self.edit_space()
+        fill = self.patches.fill  # type: ignore[union-attr]  # the manifest requires a patch grid with an intervention graph
+        return run_intervention(self.intervene_session, space, fill, pixels, text, names, sets, k=k,
+                                check_linearity=check_linearity, feature_label=self.feature_label)
+
     def describe(self) -> dict:
         """Short description for logs and /info."""
         m = self.manifest
@@ -480,6 +511,7 @@ class BundleRuntime:
             "terms": len(self.term_names),
             "spatial": None if self.spatial is None else self.spatial.model_dump(mode="json"),
             "patches": None if self.patches is None else self.patches.model_dump(mode="json"),
+            "intervene": self.intervene_session is not None,
         }
 
 

@@ -220,3 +220,86 @@ class InfoResponse(_Model):
                                            "(null: none)")
     patches: dict[str, Any] | None = Field(default=None, description="how patches are deleted for the total-effect map: "
                                            "grid, fill, fill_source (null: the bundle states no patch grid)")
+    intervene: dict[str, Any] | None = Field(default=None, description="POST /intervene: the intervention graph's file; its "
+                                             "patch edits use `patches` (null: the bundle has no intervention graph)")
+
+
+# ---------------------------------------------------------------------- POST /intervene (docs/intervene.md)
+class FeatureEdit(_Model):
+    """A CLT feature's activation a at the tokens the CLT replaces (CLS in `cls` mode, every token in
+    `all` mode) becomes `scale` * a, or `set`; neither given: ablated (scale 0)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    layer: int = Field(ge=0, description="the feature's CLT layer")
+    index: int = Field(ge=0, description="the feature's index in its layer")
+    scale: float | None = Field(default=None, ge=-1e6, le=1e6, description="multiply the activation (0: ablate)")
+    set: float | None = Field(default=None, ge=-1e6, le=1e6, description="replace the activation by this value")
+
+
+class TermEdit(_Model):
+    """Multiply a term's write into the residual stream (embed, attn.l, clt.s, bias); scale 0 removes it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    term: str = Field(description="a term name of the bundle (see term_names), except error")
+    scale: float = Field(default=0.0, ge=-1e6, le=1e6)
+
+
+PatchRef = int | tuple[int, int]
+
+
+class EditSet(_Model):
+    """One edited run of the image: every edit here applies at once (docs/intervene.md). Patches are
+    a row-major index or a [row, column] pair on the bundle's grid."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    name: str | None = Field(default=None, max_length=200, description="a caller's label for this edit set, echoed back")
+    features: list[FeatureEdit] = Field(default_factory=list, max_length=256)
+    terms: list[TermEdit] = Field(default_factory=list, max_length=256)
+    term_tokens: Literal["cls", "all"] = Field(default="cls", description="term edits at the CLS token only, or at every token")
+    delete_patches: list[PatchRef] = Field(default_factory=list, max_length=4096,
+                                           description="patches whose pixels become the bundle's fill (patches.fill)")
+    drop_keys: list[PatchRef] = Field(default_factory=list, max_length=4096,
+                                      description="patches no token attends to, in every attention layer")
+
+
+class LabelChange(_Model):
+    """One label's logit before (unedited) and after the edits."""
+
+    label: str
+    before: float
+    after: float
+    change: float
+
+
+class EditedResult(_Model):
+    """One edit set's run: the edited model's result (logits, decomposition, top features) and its
+    difference from the unedited run."""
+
+    edit: EditSet
+    result: ImageResult
+    predicted_changed: bool = Field(description="the edited run predicts another label than the unedited one")
+    logit_changes: list[LabelChange] = Field(description="the unedited run's top labels, before and after")
+    term_changes: list[float] = Field(description="change of each term's contribution (term_names order) to the unedited "
+                                      "run's predicted label")
+
+
+class FeatureAblation(_Model):
+    """A top feature of the unedited run: its direct contribution to the predicted logit next to the
+    logit change when the feature is ablated (the downstream layers rerun): how linear the explanation is."""
+
+    layer: int
+    index: int
+    activation: float
+    contribution: float = Field(description="direct contribution to the predicted logit (the decomposition's)")
+    ablated_change: float = Field(description="change of the predicted logit when this feature is ablated (the model rerun)")
+
+
+class InterveneResponse(_Model):
+    """POST /intervene: the unedited run and one result per edit set, in request order."""
+
+    term_names: list[str]
+    fill: list[float] = Field(description="the per-channel value (preprocessed units) deleted patches take")
+    baseline: ImageResult
+    edited: list[EditedResult]
+    feature_ablations: list[FeatureAblation] | None = Field(
+        default=None, description="with check_linearity: each top feature of the unedited run ablated alone")

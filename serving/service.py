@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from .engine import ServingEngine
 from .guard import RequestGuard
-from .inputs import ImageRequest, image_input_spec
+from .inputs import ImageRequest, image_input_spec, intervene_input_spec
 from .runtime import BundleRuntime
-from .schemas import ClassifyResponse, EmbedResponse, ExplainResponse, InfoResponse
+from .schemas import ClassifyResponse, EditSet, EmbedResponse, ExplainResponse, InfoResponse, InterveneResponse
 from .settings import ServeSettings
 from .traffic import replace_bentoml_traffic_middlewares
 from .web import WEB_EXACT_PATHS, WEB_LABEL_PREFIXES, web_routes
@@ -44,7 +44,7 @@ def _engine() -> ServingEngine | None:
     return None if service is None else service.engine
 
 
-ENDPOINTS = frozenset({"classify", "explain", "embed", "info"})
+ENDPOINTS = frozenset({"classify", "explain", "embed", "intervene", "info"})
 
 
 def _count_rejection(path: str, status: int) -> None:
@@ -104,6 +104,14 @@ class CltvitService:
         and where in the image (patch maps per attention layer and summed; with total_effect=true also the
         total-effect map from edited copies of the image; docs/spatial.md)."""
         return await self.engine.answer("explain", ImageRequest(image, labels, top_k, spatial, heads, total_effect))
+
+    @bentoml.api(route="/intervene", input_spec=intervene_input_spec(), output_spec=InterveneResponse)
+    async def intervene(self, image: bytes, edits: list[EditSet], labels: Optional[list[str]] = None,
+                        top_k: Optional[int] = None, check_linearity: bool = False) -> Response:
+        """What if: the image unedited and once per edit set (features, terms, patches), each run through the
+        real model with its full decomposition and its change from the unedited run (docs/intervene.md)."""
+        return await self.engine.answer("intervene", ImageRequest(image, labels, top_k, edits=tuple(edits),
+                                                                  check_linearity=check_linearity))
 
     @bentoml.api(route="/embed", input_spec=image_input_spec(with_top_k=False), output_spec=EmbedResponse)
     async def embed(self, image: bytes, labels: Optional[list[str]] = None) -> Response:

@@ -64,6 +64,8 @@ class ServeSettings(BaseModel):
     max_image_pixels: int = MAX_PIXELS
     label_cache_mb: float = Field(default=64.0, gt=0.0, description="bound of the custom label-set embedding cache, MiB")
     verify_checksums: bool = True
+    intervene: bool = Field(default=True, description="open the bundle's intervention graph (POST /intervene); off saves "
+                            "its memory (a second copy of the weights)")
     access_log: bool = False
     drift_reference: str | None = Field(default=None, description="drift reference profile (cltvit-drift reference): "
                                         "the served explanations' drift statistics go to /metrics")
@@ -74,6 +76,7 @@ class ServeSettings(BaseModel):
         values: dict[str, Any] = {k: env[v] for k, v in ENV_KEYS.items() if env.get(v, "").strip()}
         values.update({k: env.get(v, "") in TRUE for k, v in BOOL_KEYS.items()})
         values["verify_checksums"] = env.get("CLTVIT_NO_VERIFY", "") not in TRUE
+        values["intervene"] = env.get("CLTVIT_NO_INTERVENE", "") not in TRUE
         return cls(**values)
 
     @property

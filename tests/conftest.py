@@ -45,7 +45,7 @@ def atlas_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def variant_bundle(tmp_path_factory) -> Path:
     """The tiny bundle with its reduced-precision variants (int8, int8-clt, fp16). Read-only."""
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "int8-clt", "fp16"))
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "int8-clt", "fp16"), intervene=False)
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +57,8 @@ def observe_variant_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def v1_bundle(tmp_path_factory) -> Path:
     """A format-1 bundle as older cltvit versions wrote it: the tiny model without spatial outputs and
-    a manifest with `format_version` 1 and no `spatial` or `patches` key. Read-only."""
-    root = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-v1", spatial_top_k=0)
+    a manifest with `format_version` 1 and no `spatial`, `patches` or `intervene` key. Read-only."""
+    root = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-v1", spatial_top_k=0, intervene=False)
     raw = json.loads((root / "bundle.json").read_text())
     raw["format_version"] = 1
     del raw["spatial"], raw["patches"]

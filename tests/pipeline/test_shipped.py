@@ -55,6 +55,27 @@ def test_reference_bundle_exports_and_validates(reference_bundle, shipped):
     assert set(paths.models) == {"fp32", "int8", "int8-clt", "fp16"}
 
 
+def test_reference_bundle_fill_is_the_test_set_mean_for_both_patch_deletions(reference_bundle):
+    """The reference bundle's one patch spec (`patches`) holds the Fashion-MNIST test images' mean per channel
+    (the deletion test's fill), and both users of it read it: the total-effect map and the intervention graph
+    (whose manifest block names only its file). Reference: the raw uint8 test images averaged by hand (28x28
+    grey images at a 28x28 input: resizing is the identity, and normalising is affine, so it commutes with the mean)."""
+    import numpy as np
+
+    from serving.runtime import BundleRuntime
+    from training.data import FashionMNIST
+
+    m, _ = load_bundle(reference_bundle, verify_checksums=False)
+    assert m.patches is not None and m.patches.fill_source.startswith("dataset mean: the 10000 Fashion-MNIST test images")
+    x = FashionMNIST("test").images.astype(np.float64).mean() / 255.0
+    want = [(x - mu) / sd for mu, sd in zip(m.preprocess.mean, m.preprocess.std)]
+    assert list(m.patches.fill) == pytest.approx(want, abs=1e-5)
+    assert m.intervene is not None and m.intervene.model_dump() == {"file": "intervene.onnx"}
+    rt = BundleRuntime(reference_bundle, device="cpu", threads=1, verify_checksums=False)
+    assert rt.patches == m.patches and rt.intervene_session is not None
+    assert rt.describe()["patches"]["fill"] == list(m.patches.fill)
+
+
 def test_the_shipped_atlas_describes_the_shipped_clt(reference_bundle):
     """The atlas ships as statistics + training-set indices, tied to the shipped CLT; the exported bundle carries it
     with its thumbnails rebuilt."""

@@ -186,10 +186,10 @@ def test_auto_device_asks_for_cuda_exactly_when_present(bundle, monkeypatch, has
     monkeypatch.setattr(rt.ort, "InferenceSession", session)
     BundleRuntime(bundle, device="auto", threads=1, verify_checksums=False)
     want = ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
-    assert requested == [want, want]  # image graph and text graph
+    assert requested == [want, want, want]  # image graph, text graph, intervention graph
     requested.clear()
     BundleRuntime(bundle, device="cpu", threads=1, verify_checksums=False)
-    assert requested == [["CPUExecutionProvider"]] * 2
+    assert requested == [["CPUExecutionProvider"]] * 3
 
 
 def test_auto_device_on_this_machine(bundle):

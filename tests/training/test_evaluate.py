@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,8 @@ def test_evaluate_writes_report_and_cli(tiny_backbone, data, tmp_path, capsys):
     assert rep["faithfulness"]["clt"]["images"] == 32
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Cascaded replacement" in md and "C_proj" in md
+    assert saved["ablation"]["images"] == 32 and set(saved["ablation"]["units"]) == {"clt", "block", "feature"}
+    assert "7. Faithfulness through real ablations" in md
     # where the figures were made: CPU model and instruction sets (as /proc/cpuinfo lists them), threads, versions
     mach = saved["machine"]
     cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -177,3 +180,40 @@ def test_comparison_verdict_per_k():
     assert v["per_k"]["4"] == {"r2": True, "accuracy_all": True, "r2_gap": pytest.approx(0.1), "accuracy_all_gap": pytest.approx(0.01)}
     assert v["per_k"]["8"]["accuracy_all"] is False
     assert v["clt_better_r2_everywhere"] is True and v["clt_better_accuracy_everywhere"] is False
+
+
+def test_real_ablations_equal_the_hooked_open_clip_reference(tiny_backbone, data):
+    """Section 7's drops are the predicted logit's change when open_clip's own forward (tests/export/_hooked.py,
+    not the project's ViT or CLT code) runs without the unit; the bootstrap interval brackets the mean."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    from _hooked import RefEdit, reference
+
+    from training.evaluation.ablation import ablation_drops, ablation_faithfulness, bootstrap_interval
+
+    ds, pixels, labels = data
+    clt = _fitted_clt(tiny_backbone, pixels).eval()
+    text = tiny_backbone.class_embeddings(ds.class_names, ds.templates).float()
+    px = pixels[:4]
+    d = ablation_drops(tiny_backbone.visual, clt, px, text, tiny_backbone.logit_scale, batch_size=3)
+    L = tiny_backbone.n_layers
+    for i in range(len(px)):
+        r0 = reference(tiny_backbone.visual, clt, px[i : i + 1], text, tiny_backbone.logit_scale, "cls")
+        pred = int(r0.logits.argmax())
+        c = r0.contributions[0, :, pred]
+        top = int(c[1 + L : 1 + 2 * L].argmax())
+        r1 = reference(tiny_backbone.visual, clt, px[i : i + 1], text, tiny_backbone.logit_scale, "cls",
+                       edit=RefEdit(terms={f"clt.{top}": 0.0}))
+        assert d["clt"]["top1"][i] == pytest.approx(float(r0.logits[0, pred] - r1.logits[0, pred]), abs=1e-4)
+        assert d["clt"]["direct"][i] == pytest.approx(float(c[1 + L + top]), abs=1e-4)
+        fc = r0.feature_contribution[0]
+        layer, index = divmod(int(fc.flatten().argmax()), fc.shape[1])
+        r2 = reference(tiny_backbone.visual, clt, px[i : i + 1], text, tiny_backbone.logit_scale, "cls",
+                       edit=RefEdit(features=[(layer, index, 0.0, 0.0)]))
+        assert d["feature"]["top1"][i] == pytest.approx(float(r0.logits[0, pred] - r2.logits[0, pred]), abs=1e-4)
+    sec = ablation_faithfulness(tiny_backbone.visual, clt, pixels[:16], text, tiny_backbone.logit_scale, resamples=200)
+    for u in sec["units"].values():
+        lo, hi = u["drop_top1_ci"]
+        assert lo <= u["drop_top1"] <= hi
+    assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)

@@ -27,6 +27,10 @@ Sections of the report (report.json / report.md in the output directory, plus PN
 6. Optional `spatial` (`EvalConfig.spatial_images` > 0): where in the image, the spatial maps'
    deletion test against random patches and Integrated Gradients and the time per explanation
    (`evaluation.spatial`; needs captum, the `eval` extra).
+7. `ablation` (`EvalConfig.ablation_images`, default the first 2000 images): section 4 through real
+   ablations, the edits /intervene serves (the network rerun): the predicted logit's mean drop when
+   the top-1 unit (`clt` term, `block` = attn + clt term, one CLT `feature`) is removed against a
+   random unit, with 95% bootstrap intervals over images (`evaluation.ablation`).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from torch import nn
 
 from bundle.provenance import machine_info
 
+from .ablation import ablation_faithfulness, render_ablation
 from .comparison import render_comparison
 from .metrics import (
     FAITHFULNESS_UNITS,
@@ -72,6 +77,8 @@ class EvalConfig:
     top_k_features: int = 16
     seed: int = 0
     spatial_images: int = 0
+    ablation_images: int | None = 2000  # section 7: real ablations on the first N images (None: all; 0: skip)
+    ablation_resamples: int = 1000
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +157,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", render_comparison(report["comparison"])]
     if "spatial" in report:
         lines += ["", render_spatial(report["spatial"], title="6. Where in the image: faithfulness and cost (`spatial_deletion.png`)")]
+    if "ablation" in report:
+        lines += ["", render_ablation(report["ablation"], title="7. Faithfulness through real ablations (the model rerun)")]
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +199,12 @@ def evaluate_clt(
     log("eval: faithfulness")
     logits, contribs = layer_contributions(visual, clt, pixels, text, backbone.logit_scale, cfg.batch_size)
     fa = {u: faithfulness(logits, contribs, labels, u, cfg.random_seeds, cfg.seed) for u in FAITHFULNESS_UNITS}
+    ablation = None
+    na = len(pixels) if cfg.ablation_images is None else min(cfg.ablation_images, len(pixels))
+    if na > 0:
+        log(f"eval: real ablations on {na} images")
+        ablation = ablation_faithfulness(visual, clt, pixels[:na], text, backbone.logit_scale, "cls", cfg.batch_size, cfg.seed,
+                                         cfg.ablation_resamples)
     spatial = None
     if cfg.spatial_images > 0:
         log(f"eval: spatial maps on {min(cfg.spatial_images, len(pixels))} images")
@@ -205,6 +220,7 @@ def evaluate_clt(
         "c_proj": cp,
         "faithfulness": fa,
         **({"spatial": spatial} if spatial is not None else {}),
+        **({"ablation": ablation} if ablation is not None else {}),
         "machine": machine_info(torch.get_num_threads()),
         **(extra or {}),
     }

@@ -34,6 +34,7 @@ from torch import nn
 
 from bundle.format import MODES, term_names
 
+from .edits import Edits
 from .vit import CltSplice, ForwardResult, blocks, check_spatial_supported, explicit_attention_supported, forward, layer_scale
 
 Mode = Literal["cls", "all", "observe"]
@@ -74,12 +75,16 @@ class Decomposition:
     spatial: SpatialDecomposition | None = None
 
 
-def splice_for_mode(clt: nn.Module, mode: Mode, encode: Callable[[int, torch.Tensor], Any] | None = None) -> CltSplice:
-    """The CLT splice of `mode`; `encode` as `CltSplice`'s (None: the CLT's own)."""
+def splice_for_mode(clt: nn.Module, mode: Mode, encode: Callable[[int, torch.Tensor], Any] | None = None,
+                    edits: Edits | None = None) -> CltSplice:
+    """The CLT splice of `mode`; `encode` as `CltSplice`'s (None: the CLT's own); `edits` (cls and all
+    modes only) as `CltSplice`'s."""
     if mode == "cls":
-        return CltSplice(clt, tokens="cls", encode=encode)
+        return CltSplice(clt, tokens="cls", encode=encode, edits=edits)
     if mode == "all":
-        return CltSplice(clt, tokens="all", encode=encode)
+        return CltSplice(clt, tokens="all", encode=encode, edits=edits)
+    if edits is not None:
+        raise ValueError(f"edits need mode 'cls' or 'all' (the CLT must replace the MLPs it is edited in), got {mode!r}")
     if mode == "observe":
         return CltSplice(clt, tokens="cls", observe=True, encode=encode)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -199,19 +204,25 @@ def decompose(
     mode: Mode = "cls",
     top_k_features: int = 16,
     spatial_top_k: int = 0,
+    edits: Edits | None = None,
 ) -> Decomposition:
     """Run the (spliced) ViT on pixels [B, 3, H, W] and decompose its logits against L2-normalised
     text embeddings [C, D]; with `spatial_top_k` S > 0 also split the attention terms of the S best
-    classes over heads and source tokens (`Decomposition.spatial`). Trace-friendly: used as-is by the
-    ONNX exporter."""
-    splice = splice_for_mode(clt, mode)
+    classes over heads and source tokens (`Decomposition.spatial`). With `edits` (one row per image,
+    training/model/edits.py; cls and all modes) the edited model runs and is decomposed: its terms
+    are the edited writes, so they still sum to its logits, and its top features are ranked among the
+    edited codes. Trace-friendly: used as-is by the ONNX exporter."""
+    splice = splice_for_mode(clt, mode, edits=edits)
     res: ForwardResult = forward(visual, pixels, splice, record_attention=spatial_top_k > 0,
-                                 explicit_attention=explicit_attention_supported(visual))
+                                 explicit_attention=explicit_attention_supported(visual), edits=edits)
     L = clt.cfg.n_layers
     B, d = res.cls_resid.shape
+    cls_factors = None if edits is None else edits.term_scale  # [B, T]: each term's factor at the CLS token
     # residual-space terms at the CLS token
     clt_terms = [w[:, 0].sum(dim=1) for w in splice.writes]  # each [B, d]
     bias = (clt.b_dec * clt.out_scale[:, None]).sum(0).expand(B, d)
+    if cls_factors is not None:
+        bias = bias * cls_factors[:, 2 * L + 1 : 2 * L + 2]
     if mode == "observe":
         error = torch.stack([splice.true[l][:, 0] - splice.recon[l][:, 0] for l in range(L)]).sum(0)
     else:
@@ -229,19 +240,24 @@ def decompose(
     # feature level: contribution of each active CLS feature to the predicted logit
     pred = logits.argmax(dim=-1)
     t_pred = text_embeddings.index_select(0, pred)  # [B, D]
-    layers, idxs, acts, contribs = [], [], [], []
+    layers, idxs, acts, contribs, keys = [], [], [], [], []
     for i in range(len(splice.codes)):
         idx, val = splice.cls_code(i, B)  # [B, k] each
         rows = clt.total_write_matrix(i).index_select(0, idx.reshape(-1)).reshape(B, -1, d)  # [B, k, d]
         dirs, _ = frozen_ln_map(visual, res.cls_resid, rows)  # [B, k, D]
         c = scale * val * (dirs * t_pred[:, None, :]).sum(-1) / norm  # [B, k]
+        if cls_factors is not None:  # the clt.i term's scale; appended edit columns that set nothing never rank
+            c = c * cls_factors[:, 1 + L + i, None]
+            k0 = clt.cfg.inference_k
+            appended = torch.ones_like(val).cumsum(1) > k0  # columns k0..: the edit entries (E is dynamic in a graph)
+            keys.append(torch.where(appended & (val == 0), torch.full_like(c, -1.0), c.abs()))
         layers.append(torch.full_like(idx, i))
         idxs.append(idx)
         acts.append(val)
         contribs.append(c)
     all_c = torch.cat(contribs, 1)
-    kk = min(top_k_features, all_c.shape[1])
-    _, order = all_c.abs().topk(kk, dim=1)
+    kk = min(top_k_features, all_c.shape[1] if edits is None else L * clt.cfg.inference_k)
+    _, order = (all_c.abs() if edits is None else torch.cat(keys, 1)).topk(kk, dim=1)
     pick = lambda t: torch.gather(torch.cat(t, 1), 1, order)  # noqa: E731
     return Decomposition(
         logits=logits,

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Literal, Protocol
 import torch
 from torch import nn
 
+from .edits import Edits, delete_patches, edit_code, key_bias, token_factors
+
 TokenSet = Literal["all", "cls", "patches"]
 TOKEN_SETS: tuple[str, ...] = ("all", "cls", "patches")
 
@@ -63,19 +65,23 @@ def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block.ls_1(block.ln_attn(block.attn(block.ln_1(x))))  # CustomResidualAttentionBlock
 
 
-def attention_recorded(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_recorded(block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(what the attention sub-block adds [B, T, d], every token's value before the value bias, heads
     concatenated (W_V[h] LN1(x_t) in columns h*dh..(h+1)*dh) [B, T, d], the CLS query's softmax
-    weights over source tokens [B, H, T]) from the residual stream x [B, T, d] (`self_attention`)."""
-    a, v, w = self_attention(block, block.ln_1(x))
+    weights over source tokens [B, H, T]) from the residual stream x [B, T, d] (`self_attention`;
+    `bias` as there)."""
+    a, v, w = self_attention(block, block.ln_1(x), bias=bias)
     return a, v, w[:, :, 0]
 
 
-def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | None = None
+def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | None = None, bias: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(what the attention sub-block adds [B, T, d], the values before the value bias [B, T, d], the
     softmax weights [B, H, T, T]) from the sub-block's input h = LN1(x) [B, T, d]. Given `weights`, those
     mix the values instead of the softmax of h's queries and keys (held at another input's values).
+    `bias` [B, 1, 1, T] is added to the scores before the softmax (-inf: a key nobody attends to,
+    `edits.key_bias`).
 
     Self-attention written out from the block's `nn.MultiheadAttention` parameters in the order of
     its `need_weights=True` path (packed in-projection, q scaled by 1/sqrt(dh) before q k^T, one
@@ -89,7 +95,8 @@ def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | No
     qkv_b = qkv if attn.in_proj_bias is None else qkv + attn.in_proj_bias
     q, k, v = qkv_b.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each
     if weights is None:
-        weights = torch.softmax(torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2)), dim=-1)  # [B, H, T, T]
+        scores = torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2))  # [B, H, T, T]
+        weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
     out = attn.out_proj(torch.matmul(weights, v).transpose(1, 2).reshape(-1, T, d))
     return block.ls_1(out), qkv[..., 2 * d :], weights
 
@@ -187,23 +194,36 @@ def explicit_attention_supported(visual: nn.Module) -> bool:
 
 
 def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | None = None,
-            record_attention: bool = False, explicit_attention: bool = False) -> ForwardResult:
+            record_attention: bool = False, explicit_attention: bool = False, edits: Edits | None = None) -> ForwardResult:
     """Run the ViT block by block; `replace` may substitute any MLP output (see `MlpReplacement`);
     `record_attention` keeps the attention values and CLS-query weights (module docstring);
     `explicit_attention` computes the attention as `record_attention` does without keeping anything
     (the exported graphs: fewer ONNX nodes than `nn.MultiheadAttention`'s export, same values to fp32
-    rounding). Otherwise the blocks' own attention modules run."""
+    rounding). Otherwise the blocks' own attention modules run.
+    `edits` (training/model/edits.py) deletes patches, drops patch keys and scales the `embed` and
+    `attn.l` writes here (written-out attention, `check_spatial_supported`); the CLT's feature and
+    term edits are the replacement's (`CltSplice(..., edits=)`)."""
+    factors = bias = None
+    if edits is not None:
+        check_spatial_supported(visual)
+        pixels = delete_patches(pixels, edits.patch_delete, edits.fill, tuple(int(g) for g in visual.grid_size))
     x = embed(visual, pixels)
+    if edits is not None:
+        factors = token_factors(edits, int(x.shape[1]))  # [B, N, T]
+        bias = key_bias(edits.patch_key_drop, x.dtype)
+        x = x * factors[:, :, :1]
     embed_cls = x[:, 0]
     attn_cls, mlp_cls, attn_values, attn_weights = [], [], [], []
     for layer, block in enumerate(blocks(visual)):
-        if record_attention or explicit_attention:
-            a, v, w = attention_recorded(block, x)
+        if record_attention or explicit_attention or edits is not None:
+            a, v, w = attention_recorded(block, x, bias)
             if record_attention:
                 attn_values.append(v)
                 attn_weights.append(w)
         else:
             a = attention_out(block, x)
+        if factors is not None:
+            a = a * factors[:, :, 1 + layer : 2 + layer]
         x = x + a
         h = mlp_in(block, x)
         fn = lambda t, b=block: mlp_out(b, t)  # noqa: E731
@@ -260,6 +280,8 @@ class CltSplice:
     each source layer's decoded writes to later layers are kept until those layers run. With
     `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
     `encode` (layer, rows [N, d]) -> SparseCode stands in for `clt.encode` (e.g. with active sets held).
+    `edits` (training/model/edits.py): each row's feature edits change its codes (`edit_code`: width
+    k + E), its `clt.s` and `bias` term scales the writes, at the tokens replaced (`token_factors`).
 
     After a run: `codes[l]` (SparseCode over B*T' tokens), `writes[l]` raw-unit writes of source l
     [B, T', n_targets, d], `recon[l]` / `true[l]` [B, T', d] for every layer in `layers` (true only
@@ -267,9 +289,11 @@ class CltSplice:
     """
 
     def __init__(self, clt: nn.Module, layers: Iterable[int] | None = None, tokens: TokenSet = "cls", observe: bool = False,
-                 encode: Callable[[int, torch.Tensor], Any] | None = None) -> None:
+                 encode: Callable[[int, torch.Tensor], Any] | None = None, edits: Edits | None = None) -> None:
         n = clt.cfg.n_layers
-        self.clt, self.tokens, self.observe = clt, tokens, observe
+        if edits is not None and (observe or tokens == "patches"):
+            raise ValueError("edits need a splice that replaces the MLPs at the CLS token or at every token (not observe)")
+        self.clt, self.tokens, self.observe, self.edits = clt, tokens, observe, edits
         self.encode = encode or clt.encode
         self.layers = set(range(n)) if layers is None else set(layers)
         self.codes: list = []
@@ -283,11 +307,19 @@ class CltSplice:
         inside, outside = split_tokens(self.tokens, h)
         b, t, d = inside.shape
         needed = any(j >= layer for j in self.layers)
+        factors = None
+        if self.edits is not None:
+            # [B, t, T]; at the CLS token a term's factor is its scale
+            factors = self.edits.term_scale[:, None] if self.tokens == "cls" else token_factors(self.edits, t)
         if needed:
             code = self.encode(layer, inside.reshape(b * t, d))
+            if self.edits is not None:
+                code = edit_code(code, layer, self.edits, t)
             w = clt.decode_source(layer, code)  # [N, n_t, d] normalised
             scale = clt.out_scale[layer : layer + w.shape[1]]
             w = (w * scale[None, :, None]).reshape(b, t, w.shape[1], d)
+            if factors is not None:  # the clt.<layer> term's scale at each token
+                w = w * factors[:, :, 1 + clt.cfg.n_layers + layer, None, None]
             self.codes.append(code)
             self.writes.append(w)
             for off in range(w.shape[2]):
@@ -295,6 +327,8 @@ class CltSplice:
         if layer not in self.layers:
             return mlp(h)
         recon = clt.b_dec[layer] * clt.out_scale[layer]
+        if factors is not None:  # the bias term's scale
+            recon = recon * factors[:, :, 1 + 2 * clt.cfg.n_layers, None]
         for part in self._pending[layer]:
             recon = recon + part
         recon = recon.expand(b, t, d) if recon.dim() == 1 else recon
