@@ -163,6 +163,12 @@ def test_embed(server, runtime):
     assert body["dim"] == runtime.embed_dim == len(body["embedding"])
     np.testing.assert_allclose(body["embedding"], local.embedding, rtol=1e-4, atol=1e-5)
     assert body["term_names"] == runtime.term_names and len(body["term_shares"]) == len(runtime.term_names)
+    # the shares, by hand from /explain's terms of the same image: |term| / sum |terms| at the predicted label
+    explained = post(server, "explain", data, top_k=1).json()
+    (predicted,) = explained["explanations"]
+    assert predicted["label"] == body["predicted"] == explained["predicted"]
+    magnitudes = [abs(t["value"]) for t in predicted["terms"]]
+    np.testing.assert_allclose(body["term_shares"], [m / sum(magnitudes) for m in magnitudes], rtol=1e-12, atol=1e-15)
 
 
 def test_info_get_and_post(server, runtime):
@@ -516,3 +522,10 @@ def test_prometheus_metrics(server, runtime):
     # (BentoML's own request metrics do label raw paths: docs/serving.md, "Known limits")
     assert not re.search(r'cltvit_[a-z_]+\{[^}]*no-such-path', after)
     assert 'bentoml_service_request_total' in after
+    # a custom label set's prediction is counted as `custom`, never by its (client-chosen) label
+    before = after
+    custom = post(server, "classify", image, labels=["a red thing", "zz-client-label"])
+    assert custom.status_code == 200 and custom.json()["predicted"] in ("a red thing", "zz-client-label")
+    after = requests.get(f"{server}/metrics", timeout=TIMEOUT).text
+    assert delta("cltvit_predicted_label_total", label="custom") == 1 and delta("cltvit_predicted_label_total") == 1
+    assert "zz-client-label" not in after and "a red thing" not in after
