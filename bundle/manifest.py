@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .atlas import AtlasInfo
 from .format import FORMAT_VERSION, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
+from .strict import Strict
 
 
 class BundleError(ValueError):
@@ -23,10 +24,6 @@ class BundleError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid bundle {self.root} ({len(self.problems)} problem(s)):\n{lines}")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BackboneInfo(BaseModel):
@@ -43,7 +40,7 @@ class BackboneInfo(BaseModel):
     n_tokens: int = Field(ge=2)
 
 
-class CltInfo(_Strict):
+class CltInfo(Strict):
     """CLT config (CLTConfig as a dict), sha256 of its weights file, the checkpoint directory's name (None for a
     random CLT). Names, never paths: a bundle travels between machines."""
 
@@ -52,7 +49,7 @@ class CltInfo(_Strict):
     checkpoint: str | None = None
 
 
-class PreprocessSpec(_Strict):
+class PreprocessSpec(Strict):
     """open_clip's eval transform: RGB, resize shortest side (bicubic), center crop, /255, (x-mean)/std, CHW."""
 
     image_size: tuple[int, int]
@@ -70,13 +67,13 @@ class PreprocessSpec(_Strict):
         return v
 
 
-class TokenizerSpec(_Strict):
+class TokenizerSpec(Strict):
     type: Literal["clip_bpe"] = "clip_bpe"
     vocab_file: str
     context_length: int = Field(ge=2)
 
 
-class LabelsSpec(_Strict):
+class LabelsSpec(Strict):
     """Default class names, the prompt templates their embeddings were made with, the [C, D] file."""
 
     names: list[str] = Field(min_length=1)
@@ -92,7 +89,7 @@ class LabelsSpec(_Strict):
         return v
 
 
-class SpatialSpec(_Strict):
+class SpatialSpec(Strict):
     """The graph's spatial outputs (format 2): maps for the `top_k` best classes, over a `grid`
     (rows, columns) of patches, per head for `heads` heads. Tokens T = 1 + rows * columns (CLS first)."""
 
@@ -112,7 +109,7 @@ class SpatialSpec(_Strict):
         return 1 + self.grid[0] * self.grid[1]
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     """`bundle.json`, format version 2 (docs/bundle.md); version 1 is the same without `spatial`."""
 
     format_version: int
