@@ -30,6 +30,7 @@ from PIL import Image
 from .heatmap import overlay
 from .images import ImageError, decode_image
 from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
+from .results import check_top_k, image_result, score_record
 from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, validate_labels
 from .schemas import ImageResult
 
@@ -59,15 +60,6 @@ def read_image(image: ImageInput, max_bytes: int = MAX_FILE_BYTES) -> Image.Imag
             raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
         return decode_image(data, max_bytes=max_bytes)
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or a uint8 array")
-
-
-def spatial_record(result: ImageResult) -> dict[str, Any] | None:
-    """The predicted label's maps as a flat record field: grid, residual and the `ClassMap` fields
-    without per-head maps (None when the result has no map for the predicted label)."""
-    sp = result.spatial
-    if sp is None or not sp.classes or sp.classes[0].label != result.predicted:
-        return None
-    return {"grid": list(sp.grid), "residual": sp.residual, **sp.classes[0].model_dump(exclude={"heads", "heads_cls_cell"})}
 
 
 class Explainer:
@@ -160,21 +152,14 @@ class Explainer:
         return self.records_from_outputs(raw)
 
     def records_from_outputs(self, raw: RawOutputs) -> list[dict[str, Any]]:
-        """Records from the graph's outputs, built by `BundleRuntime.results` (the service's own code)."""
-        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False, spatial=self.spatial)
-        records = []
-        for r in results:
-            rec: dict[str, Any] = {
-                "path": None,
-                "error": None,
-                "label": r.predicted,
-                "top": [{"label": t.label, "probability": t.probability, "logit": t.logit} for t in r.top],
-                "shares": dict(zip(self.term_names, r.term_shares)),
-            }
-            if self.spatial and r.spatial is not None:
-                rec["spatial"] = spatial_record(r)
-            records.append(rec)
-        return records
+        """Records from the graph's outputs: `serving.results.score_record` of each image's `image_result`
+        (the service's own result code), with the predicted label's maps when `spatial`."""
+        names = self.label_names
+        k = check_top_k(self.top_k, len(names))
+        maps = self.runtime.spatial_maps(raw, names, k) if self.spatial and raw.has_spatial else None
+        return [score_record(image_result(raw, b, names, self.term_names, k=k, detail=False, include_embedding=False),
+                             self.term_names, maps[b] if maps is not None else None, with_spatial=self.spatial)
+                for b in range(len(raw))]
 
     def score(self, images: Sequence[ImageInput], paths: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """One record per image (unreadable ones get `error`); `paths` fill the records' `path`."""

@@ -98,3 +98,26 @@ def image_result(
     if include_embedding:
         out["embedding"] = raw.embedding[b].astype(np.float64).tolist()
     return out
+
+
+def score_record(res: dict[str, Any], term_names: Sequence[str], spatial: dict[str, Any] | None = None,
+                 with_spatial: bool = False) -> dict[str, Any]:
+    """The flat record of batch scoring (`Explainer.score`, cltvit-score, the stream, Ray) from one
+    `image_result` dict: `label` (the predicted one), `top`, `shares` keyed by term; `path` and `error`
+    are the job's to fill. `with_spatial` adds `spatial`: the predicted label's maps from the image's
+    `serving.spatial.spatial_maps` dict (`spatial_record`)."""
+    rec: dict[str, Any] = {"path": None, "error": None, "label": res["predicted"], "top": res["top"],
+                           "shares": dict(zip(term_names, res["term_shares"]))}
+    if with_spatial and spatial is not None:
+        rec["spatial"] = spatial_record(spatial, res["predicted"])
+    return rec
+
+
+def spatial_record(spatial: dict[str, Any], predicted: str) -> dict[str, Any] | None:
+    """The predicted label's maps as a flat record field: grid, residual and the `ClassMap` fields without
+    per-head maps (None when the image has no map for the predicted label)."""
+    classes = spatial["classes"]
+    if not classes or classes[0]["label"] != predicted:
+        return None
+    first = {k: v for k, v in classes[0].items() if k not in ("heads", "heads_cls_cell")}
+    return {"grid": list(spatial["grid"]), "residual": spatial["residual"], **first}

@@ -22,7 +22,7 @@ mean-shift scores of the last `--window` images' contribution shares against the
 (serving.jobs.drift); `--metrics-file` keeps a Prometheus textfile of them up to date.
 
 With `--spatial` every record carries `spatial`: the predicted label's patch maps per attention layer
-and summed (serving.explainer.spatial_record; local engine only).
+and summed (serving.results.spatial_record; local engine only).
 
 `--engine ray` runs the same scoring on Ray Data (serving.jobs.ray_engine); `--out` is then a directory.
 """
@@ -287,7 +287,7 @@ def _pyarrow() -> Any:
 
 def arrow_schema(term_names: Sequence[str], spatial: bool = False) -> Any:
     """The Arrow schema of result records (shares as a struct with one float field per term; with
-    `spatial` the predicted label's maps as a struct, see serving.explainer.spatial_record)."""
+    `spatial` the predicted label's maps as a struct, see serving.results.spatial_record)."""
     pa = _pyarrow()
     fields = [
         ("path", pa.string()),
