@@ -2,7 +2,7 @@
 on the tiny atlas bundle. Every test fails if the page sends a request anywhere but that server (or data:/blob:
 URLs of its own making) or logs a console error. The HTML report (`cltvit-explain --html`) is checked the same
 way, opened from disk. The server-side checks that need no browser (the page open and the atlas guarded under
-auth, atlas labels over HTTP) are in test_viewer_http.py, which runs where Chromium is missing."""
+auth, atlas labels over HTTP) are in test_service_auth.py, which runs where Chromium is missing."""
 from __future__ import annotations
 
 import base64
@@ -230,7 +230,7 @@ def test_a_bad_upload_shows_the_servers_message(page, server, images):
 
 def test_with_a_token_the_page_asks_for_it(browser, atlas_bundle, images, tmp_path):
     with running_server(atlas_bundle, env={"CLTVIT_API_TOKEN": TOKEN}, log_path=tmp_path / "server.log") as url:
-        # (the open page and the token-guarded atlas over plain HTTP: test_viewer_http.py, which needs no browser)
+        # (the open page and the token-guarded atlas over plain HTTP: test_service_auth.py, which needs no browser)
         p = Page(browser, url)
         try:
             pg = p.page
