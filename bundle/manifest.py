@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .atlas import AtlasInfo
 from .format import FORMAT_VERSION, INTERVENE_MODES, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
+from .strict import Strict
 
 
 class BundleError(ValueError):
@@ -24,10 +25,6 @@ class BundleError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid bundle {self.root} ({len(self.problems)} problem(s)):\n{lines}")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BackboneInfo(BaseModel):
@@ -44,7 +41,7 @@ class BackboneInfo(BaseModel):
     n_tokens: int = Field(ge=2)
 
 
-class CltInfo(_Strict):
+class CltInfo(Strict):
     """CLT config (CLTConfig as a dict), sha256 of its weights file, the checkpoint directory's name (None for a
     random CLT). Names, never paths: a bundle travels between machines."""
 
@@ -53,7 +50,7 @@ class CltInfo(_Strict):
     checkpoint: str | None = None
 
 
-class PreprocessSpec(_Strict):
+class PreprocessSpec(Strict):
     """open_clip's eval transform: RGB, resize shortest side (bicubic), center crop, /255, (x-mean)/std, CHW."""
 
     image_size: tuple[int, int]
@@ -71,13 +68,13 @@ class PreprocessSpec(_Strict):
         return v
 
 
-class TokenizerSpec(_Strict):
+class TokenizerSpec(Strict):
     type: Literal["clip_bpe"] = "clip_bpe"
     vocab_file: str
     context_length: int = Field(ge=2)
 
 
-class LabelsSpec(_Strict):
+class LabelsSpec(Strict):
     """Default class names, the prompt templates their embeddings were made with, the [C, D] file."""
 
     names: list[str] = Field(min_length=1)
@@ -93,7 +90,7 @@ class LabelsSpec(_Strict):
         return v
 
 
-class SpatialSpec(_Strict):
+class SpatialSpec(Strict):
     """The graph's spatial outputs (format 2): maps for the `top_k` best classes, over a `grid`
     (rows, columns) of patches, per head for `heads` heads. Tokens T = 1 + rows * columns (CLS first)."""
 
@@ -113,7 +110,7 @@ class SpatialSpec(_Strict):
         return 1 + self.grid[0] * self.grid[1]
 
 
-class PatchSpec(_Strict):
+class PatchSpec(Strict):
     """How a patch is deleted (the total-effect map, patch edits; `bundle.patches`): the `grid` (rows,
     columns) of patches over the preprocessed image, and the `fill` every pixel of a deleted patch takes,
     one value per channel in preprocessed units ((x - mean) / std); `fill_source` says what it is (for the
@@ -147,7 +144,7 @@ class PatchSpec(_Strict):
 PREPROCESS_MEAN_FILL = "the preprocessing mean (0 in preprocessed units)"
 
 
-class InterveneSpec(_Strict):
+class InterveneSpec(Strict):
     """The optional intervention graph (docs/intervene.md): its `file`. The patch grid its patch edits
     address and the fill deleted patches' pixels take are the bundle's one patch spec
     (`Manifest.effective_patches()`, the `patches` block), shared with the total-effect map."""
@@ -155,7 +152,7 @@ class InterveneSpec(_Strict):
     file: str
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     """`bundle.json`, format version 2 (docs/bundle.md); version 1 is the same without `spatial`."""
 
     format_version: int

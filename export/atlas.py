@@ -61,7 +61,7 @@ from bundle.atomic import staged_directory, write_text_atomic
 from bundle.killpoints import killpoint
 from bundle.provenance import machine_info
 from training.model.backbone import Backbone
-from training.model.decompose import splice_for_mode
+from training.model.decompose import final_ln_map, frozen_inv_sigma, splice_for_mode
 from training.model.vit import forward
 
 from .vocab import DEFAULT_MIN_COUNT, build_vocab
@@ -173,22 +173,13 @@ def thumbnail(image: np.ndarray, thumb_max: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- features of a batch
-def ln_direction(visual: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """Residual-space writes [..., d] -> embedding-space directions [..., D] through ln_post (centring and
-    gamma; the image's 1/sigma left out) and proj: `frozen_ln_map` of decompose.py without the frozen scale."""
-    ln = visual.ln_post
-    out = (rows - rows.mean(dim=-1, keepdim=True)) * ln.weight
-    return out @ visual.proj if visual.proj is not None else out
-
-
 @torch.no_grad()
 def batch_features(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, mode: str) -> tuple[list[Any], torch.Tensor]:
     """(sparse codes of every layer over B x T' tokens (T' = 1, or all T tokens in `all` mode), weight [B] =
     1 / (sigma * ||e||) per image, so that a feature's contribution to logit c is logit_scale * a * weight * <m_f, t_c>)."""
     splice = splice_for_mode(clt, mode)  # type: ignore[arg-type]
     res = forward(visual, pixels, splice)
-    var = res.cls_resid.var(dim=-1, unbiased=False)
-    weight = torch.rsqrt(var + visual.ln_post.eps) / res.embedding.norm(dim=-1)
+    weight = frozen_inv_sigma(visual.ln_post, res.cls_resid)[:, 0] / res.embedding.norm(dim=-1)
     return list(splice.codes), weight
 
 
@@ -442,7 +433,9 @@ def finalise(acc: Accumulator, inp: AtlasInputs, cfg: AtlasConfig, index_extra: 
     hist = acc.hist.numpy()
     mean_weight = np.where(live, acc.weighted_sum.numpy() / np.maximum(fire, 1), 0)  # E[a / (sigma ||e||) | active]
     with torch.no_grad():
-        m = torch.stack([ln_direction(inp.visual, inp.clt.total_write_matrix(l).float()) for l in range(L)])  # [L, F, D]
+        # residual writes -> embedding directions, the image's 1/sigma left out (it is in mean_weight)
+        m = torch.stack([final_ln_map(inp.visual, inp.clt.total_write_matrix(l).float(), 1.0, shift=False)
+                         for l in range(L)])  # [L, F, D]
     direction = (inp.logit_scale * m.double().cpu().numpy() * mean_weight[..., None]).astype(np.float32)
     effects = direction @ inp.label_emb.T.astype(np.float32)  # [L, F, C]
     strength = (effects.max(-1) - effects.mean(-1)).astype(np.float32)

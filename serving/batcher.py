@@ -46,7 +46,8 @@ class Overloaded(Exception):
 class _Pending(Generic[T, R]):
     item: T
     future: "asyncio.Future[R]"
-    enqueued: float = field(default_factory=time.perf_counter)
+    # `time` is looked up at each call (not bound at import), so tests can drive the batcher with a fake clock
+    enqueued: float = field(default_factory=lambda: time.perf_counter())
 
 
 class MicroBatcher(Generic[T, R]):

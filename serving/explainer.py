@@ -34,6 +34,7 @@ from .heatmap import overlay
 from .images import ImageError, decode_image
 from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
 from .intervene import parse_edit_sets
+from .results import check_top_k, image_result, score_record
 from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, TotalEffectUnavailable, validate_labels
 from .schemas import EditSet, ImageResult, InterveneResponse
 
@@ -63,25 +64,6 @@ def read_image(image: ImageInput, max_bytes: int = MAX_FILE_BYTES) -> Image.Imag
             raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
         return decode_image(data, max_bytes=max_bytes)
     raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, bytes, a PIL image or a uint8 array")
-
-
-def spatial_record(result: ImageResult) -> dict[str, Any] | None:
-    """The predicted label's maps as a flat record field: grid, residual and the `ClassMap` fields
-    without per-head maps (None when the result has no map for the predicted label)."""
-    sp = result.spatial
-    if sp is None or not sp.classes or sp.classes[0].label != result.predicted:
-        return None
-    return {"grid": list(sp.grid), "residual": sp.residual, **sp.classes[0].model_dump(exclude={"heads", "heads_cls_cell"})}
-
-
-def total_effect_record(result: ImageResult) -> dict[str, Any] | None:
-    """The predicted label's total-effect map as a flat record field: the `TotalEffectClass` fields plus the
-    map's grid, method, rows, fill and fill_source (None when the result has none for the predicted label)."""
-    te = result.total_effect
-    if te is None or not te.classes or te.classes[0].label != result.predicted:
-        return None
-    return {"grid": list(te.grid), "method": te.method, "rows": te.rows, "fill": list(te.fill), "fill_source": te.fill_source,
-            **te.classes[0].model_dump()}
 
 
 class Explainer:
@@ -217,30 +199,21 @@ class Explainer:
         return self.records_from_outputs(raw, pixels if self.total_effect else None)
 
     def records_from_outputs(self, raw: RawOutputs, pixels: np.ndarray | None = None) -> list[dict[str, Any]]:
-        """Records from the graph's outputs, built by `BundleRuntime.results` (the service's own code).
-        `pixels` [B, 3, H, W] (the batch `raw` came from): with `total_effect`, its maps are measured on them."""
+        """Records from the graph's outputs: `serving.results.score_record` of each image's `image_result`
+        (the service's own result code), with the predicted label's maps when `spatial` and its total-effect
+        map when `total_effect` (measured on `pixels` [B, 3, H, W], the batch `raw` came from)."""
+        names = self.label_names
+        k = check_top_k(self.top_k, len(names))
+        maps = self.runtime.spatial_maps(raw, names, k) if self.spatial and raw.has_spatial else None
         te = None
         if self.total_effect:
             if pixels is None:
                 raise ValueError("total_effect records need the preprocessed pixels the outputs came from")
-            te = self.runtime.total_effect(pixels, self.text_embeddings, self.label_names, raw.logits, 1)
-        results = self.runtime.results(raw, self.label_names, top_k=self.top_k, detail=False, spatial=self.spatial,
-                                       total_effect=te)
-        records = []
-        for r in results:
-            rec: dict[str, Any] = {
-                "path": None,
-                "error": None,
-                "label": r.predicted,
-                "top": [{"label": t.label, "probability": t.probability, "logit": t.logit} for t in r.top],
-                "shares": dict(zip(self.term_names, r.term_shares)),
-            }
-            if self.spatial and r.spatial is not None:
-                rec["spatial"] = spatial_record(r)
-            if self.total_effect and r.total_effect is not None:
-                rec["total_effect"] = total_effect_record(r)
-            records.append(rec)
-        return records
+            te = self.runtime.total_effect(pixels, self.text_embeddings, names, raw.logits, 1)
+        return [score_record(image_result(raw, b, names, self.term_names, k=k, detail=False, include_embedding=False),
+                             self.term_names, maps[b] if maps is not None else None, with_spatial=self.spatial,
+                             total_effect=te[b] if te is not None else None)
+                for b in range(len(raw))]
 
     def score(self, images: Sequence[ImageInput], paths: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """One record per image (unreadable ones get `error`); `paths` fill the records' `path`."""

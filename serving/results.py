@@ -98,3 +98,39 @@ def image_result(
     if include_embedding:
         out["embedding"] = raw.embedding[b].astype(np.float64).tolist()
     return out
+
+
+def score_record(res: dict[str, Any], term_names: Sequence[str], spatial: dict[str, Any] | None = None,
+                 with_spatial: bool = False, total_effect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flat record of batch scoring (`Explainer.score`, cltvit-score, the stream, Ray) from one
+    `image_result` dict: `label` (the predicted one), `top`, `shares` keyed by term; `path` and `error`
+    are the job's to fill. `with_spatial` adds `spatial`: the predicted label's maps from the image's
+    `serving.spatial.spatial_maps` dict (`spatial_record`); a `total_effect` map dict
+    (`serving.spatial.total_effect_map`) adds `total_effect` (`total_effect_record`)."""
+    rec: dict[str, Any] = {"path": None, "error": None, "label": res["predicted"], "top": res["top"],
+                           "shares": dict(zip(term_names, res["term_shares"]))}
+    if with_spatial and spatial is not None:
+        rec["spatial"] = spatial_record(spatial, res["predicted"])
+    if total_effect is not None:
+        rec["total_effect"] = total_effect_record(total_effect, res["predicted"])
+    return rec
+
+
+def spatial_record(spatial: dict[str, Any], predicted: str) -> dict[str, Any] | None:
+    """The predicted label's maps as a flat record field: grid, residual and the `ClassMap` fields without
+    per-head maps (None when the image has no map for the predicted label)."""
+    classes = spatial["classes"]
+    if not classes or classes[0]["label"] != predicted:
+        return None
+    first = {k: v for k, v in classes[0].items() if k not in ("heads", "heads_cls_cell")}
+    return {"grid": list(spatial["grid"]), "residual": spatial["residual"], **first}
+
+
+def total_effect_record(total_effect: dict[str, Any], predicted: str) -> dict[str, Any] | None:
+    """The predicted label's total-effect map as a flat record field: the map's grid, method, rows, fill and
+    fill_source plus the first class's fields (None when the image has no map for the predicted label)."""
+    classes = total_effect["classes"]
+    if not classes or classes[0]["label"] != predicted:
+        return None
+    return {"grid": list(total_effect["grid"]), "method": total_effect["method"], "rows": total_effect["rows"],
+            "fill": list(total_effect["fill"]), "fill_source": total_effect["fill_source"], **classes[0]}

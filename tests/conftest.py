@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,20 @@ def observe_variant_bundle(tmp_path_factory) -> Path:
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-observe", mode="observe", variants=("int8", "int8-clt", "fp16"))
 
 
+FORMAT1_FIXTURE = Path(__file__).parent / "fixtures" / "format1-tiny"
+
+
 @pytest.fixture(scope="session")
-def v1_bundle(tmp_path_factory) -> Path:
-    """A format-1 bundle as older cltvit versions wrote it: the tiny model without spatial outputs and
-    a manifest with `format_version` 1 and no `spatial`, `patches` or `intervene` key. Read-only."""
-    root = make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-v1", spatial_top_k=0, intervene=False)
-    raw = json.loads((root / "bundle.json").read_text())
-    raw["format_version"] = 1
-    del raw["spatial"], raw["patches"]
-    (root / "bundle.json").write_text(json.dumps(raw, indent=2))
+def v1_bundle(bundle, tmp_path_factory) -> Path:
+    """A real format-1 bundle, written by the exporter before bundle format 2 and kept unedited in
+    tests/fixtures/format1-tiny (README there): its manifest, fused graph and label embeddings, plus the
+    text tower and BPE vocabulary copied from `bundle` (byte-identical; the manifest's checksums say so).
+    Read-only."""
+    root = tmp_path_factory.mktemp("bundle") / "tiny-v1"
+    shutil.copytree(FORMAT1_FIXTURE, root, ignore=shutil.ignore_patterns("README.md"))
+    manifest = json.loads((root / "bundle.json").read_text())
+    for name in ("text.onnx", manifest["tokenizer"]["vocab_file"]):
+        shutil.copyfile(bundle / name, root / name)
     return root
 
 

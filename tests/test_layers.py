@@ -9,6 +9,9 @@ list of optional or order-sensitive ones, and there is no import cycle between p
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,3 +110,35 @@ def test_a_planted_violation_is_caught(tmp_path):
     (tmp_path / "training" / "model" / "vit.py").write_text("")
     found = graph.imports_of(pkg / "bad.py", tmp_path)
     assert [(i.target, i.in_function) for i in found] == [("numpy", False), ("torch", True), ("training.model.vit", True)]
+
+
+FRESH_IMPORT = r"""
+import importlib, json, pkgutil, sys
+import numpy as np
+from PIL import Image
+import bundle, serving
+skipped = {"serving.jobs.ray_engine"}  # the optional ray extra
+names = [m.name for pkg in (bundle, serving) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+         if m.name not in skipped]
+for name in names:
+    importlib.import_module(name)
+from serving.explainer import Explainer
+(result,) = Explainer(sys.argv[1], device="cpu", threads=1).explain([Image.new("RGB", (40, 30), (200, 10, 10))])
+print(json.dumps({"imported": names, "modules": sorted(sys.modules), "predicted": result.predicted}))
+"""
+
+
+def test_serving_never_imports_torch_in_a_fresh_interpreter(bundle):
+    """The static scan above reads `import` statements; this runs them: a fresh interpreter imports every
+    module of bundle/ and serving/ (the optional ray extra aside), explains an image, and then holds no
+    torch, open_clip or safetensors module and nothing from training/, export/ or pipeline/."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", FRESH_IMPORT, str(bundle)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"serving.service", "serving.engine", "serving.runtime", "serving.jobs.score", "bundle.manifest"} <= set(report["imported"])
+    loaded = report["modules"]
+    bad = [m for m in loaded if _top(m) in TORCH | {"training", "export", "pipeline"}]
+    assert not bad, bad
+    assert report["predicted"]

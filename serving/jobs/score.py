@@ -22,9 +22,9 @@ mean-shift scores of the last `--window` images' contribution shares against the
 (serving.jobs.drift); `--metrics-file` keeps a Prometheus textfile of them up to date.
 
 With `--spatial` every record carries `spatial`: the predicted label's patch maps per attention layer
-and summed (serving.explainer.spatial_record; local engine only). With `--total-effect` every record
+and summed (serving.results.spatial_record; local engine only). With `--total-effect` every record
 carries `total_effect`: the predicted label's total-effect map, measured on P + 1 edited copies of the
-image per image (serving.explainer.total_effect_record; local engine only; P + 1 times the model work).
+image per image (serving.results.total_effect_record; local engine only; P + 1 times the model work).
 
 `--engine ray` runs the same scoring on Ray Data (serving.jobs.ray_engine); `--out` is then a directory.
 """
@@ -291,8 +291,8 @@ def _pyarrow() -> Any:
 
 def arrow_schema(term_names: Sequence[str], spatial: bool = False, total_effect: bool = False) -> Any:
     """The Arrow schema of result records (shares as a struct with one float field per term; with
-    `spatial` the predicted label's maps as a struct, see serving.explainer.spatial_record; with
-    `total_effect` its total-effect map, serving.explainer.total_effect_record)."""
+    `spatial` the predicted label's maps as a struct, see serving.results.spatial_record; with
+    `total_effect` its total-effect map, serving.results.total_effect_record)."""
     pa = _pyarrow()
     fields = [
         ("path", pa.string()),

@@ -6,9 +6,13 @@ import json
 import shutil
 
 import numpy as np
+import pydantic
 import pytest
 
 from bundle import BundleError, Manifest, file_sha256, load_bundle
+from bundle import atlas as atlas_models
+from bundle import manifest as manifest_models
+from bundle.strict import Strict
 
 
 @pytest.fixture()
@@ -123,3 +127,20 @@ def test_manifest_model_rejects_unknown_keys(variant_bundle):
     Manifest.model_validate(raw)
     with pytest.raises(ValueError, match="extra"):
         Manifest.model_validate({**raw, "surprise": 1})
+
+
+def test_every_bundle_file_model_is_strict_and_frozen(variant_bundle):
+    """bundle.json's and atlas.json's models share one strict base (bundle/strict.py): a misspelt key is
+    refused by name at any depth, in either file's models, and a parsed model cannot be changed."""
+    raw = json.loads((variant_bundle / "bundle.json").read_text())
+    with pytest.raises(pydantic.ValidationError, match="preprocess.resise"):
+        Manifest.model_validate({**raw, "preprocess": {**raw["preprocess"], "resise": "shortest"}})
+    with pytest.raises(pydantic.ValidationError, match="min_margn"):
+        atlas_models.Thresholds.model_validate({"weak_effect": 0.05, "min_margin": 0.01, "min_class_fraction": 0.5, "min_margn": 1})
+    m = Manifest.model_validate(raw)
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        m.mode = "all"
+    for module in (atlas_models, manifest_models):
+        models = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, pydantic.BaseModel)
+                  and v.__module__ == module.__name__]
+        assert models and all(issubclass(v, Strict) or v.model_config.get("extra") == "allow" for v in models), module

@@ -68,6 +68,10 @@ def test_monitor_window_matches_direct_computation_and_exports_metrics(tmp_path:
         mon.update(chunk)
     assert len(mon) == 50 and mon.total == 173
     np.testing.assert_allclose(mon.scores(), mean_shift(data[-50:], ref), rtol=1e-9)
+    # by hand: |mean over the window - mean of the reference| / std of the reference (ddof 1)
+    ref_shares = np.random.default_rng(3).dirichlet(np.ones(5), size=500)
+    np.testing.assert_allclose(mon.scores(), np.abs(data[-50:].mean(0) - ref_shares.mean(0)) / ref_shares.std(0, ddof=1),
+                               rtol=1e-9)
     summary = mon.summary()
     assert summary["window"] == 50 and summary["worst_term"] == TERMS[int(mon.scores().argmax())]
     assert summary["score"] == pytest.approx(mon.scores().max())
@@ -158,6 +162,12 @@ def test_drift_near_zero_on_like_data_and_high_on_shifted_data(bundle, tmp_path)
         records = read_jsonl(out)
         assert [r["drift"]["window"] for r in records[:3]] == [1, 2, 3] and records[-1]["drift"]["window"] == 300
         final[name] = records[-1]["drift"]
+        # the scores by hand from the two JSONL files' own shares: |mean_window - mean_ref| / std_ref
+        ref_shares = np.array([list(r["shares"].values()) for r in read_jsonl(tmp_path / "ref.jsonl") if not r.get("error")])
+        window = np.array([list(r["shares"].values()) for r in records[-300:]])
+        by_hand = np.abs(window.mean(0) - ref_shares.mean(0)) / np.maximum(ref_shares.std(0, ddof=1), 1e-3)
+        np.testing.assert_allclose(list(final[name]["scores"].values()), by_hand, rtol=1e-4, atol=2e-6)
+        assert final[name]["score"] == pytest.approx(by_hand.max(), rel=1e-4, abs=2e-6)
         prom = (tmp_path / f"{name}.prom").read_text()
         assert f"cltvit_drift_max_score {final[name]['score']:.6g}" in prom
     same, inv, rot = (final[n]["score"] for n in ("same", "inverted", "rotated"))

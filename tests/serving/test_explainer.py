@@ -60,6 +60,23 @@ def test_python_api_equals_the_service(server, bundle, pngs):
         assert [(f["layer"], f["index"]) for f in http["top_features"]] == [(f.layer, f.index) for f in res.top_features]
 
 
+def test_a_record_is_the_image_result_flattened(bundle, pngs):
+    """One answer, two shapes: a scoring record (serving.results.score_record) carries exactly the
+    ImageResult's numbers for the same image: predicted label, top labels with probability and logit, term
+    shares keyed by term, and the predicted label's maps without per-head grids."""
+    ex = serving.Explainer(bundle, top_k=3, spatial=True)
+    for res, rec in zip(ex.explain(pngs, detail=False), ex.score(pngs, paths=["p"] * len(pngs))):
+        assert rec["label"] == res.predicted and rec["path"] == "p" and rec["error"] is None
+        assert rec["top"] == [t.model_dump() for t in res.top]
+        assert rec["shares"] == dict(zip(ex.term_names, res.term_shares))
+        first = res.spatial.classes[0]
+        if first.label == res.predicted:
+            assert rec["spatial"] == {"grid": list(res.spatial.grid), "residual": res.spatial.residual,
+                                      **first.model_dump(exclude={"heads", "heads_cls_cell"})}
+        else:
+            assert rec["spatial"] is None
+
+
 def test_custom_labels_equal_the_service(server, bundle, pngs):
     labels = ["a sneaker", "a handbag", "a pair of trousers", "a shirt"]
     ex = serving.Explainer(bundle, labels=labels, top_k=4)

@@ -73,6 +73,28 @@ def test_results_match_the_explainer_on_the_same_images(reference_run, folder, b
     assert_same_records(direct, sample)
 
 
+def test_results_match_the_runtimes_raw_outputs(reference_run, folder, bundle):
+    """Independent of the code that builds records: the ONNX graph's own logits and contributions for the
+    same files, softmax and shares |contribution| / sum |contributions| at the top label worked out here."""
+    from PIL import Image
+
+    from serving.runtime import BundleRuntime
+
+    rt = BundleRuntime(bundle, device="cpu", threads=1)
+    sample = [r for r in reference_run if not r["error"]][::29]
+    pixels = np.stack([rt.preprocess(Image.open(folder[0] / r["path"]).convert("RGB")) for r in sample])
+    raw = rt.run(pixels)
+    for r, logits, contrib in zip(sample, raw.logits.astype(np.float64), raw.contributions.astype(np.float64)):
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-logits)[:5]
+        assert [t["label"] for t in r["top"]] == [rt.label_names[c] for c in order] and r["label"] == rt.label_names[order[0]]
+        np.testing.assert_allclose([t["probability"] for t in r["top"]], probs[order], rtol=1e-6, atol=1e-9)
+        picked = np.abs(contrib[:, order[0]])
+        assert list(r["shares"]) == rt.term_names
+        np.testing.assert_allclose(list(r["shares"].values()), picked / picked.sum(), rtol=1e-6, atol=1e-9)
+
+
 def test_rerun_is_a_no_op_and_overwrite_is_deterministic(reference_run, folder, bundle, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     args = [str(folder[0]), "--bundle", str(bundle), "--out", str(out), "--batch-size", "7", "--workers", "3", "--quiet"]

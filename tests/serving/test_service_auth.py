@@ -1,4 +1,8 @@
-"""Bearer-token auth (CLTVIT_API_TOKEN) on a real server, and the startup checks of cltvit-serve."""
+"""Bearer-token auth (CLTVIT_API_TOKEN) on a real server, and the startup checks of cltvit-serve.
+
+The viewer's server side runs here too, without a browser (tests/serving/test_viewer.py drives the page
+itself and is skipped where Chromium is missing): the page and its files are open, the atlas needs the
+token, and /explain's top features carry the atlas's labels."""
 from __future__ import annotations
 
 import io
@@ -11,15 +15,20 @@ import pytest
 import requests
 from PIL import Image
 
+from bundle import load_bundle
+from serving.atlas import Atlas
 from serving.cli import running_server
 from serving.client import CltvitClient, ServiceError
+from training.data import FashionMNIST
 
 TOKEN = "s3cret-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
-    with running_server(bundle, env={"CLTVIT_API_TOKEN": TOKEN}) as url:
+def server(atlas_bundle):
+    """The tiny bundle with an atlas (so the viewer's atlas routes are under auth too), token required."""
+    with running_server(atlas_bundle, env={"CLTVIT_API_TOKEN": TOKEN}) as url:
         yield url
 
 
@@ -41,8 +50,37 @@ def test_requests_without_the_token_get_401(server, headers):
 
 
 def test_health_probes_are_open(server):
-    for path in ("/livez", "/readyz"):
-        assert requests.get(server + path, timeout=30).status_code == 200
+    for path in ("/livez", "/readyz", "/healthz"):  # the three docs/serving.md names as open under auth
+        assert requests.get(server + path, timeout=30).status_code == 200, path
+
+
+def test_the_viewer_page_is_open_and_the_atlas_needs_the_token(server):
+    for path in ("/ui/", "/ui/app.js"):  # the page itself holds no data
+        r = requests.get(f"{server}{path}", timeout=30)
+        assert r.status_code == 200 and r.content, path
+    for path in ("/atlas", "/atlas/features/0/0"):
+        r = requests.get(f"{server}{path}", timeout=30)
+        assert r.status_code == 401 and "token" in r.json()["error"], path
+        assert requests.get(f"{server}{path}", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        assert requests.get(f"{server}{path}", headers=AUTH, timeout=30).status_code == 200, path
+
+
+def test_explain_over_http_carries_the_atlas_labels(server, atlas_bundle):
+    atlas = Atlas(load_bundle(atlas_bundle)[1].atlas)
+    buf = io.BytesIO()
+    FashionMNIST("test", limit=2)[1][0].resize((56, 56)).save(buf, format="PNG")
+    r = requests.post(f"{server}/explain", files={"image": ("t.png", buf.getvalue(), "image/png")}, data={"top_k": "5"},
+                      headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    features = r.json()["top_features"]
+    assert features
+    for f in features:
+        lab = atlas.label(f["layer"], f["index"])
+        assert (f["label"], f["label_source"], f["low_confidence"]) == (lab.label, lab.source, lab.low_confidence)
+    # the feature page over HTTP names the same label
+    f = features[0]
+    page = requests.get(f"{server}/atlas/features/{f['layer']}/{f['index']}", headers=AUTH, timeout=30).json()
+    assert page["label"] == f["label"]
 
 
 def test_right_token_is_served(server):

@@ -1,4 +1,9 @@
-"""The service's parts without a server: the micro-batcher, the label-set cache, request parsing."""
+"""The service's parts without a server: the micro-batcher, the label-set cache, request parsing.
+
+The batcher tests are driven by events and a fake clock, never by sleeps: the model function blocks
+until the test releases it, the test waits for a condition (`until`, with a deadline far above any
+real wait), and queue-wait checks read `FakeClock` instead of the wall clock.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -6,65 +11,110 @@ import base64
 import json
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
 
+import serving.batcher
 from serving.batcher import MicroBatcher, Overloaded
 from serving.inputs import RequestError, parse_image_request
 from serving.runtime import BundleRuntime, LabelCache
+
+DEADLINE_S = 30.0  # for conditions that hold within milliseconds; a failure is a hang, not a slow machine
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the event loop (and the batcher's thread) run until `condition()` holds; fail after DEADLINE_S."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.001)
+
+
+class FakeClock:
+    """Stands in for the `time` module in serving.batcher: `perf_counter()` moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
 
 
 # ---------------------------------------------------------------------- MicroBatcher
 def test_batcher_batches_under_load_and_returns_each_its_own_result():
     calls: list[list[int]] = []
+    release = threading.Event()
 
     def run(items: list[int]) -> list[int]:
         calls.append(items)
-        time.sleep(0.01)  # the model is busy: arrivals queue up behind it
+        release.wait(DEADLINE_S)  # the model is busy until every request has queued behind it
         return [x * 10 for x in items]
 
     async def main() -> list[int]:
         b = MicroBatcher(run, max_batch_size=8, max_queue=100)
         try:
-            return await asyncio.gather(*(b.submit(i) for i in range(40)))
+            first = asyncio.ensure_future(b.submit(0))
+            await until(lambda: len(calls) == 1, "the first batch started")
+            rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 40)]
+            await until(lambda: len(b) == 39, "39 requests queued behind the running batch")
+            release.set()
+            return await asyncio.gather(first, *rest)
         finally:
             await b.close()
 
     assert asyncio.run(main()) == [i * 10 for i in range(40)]
-    assert sorted(x for c in calls for x in c) == list(range(40))
-    assert max(len(c) for c in calls) == 8 and len(calls) < 40
+    # the first request alone, then the 39 queued ones in full batches of 8, in arrival order
+    assert calls == [[0]] + [list(range(i, min(i + 8, 40))) for i in range(1, 40, 8)]
 
 
-def test_batcher_lone_request_is_dispatched_without_waiting():
-    async def main() -> float:
-        b = MicroBatcher(lambda xs: xs, max_batch_size=64, max_queue=10)
-        await b.submit(0)  # starts the worker thread
-        t0 = time.perf_counter()
-        await b.submit(1)
-        dt = time.perf_counter() - t0
+def test_batcher_lone_request_is_dispatched_without_waiting_for_company():
+    """With no batching window, a lone request reaches the model while no other request exists; with a
+    window (max_wait_s) the same lone request is held until company fills the batch."""
+    dispatched: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        dispatched.append(items)
+        return items
+
+    async def main() -> None:
+        b = MicroBatcher(run, max_batch_size=4, max_queue=10)
+        assert await asyncio.wait_for(b.submit(1), DEADLINE_S) == 1 and dispatched == [[1]]
         await b.close()
-        return dt
+        held = MicroBatcher(run, max_batch_size=4, max_queue=10, max_wait_s=3600.0)
+        lone = asyncio.ensure_future(held.submit(2))
+        for _ in range(50):  # many turns of the event loop: the window keeps it waiting
+            await asyncio.sleep(0)
+        assert dispatched == [[1]] and not lone.done()
+        company = [asyncio.ensure_future(held.submit(i)) for i in (3, 4, 5)]  # a full batch is sent at once
+        assert await asyncio.wait_for(asyncio.gather(lone, *company), DEADLINE_S) == [2, 3, 4, 5]
+        assert dispatched == [[1], [2, 3, 4, 5]]
+        await held.close()
 
-    assert asyncio.run(main()) < 0.5  # no batching window: far below any wait a batcher could add
+    asyncio.run(main())
 
 
 def test_batcher_runs_a_lone_item_inline_only_when_idle():
     threads: list[int] = []
+    release = threading.Event()
 
     def run(items: list[int]) -> list[int]:
         threads.append(threading.get_ident())
-        time.sleep(0.05)
+        if items == [2]:
+            release.wait(DEADLINE_S)
         return items
 
     async def main() -> None:
         b = MicroBatcher(run, max_batch_size=4, max_queue=10)
         assert await b.submit(1, inline_if_idle=True) == 1 and threads[-1] == threading.get_ident()
-        busy = asyncio.ensure_future(b.submit(2))  # worker thread
-        await asyncio.sleep(0.01)
+        busy = asyncio.ensure_future(b.submit(2))  # worker thread, blocked until released
+        await until(lambda: len(threads) == 2, "the worker took request 2")
         assert not b.idle
-        assert await b.submit(3, inline_if_idle=True) == 3  # model busy: queued, not inline
-        assert await busy == 2
+        third = asyncio.ensure_future(b.submit(3, inline_if_idle=True))  # model busy: queued, not inline
+        await until(lambda: len(b) == 1, "request 3 queued")
+        release.set()
+        assert await busy == 2 and await third == 3
         await b.close()
 
     asyncio.run(main())
@@ -73,17 +123,19 @@ def test_batcher_runs_a_lone_item_inline_only_when_idle():
 
 def test_batcher_overload_and_errors_are_per_request():
     release = threading.Event()
+    started = threading.Event()
 
     def run(items: list[int]) -> list[object]:
-        release.wait(5)
+        started.set()
+        release.wait(DEADLINE_S)
         return [ValueError(f"bad {x}") if x == 2 else x for x in items]
 
     async def main() -> list[object]:
         b = MicroBatcher(run, max_batch_size=2, max_queue=3)
         first = asyncio.ensure_future(b.submit(0))  # taken at once, blocks the worker
-        await asyncio.sleep(0.05)
+        await until(started.is_set, "the worker took request 0")
         queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3)]
-        await asyncio.sleep(0)
+        await until(lambda: len(b) == 3, "3 requests queued")
         with pytest.raises(Overloaded) as err:
             await b.submit(4)  # 3 already waiting
         assert err.value.retry_after >= 1
@@ -99,21 +151,24 @@ def test_batcher_overload_and_errors_are_per_request():
 
 def test_batcher_drops_cancelled_requests_and_survives_a_failing_batch():
     seen: list[list[int]] = []
+    release = threading.Event()
 
     def run(items: list[int]) -> list[int]:
         seen.append(items)
         if 7 in items:
             raise RuntimeError("model crashed")
-        time.sleep(0.05)
+        if items == [0]:
+            release.wait(DEADLINE_S)
         return items
 
     async def main() -> tuple[object, object]:
         b = MicroBatcher(run, max_batch_size=4, max_queue=10)
         busy = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.01)
+        await until(lambda: seen == [[0]], "the worker took request 0")
         gone = asyncio.ensure_future(b.submit(5))
-        await asyncio.sleep(0)
+        await until(lambda: len(b) == 1, "request 5 queued")
         gone.cancel()  # the client went away while queued
+        release.set()
         await busy
         crashed = await asyncio.gather(b.submit(7), return_exceptions=True)
         after = await b.submit(8)
@@ -125,9 +180,14 @@ def test_batcher_drops_cancelled_requests_and_survives_a_failing_batch():
     assert all(5 not in s for s in seen)
 
 
-def test_batcher_refuses_requests_that_waited_too_long():
+def test_batcher_refuses_requests_that_waited_too_long(monkeypatch):
+    """Queue waits read the batcher's clock (a fake one here): the first batch takes 0.3 s of it, so the
+    two requests queued behind it have waited 0.3 s > max_queue_wait_s = 0.1 s when their turn comes."""
+    clock = FakeClock()
+    monkeypatch.setattr(serving.batcher, "time", clock)
+
     def run(items: list[int]) -> list[int]:
-        time.sleep(0.3)
+        clock.now += 0.3
         return items
 
     async def main() -> list[object]:
@@ -137,7 +197,21 @@ def test_batcher_refuses_requests_that_waited_too_long():
         return out
 
     out = asyncio.run(main())
-    assert out[0] == 0 and all(isinstance(o, Overloaded) for o in out[1:])
+    assert out[0] == 0 and all(isinstance(o, Overloaded) and "waited 0.3 s" in str(o) for o in out[1:]), out
+    # and a request that waited less than the bound is run
+    clock.now = 2000.0
+
+    def quick(items: list[int]) -> list[int]:
+        clock.now += 0.05
+        return items
+
+    async def main2() -> list[object]:
+        b = MicroBatcher(quick, max_batch_size=1, max_queue=10, max_queue_wait_s=0.1)
+        out = await asyncio.gather(*(b.submit(i) for i in range(2)), return_exceptions=True)
+        await b.close()
+        return out
+
+    assert asyncio.run(main2()) == [0, 1]
 
 
 # ---------------------------------------------------------------------- LabelCache

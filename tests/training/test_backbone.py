@@ -1,5 +1,10 @@
-"""Backbone loading: project configs, clear errors for unknown names, tags and unreachable weight hubs."""
+"""Backbone loading: project configs, clear errors for unknown names, tags and unreachable weight hubs.
+
+No test here touches the network: the offline case blocks every connection of the process.
+"""
 from __future__ import annotations
+
+import socket
 
 import pytest
 import torch
@@ -17,13 +22,34 @@ def test_unknown_tag_lists_known_ones():
         load_backbone("ViT-B-32", "no-such-tag")
 
 
-@pytest.mark.skipif(_hub_reachable(), reason="the weight hub is reachable: this test is for offline machines")
-def test_pretrained_tag_offline_says_how_to_supply_weights():
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Every outgoing connection from this process fails as on an offline machine (and none is made)."""
+    attempts: list[object] = []
+
+    def refuse(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable (blocked by the test)")
+
+    def no_dns(host, *args, **kwargs):
+        attempts.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution (blocked by the test)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    return attempts
+
+
+def test_pretrained_tag_offline_says_how_to_supply_weights(no_network):
+    assert not _hub_reachable()  # the reachability check sees the blocked network
     with pytest.raises(BackboneError) as err:
         load_backbone("ViT-B-32", "openai")
     msg = str(err.value)
     assert "ViT-B-32/openai" in msg and "file path as --pretrained" in msg
     assert err.value.__cause__ is None  # no stack trace from deep inside the hub client
+    # only the cheap reachability probes were tried; the hub client was told to stay offline
+    assert no_network and set(no_network) == {"huggingface.co"}, no_network
 
 
 def test_same_seed_same_fingerprint_other_seed_differs():

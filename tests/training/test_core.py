@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.model import vit
-from training.model.decompose import MODES, decompose, term_names
+from training.model.decompose import MODES, decompose, final_ln_map, frozen_inv_sigma, frozen_ln_map, term_names
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,22 @@ def test_decomposition_is_complete(tiny_backbone, tiny_clt, pixels, mode):
     else:
         assert d.term_resid[:, -1].abs().max() == 0
     assert d.top_layer.shape == d.top_index.shape == (B, 4)
+
+
+@torch.no_grad()
+def test_final_ln_map_is_open_clips_ln_post_and_proj_with_the_scale_held(tiny_backbone):
+    """The one home of the final-LayerNorm map (decompose, atlas and the spatial evaluation all call it): at
+    the input's own 1/sigma it is open_clip's ln_post then proj; with the scale held it is affine, so a sum
+    of terms maps to the sum of their maps (shift once); `shift=False` is linear."""
+    visual = tiny_backbone.visual
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, tiny_backbone.d_model, generator=g) * 3 + 0.5
+    inv_sigma = frozen_inv_sigma(visual.ln_post, x)
+    torch.testing.assert_close(final_ln_map(visual, x, inv_sigma), visual.ln_post(x) @ visual.proj, rtol=1e-5, atol=1e-6)
+    parts = torch.randn(3, 4, tiny_backbone.d_model, generator=g)
+    mapped = final_ln_map(visual, parts, inv_sigma, shift=False)
+    torch.testing.assert_close(mapped.sum(0) + visual.ln_post.bias @ visual.proj, final_ln_map(visual, parts.sum(0), inv_sigma),
+                               rtol=1e-5, atol=1e-5)
+    terms, shift = frozen_ln_map(visual, x, parts.transpose(0, 1))  # [B, T', d] -> [B, T', D]
+    torch.testing.assert_close(terms, mapped.transpose(0, 1))
+    torch.testing.assert_close(shift, visual.ln_post.bias @ visual.proj)

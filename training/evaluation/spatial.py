@@ -66,7 +66,7 @@ from torch import nn
 from bundle.patches import fill_patches, patch_pixel_masks, total_effect_rows, total_effect_scores
 
 from ..model.clt import SparseCode
-from ..model.decompose import Mode, decompose, frozen_inv_sigma, splice_for_mode
+from ..model.decompose import Mode, decompose, final_ln_map, frozen_inv_sigma, held_layernorm, splice_for_mode
 from ..model.vit import blocks, check_spatial_supported, forward, self_attention
 from .metrics import EvaluationError
 
@@ -219,7 +219,7 @@ def linearised_logits(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, t
     held = held or Held()
 
     def ln(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x if isinstance(mod, nn.Identity) else _frozen_layernorm(mod, x, held(lambda: frozen_inv_sigma(mod, x)))
+        return x if isinstance(mod, nn.Identity) else held_layernorm(mod, x, held(lambda: frozen_inv_sigma(mod, x)))
 
     def linear_mlp(l: int, blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
         mlp = blk.mlp
@@ -239,16 +239,10 @@ def linearised_logits(visual: nn.Module, clt: nn.Module, pixels: torch.Tensor, t
         h = ln(blk.ln_1, x)
         x = x + self_attention(blk, h, held(lambda: self_attention(blk, h)[2]))[0]
         x = x + splice(l, ln(blk.ln_2, x), lambda t, l=l, blk=blk: linear_mlp(l, blk, t))
-    e = ln(visual.ln_post, x[:, 0])
-    if visual.proj is not None:
-        e = e @ visual.proj
+    c = x[:, 0]
+    e = final_ln_map(visual, c, held(lambda: frozen_inv_sigma(visual.ln_post, c)))
     norm = held(lambda: e.norm(dim=-1, keepdim=True))
     return scale * (e / norm) @ text.T, held
-
-
-def _frozen_layernorm(ln: nn.LayerNorm, x: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
-    """LayerNorm of x [..., d] with its scale 1/sigma [..., 1] given (held constant): affine in x."""
-    return (x - x.mean(-1, keepdim=True)) * inv_sigma * ln.weight + ln.bias
 
 
 def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor, values: torch.Tensor,
@@ -274,22 +268,20 @@ def cls_stream_logits(visual: nn.Module, clt: nn.Module, embed_cls: torch.Tensor
         attn = blk.attn
         d, H = attn.embed_dim, attn.num_heads
         src = c if through_clt else c.detach()
-        v0 = nn.functional.linear(_frozen_layernorm(blk.ln_1, src, scale_of(blk.ln_1, c)), attn.in_proj_weight[2 * d :])
+        v0 = nn.functional.linear(held_layernorm(blk.ln_1, src, scale_of(blk.ln_1, c)), attn.in_proj_weight[2 * d :])
         v = torch.cat([v0[:, None], values[l]], 1)  # [B, T, d]
         if attn.in_proj_bias is not None:
             v = v + attn.in_proj_bias[2 * d :]
         B, T = int(v.shape[0]), int(v.shape[1])
         mixed = torch.einsum("bht,bthe->bhe", weights[l], v.reshape(B, T, H, d // H)).reshape(B, d)
         c = c + blk.ls_1(attn.out_proj(mixed))
-        h = _frozen_layernorm(blk.ln_2, c if through_clt else c.detach(), scale_of(blk.ln_2, c))
+        h = held_layernorm(blk.ln_2, c if through_clt else c.detach(), scale_of(blk.ln_2, c))
         w = clt.decode_source(l, clt.held_code(l, h, codes[l]))  # [B, n_t, d], normalised
         w = w * clt.out_scale[l : l + int(w.shape[1])][None, :, None]
         for off in range(int(w.shape[1])):
             pending[l + off].append(w[:, off])
         c = c + clt.b_dec[l] * clt.out_scale[l] + sum(pending[l])
-    e = _frozen_layernorm(visual.ln_post, c, scale_of(visual.ln_post, c))
-    if visual.proj is not None:
-        e = e @ visual.proj
+    e = final_ln_map(visual, c, scale_of(visual.ln_post, c))
     norm = held(lambda: e.norm(dim=-1, keepdim=True))
     return scale * (e / norm) @ text.T, held.values
 

@@ -38,7 +38,7 @@ from .edits import Edits
 from .vit import CltSplice, ForwardResult, blocks, check_spatial_supported, explicit_attention_supported, forward, layer_scale
 
 Mode = Literal["cls", "all", "observe"]
-__all__ = ["MODES", "Decomposition", "Mode", "SpatialDecomposition", "class_directions", "decompose", "frozen_ln_map",
+__all__ = ["MODES", "Decomposition", "Mode", "SpatialDecomposition", "class_directions", "decompose", "final_ln_map", "frozen_ln_map",
            "spatial_parts", "spatial_weights", "splice_for_mode", "term_names"]
 
 
@@ -97,18 +97,28 @@ def frozen_inv_sigma(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(var + ln.eps)
 
 
+def held_layernorm(ln: nn.LayerNorm, x: torch.Tensor, inv_sigma: torch.Tensor | float, shift: bool = True) -> torch.Tensor:
+    """LayerNorm `ln` of x [..., d] with its scale 1/sigma [..., 1] given (held constant): affine in x;
+    `shift=False` leaves out ln's bias, so that the map is linear (what a term of a sum goes through)."""
+    out = (x - x.mean(dim=-1, keepdim=True)) * inv_sigma * ln.weight
+    return out + ln.bias if shift else out
+
+
+def final_ln_map(visual: nn.Module, x: torch.Tensor, inv_sigma: torch.Tensor | float, shift: bool = True) -> torch.Tensor:
+    """The image embedding's map from the final residual: ln_post with its scale 1/sigma [..., 1] held,
+    then proj; x [..., d] -> [..., D]. `shift=False`: without ln_post's bias (linear, for terms); an
+    `inv_sigma` of 1 leaves the image's scale out (a direction per unit of 1/sigma, as the atlas keeps)."""
+    out = held_layernorm(visual.ln_post, x, inv_sigma, shift)
+    return out @ visual.proj if visual.proj is not None else out
+
+
 def frozen_ln_map(visual: nn.Module, cls_resid: torch.Tensor, terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Map residual-space terms [B, T', d] linearly to embedding space [B, T', D] with ln_post's scale
     frozen at `cls_resid` [B, d]. Returns (mapped terms, the embedding of ln_post's shift [D])."""
     ln = visual.ln_post
     inv_sigma = frozen_inv_sigma(ln, cls_resid)[:, None, :]  # [B, 1, 1]
-    centred = terms - terms.mean(dim=-1, keepdim=True)
-    mapped = centred * inv_sigma * ln.weight
-    shift = ln.bias
-    if visual.proj is not None:
-        mapped = mapped @ visual.proj
-        shift = shift @ visual.proj
-    return mapped, shift
+    shift = ln.bias @ visual.proj if visual.proj is not None else ln.bias
+    return final_ln_map(visual, terms, inv_sigma, shift=False), shift
 
 
 def class_directions(visual: nn.Module, cls_resid: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor,
