@@ -8,13 +8,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .atlas import AtlasInfo
 from .format import FORMAT_VERSION, INTERVENE_MODES, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
 from .strict import Strict
+
+
+def _positive_grid(v: tuple[int, int]) -> tuple[int, int]:
+    if min(v) < 1:
+        raise ValueError(f"grid must be positive, got {v}")
+    return v
+
+
+Grid = Annotated[tuple[int, int], AfterValidator(_positive_grid)]  # (rows, columns) of patches, both >= 1
 
 
 class BundleError(ValueError):
@@ -95,15 +104,8 @@ class SpatialSpec(Strict):
     (rows, columns) of patches, per head for `heads` heads. Tokens T = 1 + rows * columns (CLS first)."""
 
     top_k: int = Field(ge=1)
-    grid: tuple[int, int]
+    grid: Grid
     heads: int = Field(ge=1)
-
-    @field_validator("grid")
-    @classmethod
-    def _positive_grid(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 1:
-            raise ValueError(f"grid must be positive, got {v}")
-        return v
 
     @property
     def n_tokens(self) -> int:
@@ -116,16 +118,9 @@ class PatchSpec(Strict):
     one value per channel in preprocessed units ((x - mean) / std); `fill_source` says what it is (for the
     reference model the dataset mean, the fill of the deletion test in training/evaluation/spatial.py)."""
 
-    grid: tuple[int, int]
+    grid: Grid
     fill: tuple[float, float, float]
     fill_source: str = Field(min_length=1, max_length=300)
-
-    @field_validator("grid")
-    @classmethod
-    def _positive_grid(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 1:
-            raise ValueError(f"grid must be positive, got {v}")
-        return v
 
     @field_validator("fill")
     @classmethod
