@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gzip
 import io
-import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -30,7 +27,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import requests
 import yaml
 from PIL import Image, ImageOps
@@ -39,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle import load_bundle  # noqa: E402
-from serving.cli import free_port, server_process  # noqa: E402
+from serving.cli import free_port, server_process, stop_process_group  # noqa: E402
 from serving.explainer import Explainer  # noqa: E402
 from serving.jobs.drift import DriftError, DriftProfile  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from load.fmnist import fashion_mnist_arrays  # noqa: E402
+
 KIT = ROOT / "monitoring"
-FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 # ---------------------------------------------------------------------- Prometheus
@@ -104,26 +102,13 @@ def running_prometheus(config: dict[str, Any], work: Path, port: int | None = No
                 time.sleep(0.2)
             yield url
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process_group(proc)
 
 
 # ---------------------------------------------------------------------- images and reference
 def fashion_mnist(split: str, n: int) -> list[Image.Image]:
     """The first n Fashion-MNIST images of `split` ('train' or 't10k') as grayscale PIL images (no torch)."""
-    path = FMNIST_DIR / f"{split}-images-idx3-ubyte.gz"
-    if not path.exists():
-        raise SystemExit(f"Fashion-MNIST not found at {path} (make data installs it, or set FMNIST_DIR)")
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    _, count, rows, cols = struct.unpack(">IIII", data[:16])
-    images = np.frombuffer(data, np.uint8, offset=16).reshape(count, rows, cols)
-    return [Image.fromarray(a, mode="L") for a in images[: min(n, count)]]
+    return [Image.fromarray(a, mode="L") for a in fashion_mnist_arrays(split, n)]
 
 
 def png(img: Image.Image) -> bytes:

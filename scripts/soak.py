@@ -188,20 +188,18 @@ def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
 
 
 # ---------------------------------------------------------------------- figures
-def window_rows(records: list[tuple[str, float, float, bool]], t0: float, window: float, n: int) -> list[dict[str, Any]]:
-    rows = []
-    for w in range(n):
-        lo, hi = t0 + w * window, t0 + (w + 1) * window
-        row: dict[str, Any] = {"window": w, "start_s": w * window}
-        for name in ("explain", "classify", "bad", "livez"):
-            lat = np.array([s for r, t, s, _ in records if r == name and lo <= t < hi])
-            fails = sum(1 for r, t, _, ok in records if r == name and lo <= t < hi and not ok)
-            row[name] = {"n": int(lat.size), "rps": lat.size / window, "failed": fails,
-                         "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
-                         "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None,
-                         "max_ms": float(lat.max() * 1e3) if lat.size else None}
-        rows.append(row)
-    return rows
+def window_row(records: list[tuple[str, float, float, bool]], w: int, window: float) -> dict[str, Any]:
+    """Requests/s, failures and p50/p99/max latency per endpoint of window `w` from its (role, t_end,
+    seconds, ok) records."""
+    row: dict[str, Any] = {"window": w, "start_s": w * window}
+    for name in ("explain", "classify", "bad", "livez"):
+        lat = np.array([s for r, _, s, _ in records if r == name])
+        fails = sum(1 for r, _, _, ok in records if r == name and not ok)
+        row[name] = {"n": int(lat.size), "rps": lat.size / window, "failed": fails,
+                     "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else None,
+                     "p99_ms": float(np.percentile(lat, 99) * 1e3) if lat.size else None,
+                     "max_ms": float(lat.max() * 1e3) if lat.size else None}
+    return row
 
 
 def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float | None], alive: bool) -> list[tuple[str, bool, str]]:
@@ -277,8 +275,8 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     t0 = time.time()
     deadline.value = t0 + args.minutes * 60
     start.set()
-    records: list[tuple[str, float, float, bool]] = []
     n_windows = int(args.minutes * 60 // args.window)
+    by_window: list[list[tuple[str, float, float, bool]]] = [[] for _ in range(n_windows)]  # records by window
     rss: list[float] = []
     gcs: list[float | None] = []
     cache_mb: list[float | None] = []
@@ -289,7 +287,7 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
             m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes"))
             gcs.append(m["cltvit_gc_full_collections_total"])
             cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
-            row = window_rows(records, t0, args.window, w + 1)[-1]
+            row = window_row(by_window[w], w, args.window)
             g = gcs[-1] - gcs[-2] if len(gcs) > 1 and gcs[-1] is not None and gcs[-2] is not None else None
             print(f"[{row['start_s']:6.0f} s] " + "  ".join(
                 f"{ep} {row[ep]['rps']:.0f}/s p50 {row[ep]['p50_ms'] or 0:.0f} p99 {row[ep]['p99_ms'] or 0:.0f} ms"
@@ -304,13 +302,16 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
         if chunk is None:
             done += 1
         else:
-            records.extend(chunk)
+            for rec in chunk:
+                w_of = int((rec[1] - t0) // args.window)
+                if 0 <= w_of < n_windows:
+                    by_window[w_of].append(rec)
     for pr in procs:
         pr.join(timeout=30)
     alive = server.poll() is None
     if alive:
         alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
-    rows = window_rows(records, t0, args.window, n_windows)
+    rows = [window_row(by_window[w], w, args.window) for w in range(n_windows)]
     checks = verdict(rows, rss, cache_mb, alive)
     print("verdict:")
     for name, ok, detail in checks:

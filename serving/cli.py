@@ -219,6 +219,18 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise RuntimeError(f"server at {url} not ready after {timeout:.0f}s")
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session=True), SIGKILL it after
+    `timeout` seconds, and reap `proc`; nothing if it has exited already."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @contextlib.contextmanager
 def server_process(
     bundle: str | Path,
@@ -245,13 +257,7 @@ def server_process(
         wait_ready(url, ready_timeout, proc)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         if log is not subprocess.DEVNULL:
             log.close()
         shutil.rmtree(home, ignore_errors=True)
