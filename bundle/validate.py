@@ -46,6 +46,15 @@ class BundlePaths:
         return self.models[variant]
 
 
+def _readable_signature(path: Path, problems: list[str]) -> Any:
+    """`_graph_signature(path)`, or None with a problem noted when the file is no readable ONNX model."""
+    try:
+        return _graph_signature(path)
+    except Exception as exc:  # corrupt protobuf
+        problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
+        return None
+
+
 def _graph_signature(path: Path) -> tuple[dict[str, tuple[int, list]], dict[str, tuple[int, list]], int | None]:
     """({name: (onnx elem_type, dims)} of a graph's inputs, the same of its outputs, its default-domain
     opset), reading the protobuf only. dims entries are ints (static) or strings (symbolic).
@@ -78,11 +87,10 @@ def _check_opset(path: Path, got: int | None, m: Manifest, problems: list[str]) 
 
 
 def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str]) -> None:
-    try:
-        ins, outs, opset = _graph_signature(path)
-    except Exception as exc:  # corrupt protobuf
-        problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
+    sig = _readable_signature(path, problems)
+    if sig is None:
         return
+    ins, outs, opset = sig
     _check_opset(path, opset, m, problems)
     if tuple(ins) != MODEL_INPUTS:
         problems.append(f"{path.name}: inputs are {list(ins)}, expected {list(MODEL_INPUTS)}")
@@ -132,11 +140,10 @@ def _check_model_graph(path: Path, variant: str, m: Manifest, problems: list[str
 
 def _check_intervene_graph(path: Path, m: Manifest, problems: list[str]) -> None:
     """The intervention graph's signature (docs/bundle.md): inputs, outputs, element types, fixed sizes."""
-    try:
-        ins, outs, opset = _graph_signature(path)
-    except Exception as exc:
-        problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
+    sig = _readable_signature(path, problems)
+    if sig is None:
         return
+    ins, outs, opset = sig
     _check_opset(path, opset, m, problems)
     if tuple(ins) != INTERVENE_INPUTS or tuple(outs) != INTERVENE_OUTPUTS:
         problems.append(f"{path.name}: signature {list(ins)} -> {list(outs)}, expected {list(INTERVENE_INPUTS)} -> "
@@ -167,11 +174,10 @@ def _check_intervene_graph(path: Path, m: Manifest, problems: list[str]) -> None
 
 
 def _check_text_graph(path: Path, m: Manifest, problems: list[str]) -> None:
-    try:
-        ins, outs, _ = _graph_signature(path)
-    except Exception as exc:
-        problems.append(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})")
+    sig = _readable_signature(path, problems)
+    if sig is None:
         return
+    ins, outs, _ = sig
     if tuple(ins) != TEXT_INPUTS or tuple(outs) != TEXT_OUTPUTS:
         problems.append(f"{path.name}: signature {list(ins)} -> {list(outs)}, expected {list(TEXT_INPUTS)} -> {list(TEXT_OUTPUTS)}")
         return
