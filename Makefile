@@ -49,7 +49,7 @@ prometheus:
 	fi
 
 # The suite without the `slow` tests (ViT-B-32/B-16 parity, the shipped weights' full report, the label-churn
-# load test), and those alone; CI (.ci/run) runs both.
+# load test, the browser and multi-process end-to-end tests: docs/testing.md), and those alone; CI (.ci/run) runs both.
 test: setup prometheus
 	$(PY) -m pytest -q -m "not slow"
 

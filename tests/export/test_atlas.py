@@ -210,6 +210,7 @@ def test_patch_tops_match_a_one_shot_computation(backbone, tmp_path):
 ATLAS_CLI = "import sys; from export.cli import atlas_main; sys.exit(atlas_main())"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["atlas.checkpoint_written@3", "atlas.state_tmp_written@3"])
 def test_kill_9_and_rerun_gives_the_uninterrupted_atlas(tmp_path, point):
     """SIGKILL a real cltvit-atlas right after its 3rd checkpoint (or between writing the 3rd checkpoint and

@@ -74,6 +74,7 @@ def burst(url: str, n: int, seed: int = 0) -> list[tuple[int, float, dict]]:
         return list(pool.map(one, range(n)))
 
 
+@pytest.mark.slow
 def test_overload_answers_503_with_retry_after_at_once_and_recovers(bundle):
     """The batcher holds the first queued image of a batch up to 1 s for company and lets at most 4
     images wait; a request that finds 4 waiting is refused at once. Asserted without wall-clock bounds:
@@ -109,6 +110,7 @@ def test_overload_answers_503_with_retry_after_at_once_and_recovers(bundle):
         assert [o[0] for o in burst(url, 4)] == [200] * 4
 
 
+@pytest.mark.slow
 def test_two_workers_serve_refuse_late_requests_and_merge_their_metrics(bundle):
     """`--workers 2 --max-latency-ms 10` with a 1 s batching window: a request that finds its worker
     busy is queued, held for company longer than 10 ms, and answered 503 + Retry-After (`waited` in

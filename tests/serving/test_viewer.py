@@ -17,6 +17,9 @@ import pytest
 import requests
 from PIL import Image
 
+# A real server and Chromium per module: end to end, in `make test-slow`.
+pytestmark = pytest.mark.slow
+
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install 'cltvit[dev]')")
 
 from serving.cli import running_server  # noqa: E402

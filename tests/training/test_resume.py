@@ -151,6 +151,7 @@ def uninterrupted(tmp_path):
         proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_killed_five_times_ends_equal_to_an_uninterrupted_run(uninterrupted, tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
