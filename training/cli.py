@@ -7,11 +7,16 @@
 
 Re-running the same command after an interruption resumes from the last checkpoint in --out.
 Bad arguments print one line `cltvit-train: error: argument --X: ...` and exit with status 2.
+
+Data parallel (docs/training.md): `torchrun --nproc-per-node N -m training.cli ARGS` or
+`cltvit-train --nproc N ARGS` (which starts that torchrun, on a free port) trains one CLT on N ranks.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -32,6 +37,7 @@ from .model.checkpoint import CheckpointError, load_checkpoint, read_meta
 from .model.clt import CLTConfig
 from .model.vit import UnsupportedModel
 from .testing import random_clt
+from .distributed import World
 from .trainer import TrainConfig, TrainingError, release_text_tower, train_clt
 
 PROG = "cltvit-train"
@@ -84,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a checkpoint file; default: random weights")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("data parallel (docs/training.md)")
+    g.add_argument("--nproc", type=_int_at_least(1), default=None,
+                   help="train on N ranks: starts `torchrun --standalone --nproc-per-node N` with the other arguments "
+                        "(gloo on CPU, NCCL on CUDA: one GPU per rank); under torchrun, the world size it gives")
+    g.add_argument("--data-shards", type=_int_at_least(1), default=None,
+                   help="disjoint image shards, one batch of --batch-tokens from each per step (default: one per rank; "
+                        "a multiple of the world size: e.g. 2 on one process reproduces a 2-rank run's batches)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind")
     g.add_argument("--data-dir", default=None, help="dataset root (fashion-mnist: defaults to Debian's dataset-fashion-mnist files)")
@@ -128,10 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Run `cltvit-train argv` on `nproc` ranks under torchrun (standalone: one machine, a free port);
+    returns torchrun's exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "training.cli", *_without_nproc(argv)]
+    return subprocess.call(cmd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-train`; returns 0, or exits with status 2 on a bad argument."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if args.nproc is not None and under_torchrun and args.nproc != int(os.environ["WORLD_SIZE"]):
+        parser.error(f"argument --nproc: {args.nproc}, but torchrun started {os.environ['WORLD_SIZE']} ranks")
+    if args.nproc is not None and args.nproc > 1 and not under_torchrun:
+        return launch_torchrun(args.nproc, argv)
     if args.k > args.features:
         parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
     if args.data_dir is not None and not Path(args.data_dir).exists():
@@ -149,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(args.device)
     except (BackboneError, RuntimeError) as exc:
         parser.error(f"argument --device: {exc}")
+    world = World.from_env(device)
+    device = world.device(device)
+    if args.data_shards is not None and args.data_shards % world.size:
+        parser.error(f"argument --data-shards: {args.data_shards} is not a multiple of the world size {world.size}")
     try:
         dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
     except DatasetError as exc:
@@ -201,17 +245,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             dead_after_tokens=args.dead_after_tokens,
             aux_coef=args.aux_coef,
             sparsity_coef=args.sparsity_coef,
+            data_shards=args.data_shards or 0,
         )
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress)
+        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, world=world)
     except TrainingError as exc:
         parser.error(f"argument --out: {exc}")
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
-    summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
-    print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
+    finally:
+        world.close()
+    if world.is_main:
+        summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
+        print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
     return 0
 
 

@@ -5,8 +5,9 @@
 - `metrics.jsonl`: one JSON line every `log_every` steps (`step`, `tokens`, `fvu` [L], `fvu_mean`,
   `l0` [L], `l0_mean`, `dead_fraction`, `lr`, `loss`, `aux`, `tokens_per_s`).
 - `checkpoints/step-XXXXXXXX/`: periodic checkpoints, each a complete `training.model.checkpoint`
-  directory plus `train_state.pt` (optimizer, step, RNG states, activation-stream position including
-  the provenance of the buffered tokens, dead-feature counters). A checkpoint is written and fsynced
+  directory plus `train_state.pt` (optimizer, step, world size, every rank's RNG states, every data
+  shard's activation-stream position including the provenance of its buffered tokens, dead-feature
+  counters). A checkpoint is written and fsynced
   under `step-XXXXXXXX.tmp`, then renamed; only complete `step-*` directories count, so a kill at any
   moment (mid-write, mid-rename, mid-cleanup) leaves the last complete checkpoint loadable. `LATEST`
   names the newest for people and scripts; old checkpoints are renamed away before being deleted.
@@ -18,30 +19,41 @@ count; tested with real SIGKILLs in tests/training/test_resume.py). Kill points 
 (`bundle.killpoints`): `train.step` after every optimiser step, `checkpoint.weights_written` (in
 `save_checkpoint`, between the weights and their JSON), `checkpoint.state_written` (before the
 rename), `checkpoint.renamed` (before `LATEST`), `checkpoint.pruning` (an old checkpoint half gone).
+
+Data parallel (`world`, a `training.distributed.World` of N ranks started by torchrun): the images
+are split into S = `data_shards` (default N) disjoint shards, each streamed into its own shuffling
+buffer; rank r owns shards r*S/N .. (r+1)*S/N - 1. A step trains on one batch from every shard (the
+loss is their mean): each rank backpropagates its shards' share, gradients are summed over ranks
+(explicit all-reduce: gloo on CPU, NCCL on CUDA), so every rank keeps the same weights; firing
+statistics and BatchTopK thresholds are combined over shards. Rank 0 logs and writes; a checkpoint
+gathers every shard's stream and every rank's RNG state. A run resumes only with the world size it
+was trained with (tests/training/test_data_parallel.py: real torchrun processes, kills included).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from bundle.atomic import replaced, write_text_atomic
 from bundle.killpoints import killpoint
 
 from .activations import ActivationStream
+from .distributed import World
 from .model.backbone import Backbone
-from .model.checkpoint import CheckpointError, fsync_tree, load_checkpoint, save_checkpoint
-from .model.clt import CLTConfig, CLTLoss, CrossLayerTranscoder
+from .model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .model.clt import CLTConfig, CrossLayerTranscoder
+from .model.loss import CLTLoss, LossConfig, clt_loss
 from .model.vit import TOKEN_SETS, TokenSet
 
 STATE_FILE = "train_state.pt"
@@ -83,7 +95,7 @@ class TrainConfig:
     dead_after_tokens: int = 10_000_000  # a feature is dead after not firing for this many tokens
     aux_coef: float = 1 / 32
     aux_k: int = 512
-    # CLS AuxK (see CrossLayerTranscoder.loss): features that fired on no CLS row for `cls_dead_after`
+    # CLS AuxK (see training.model.loss): features that fired on no CLS row for `cls_dead_after`
     # CLS rows get an auxiliary loss on the CLS rows; 0 turns it off
     cls_aux_coef: float = 0.0
     cls_aux_k: int = 64
@@ -97,6 +109,11 @@ class TrainConfig:
     # for ViT-B-32 at F=6144); the other parameters are clipped jointly. "after": one global clip
     # and one AdamW step after backward.
     decoder_update: Literal["in_backward", "after"] = "in_backward"
+    # data parallel: the images are split into `data_shards` disjoint shards, each streamed into its own
+    # shuffling buffer; one step trains on a batch of `batch_tokens` from every shard (the loss is their
+    # mean). 0: one shard per rank. A run with more shards than ranks gives each rank several (so one
+    # process can reproduce an N-rank run's global batches).
+    data_shards: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -105,7 +122,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies", "cls_dead_after"):
+        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies", "cls_dead_after",
+                     "data_shards"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -136,11 +154,18 @@ class TrainConfig:
             return self.lr + (lo - self.lr) * t
         return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t))
 
+    def loss_config(self) -> LossConfig:
+        """The loss terms' coefficients and widths this run trains with."""
+        return LossConfig(aux_k=self.aux_k, aux_coef=self.aux_coef, sparsity_coef=self.sparsity_coef,
+                          preact_coef=self.preact_coef, cls_aux_k=self.cls_aux_k, cls_aux_coef=self.cls_aux_coef)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.cls_aux_coef:  # off: its settings fix nothing, and runs recorded before it existed stay comparable
             for name in _CLS_AUX:
                 del d[name]
+        if not self.data_shards:  # one per rank (the world size is checked on its own on resume)
+            del d["data_shards"]
         return d
 
 
@@ -221,25 +246,61 @@ class DecoderInBackwardAdamW:
     decoder) never coexist. The other parameters use one AdamW, stepped by `step()` after the
     caller's (joint) clipping. Looks like an optimizer to the trainer: `param_groups`, `zero_grad`,
     `step`, `state_dict`, `load_state_dict`; `close()` removes the hooks.
+
+    Data parallel (`reduce_grad`, summing a gradient over ranks in place): every rank must reduce the
+    decoder tensors in the same order, but the order in which backward completes them can differ
+    between ranks (their graphs differ where, say, one rank's batch has no CLS row). So tensors are
+    reduced and stepped in a fixed order, W_dec[L-1] down to W_dec[0] (the order backward usually
+    completes them in): a hook whose tensor is not next keeps its gradient until it is; `finish()`
+    (after backward) steps any still waiting.
     """
 
-    def __init__(self, clt: CrossLayerTranscoder, cfg: "TrainConfig") -> None:
+    def __init__(self, clt: CrossLayerTranscoder, cfg: "TrainConfig",
+                 reduce_grad: Callable[[torch.Tensor], Any] | None = None) -> None:
         enc = [p for n, p in clt.named_parameters() if p.requires_grad and n.startswith("W_enc")]
         other = [p for n, p in clt.named_parameters() if p.requires_grad and not n.startswith(("W_enc", "W_dec"))]
         self.main = _adamw(enc, cfg.weight_decay, cfg)
         self.main.add_param_group({"params": other, "weight_decay": 0.0})
         self.decoder = [_adamw([p], cfg.weight_decay, cfg) for p in clt.W_dec]
         self.grad_clip = cfg.grad_clip
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(o)) for p, o in zip(clt.W_dec, self.decoder)]
+        self.reduce_grad = reduce_grad
+        self._params = list(clt.W_dec)
+        self._ready = [False] * len(self._params)
+        self._next = len(self._params) - 1  # the next decoder tensor to reduce and step (data parallel)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(clt.W_dec)]
 
-    def _make_hook(self, opt: torch.optim.Optimizer):
+    def _step_decoder(self, i: int) -> None:
+        p = self._params[i]
+        if self.reduce_grad is not None:
+            self.reduce_grad(p.grad)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p], self.grad_clip)
+        self.decoder[i].step()
+        p.grad = None
+
+    def _make_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p], self.grad_clip)
-            opt.step()
-            p.grad = None
+            if self.reduce_grad is None:
+                self._step_decoder(i)
+                return
+            self._ready[i] = True
+            while self._next >= 0 and self._ready[self._next]:
+                self._step_decoder(self._next)
+                self._next -= 1
 
         return hook
+
+    def finish(self) -> None:
+        """After backward: step the decoder tensors still waiting for their turn (data parallel only)."""
+        if self.reduce_grad is not None:
+            while self._next >= 0:
+                p = self._params[self._next]
+                if p.grad is None:  # every rank takes part in every reduction, in the same order
+                    p.grad = torch.zeros_like(p)
+                self._step_decoder(self._next)
+                self._next -= 1
+            self._ready = [False] * len(self._params)
+            self._next = len(self._params) - 1
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -269,10 +330,12 @@ class DecoderInBackwardAdamW:
         self._hooks = []
 
 
-def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
-    """AdamW over the trainable parameters (weight decay on weight matrices only); see `decoder_update`."""
+def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig, reduce_grad: Callable[[torch.Tensor], Any] | None = None
+                   ) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
+    """AdamW over the trainable parameters (weight decay on weight matrices only); see `decoder_update`.
+    `reduce_grad` (data parallel): sums a gradient over ranks, for the decoder steps taken inside backward."""
     if cfg.decoder_update == "in_backward":
-        return DecoderInBackwardAdamW(clt, cfg)
+        return DecoderInBackwardAdamW(clt, cfg, reduce_grad)
     decay, no_decay = [], []
     for name, p in clt.named_parameters():
         if not p.requires_grad:
@@ -311,20 +374,15 @@ class Checkpointer:
     def save(self, step: int, clt: CrossLayerTranscoder, backbone: Backbone, state: dict[str, Any], **meta: Any) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"{self.PREFIX}{step:08d}"
-        final, tmp = self.root / name, self.root / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(tmp, clt, backbone.identity(), step=step, **meta)
-        torch.save(state, tmp / STATE_FILE)
-        fsync_tree(tmp)
-        killpoint("checkpoint.state_written")
-        if final.exists():  # the same step saved before (a rerun of a finished run): move it aside first
-            self._discard(final)
-        os.replace(tmp, final)
-        fsync_tree(self.root, files=False)
+        final = self.root / name
+        with replaced(final, fsync=True) as tmp:  # written as step-XXXXXXXX.tmp, fsynced, renamed
+            save_checkpoint(tmp, clt, backbone.identity(), step=step, **meta)
+            torch.save(state, tmp / STATE_FILE)
+            killpoint("checkpoint.state_written")
+            if final.exists():  # the same step saved before (a rerun of a finished run): move it aside first
+                self._discard(final)
         killpoint("checkpoint.renamed")
-        pointer_tmp = self.root / (LATEST + ".tmp")
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.root / LATEST)
+        write_text_atomic(self.root / LATEST, name)
         for p in self.complete()[: -self.keep]:
             self._discard(p)
         for p in [*self.root.glob("*.tmp"), *self.root.glob("*.deleting")]:  # leftovers of an interrupted run
@@ -337,7 +395,7 @@ class Checkpointer:
         leaves a half-deleted directory that looks like a checkpoint."""
         trash = path.with_name(path.name + ".deleting")
         shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)
+        path.rename(trash)  # a rename out of the namespace, not a write
         killpoint("checkpoint.pruning")
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -379,47 +437,299 @@ def batch_metrics(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, t
 
 
 # ---------------------------------------------------------------------- training loop
+class Batch(NamedTuple):
+    """One shard's batch: raw activations x, y [L, N, d] and `cls_rows` [N] bool (None: no CLS marking)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    cls_rows: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    """One optimiser step over every shard's batch: the loss terms (means over shards; `fired` and
+    `fired_cls` over all of them), and the tokens and CLS rows it trained on (all ranks together)."""
+
+    loss: CLTLoss
+    tokens: int
+    cls_rows: int
+
+
+def _trained_buffer(clt: CrossLayerTranscoder) -> torch.Tensor | None:
+    """The buffer the training rule updates as it selects (BatchTopK's thresholds [L]), or None."""
+    name = clt.sparsifier.state_name
+    return None if name is None or name not in dict(clt.named_buffers()) else getattr(clt, name)
+
+
 def train_step(
     clt: CrossLayerTranscoder,
     opt: torch.optim.Optimizer | DecoderInBackwardAdamW,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Sequence[Batch],
     dead: torch.Tensor,
     cfg: TrainConfig,
-    cls_rows: torch.Tensor | None = None,
     cls_dead: torch.Tensor | None = None,
-) -> CLTLoss:
-    """One optimiser step on raw activations x, y [L, N, d] (bf16 autocast on CUDA); returns the loss terms.
+    world: World = World(),
+    n_shards: int = 1,
+) -> StepResult:
+    """One optimiser step on this rank's shard batches (bf16 autocast on CUDA).
 
-    `cls_rows` [N] bool marks the CLS-token rows and `cls_dead` [L, F] the features dead at the CLS
-    token (for CLS AuxK, `cfg.cls_aux_coef` > 0).
+    `dead` [L, F] marks the features for AuxK, `cls_dead` [L, F] those dead at the CLS token (CLS AuxK,
+    `cfg.cls_aux_coef` > 0). The batches' x and y are consumed: they are normalised in place.
 
-    x and y are consumed: they are normalised in place.
+    One shard in all (`n_shards` == 1): the loss of that batch, backward, clipping, AdamW, exactly the
+    single-process step. Several (data parallel, or one process reproducing it): the loss is the mean
+    over all `n_shards` shards; this rank backpropagates its shards' share, the gradients are summed
+    over ranks (`world`) before clipping and stepping, BatchTopK's thresholds become the mean of each
+    shard's update from the same start, and the returned statistics cover every shard. So all ranks
+    hold the same weights and statistics after every step.
 
     With `DecoderInBackwardAdamW` the decoder tensors are already updated when backward returns;
     clipping and `step()` here cover the remaining parameters (those that still hold a gradient).
     """
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        loss = clt.loss(
-            x,
-            y,
-            dead_mask=dead if cfg.aux_coef > 0 else None,
-            aux_k=cfg.aux_k,
-            aux_coef=cfg.aux_coef,
-            sparsity_coef=cfg.sparsity_coef,
-            preact_coef=cfg.preact_coef,
-            cls_rows=cls_rows,
-            cls_dead_mask=cls_dead if cfg.cls_aux_coef > 0 else None,
-            cls_aux_k=cfg.cls_aux_k,
-            cls_aux_coef=cfg.cls_aux_coef,
-            inplace=True,
-        )
+    lcfg = cfg.loss_config()
+    several = n_shards > 1
+    rule = _trained_buffer(clt) if several else None
+    start = rule.clone() if rule is not None else None
+    ends, losses = [], []
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=batches[0].x.device.type == "cuda"):
+        for b in batches:
+            if start is not None:
+                rule.copy_(start)  # type: ignore[union-attr]
+            losses.append(clt_loss(clt, b.x, b.y, lcfg, dead=dead if cfg.aux_coef > 0 else None, cls_rows=b.cls_rows,
+                                   cls_dead=cls_dead if cfg.cls_aux_coef > 0 else None, inplace=True))
+            if start is not None:
+                ends.append(rule.clone())  # type: ignore[union-attr]
     opt.zero_grad(set_to_none=True)
-    loss.total.float().backward()
+    total = losses[0].total if not several else torch.stack([l.total for l in losses]).sum() / n_shards
+    total.float().backward()
+    if several:
+        if isinstance(opt, DecoderInBackwardAdamW):
+            opt.finish()
+        for p in clt.parameters():  # a fixed order on every rank
+            if p.requires_grad and p.grad is not None:
+                world.all_reduce_(p.grad)
+        if rule is not None:
+            rule.copy_(world.all_reduce_(torch.stack(ends).sum(0)) / n_shards)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
     opt.step()
-    return loss
+    if not several:
+        b, loss = batches[0], losses[0]
+        return StepResult(loss, b.x.shape[1], int(b.cls_rows.sum()) if b.cls_rows is not None else 0)
+    return _combined(losses, batches, world, n_shards)
+
+
+@torch.no_grad()
+def _combined(losses: list[CLTLoss], batches: Sequence[Batch], world: World, n_shards: int) -> StepResult:
+    """The step's statistics over every shard of every rank: one all-reduce of the packed sums."""
+    L, Fn = losses[0].fired.shape
+    dev = losses[0].fired.device
+    with_cls = losses[0].fired_cls is not None
+    scalars = torch.tensor([[float(l.total.detach()), float(l.aux), float(l.sparsity),
+                             float(l.cls_aux) if l.cls_aux is not None else 0.0, float(l.cls_aux is not None),
+                             float(b.x.shape[1]), float(b.cls_rows.sum()) if b.cls_rows is not None else 0.0]
+                            for l, b in zip(losses, batches)], dtype=torch.float64, device=dev).sum(0)
+    parts = [scalars, torch.stack([l.fvu.double() for l in losses]).sum(0), torch.stack([l.l0.double() for l in losses]).sum(0),
+             torch.stack([l.fired for l in losses]).any(0).double().reshape(-1)]
+    if with_cls:
+        parts.append(torch.stack([l.fired_cls for l in losses]).any(0).double().reshape(-1))  # type: ignore[misc]
+    packed = world.all_reduce_(torch.cat(parts))
+    total, aux, sparsity, cls_aux, n_cls_aux, tokens, cls_rows = packed[:7].tolist()
+    fvu, l0 = packed[7 : 7 + L] / n_shards, packed[7 + L : 7 + 2 * L] / n_shards
+    fired = packed[7 + 2 * L : 7 + 2 * L + L * Fn].reshape(L, Fn) > 0
+    fired_cls = packed[7 + 2 * L + L * Fn :].reshape(L, Fn) > 0 if with_cls else None
+    loss = CLTLoss(total=torch.tensor(total / n_shards), fvu=fvu.float(), aux=torch.tensor(aux / n_shards),
+                   sparsity=torch.tensor(sparsity / n_shards), l0=l0.float(), fired=fired,
+                   cls_aux=torch.tensor(cls_aux / n_cls_aux) if n_cls_aux else None, fired_cls=fired_cls)
+    return StepResult(loss, int(tokens), int(cls_rows))
+
+
+class FiringStats:
+    """Firing statistics: tokens since each feature last fired, over all rows and over CLS rows.
+
+    `since` [L, F] counts tokens, `since_cls` [L, F] CLS rows (token set `all`); a feature is dead for
+    AuxK after `dead_after_tokens` tokens without firing, dead at the CLS token (CLS AuxK) after
+    `cls_dead_after` CLS rows.
+    """
+
+    def __init__(self, n_layers: int, n_features: int, device: torch.device) -> None:
+        self.since = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
+        self.since_cls = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
+
+    def dead(self, after_tokens: int) -> torch.Tensor:
+        """[L, F] bool."""
+        return self.since >= after_tokens
+
+    def cls_dead(self, after_rows: int) -> torch.Tensor:
+        """[L, F] bool."""
+        return self.since_cls >= after_rows
+
+    def update(self, step: StepResult) -> None:
+        """Count one step's tokens and CLS rows, and reset the counters of the features that fired."""
+        self.since += step.tokens
+        self.since[step.loss.fired] = 0
+        if step.loss.fired_cls is not None:
+            self.since_cls += step.cls_rows
+            self.since_cls[step.loss.fired_cls] = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"since_fired": self.since.cpu(), "since_fired_cls": self.since_cls.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.since.copy_(state["since_fired"].to(self.since.device))
+        if "since_fired_cls" in state:
+            self.since_cls.copy_(state["since_fired_cls"].to(self.since_cls.device))
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON row per logged step, appended and flushed as it is written. A resumed run
+    first drops the rows logged after its checkpoint (atomically), so the file ends as an uninterrupted
+    run's would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def start(self, resumed_step: int | None) -> None:
+        """Open for appending: empty for a fresh run, cut back to `resumed_step` for a resumed one."""
+        lines = [] if resumed_step is None else _read_metrics(self.path, resumed_step)
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+        self._file = open(self.path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def metrics_row(step: int, tokens: int, loss: CLTLoss, dead: torch.Tensor, cls_dead: torch.Tensor | None, lr: float,
+                tokens_per_s: float) -> dict[str, Any]:
+    """One `metrics.jsonl` row (see the module docstring) from the last batch's loss terms."""
+    fvu = loss.fvu.float().tolist()
+    l0 = loss.l0.float().tolist()
+    return {
+        "step": step,
+        "tokens": tokens,
+        "fvu": fvu,
+        "fvu_mean": float(np.mean(fvu)),
+        "l0": l0,
+        "l0_mean": float(np.mean(l0)),
+        "dead_fraction": float(dead.float().mean()),
+        "dead_fraction_cls": float(cls_dead.float().mean()) if cls_dead is not None else None,
+        "lr": lr,
+        "loss": float(loss.total.detach()),
+        "aux": float(loss.aux),
+        "cls_aux": None if loss.cls_aux is None else float(loss.cls_aux),
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimiser steps done and tokens trained on."""
+
+    step: int = 0
+    tokens: int = 0
+
+
+def _shard_states(state: dict[str, Any]) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(world size, stream state per shard, RNG state per rank) of a `train_state.pt` (a single-process
+    run's from before data parallel holds one stream and one RNG state)."""
+    if "streams" in state:
+        return int(state["world_size"]), list(state["streams"]), list(state["rng"])
+    return 1, [state["stream"]], [state["rng"]]
+
+
+def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, opt: Any, streams: dict[int, ActivationStream],
+           firing: FiringStats, cfg: TrainConfig, world: World = World()) -> Position | None:
+    """Restore a run from `ckpt`'s newest complete checkpoint (the one rank 0 sees) into clt, opt, this
+    rank's shard streams (`streams`: shard -> stream), firing statistics and this rank's global RNGs;
+    None when there is none. Refuses (TrainingError) a checkpoint made with another CLT config, other
+    training settings (bookkeeping settings aside) or another world size."""
+    latest = world.broadcast_object(ckpt.latest())
+    if latest is None:
+        return None
+    out = ckpt.root.parent
+    try:
+        saved, _ = load_checkpoint(latest, backbone, device=clt.b_dec.device)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume from {latest}: {exc}") from None
+    if saved.cfg.to_dict() != clt.cfg.to_dict():
+        raise TrainingError(
+            f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt.cfg.to_dict()}; "
+            f"use another output directory"
+        )
+    state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+    was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
+    if was != now:
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
+                            f"use another output directory")
+    saved_world, stream_states, rng_states = _shard_states(state)
+    if saved_world != world.size:
+        raise TrainingError(f"{out} holds a run trained with world size {saved_world}, but this run has world size "
+                            f"{world.size}: resume it with {saved_world} processes (torchrun --nproc-per-node "
+                            f"{saved_world}) or use another output directory")
+    clt.load_state_dict(saved.state_dict())
+    opt.load_state_dict(state["optimizer"])
+    for shard, stream in streams.items():
+        stream.load_state_dict(stream_states[shard])
+    firing.load_state_dict(state)
+    _set_rng_state(rng_states[world.rank])
+    if world.is_main:
+        print(f"resuming from {latest} (step {int(state['step'])} of {cfg.steps})", flush=True)
+    return Position(int(state["step"]), int(state["tokens"]))
+
+
+def train_state(pos: Position, opt: Any, streams: dict[int, ActivationStream], firing: FiringStats, cfg: TrainConfig,
+                world: World = World()) -> dict[str, Any] | None:
+    """What a checkpoint's `train_state.pt` holds besides the weights (see `resume`): on rank 0, with every
+    shard's stream position and every rank's RNG state (gathered: every rank must call this); None elsewhere."""
+    mine = {"streams": {s: stream.state_dict() for s, stream in streams.items()}, "rng": _rng_state()}
+    gathered = world.all_gather_object(mine)
+    if not world.is_main:
+        return None
+    shards = {s: st for g in gathered for s, st in g["streams"].items()}
+    return {
+        "step": pos.step,
+        "tokens": pos.tokens,
+        "optimizer": opt.state_dict(),
+        "world_size": world.size,
+        "streams": [shards[s] for s in range(len(shards))],
+        **firing.state_dict(),
+        "rng": [g["rng"] for g in gathered],
+        "train_config": cfg.to_dict(),
+    }
+
+
+def shard_of(dataset: Dataset, shard: int, n_shards: int) -> Dataset:
+    """Images shard, shard + n_shards, shard + 2 n_shards, ... of `dataset` (the whole of it for one shard)."""
+    if n_shards == 1:
+        return dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < n_shards:
+        raise TrainingError(f"the dataset has {n} images, fewer than the {n_shards} data shards")
+    return Subset(dataset, range(shard, n, n_shards))
+
+
+def make_stream(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, shard: int = 0, n_shards: int = 1) -> ActivationStream:
+    """The activation stream `cfg` describes over shard `shard` of `n_shards` of `dataset` (its own seed)."""
+    return ActivationStream(
+        backbone,
+        shard_of(dataset, shard, n_shards),
+        tokens=cfg.tokens,
+        batch_tokens=cfg.batch_tokens,
+        buffer_tokens=cfg.buffer_tokens,
+        images_per_batch=cfg.images_per_batch,
+        seed=cfg.seed + 7919 * shard,
+        num_workers=cfg.num_workers,
+        dtype=_dtype(cfg.buffer_dtype),
+        cls_copies=cfg.cls_copies,
+    )
 
 
 def train_clt(
@@ -429,155 +739,95 @@ def train_clt(
     train_cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
+    world: World = World(),
 ) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
 
-    Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`, `l0` [L],
-    `l0_mean`, `dead_fraction`, `steps`, `tokens`).
+    Data parallel when `world` has several ranks (every rank calls this with the same arguments; see
+    the module docstring): rank r streams its data shards, gradients are summed over ranks, rank 0 logs
+    and writes. Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`,
+    `l0` [L], `l0_mean`, `dead_fraction`, `steps`, `tokens`), on every rank.
     """
     cfg = train_cfg
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if (clt_cfg.n_layers, clt_cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise TrainingError(
             f"CLT config has L={clt_cfg.n_layers}, d_model={clt_cfg.d_model} but the backbone "
             f"{backbone.spec.model} has L={backbone.n_layers}, d_model={backbone.d_model}"
         )
+    n_shards = cfg.data_shards or world.size
+    if n_shards % world.size:
+        raise TrainingError(f"data_shards={n_shards} is not a multiple of the world size {world.size}")
+    per_rank = n_shards // world.size
     device = backbone.device
     seed_everything(cfg.seed)
     clt = CrossLayerTranscoder(clt_cfg).to(device).train()
-    opt = make_optimizer(clt, cfg)
-    stream = ActivationStream(
-        backbone,
-        dataset,
-        tokens=cfg.tokens,
-        batch_tokens=cfg.batch_tokens,
-        buffer_tokens=cfg.buffer_tokens,
-        images_per_batch=cfg.images_per_batch,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        dtype=_dtype(cfg.buffer_dtype),
-        cls_copies=cfg.cls_copies,
-    )
+    opt = make_optimizer(clt, cfg, world.all_reduce_ if world.distributed else None)
+    streams = {s: make_stream(backbone, dataset, cfg, s, n_shards) for s in range(world.rank * per_rank, (world.rank + 1) * per_rank)}
     data_desc = {
         **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
-        **stream.description(),
+        **next(iter(streams.values())).description(),
+        **({"data_shards": n_shards, "images": len(dataset)} if n_shards > 1 else {}),  # type: ignore[arg-type]
     }
-    L, Fn = clt_cfg.n_layers, clt_cfg.n_features
-    since_fired = torch.zeros(L, Fn, dtype=torch.long, device=device)
-    since_fired_cls = torch.zeros(L, Fn, dtype=torch.long, device=device)  # CLS rows since the feature fired on one
+    firing = FiringStats(clt_cfg.n_layers, clt_cfg.n_features, device)
     ckpt = Checkpointer(out, cfg.keep_checkpoints)
-    metrics_path = out / METRICS
-    step, tokens_seen = 0, 0
+    resumed = resume(ckpt, backbone, clt, opt, streams, firing, cfg, world)
+    pos = resumed or Position()
+    if resumed is None:
+        if world.is_main:  # from shard 0's tokens, whatever the world size
+            x, y = streams[0].peek(cfg.norm_tokens)
+            clt.fit_normalisation(x, y)
+            del x, y
+        for t in clt.state_dict().values():  # every rank starts from rank 0's weights
+            world.broadcast_(t)
+    log = MetricsLog(out / METRICS) if world.is_main else None
+    if log is not None:
+        log.start(None if resumed is None else pos.step)
 
-    latest = ckpt.latest()
-    if latest is not None:
-        try:
-            saved, meta = load_checkpoint(latest, backbone, device=device)
-        except CheckpointError as exc:
-            raise TrainingError(f"cannot resume from {latest}: {exc}") from None
-        if saved.cfg.to_dict() != clt_cfg.to_dict():
-            raise TrainingError(
-                f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt_cfg.to_dict()}; "
-                f"use another output directory"
-            )
-        clt.load_state_dict(saved.state_dict())
-        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-        was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
-        if was != now:
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-            raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
-                                f"use another output directory")
-        opt.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
-        since_fired.copy_(state["since_fired"].to(device))
-        if "since_fired_cls" in state:
-            since_fired_cls.copy_(state["since_fired_cls"].to(device))
-        _set_rng_state(state["rng"])
-        step, tokens_seen = int(state["step"]), int(state["tokens"])
-        lines = _read_metrics(metrics_path, step)
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, metrics_path)
-        print(f"resuming from {latest} (step {step} of {cfg.steps})", flush=True)
-    else:
-        metrics_path.write_text("")
-        x, y = stream.peek(cfg.norm_tokens)
-        clt.fit_normalisation(x, y)
-        del x, y
-
-    def state_now() -> dict[str, Any]:
-        return {
-            "step": step,
-            "tokens": tokens_seen,
-            "optimizer": opt.state_dict(),
-            "stream": stream.state_dict(),
-            "since_fired": since_fired.cpu(),
-            "since_fired_cls": since_fired_cls.cpu(),
-            "rng": _rng_state(),
-            "train_config": cfg.to_dict(),
-        }
-
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train CLT", dynamic_ncols=True)
-    t_start, tokens_start = time.perf_counter(), tokens_seen
-    log_file = open(metrics_path, "a")
+    bar = tqdm(total=cfg.steps, initial=pos.step, disable=not progress or not world.is_main, desc="train CLT", dynamic_ncols=True)
+    t_start, tokens_start = time.perf_counter(), pos.tokens
     try:
-        while step < cfg.steps:
-            lr = cfg.lr_at(step)
+        while pos.step < cfg.steps:
+            lr = cfg.lr_at(pos.step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = stream.next_batch()
-            dead = since_fired >= cfg.dead_after_tokens
-            cls_rows = stream.last_cls if cfg.tokens == "all" else None
-            cls_dead = since_fired_cls >= cfg.cls_dead_after
-            loss = train_step(clt, opt, x, y, dead, cfg, cls_rows, cls_dead)
-            since_fired += x.shape[1]
-            since_fired[loss.fired] = 0
-            if cls_rows is not None and loss.fired_cls is not None:
-                since_fired_cls += int(cls_rows.sum())
-                since_fired_cls[loss.fired_cls] = 0
-            step += 1
-            tokens_seen += x.shape[1]
+            batches = []
+            for stream in streams.values():
+                x, y = stream.next_batch()
+                batches.append(Batch(x, y, stream.last_cls if cfg.tokens == "all" else None))
+            dead = firing.dead(cfg.dead_after_tokens)
+            cls_dead = firing.cls_dead(cfg.cls_dead_after)
+            done = train_step(clt, opt, batches, dead, cfg, cls_dead, world, n_shards)
+            firing.update(done)
+            pos.step += 1
+            pos.tokens += done.tokens
             killpoint("train.step")
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                fvu = loss.fvu.float().tolist()
-                l0 = loss.l0.float().tolist()
-                elapsed = time.perf_counter() - t_start
-                row = {
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "fvu": fvu,
-                    "fvu_mean": float(np.mean(fvu)),
-                    "l0": l0,
-                    "l0_mean": float(np.mean(l0)),
-                    "dead_fraction": float(dead.float().mean()),
-                    "dead_fraction_cls": float(cls_dead.float().mean()) if cls_rows is not None else None,
-                    "lr": lr,
-                    "loss": float(loss.total.detach()),
-                    "aux": float(loss.aux),
-                    "cls_aux": None if loss.cls_aux is None else float(loss.cls_aux),
-                    "tokens_per_s": (tokens_seen - tokens_start) / max(elapsed, 1e-9),
-                }
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
+            if log is not None and (pos.step % cfg.log_every == 0 or pos.step == cfg.steps):
+                speed = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+                row = metrics_row(pos.step, pos.tokens, done.loss, dead, cls_dead if cfg.tokens == "all" else None, lr, speed)
+                log.write(row)
                 bar.set_postfix(fvu=f"{row['fvu_mean']:.3f}", l0=f"{row['l0_mean']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                ckpt.save(step, clt, backbone, state_now(), data=data_desc, train_config=cfg.to_dict())
+            if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.steps:
+                state = train_state(pos, opt, streams, firing, cfg, world)
+                if state is not None:
+                    ckpt.save(pos.step, clt, backbone, state, data=data_desc, train_config=cfg.to_dict())
     finally:
-        log_file.close()
+        if log is not None:
+            log.close()
         bar.close()
         if isinstance(opt, DecoderInBackwardAdamW):
             opt.close()
 
-    eval_data = [stream.next_batch() for _ in range(cfg.eval_batches)]
-    final = batch_metrics(clt, eval_data)
-    final.update(
-        steps=step,
-        tokens=tokens_seen,
-        dead_fraction=float((since_fired >= cfg.dead_after_tokens).float().mean()),
-    )
-    save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=step)
+    final: dict[str, Any] | None = None
+    if world.is_main:  # shard 0's next batches, whatever the world size
+        eval_data = [streams[0].next_batch() for _ in range(cfg.eval_batches)]
+        final = batch_metrics(clt, eval_data)
+        final.update(steps=pos.step, tokens=pos.tokens, dead_fraction=float(firing.dead(cfg.dead_after_tokens).float().mean()))
+        save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=pos.step)
+    final = world.broadcast_object(final)
     return clt.eval(), final
 
 
