@@ -94,14 +94,21 @@ def node_groups(path: str | Path) -> dict[str, str]:
     return groups
 
 
-def group_of(name: str, groups: dict[str, str], prefixes: list[str]) -> str:
-    """The group of a profiled node: its own, or that of the longest graph node name it starts with
-    (ONNX Runtime's fused and layout-converted nodes), else by name scope."""
+# nodes ONNX Runtime makes itself, named without the graph's scopes: the MLP's fused bias + GELU
+# (`BiasGelu_token_<n>`) and the patch embedding's NCHWc layout conversions
+ORT_VIT_OPS = ("BiasGelu", "FastGelu", "Gelu", "ReorderInput", "ReorderOutput")
+
+
+def group_of(name: str, groups: dict[str, str], prefixes: list[str], op: str = "") -> str:
+    """The group of a profiled node (`op`: its op type): its own, or that of the longest graph node name
+    it starts with (ONNX Runtime's fused nodes keep one), else by op type or name scope."""
     if name in groups:
         return groups[name]
     for p in prefixes:  # longest first
         if name.startswith(p):
             return groups[p]
+    if op in ORT_VIT_OPS or name.startswith(ORT_VIT_OPS):
+        return "vit"
     if name.startswith("/" + ENCODE_SCOPE):
         return "clt encode"
     if name.startswith("/" + DECODE_SCOPE):
@@ -121,9 +128,10 @@ def profiled_session(path: str | Path, threads: int, prefix: str) -> ort.Inferen
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def per_run(profile: str | Path, groups: dict[str, str]) -> list[dict[str, float]]:
+def per_run(profile: str | Path, groups: dict[str, str], nodes: dict[str, list[float]] | None = None) -> list[dict[str, float]]:
     """Per model run (warm-up excluded by the caller): milliseconds per group, plus 'wall' (the run) and
-    'nodes' (kernel count), from an ONNX Runtime profile file."""
+    'nodes' (kernel count), from an ONNX Runtime profile file. `nodes`, if given, collects each profiled
+    node's milliseconds per run under '<group>: <name> (<op>)'."""
     events = json.loads(Path(profile).read_text())
     prefixes = sorted(groups, key=len, reverse=True)
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
@@ -135,13 +143,19 @@ def per_run(profile: str | Path, groups: dict[str, str]) -> list[dict[str, float
         k = max((i for i, s in enumerate(starts) if s <= e["ts"]), default=None)
         if k is None:
             continue
-        out[k][group_of(e["name"][: -len("_kernel_time")], groups, prefixes)] += e["dur"] / 1e3
+        name, op = e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "")
+        g = group_of(name, groups, prefixes, op)
+        out[k][g] += e["dur"] / 1e3
         out[k]["nodes"] += 1
+        if nodes is not None and k > 0:
+            nodes.setdefault(f"{g}: {name} ({op})", []).append(e["dur"] / 1e3)
     return out
 
 
-def profile_graphs(graphs: dict[str, Path], pixels: np.ndarray, text: np.ndarray, runs: int, threads: int) -> dict[str, dict[str, float]]:
-    """Median per group (ms) and of the wall time over `runs` interleaved runs of each graph (after one warm-up)."""
+def profile_graphs(graphs: dict[str, Path], pixels: np.ndarray, text: np.ndarray, runs: int, threads: int,
+                   top: int = 0, log=print) -> dict[str, dict[str, float]]:
+    """Median per group (ms) and of the wall time over `runs` interleaved runs of each graph (after one warm-up);
+    `top` > 0 also logs each graph's `top` costliest nodes outside the vit group (ms per run)."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = {name: profiled_session(p, threads, os.path.join(tmp, name)) for name, p in graphs.items()}
         feeds = {"pixels": pixels, "text_embeddings": text}
@@ -152,8 +166,12 @@ def profile_graphs(graphs: dict[str, Path], pixels: np.ndarray, text: np.ndarray
                 time.sleep(0.1)  # let the last graph's idle threads go to sleep
         result = {}
         for name, s in sess.items():
-            rows = per_run(s.end_profiling(), node_groups(graphs[name]))[1:]  # the first run is the warm-up
+            per_node: dict[str, list[float]] = {}
+            rows = per_run(s.end_profiling(), node_groups(graphs[name]), per_node)[1:]  # the first run is the warm-up
             result[name] = {k: statistics.median(r[k] for r in rows) for k in ("wall", "nodes", *GROUPS)}
+            if top:
+                costly = sorted(((sum(v) / runs, n) for n, v in per_node.items() if not n.startswith("vit:")), reverse=True)[:top]
+                log(f"{name}: costliest nodes outside vit, ms per run: " + "; ".join(f"{n} {ms:.2f}" for ms, n in costly))
     return result
 
 
@@ -175,6 +193,7 @@ def main() -> int:
     ap.add_argument("--batch", default="1", help="batch sizes, comma-separated")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--top", type=int, default=0, help="also list each graph's N costliest nodes outside the vit group")
     args = ap.parse_args()
     manifest, paths = load_bundle(args.bundle, verify_checksums=False)
     graphs = {"plain": Path(args.plain), **{v: paths.model_for(v) for v in args.variants.split(",") if v}}
@@ -183,7 +202,7 @@ def main() -> int:
     print(f"# profile_export: {args.bundle}, {args.threads} threads, load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for bs in (int(b) for b in args.batch.split(",")):
         pixels = np.random.default_rng(bs).standard_normal((bs, 3, H, W), dtype=np.float32)
-        print_table(profile_graphs(graphs, pixels, text, args.runs, args.threads), bs)
+        print_table(profile_graphs(graphs, pixels, text, args.runs, args.threads, args.top), bs)
     return 0
 
 
