@@ -65,8 +65,9 @@ TEXT_OUTPUTS: tuple[str, ...] = ("text_embeddings",)
 # and an explicit `error` term carries what the CLT misses).
 MODES: tuple[str, ...] = ("cls", "all", "observe")
 # Precision variants of the image graph: fp32 (always `model.onnx`), int8 (CPU: the transformer
-# blocks' matmuls), int8-clt (CPU: those and the CLT encoders'), fp16 (CUDA); file `model.<variant>.onnx`.
-VARIANTS: tuple[str, ...] = ("fp32", "int8", "int8-clt", "fp16")
+# blocks' matmuls), int8-clt (CPU: those and the CLT encoders'), int8-dec (CPU: int8-clt and the CLT
+# decoders stored int8, weight-only), fp16 (CUDA); file `model.<variant>.onnx`.
+VARIANTS: tuple[str, ...] = ("fp32", "int8", "int8-clt", "int8-dec", "fp16")
 
 # Files read as images wherever the project walks a folder (training datasets, folder scoring,
 # the Ray engine), matched case-insensitively.

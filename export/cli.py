@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k-features", type=int, default=16, help="top CLT features reported per image")
     ap.add_argument("--spatial-top-k", type=int, default=5,
                     help="classes per image with spatial maps (where in the image; docs/spatial.md); 0: none")
-    ap.add_argument("--variants", default="", help="comma-separated reduced-precision variants: int8, int8-clt (CPU), fp16 (CUDA)")
+    ap.add_argument("--variants", default="", help="comma-separated reduced-precision variants: int8, int8-clt, int8-dec (CPU), fp16 (CUDA)")
     ap.add_argument("--no-intervene", action="store_true",
                     help="leave out the intervention graph intervene.onnx (written by default in cls and all modes; docs/intervene.md)")
     ap.add_argument("--fill", default=None,

@@ -13,7 +13,7 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import onnx
 import torch
@@ -25,6 +25,18 @@ from training.model.edits import Edits
 
 DEFAULT_OPSET = 17
 DEFAULT_SPATIAL_TOP_K = 5  # classes with spatial maps: the service's default top-k
+
+
+class Scope(nn.Module):
+    """A name scope for the exported graph: `scope(fn, *args)` returns fn(*args), and the TorchScript
+    exporter names the ONNX nodes it traces `/<attribute name>/...` (`ENCODE_SCOPE`, `DECODE_SCOPE`),
+    so a per-node profile can tell the CLT's encoders and decoders from the rest (scripts/profile_export.py)."""
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+ENCODE_SCOPE, DECODE_SCOPE = "clt_encode", "clt_decode"  # ONNX node name prefixes `/clt_encode`, `/clt_decode`
 
 
 class FusedExplainer(nn.Module):
@@ -45,6 +57,8 @@ class FusedExplainer(nn.Module):
         self.visual, self.clt = visual, clt
         self.logit_scale, self.mode, self.top_k_features = float(logit_scale), mode, int(top_k_features)
         self.spatial_top_k = int(spatial_top_k)
+        setattr(self, ENCODE_SCOPE, Scope())
+        setattr(self, DECODE_SCOPE, Scope())
         # Each source layer's total residual write [F, d], computed once: otherwise the graph would
         # carry every decoder twice (as stored, and reshaped for the sparse gather) and re-sum it per call.
         with torch.no_grad():
@@ -57,12 +71,17 @@ class FusedExplainer(nn.Module):
     def explain(self, pixels: torch.Tensor, text_embeddings: torch.Tensor, edits: Edits | None = None) -> tuple[torch.Tensor, ...]:
         clt = self.clt
         writes = [getattr(self, f"total_write_{i}") for i in range(clt.cfg.n_layers)]
-        clt.total_write_matrix = writes.__getitem__  # instance attribute shadows the method for this call
+        # instance attributes shadow the methods for this call: the precomputed writes, and the encoder and
+        # decoder through their name scopes
+        encode, decode = type(clt).encode.__get__(clt), type(clt).decode_source.__get__(clt)
+        clt.total_write_matrix = writes.__getitem__
+        clt.encode = lambda layer, x: getattr(self, ENCODE_SCOPE)(encode, layer, x)
+        clt.decode_source = lambda source, code: getattr(self, DECODE_SCOPE)(decode, source, code)
         try:
             d = decompose(self.visual, clt, pixels, text_embeddings, self.logit_scale, self.mode, self.top_k_features,
                           self.spatial_top_k, edits=edits)
         finally:
-            del clt.total_write_matrix
+            del clt.total_write_matrix, clt.encode, clt.decode_source
         core = (d.logits, d.embedding, d.contributions, d.top_layer, d.top_index, d.top_activation, d.top_contribution)
         if d.spatial is None:
             return core

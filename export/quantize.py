@@ -1,4 +1,4 @@
-"""Reduced-precision variants of the fused graph: `int8` and `int8-clt` (ONNX Runtime CPU), `fp16` (CUDA).
+"""Reduced-precision variants of the fused graph: `int8`, `int8-clt`, `int8-dec` (ONNX Runtime CPU), `fp16` (CUDA).
 
 Only the transformer blocks' own ops (attention, MLP and their layer norms: ONNX nodes in the
 `/attn*`, `/mlp*`, `/ln_1*`, `/ln_2*` export scopes; in graphs with spatial maps, whose attention is
@@ -17,17 +17,29 @@ to fp32 rounding; only the terms' values move.
   (d x F floats, 226 MB per image for ViT-B-32 at F = 6144) for 2 FLOP per weight: memory-bound, so
   a quarter of the bytes is the gain; features near the TopK boundary can change (tested: >= 99%
   top-1 agreement with fp32 on the reference model, like int8).
+- int8-dec: int8-clt, plus the CLT decoders stored as weight-only int8 (`quantize_decoders`). The
+  decoders (L(L+1)/2 blocks of F x d: 368 M parameters for ViT-B-32 at F = 6144, 2/3 of the fp32
+  graph's bytes) are only ever read through a row Gather of the active features, so they are not
+  quantized for a matmul kernel: each [F, n_t * d] decoder (and each source's total write [F, d]) is
+  stored int8 with one float32 scale per (feature, target layer) block of d values (symmetric,
+  max |w| / 127), and the graph gathers the int8 rows and their scales and multiplies them back to
+  float32 (Gather, Gather, Cast, Mul, Reshape) before the unchanged float32 decode. The decoded
+  writes and everything after them stay float32, so the contributions still sum to the variant's
+  own logits to fp32 rounding; the writes move by at most half a quantization step, 1/254 of their
+  block's largest |weight|. The graph is a quarter of the decoder bytes (ViT-B-32: 2172 -> ~600 MiB).
 - fp16: float16 weights and activations in those scopes, float32 inputs/outputs (keep_io_types).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -40,6 +52,7 @@ REDUCED: tuple[str, ...] = tuple(v for v in VARIANTS if v != "fp32")  # what `ma
 BLOCK_SCOPE = re.compile(r"^/(attn|out_proj|mlp|ln_1|ln_2)(_\d+)?/")
 LN_1_SCOPE = re.compile(r"^/ln_1(_\d+)?/")
 LARGE = 1_800_000_000  # bytes: save weights externally above this (protobuf's limit is 2 GiB)
+DECODER_MIN_ELEMENTS = 4096  # a constant gathered by rows smaller than this is not a CLT decoder
 
 
 def block_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] | None = None) -> list[str]:
@@ -298,14 +311,115 @@ def _rename_external(path: Path) -> Path:
 
     return consolidate(path)
 
+def decoder_gathers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+    """(node, constant name) of the CLT decoders' row Gathers: axis-0 Gathers whose data is a constant
+    2-D float32 matrix (an initializer, or a Constant node's output) of at least DECODER_MIN_ELEMENTS,
+    i.e. each source's feature-major decoder [F, n_t * d] and its total write [F, d]. The graph's other
+    Gathers read shapes, activations or the text embeddings (graph inputs)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    found = []
+    for n in model.graph.node:
+        if n.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in n.attribute):
+            continue
+        src = n.input[0]
+        t = inits[src] if src in inits else consts[src].attribute[0].t if src in consts else None
+        if t is not None and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and math.prod(t.dims) >= DECODER_MIN_ELEMENTS:
+            found.append((n, src))
+    return found
+
+
+def quantize_rows(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of w [F, n * block] with one scale per (row, block of `block` columns):
+    returns (q int8 [F, n, block], scale float32 [F, n, 1]) with q * scale ~= w (error <= scale / 2)."""
+    f, width = w.shape
+    if width % block:
+        raise ValueError(f"width {width} is not a multiple of the block {block}")
+    blocks = w.reshape(f, width // block, block).astype(np.float32)
+    scale = np.abs(blocks).max(axis=2, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale, q = 0
+    q = np.clip(np.rint(blocks / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_decoders(model: onnx.ModelProto, block: int | None = None) -> int:
+    """In place: every CLT decoder row Gather (`decoder_gathers`) reads int8 rows and float32 block scales
+    instead of float32 rows (module docstring, int8-dec). `block`: the columns sharing a scale, d_model
+    (None: the gcd of the decoders' widths, which is d when the last layer's own decoder [F, d] is among
+    them). Returns the number of Gathers rewritten."""
+    g = model.graph
+    found = decoder_gathers(model)
+    if not found:
+        return 0
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name] if name in inits else consts[name].attribute[0].t)
+
+    widths = {int(array(src).shape[1]) for _, src in found}
+    if block is None:
+        block = math.gcd(*widths)
+    done: dict[str, tuple[str, str, int]] = {}  # constant -> (int8 name, scale name, width)
+    new_nodes: list[onnx.NodeProto] = []
+    for node, src in found:
+        if src not in done:
+            w = array(src)
+            q, scale = quantize_rows(w, block)
+            base = src.strip("/").replace("/", "_").replace(":", "_") + "__int8"
+            g.initializer.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")])
+            done[src] = (base, base + "_scale", int(w.shape[1]))
+        qname, sname, width = done[src]
+        idx, out, stem = node.input[1], node.output[0], node.name or out
+        width_c = stem + "/dq_width"
+        g.initializer.append(numpy_helper.from_array(np.array([width], np.int64), width_c))
+        new_nodes.extend([
+            helper.make_node("Gather", [qname, idx], [stem + "/dq_q"], name=stem + "/dq_gather_q", axis=0),
+            helper.make_node("Gather", [sname, idx], [stem + "/dq_s"], name=stem + "/dq_gather_scale", axis=0),
+            helper.make_node("Cast", [stem + "/dq_q"], [stem + "/dq_f"], name=stem + "/dq_cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [stem + "/dq_f", stem + "/dq_s"], [stem + "/dq_rows"], name=stem + "/dq_mul"),
+            helper.make_node("Shape", [idx], [stem + "/dq_idx_shape"], name=stem + "/dq_idx_shape"),
+            helper.make_node("Concat", [stem + "/dq_idx_shape", width_c], [stem + "/dq_shape"], name=stem + "/dq_concat", axis=0),
+            helper.make_node("Reshape", [stem + "/dq_rows", stem + "/dq_shape"], [out], name=stem + "/dq_reshape"),
+        ])
+        g.node.remove(node)
+    g.node.extend(new_nodes)
+    _toposort(model)  # also drops the float32 Constant nodes nothing reads any more
+    used = {x for n in g.node for x in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return len(found)
+
+
+def quantize_int8_decoders(src: str | Path, dst: str | Path, *, n_layers: int | None = None, block: int | None = None) -> Path:
+    """int8-dec: `quantize_int8(..., clt_encoder=True)` and then `quantize_decoders` on its output (checked:
+    2 Gathers per source layer, its decoder and its total write, when `n_layers` is given). Returns `dst`."""
+    dst = Path(dst)
+    quantize_int8(src, dst, clt_encoder=True, n_layers=n_layers)
+    model = onnx.load(str(dst), load_external_data=True)
+    n = quantize_decoders(model, block)
+    if not n or (n_layers is not None and n != 2 * n_layers):
+        raise RuntimeError(f"{src}: found {n} CLT decoder Gathers, expected {2 * n_layers if n_layers else 'some'} (graph structure changed?)")
+    for f in [dst, *dst.parent.glob(dst.name + ".data")]:
+        f.unlink()
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > LARGE:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    return dst
+
 
 def make_variant(fp32_path: str | Path, variant: str, dst: str | Path, n_layers: int | None = None) -> Path:
-    """Write `variant` ("int8", "int8-clt" or "fp16") of the fp32 graph to `dst` (`n_layers`: the CLT's,
-    checked against the encoders found for int8-clt)."""
+    """Write `variant` ("int8", "int8-clt", "int8-dec" or "fp16") of the fp32 graph to `dst` (`n_layers`: the
+    CLT's, checked against the encoders and decoders found for int8-clt and int8-dec)."""
     if variant == "int8":
         return quantize_int8(fp32_path, dst)
     if variant == "int8-clt":
         return quantize_int8(fp32_path, dst, clt_encoder=True, n_layers=n_layers)
+    if variant == "int8-dec":
+        return quantize_int8_decoders(fp32_path, dst, n_layers=n_layers)
     if variant == "fp16":
         return convert_fp16(fp32_path, dst)
-    raise ValueError(f"unknown variant {variant!r}; choose int8, int8-clt or fp16")
+    raise ValueError(f"unknown variant {variant!r}; choose {', '.join(REDUCED)}")

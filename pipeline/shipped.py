@@ -56,7 +56,7 @@ FILES = (CLIP_FILE, f"{CLT_DIR}/clt.safetensors", f"{CLT_DIR}/clt.json")
 ATLAS_DIR = "atlas"
 ATLAS_FILES = (f"{ATLAS_DIR}/atlas.json", f"{ATLAS_DIR}/features.npz", f"{ATLAS_DIR}/image_refs.npz")
 EXPORT_MODE = "cls"
-EXPORT_VARIANTS: tuple[str, ...] = ("int8",)
+EXPORT_VARIANTS: tuple[str, ...] = ("int8", "int8-dec")
 FIDELITY_IMAGES = 1000
 
 

@@ -68,7 +68,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decoding threads of the scorer")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
-    p.add_argument("--variant", default="fp32", help="graph variant of the bundle to score with (fp32, int8, int8-clt, fp16)")
+    p.add_argument("--variant", default="fp32", help="graph variant of the bundle to score with (fp32, int8, int8-clt, int8-dec, fp16)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--min-ratio", type=float, default=None, help="exit 1 when score/raw is below this")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts/bench/bench_score.json")

@@ -45,14 +45,16 @@ def atlas_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def variant_bundle(tmp_path_factory) -> Path:
-    """The tiny bundle with its reduced-precision variants (int8, int8-clt, fp16). Read-only."""
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "int8-clt", "fp16"), intervene=False)
+    """The tiny bundle with its reduced-precision variants (int8, int8-clt, int8-dec, fp16). Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-variants", variants=("int8", "int8-clt", "int8-dec", "fp16"),
+                            intervene=False)
 
 
 @pytest.fixture(scope="session")
 def observe_variant_bundle(tmp_path_factory) -> Path:
-    """The tiny model in observe mode (logits are the backbone's own) with int8, int8-clt and fp16. Read-only."""
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-observe", mode="observe", variants=("int8", "int8-clt", "fp16"))
+    """The tiny model in observe mode (logits are the backbone's own) with int8, int8-clt, int8-dec and fp16. Read-only."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-observe", mode="observe",
+                            variants=("int8", "int8-clt", "int8-dec", "fp16"))
 
 
 FORMAT1_FIXTURE = Path(__file__).parent / "fixtures" / "format1-tiny"

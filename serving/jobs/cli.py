@@ -53,7 +53,7 @@ def build_score_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--variant", default="fp32", help="graph variant in the bundle (fp32, int8, int8-clt, fp16)")
+    p.add_argument("--variant", default="fp32", help="graph variant in the bundle (fp32, int8, int8-clt, int8-dec, fp16)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
     p.add_argument("--window", type=int, default=500, help="drift window (images)")

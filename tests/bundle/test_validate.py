@@ -67,7 +67,7 @@ def test_spatial_declaration_must_match_the_graph(copy, v1_bundle, tmp_path):
     _edit_manifest(copy, lambda r: r.update(spatial=None))
     with pytest.raises(BundleError) as exc:
         load_bundle(copy)
-    assert len(exc.value.problems) == 4  # fp32, int8, int8-clt, fp16
+    assert len(exc.value.problems) == 5  # fp32, int8, int8-clt, int8-dec, fp16
     assert "outputs are" in exc.value.problems[0] and "declares a graph without spatial maps" in exc.value.problems[0]
     old = tmp_path / "v1"
     shutil.copytree(v1_bundle, old)

@@ -41,9 +41,10 @@ def test_bundle_manifest_matches_the_model(bundle, tiny_backbone):
     assert list(m.preprocess.image_size) == [32, 32]
     assert m.tokenizer.context_length == 32
     assert m.labels.names == list(FASHION_MNIST_CLASSES)
-    assert m.variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-clt": "model.int8-clt.onnx", "fp16": "model.fp16.onnx"}
-    assert set(m.files) == {"model.onnx", "model.int8.onnx", "model.int8-clt.onnx", "model.fp16.onnx", "text.onnx", "labels.npy",
-                            "bpe_simple_vocab_16e6.txt.gz", }
+    assert m.variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-clt": "model.int8-clt.onnx", "int8-dec": "model.int8-dec.onnx",
+                          "fp16": "model.fp16.onnx"}
+    assert set(m.files) == {"model.onnx", "model.int8.onnx", "model.int8-clt.onnx", "model.int8-dec.onnx", "model.fp16.onnx", "text.onnx",
+                            "labels.npy", "bpe_simple_vocab_16e6.txt.gz", }
     for name, digest in m.files.items():
         assert file_sha256(bundle / name) == digest
     # nothing unlisted travels with a bundle (exporter leftovers are removed)
@@ -166,7 +167,7 @@ def test_cli_errors_name_the_problem(tiny_backbone, tmp_path, capsys):
     assert "unknown open_clip architecture" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--variants", "int4"])
-    assert e.value.code == 2 and "cltvit-export: error: --variants: unknown ['int4']; choose from int8, int8-clt, fp16" in capsys.readouterr().err
+    assert e.value.code == 2 and "cltvit-export: error: --variants: unknown ['int4']; choose from int8, int8-clt, int8-dec, fp16" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--spatial-top-k", "-2"])
     assert e.value.code == 2 and "cltvit-export: error: --spatial-top-k must be >= 0" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_a_corrupt_shipped_file_is_named(tmp_path):
 def test_cli_export(tmp_path, capsys):
     out = tmp_path / "bundle"
     assert main(["export", "--out", str(out)]) == 0
-    assert load_bundle(out)[0].variants == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert load_bundle(out)[0].variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-dec": "model.int8-dec.onnx"}
     assert main(["export", "--out", str(out)]) == 2
     assert f"argument --out: {out} exists; pass --overwrite" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "b2"), "--weights", str(tmp_path / "none")]) == 2

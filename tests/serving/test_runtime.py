@@ -210,3 +210,16 @@ def test_fp16_variant_runs_on_the_cpu_provider(observe_variant_bundle):
     assert np.abs(a.logits - h.logits).max() <= 1e-2  # the tolerance tests/test_parity_quant.py states
     # the decomposition stays fp32 inside the fp16 graph: contributions sum to that graph's own logits
     np.testing.assert_allclose(h.contributions.sum(1), h.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_dec_variant_serves_on_the_cpu_provider(variant_bundle):
+    """The int8-dec graph (CLT decoders stored int8) opens in the serving runtime (ONNX Runtime, CPU) and
+    answers: its top label is fp32's on Fashion-MNIST images, each answer's contributions sum to its logits."""
+    fp32 = BundleRuntime(variant_bundle, device="cpu", threads=1)
+    dec = BundleRuntime(variant_bundle, device="cpu", threads=1, variant="int8-dec")
+    assert dec.provider == "CPUExecutionProvider" and dec.variant == "int8-dec"
+    images = _images()[:20]  # the Fashion-MNIST ones
+    a, b = fp32.explain(images), dec.explain(images)
+    agree = np.mean([x.top[0].label == y.top[0].label for x, y in zip(a, b)])
+    assert agree >= 0.9
+    assert max(r.completeness_residual for r in b) <= 1e-4

@@ -173,10 +173,14 @@ class CrossLayerTranscoder(nn.Module):
         """Normalised writes of one source layer to each of its targets: [N, n_targets, d]."""
         w = self.W_dec[source]  # [n_t, F, d]
         if self.export_gather:  # one gather of whole feature rows from a feature-major [F, n_t * d] copy
-            n, k = code.idx.shape  # (a constant in an exported graph; ONNX Runtime's Gather on axis 1 of
-            t, f, d = w.shape      # [n_t, F, d] took 3-9 ms per source for 32 rows: 24% of a ViT-B/32 call)
-            rows = w.transpose(0, 1).reshape(f, t * d).index_select(0, code.idx.reshape(-1)).reshape(n, k, t, d)
-            return torch.einsum("nk,nktd->ntd", code.val, rows)
+            # (a constant in an exported graph; ONNX Runtime's Gather on axis 1 of [n_t, F, d] took 3-9 ms
+            # per source for 32 rows: 24% of a ViT-B/32 call), indexed by the [N, k] code as it is (one ONNX
+            # Gather, no reshapes around it), then one batched matrix-vector product per token (MatMul:
+            # ONNX Runtime's Einsum transposes first). The sizes of w are Python ints, so the graph carries
+            # constants, not shape arithmetic on the inputs (N and k stay dynamic: edits append entries).
+            t, f, d = (int(s) for s in w.shape)
+            rows = F.embedding(code.idx, w.transpose(0, 1).reshape(f, t * d))  # [N, k, n_t * d]
+            return torch.matmul(code.val.unsqueeze(1), rows).reshape(-1, t, d)
         return torch.stack([sparse_decode(code.idx, code.val, w[t]) for t in range(w.shape[0])], dim=1)
 
     def decode_all(self, codes: list[torch.Tensor | SparseCode]) -> torch.Tensor:

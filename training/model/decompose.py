@@ -250,24 +250,26 @@ def decompose(
     # feature level: contribution of each active CLS feature to the predicted logit
     pred = logits.argmax(dim=-1)
     t_pred = text_embeddings.index_select(0, pred)  # [B, D]
-    layers, idxs, acts, contribs, keys = [], [], [], [], []
+    # all layers' active rows at once: one frozen ln_post map and one product for the K = sum_i k_i
+    # features (in a graph: one set of nodes, not one per layer)
+    layers, idxs, acts, rows, factors, appended = [], [], [], [], [], []
     for i in range(len(splice.codes)):
         idx, val = splice.cls_code(i, B)  # [B, k] each
-        rows = clt.total_write_matrix(i).index_select(0, idx.reshape(-1)).reshape(B, -1, d)  # [B, k, d]
-        dirs, _ = frozen_ln_map(visual, res.cls_resid, rows)  # [B, k, D]
-        c = scale * val * (dirs * t_pred[:, None, :]).sum(-1) / norm  # [B, k]
-        if cls_factors is not None:  # the clt.i term's scale; appended edit columns that set nothing never rank
-            c = c * cls_factors[:, 1 + L + i, None]
-            k0 = clt.cfg.inference_k
-            appended = torch.ones_like(val).cumsum(1) > k0  # columns k0..: the edit entries (E is dynamic in a graph)
-            keys.append(torch.where(appended & (val == 0), torch.full_like(c, -1.0), c.abs()))
+        rows.append(clt.total_write_matrix(i).index_select(0, idx.reshape(-1)).reshape(B, -1, d))  # [B, k, d]
+        if cls_factors is not None:  # the clt.i term's scale; appended edit columns (k0..) that set nothing never rank
+            factors.append(cls_factors[:, 1 + L + i, None].expand_as(val))
+            appended.append(torch.ones_like(val).cumsum(1) > clt.cfg.inference_k)  # (E is dynamic in a graph)
         layers.append(torch.full_like(idx, i))
         idxs.append(idx)
         acts.append(val)
-        contribs.append(c)
-    all_c = torch.cat(contribs, 1)
+    dirs, _ = frozen_ln_map(visual, res.cls_resid, torch.cat(rows, 1))  # [B, K, D]
+    all_a = torch.cat(acts, 1)  # [B, K]
+    all_c = scale * all_a * (dirs * t_pred[:, None, :]).sum(-1) / norm  # [B, K]
+    if cls_factors is not None:
+        all_c = all_c * torch.cat(factors, 1)
+        keys = torch.where(torch.cat(appended, 1) & (all_a == 0), torch.full_like(all_c, -1.0), all_c.abs())
     kk = min(top_k_features, all_c.shape[1] if edits is None else L * clt.cfg.inference_k)
-    _, order = (all_c.abs() if edits is None else torch.cat(keys, 1)).topk(kk, dim=1)
+    _, order = (all_c.abs() if edits is None else keys).topk(kk, dim=1)
     pick = lambda t: torch.gather(torch.cat(t, 1), 1, order)  # noqa: E731
     return Decomposition(
         logits=logits,
@@ -277,7 +279,7 @@ def decompose(
         contributions=contributions,
         top_layer=pick(layers),
         top_index=pick(idxs),
-        top_activation=pick(acts),
+        top_activation=torch.gather(all_a, 1, order),
         top_contribution=torch.gather(all_c, 1, order),
         spatial=_spatial(visual, res, logits, text_embeddings, norm, scale, spatial_top_k) if spatial_top_k > 0 else None,
     )
