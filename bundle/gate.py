@@ -51,10 +51,13 @@ class VariantGate(Strict):
 
 
 class GateSpec(Strict):
-    """`bundle.json`'s `gate` block: what the held-out images were (`data`) and each measured variant's figures
-    (keys are variant names of the manifest's `variants`; fp32 included)."""
+    """`bundle.json`'s `gate` block: what the held-out images were (`data`), how many went through a graph call at
+    once (`batch_size`), and each measured variant's figures (keys are variant names of the manifest's `variants`;
+    fp32 included)."""
 
     data: str = Field(min_length=1, max_length=500)
+    batch_size: int = Field(ge=1, description="images per graph call: dynamic int8 quantizes each call's activations with "
+                            "one scale, so a variant's outputs depend on its batch; the figures hold for this one")
     variants: dict[str, VariantGate]
 
 

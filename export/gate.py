@@ -8,10 +8,12 @@ label embeddings; `bundle.gate.GateTally` turns each variant's outputs and fp32'
   gate = measure_gate(bundle_dir, manifest_variants, files, images)      # -> bundle.gate.GateSpec
 
 `export_bundle(..., gate_images=images)` calls it before writing `bundle.json` (`cltvit-export --eval-data
-DIR --eval-images N`; the reference build and `cltvit-reference export` pass Fashion-MNIST test images).
+DIR --eval-images N`; the reference build and `cltvit-reference export` pass Fashion-MNIST test images);
+`attach_gate(bundle_dir, images)` measures an existing bundle's variants and writes the block into it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -20,9 +22,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bundle import MANIFEST, Manifest, load_bundle
+from bundle.atomic import write_text_atomic
 from bundle.gate import GateSpec, GateTally
 
-GATE_BATCH = 256  # images per ONNX Runtime call while measuring
+# images per ONNX Runtime call while measuring: the service's default largest batch (dynamic int8's activation
+# scale is per call, so the figures depend on it; bundle.json states it)
+GATE_BATCH = 16
 DEFAULT_GATE_IMAGES = 2000  # held-out images measured unless told otherwise (cltvit-export --eval-images)
 
 
@@ -110,4 +116,18 @@ def measure_gate(root: str | Path, variants: Mapping[str, str], files: Mapping[s
         y = None if images.labels is None else images.labels[i : i + batch_size]
         for v, (logits, contrib) in outs.items():
             tallies[v].update(ref, logits, contrib, y)
-    return GateSpec(data=images.data, variants={v: t.figures(files[variants[v]]) for v, t in tallies.items()})
+    return GateSpec(data=images.data, batch_size=batch_size, variants={v: t.figures(files[variants[v]]) for v, t in tallies.items()})
+
+
+def attach_gate(bundle_dir: str | Path, images: GateImages, *, threads: int | None = None) -> GateSpec:
+    """Measure the gate of an existing bundle's variants (as they are on disk) on `images` and write it into its
+    `bundle.json` (replacing any earlier gate; one atomic write). For bundles exported without `--eval-data`,
+    or whose variants were rewritten. Returns the gate written."""
+    root = Path(bundle_dir).resolve()
+    m, paths = load_bundle(root)
+    spec = measure_gate(root, m.variants, m.files, np.load(paths.labels, allow_pickle=False), images, threads=threads)
+    raw = json.loads((root / MANIFEST).read_text())
+    raw["gate"] = spec.model_dump(mode="json")
+    Manifest.model_validate(raw)
+    write_text_atomic(root / MANIFEST, json.dumps(raw, indent=2))
+    return spec
