@@ -1,8 +1,8 @@
 """The accuracy gate written into bundles (export/gate.py, bundle/gate.py) and `--variant auto` on them.
 
 - The reference bundle's gate figures recomputed here, independently of the exporter's code: the Fashion-MNIST test
-  images decoded and preprocessed by serving's numpy preprocessing (the exporter used torch), each variant run by
-  serving's BundleRuntime, agreement / |logit difference| / completeness residual / accuracy by numpy in this file.
+  images decoded and preprocessed by serving's numpy preprocessing (the exporter used torch), each variant run in
+  sessions from serving's session factory, agreement / |logit difference| / completeness residual / accuracy by numpy in this file.
 - A bundle with a deliberately broken variant (its weights perturbed, its gate really measured) and one whose gate
   figure is under 99 %: auto never picks (never even times) either; an explicit variant still wins.
 """
@@ -12,45 +12,44 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from conftest import REFERENCE_GATE_IMAGES
-from onnx import numpy_helper
 from PIL import Image
 
-from bundle import file_sha256, load_bundle
+from bundle import load_bundle
 from bundle.gate import GATE_MIN_AGREEMENT, passes_gate
-from export.gate import GateImages, attach_gate
 from serving import Explainer
 from serving.choice import choose_variant
-from serving.runtime import BundleRuntime
+from serving.preprocess import Preprocessor
 from serving.sessions import open_session, session_options
 from serving.variant_bench import resolve_variant
 from training.data import FashionMNIST
-from training.model.backbone import load_backbone
 
 
-def test_reference_gate_recomputed_independently(reference_bundle):
-    m, _ = load_bundle(reference_bundle)
+@pytest.mark.parametrize("variants", [pytest.param(("fp32", "int8"), id="int8"),  # the variant the reference ships
+                                      pytest.param(("int8-clt", "fp16"), id="others", marks=pytest.mark.slow)])  # ~1 s per session
+def test_reference_gate_recomputed_independently(reference_bundle, variants):
+    m, paths = load_bundle(reference_bundle)
     gate = m.gate
     assert gate is not None and set(gate.variants) == set(m.variants) == {"fp32", "int8", "int8-clt", "fp16"}
     assert gate.data.startswith(f"Fashion-MNIST test split: {REFERENCE_GATE_IMAGES} drawn with numpy default_rng(0)")
     idx = np.sort(np.random.default_rng(0).choice(10_000, size=REFERENCE_GATE_IMAGES, replace=False))
     ds = FashionMNIST("test")
-    fp32 = BundleRuntime(reference_bundle, device="cpu", threads=1, verify_checksums=False, intervene=False)
-    pixels = np.stack([fp32.preprocess(Image.fromarray(ds.images[i], mode="L").convert("RGB")) for i in idx])
+    preprocess, text = Preprocessor(m.preprocess), np.load(paths.labels)
+    pixels = np.stack([preprocess(Image.fromarray(ds.images[i], mode="L").convert("RGB")) for i in idx])
     labels = np.asarray(ds.labels)[idx]
     B = gate.batch_size  # dynamic int8 scales each call's activations as a whole: the same batches as the gate
 
-    def run(rt: BundleRuntime) -> tuple[np.ndarray, np.ndarray]:
-        outs = [rt.run(pixels[i : i + B]) for i in range(0, len(pixels), B)]
-        return (np.concatenate([o.logits for o in outs]).astype(np.float64),
-                np.concatenate([o.contributions for o in outs]).astype(np.float64))
+    def run(v: str) -> tuple[np.ndarray, np.ndarray]:  # serving's own session factory, numpy here
+        sess = open_session(paths.model_for(v), session_options(1), False, v)
+        outs = [sess.run(["logits", "contributions"], {"pixels": pixels[i : i + B], "text_embeddings": text})
+                for i in range(0, len(pixels), B)]
+        return np.concatenate([o[0] for o in outs]).astype(np.float64), np.concatenate([o[1] for o in outs]).astype(np.float64)
 
-    ref, _ = run(fp32)
-    for v, g in gate.variants.items():
-        z, terms = run(fp32 if v == "fp32" else BundleRuntime(reference_bundle, device="cpu", threads=1, variant=v, verify_checksums=False,
-                                                           intervene=False))
+    ref, ref_terms = run("fp32")
+    for v in variants:
+        g = gate.variants[v]
+        z, terms = (ref, ref_terms) if v == "fp32" else run(v)
         agree = float(np.mean(z.argmax(1) == ref.argmax(1)))
         print(f"{v}: agreement {agree:.4f} (bundle {g.top1_agreement:.4f}), max |dlogit| {np.abs(z - ref).max():.4g} "
               f"(bundle {g.max_abs_logit_diff:.4g}), residual {np.abs(terms.sum(1) - z).max():.3g} (bundle {g.completeness_residual:.3g})")
@@ -65,37 +64,8 @@ def test_reference_gate_recomputed_independently(reference_bundle):
     assert passes_gate(gate.variants["int8"])  # the reference's own int8 variant keeps >= 99 %
 
 
-def _break(root, variant: str, seed: int = 0) -> None:
-    """Perturb every large float weight of `variant`'s graph (x (1 + N(0, 1))) and re-list its sha256."""
-    m, _ = load_bundle(root)
-    path = root / m.variants[variant]
-    model = onnx.load(str(path))
-    rng = np.random.default_rng(seed)
-    for init in model.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.dtype == np.float32 and w.size >= 256:
-            init.CopyFrom(numpy_helper.from_array((w * (1 + rng.standard_normal(w.shape))).astype(np.float32), init.name))
-    onnx.save(model, str(path))
-    raw = json.loads((root / "bundle.json").read_text())
-    raw["files"][m.variants[variant]] = file_sha256(path)
-    (root / "bundle.json").write_text(json.dumps(raw, indent=2))
-
-
-@pytest.fixture(scope="module")
-def gated(variant_bundle, tmp_path_factory):
-    """The tiny variant bundle with int8-clt deliberately broken, its gate measured on 128 Fashion-MNIST test images."""
-    root = tmp_path_factory.mktemp("gated") / "b"
-    shutil.copytree(variant_bundle, root)
-    _break(root, "int8-clt")
-    backbone = load_backbone("cltvit-tiny", None, device="cpu", seed=0)
-    m, _ = load_bundle(root)
-    images = GateImages.from_dataset(FashionMNIST("test"), backbone.preprocess, list(m.labels.names), limit=128)
-    spec = attach_gate(root, images, threads=1)
-    return root, spec
-
-
-def test_a_broken_variant_fails_its_measured_gate(gated):
-    root, spec = gated
+def test_a_broken_variant_fails_its_measured_gate(gated_bundle):
+    root, spec = gated_bundle
     m, _ = load_bundle(root)
     assert m.gate == spec and spec.variants["int8-clt"].images == 128
     broken = spec.variants["int8-clt"]
@@ -105,8 +75,8 @@ def test_a_broken_variant_fails_its_measured_gate(gated):
     assert spec.variants["fp32"].accuracy is not None  # the data's classes are the bundle's labels
 
 
-def test_auto_never_times_or_serves_a_failing_variant(gated):
-    root, _ = gated
+def test_auto_never_times_or_serves_a_failing_variant(gated_bundle):
+    root, _ = gated_bundle
     m, paths = load_bundle(root)
     opened = []
 
@@ -125,8 +95,8 @@ def test_auto_never_times_or_serves_a_failing_variant(gated):
     assert choose_variant(gates, fast).variant == "fp32"
 
 
-def test_a_figure_under_99_percent_is_never_chosen_but_explicit_wins(gated, tmp_path):
-    root, spec = gated
+def test_a_figure_under_99_percent_is_never_chosen_but_explicit_wins(gated_bundle, tmp_path):
+    root, _ = gated_bundle
     b = tmp_path / "b"
     shutil.copytree(root, b)
     raw = json.loads((b / "bundle.json").read_text())
