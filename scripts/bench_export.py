@@ -23,9 +23,16 @@ a variant counts as faster only when that median says it is at least 5% faster. 
 too; with random weights (no model hub here) logits are nearly uniform, a harsher case than a trained
 model, so the accuracy gate stays the reference-model test (tests/export/test_parity_quant.py: >= 99%).
 Weights are random; F = 6144, k = 32. The bundle is kept in OUT/vitb32-bundle for `make load` and
-scripts/bench_score.py.
+scripts/bench_score.py. `--reference` benchmarks the shipped reference model (cltvit-ref, trained weights) instead.
+
+The accuracy gate (bundle/gate.py): the bundle's variants are measured against fp32 on `--gate-images` Fashion-MNIST
+test images (export.gate.attach_gate, written into the bundle's bundle.json) and printed next to the speed table;
+then `--variant auto`'s rule (serving/choice.py, the same function the service runs) is applied to those gate
+figures and this run's graphs-alone timings: the variant auto would serve on this machine at these batch sizes.
+With random weights the gate is a harsh case (near-uniform logits); the reference model's is the real one.
 
   python scripts/bench_export.py [--out DIR] [--batches 1,16] [--repeats 3] [--variants int8,int8-clt] [--rebuild]
+  python scripts/bench_export.py --reference --variants int8,int8-clt [--gate-images 2000]
 """
 from __future__ import annotations
 
@@ -51,11 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle import BundleError, load_bundle  # noqa: E402
+from export.gate import GateImages, attach_gate  # noqa: E402
+from serving.choice import choose_variant  # noqa: E402
+from bundle.gate import gate_verdict  # noqa: E402
 from bundle.provenance import machine_info  # noqa: E402
 from export.fused import export_plain  # noqa: E402
 from export.quantize import REDUCED  # noqa: E402
 from export.writer import export_bundle  # noqa: E402
-from training.data import FASHION_MNIST_CLASSES  # noqa: E402
+from training.data import FASHION_MNIST_CLASSES, FashionMNIST  # noqa: E402
 from training.model.backbone import load_backbone  # noqa: E402
 from training.testing import random_clt  # noqa: E402
 
@@ -200,6 +210,10 @@ def main() -> int:
     ap.add_argument("--variants", default="int8,int8-clt", help=f"reduced-precision variants to time ({', '.join(REDUCED)})")
     ap.add_argument("--out", default=str(ROOT / "artifacts/bench"))
     ap.add_argument("--rebuild", action="store_true", help="re-export the bundle even if a matching one exists")
+    ap.add_argument("--reference", action="store_true", help="the shipped reference model (cltvit-ref, trained) instead of "
+                    "random weights of --model")
+    ap.add_argument("--gate-images", type=int, default=256,
+                    help="Fashion-MNIST test images the variants' accuracy gate is measured on (0: keep the bundle's gate)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -215,16 +229,27 @@ def main() -> int:
     log(f"# bench_export: {args.model}, F={args.n_features}, k={args.k}, {args.threads} threads, load avg {loadavg()}")
     log(f"# CPU: {mach['cpu']}, {mach['cores']} logical CPUs, ISA {', '.join(mach['isa']) or 'none of ' + 'avx2/avx512'}; "
         + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()))
-    backbone = load_backbone(args.model, None, device="cpu", seed=0)
+    if args.reference:
+        from pipeline.shipped import load_shipped
+
+        backbone, ref_clt, _ = load_shipped()
+        args.model, args.n_features, args.k = backbone.spec.model, ref_clt.cfg.n_features, ref_clt.cfg.k
+    else:
+        backbone = load_backbone(args.model, None, device="cpu", seed=0)
     bundle = out / f"{args.model.lower().replace('-', '')}-bundle"
     if args.rebuild or not bundle_matches(bundle, backbone.fingerprint, args.n_features, args.k, variants):
         t0 = time.perf_counter()
-        clt = random_clt(backbone.n_layers, backbone.d_model, n_features=args.n_features, k=args.k, seed=0)
+        clt = ref_clt if args.reference else random_clt(backbone.n_layers, backbone.d_model, n_features=args.n_features, k=args.k, seed=0)
         export_bundle(backbone, clt, "cls", FASHION_MNIST_CLASSES, ["a photo of a {}."], bundle, variants=variants, overwrite=True)
         del clt
         log(f"exported {bundle} in {time.perf_counter() - t0:.0f} s")
     else:
         log(f"reusing {bundle}")
+    if args.gate_images > 0:
+        t0 = time.perf_counter()
+        attach_gate(bundle, GateImages.from_dataset(FashionMNIST("test"), backbone.preprocess, FASHION_MNIST_CLASSES,
+                                                    limit=args.gate_images, what="Fashion-MNIST test split"), threads=args.threads)
+        log(f"measured the accuracy gate on {args.gate_images} Fashion-MNIST test images in {time.perf_counter() - t0:.0f} s")
     manifest, paths = load_bundle(bundle, verify_checksums=False)
     plain = out / f"{args.model.lower().replace('-', '')}-plain.onnx"
     if args.rebuild or not plain.is_file():
@@ -389,13 +414,32 @@ def main() -> int:
                    + "; ".join(f"{v} for batch {bs}" for bs, v in recommendation.items()))
     paired = {bs: {f"{a}/{b}": speedup(bs, a, b) for a in [*graphs, "plain", "eager"] for b in [*graphs, "plain", "eager"] if a != b}
               for bs in best}
-    log(f"=> {verdict} (top-1 agreement with fp32 on the reference model: tests/export/test_parity_quant.py, >= 99%).")
+    log(f"=> {verdict} (speed alone; the gate below decides what auto serves).")
+
+    # ---------------------------------------------------------------- the gate and auto's choice
+    log()
+    gates = {v: manifest.variant_gate(v) for v in graphs}
+    if manifest.gate is not None:
+        log(f"accuracy gate ({manifest.gate.data}; batches of {manifest.gate.batch_size}; pass: >= 99% top-1 agreement with fp32):")
+        log("| variant | top-1 agreement | max abs logit diff | completeness residual | accuracy | images | verdict |")
+        log("|---|---|---|---|---|---|---|")
+        for v, g in gates.items():
+            if g is None:
+                log(f"| {v} | - | - | - | - | - | no gate figure |")
+                continue
+            acc = "-" if g.accuracy is None else f"{100 * g.accuracy:.2f}%"
+            log(f"| {v} | {100 * g.top1_agreement:.2f}% | {g.max_abs_logit_diff:.4g} | {g.completeness_residual:.3g} | {acc} | "
+                f"{g.images} | {'reference' if v == 'fp32' else gate_verdict(g).split(':')[0]} |")
+    auto = choose_variant(gates, {bs: {v: duel[bs][v] for v in graphs} for bs in best}, rounds=min(len(t) for d in duel.values() for t in d.values()))
+    log(f"=> --variant auto would serve {auto.variant} here at batch sizes {', '.join(map(str, best))}: {auto.reason} "
+        f"({mach['cpu']}, {', '.join(mach['isa'])}, {args.threads} threads; the service times its own batch sizes at start).")
     log(f"load avg at the end {loadavg()}")
 
     record = {"model": args.model, "n_features": args.n_features, "k": args.k, "threads": args.threads, "variants": variants,
               "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "top1_agreement_random_images": agreement,
               "paired_speedup": paired, "graph_mib": sizes, "matmul_gflops": rates, "ort_bf16_matmul": bf16_ort,
               "encoder_seconds": enc, "recommendation_per_batch": recommendation, "verdict": verdict, "gflop_per_image": gflop,
+              "gate": None if manifest.gate is None else manifest.gate.model_dump(mode="json"), "auto": auto.model_dump(mode="json"),
               "bundle": str(bundle), "machine": mach, "loadavg_end": loadavg()}
     (out / "bench_export.json").write_text(json.dumps(record, indent=1))
     log(f"wrote {out / 'bench_export.json'}")
