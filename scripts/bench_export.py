@@ -226,9 +226,6 @@ def main() -> int:
     mach = machine_info(args.threads)
     isa = set(mach["isa"])
 
-    log(f"# bench_export: {args.model}, F={args.n_features}, k={args.k}, {args.threads} threads, load avg {loadavg()}")
-    log(f"# CPU: {mach['cpu']}, {mach['cores']} logical CPUs, ISA {', '.join(mach['isa']) or 'none of ' + 'avx2/avx512'}; "
-        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()))
     if args.reference:
         from pipeline.shipped import load_shipped
 
@@ -236,6 +233,9 @@ def main() -> int:
         args.model, args.n_features, args.k = backbone.spec.model, ref_clt.cfg.n_features, ref_clt.cfg.k
     else:
         backbone = load_backbone(args.model, None, device="cpu", seed=0)
+    log(f"# bench_export: {args.model}, F={args.n_features}, k={args.k}, {args.threads} threads, load avg {loadavg()}")
+    log(f"# CPU: {mach['cpu']}, {mach['cores']} logical CPUs, ISA {', '.join(mach['isa']) or 'none of ' + 'avx2/avx512'}; "
+        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()))
     bundle = out / f"{args.model.lower().replace('-', '')}-bundle"
     if args.rebuild or not bundle_matches(bundle, backbone.fingerprint, args.n_features, args.k, variants):
         t0 = time.perf_counter()
