@@ -347,7 +347,7 @@ def main() -> int:
     for bs, r in best.items():
         log(f"| {bs} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " | "
             + " | ".join(f"{speedup(bs, a, b):.2f}" for a, b in pairs) + " |")
-    log("vs fp32 on the timed images (random weights and pixels: nearly uniform logits, so top-1 flips easily): " + "; ".join(
+    log(f"vs fp32 on the timed images ({'random pixels' if args.reference else 'random weights and pixels: nearly uniform logits, so top-1 flips easily'}): " + "; ".join(
         f"batch {bs}: " + ", ".join(f"{v} top-1 agreement {a['top1']:.0%}, max |dlogit| {a['max_abs_logit_diff']:.3f}" for v, a in ag.items())
         + f" (median fp32 top-1 margin {next(iter(ag.values()))['median_fp32_top1_margin']:.3f})" for bs, ag in agreement.items()))
 
