@@ -70,7 +70,7 @@ class GateImages:
         labels = bundle_labels(list(dataset.class_names), [c for _, c in items], label_names)
         desc = what or f"{getattr(dataset, 'name', 'dataset')} {getattr(getattr(dataset, 'root', None), 'name', '')}".strip()
         sample = "all" if len(idx) == len(dataset) else f"{len(idx)} drawn with numpy default_rng(0) from"
-        return cls(pixels, labels, f"{desc}: {sample} {len(dataset)} images, held out by the exporter's caller")
+        return cls(pixels, labels, f"{desc}: {sample} {len(dataset)} images")
 
 
 def bundle_labels(class_names: Sequence[str], classes: Sequence[int], label_names: Sequence[str]) -> np.ndarray | None:

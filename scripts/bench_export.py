@@ -65,6 +65,7 @@ from bundle.provenance import machine_info  # noqa: E402
 from export.fused import export_plain  # noqa: E402
 from export.quantize import REDUCED  # noqa: E402
 from export.writer import export_bundle  # noqa: E402
+from pipeline.shipped import load_shipped  # noqa: E402
 from training.data import FASHION_MNIST_CLASSES, FashionMNIST  # noqa: E402
 from training.model.backbone import load_backbone  # noqa: E402
 from training.testing import random_clt  # noqa: E402
@@ -227,8 +228,6 @@ def main() -> int:
     isa = set(mach["isa"])
 
     if args.reference:
-        from pipeline.shipped import load_shipped
-
         backbone, ref_clt, _ = load_shipped()
         args.model, args.n_features, args.k = backbone.spec.model, ref_clt.cfg.n_features, ref_clt.cfg.k
     else:

@@ -137,7 +137,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         _fail(parser, f"--variant {args.variant!r}: bundle {paths.root} has only {AUTO}, {', '.join(sorted(paths.models))}")
     if not 0 <= args.variant_bench_s <= 60:
         _fail(parser, f"--variant-bench-s must be in 0..60, got {args.variant_bench_s}")
-    choice = choose_served_variant(manifest, paths, args)
+    # one worker chooses for itself and keeps the chosen session open; several get one choice made here, timed once
+    choice = choose_served_variant(manifest, paths, args) if args.variant != AUTO or args.workers > 1 else None
     if args.reference:
         try:
             DriftProfile.load(args.reference).check_bundle(manifest.term_names, manifest.labels.names,
@@ -148,8 +149,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     env = {
         "CLTVIT_BUNDLE": str(paths.root),
         "CLTVIT_DEVICE": args.device,
-        "CLTVIT_VARIANT": choice.variant,
-        "CLTVIT_VARIANT_CHOICE": choice.model_dump_json(),
+        "CLTVIT_VARIANT": AUTO if choice is None else choice.variant,
         "CLTVIT_VARIANT_BENCH_S": str(args.variant_bench_s),
         "CLTVIT_WORKERS": str(args.workers),
         "CLTVIT_MAX_BATCH_SIZE": str(args.max_batch_size),
@@ -165,6 +165,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     }
     if args.reference:
         env["CLTVIT_DRIFT_REFERENCE"] = str(Path(args.reference).resolve())
+    if choice is not None:
+        env["CLTVIT_VARIANT_CHOICE"] = choice.model_dump_json()
     if args.threads is not None:
         env["CLTVIT_THREADS"] = str(args.threads)
     return env
@@ -172,7 +174,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def choose_served_variant(manifest: Any, paths: Any, args: argparse.Namespace) -> VariantChoice:
     """The variant every worker will serve: `--variant` as given, or auto's choice, timed here once before the
-    workers start (so that they all serve the same graph), with the sessions a worker would open."""
+    workers start (so that several workers all serve the same graph), with the sessions a worker would open."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and cuda_present())
     opts = session_options(args.threads, args.ort_spinning)
     choice, _ = resolve_variant(manifest, paths, args.variant, lambda v: open_session(paths.model_for(v), opts, use_cuda, v),
@@ -212,9 +214,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     drift = f", drift against {env['CLTVIT_DRIFT_REFERENCE']}" if env.get("CLTVIT_DRIFT_REFERENCE") else ""
-    choice = VariantChoice.model_validate_json(env["CLTVIT_VARIANT_CHOICE"])
+    variant = (VariantChoice.model_validate_json(env["CLTVIT_VARIANT_CHOICE"]).summary() if "CLTVIT_VARIANT_CHOICE" in env
+               else "variant auto: the worker times the gated variants at start and logs its choice")
     print(f"cltvit-serve: serving {env['CLTVIT_BUNDLE']} on http://{args.host}:{args.port} "
-          f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'}{drift}); {choice.summary()}", file=sys.stderr, flush=True)
+          f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'}{drift}); {variant}", file=sys.stderr, flush=True)
     cmd = serve_command(args.host, args.port)
     os.execve(cmd[0], cmd, env)
 

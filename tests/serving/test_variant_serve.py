@@ -1,5 +1,6 @@
-"""`cltvit-serve --variant auto` (the default): resolved once before the workers start and handed to them; an explicit
-variant wins; the choice on /info over real HTTP and as one INFO line in the server's log."""
+"""`cltvit-serve --variant auto` (the default): one worker resolves it itself (keeping the chosen session); several get
+one choice made before they start; an explicit variant wins; the choice on /info over real HTTP and as one INFO line
+in the server's log."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,8 @@ def _env(bundle, *args: str) -> dict[str, str]:
 def test_auto_is_resolved_before_the_workers_and_handed_to_them(gated_bundle):
     root, _ = gated_bundle
     m, _ = load_bundle(root)
-    env = _env(root, "--max-batch-size", "4", "--variant-bench-s", "0")
+    assert _env(root)["CLTVIT_VARIANT"] == "auto" and "CLTVIT_VARIANT_CHOICE" not in _env(root)  # one worker: it chooses
+    env = _env(root, "--max-batch-size", "4", "--variant-bench-s", "0", "--workers", "2")
     choice = VariantChoice.model_validate_json(env["CLTVIT_VARIANT_CHOICE"])
     assert choice.requested == "auto" and env["CLTVIT_VARIANT"] == choice.variant != "int8-clt"
     assert choice.variant == "fp32" or passes_gate(m.variant_gate(choice.variant))
