@@ -29,11 +29,11 @@ from .intervene import EditSpace, InterventionUnavailable
 from .intervene import intervene as run_intervention
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
-from .sessions import open_session, session_options
-from .variant_bench import BENCH_BUDGET_S, DEFAULT_BATCH_SIZES, resolve_variant
 from .schemas import ClassMap, EditSet, ImageResult, SpatialExplanation, TotalEffectClass, TotalEffectMap, trusted
+from .sessions import open_session, session_options
 from .spatial import spatial_maps, total_effect_map
 from .tokenizer import ClipTokenizer
+from .variant_bench import BENCH_BUDGET_S, DEFAULT_BATCH_SIZES, resolve_variant
 
 Device = Literal["auto", "cpu", "cuda"]
 MAX_LABELS = 1000
