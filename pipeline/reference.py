@@ -141,6 +141,7 @@ def budget(name: str) -> BuildConfig:
             comparison_ks=(2, 4), comparison_features=32, comparison_train=dict(small, steps=3), comparison_images=32,
             eval=EvalConfig(limit=48, batch_size=48, fidelity_images=16, cproj_images=16, random_seeds=2),
             export_variants=(),
+            gate_images=64,
             atlas=AtlasConfig(top_n=4, batch_size=64, max_examples=10, examples_per_class=1),
             atlas_limit=256,
         )
