@@ -1,7 +1,8 @@
 """`cltvit-reference`: the reference model.
 
   cltvit-reference export --out artifacts/reference/bundle   # serving bundle from the shipped weights (seconds)
-  cltvit-reference export --out DIR --gate-images 10000      # ... its variants' accuracy gate on all 10,000 test images
+  cltvit-reference export --out DIR --variants int8,int8-clt,fp16 --gate-images 10000   # ... those variants' accuracy
+                                                             # gate on all 10,000 test images
   cltvit-reference build --out artifacts/reference-build     # retrain everything (~18 min on 2 cores)
   cltvit-reference build --out artifacts/reference7 --model cltvit-ref7   # the same with a 7x7 patch grid (~2x the time)
   cltvit-reference ship --build artifacts/reference-build    # make the build's weights the shipped ones (atlas included)
@@ -27,9 +28,10 @@ from training.model.backbone import BackboneError
 from training.model.checkpoint import CheckpointError
 
 from export.gate import DEFAULT_GATE_IMAGES
+from export.quantize import REDUCED
 
 from .reference import BUDGETS, REF_MODEL, REF_MODELS, STAGES, BuildError, budget, build, gate_summary
-from .shipped import WEIGHTS_DIR, export_shipped, ship, ship_atlas
+from .shipped import EXPORT_VARIANTS, WEIGHTS_DIR, export_shipped, ship, ship_atlas
 
 BUILD_MINUTES = 18  # a full build on a 2-core CPU with --jobs 2 (docs/reference.md)
 
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="bundle directory to write (e.g. artifacts/reference/bundle)")
     e.add_argument("--weights", default=str(WEIGHTS_DIR), help="shipped-weights folder (default: the project's)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--variants", default=",".join(EXPORT_VARIANTS),
+                   help=f"reduced-precision variants beside fp32 (default {','.join(EXPORT_VARIANTS)}; any of {', '.join(REDUCED)})")
     e.add_argument("--gate-images", type=int, default=DEFAULT_GATE_IMAGES,
                    help=f"Fashion-MNIST test images the variants' accuracy gate is measured on (default {DEFAULT_GATE_IMAGES}; "
                         f"10000: all; 0: no gate, so `--variant auto` serves fp32; docs/bundle.md)")
@@ -94,8 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _error(f"argument --out: {args.out} exists; pass --overwrite to replace it")
             if args.gate_images < 0:
                 return _error(f"argument --gate-images: must be >= 0, got {args.gate_images}")
+            variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+            if set(variants) - set(REDUCED):
+                return _error(f"argument --variants: unknown {sorted(set(variants) - set(REDUCED))}; choose from {', '.join(REDUCED)}")
             t0 = time.time()
-            out = export_shipped(args.out, args.weights, overwrite=args.overwrite, gate_images=args.gate_images)
+            out = export_shipped(args.out, args.weights, overwrite=args.overwrite, gate_images=args.gate_images, variants=variants)
             print(f"wrote the reference bundle {out} from {args.weights} in {time.time() - t0:.1f} s{gate_summary(Path(out))}")
             return 0
         if args.command == "atlas":
