@@ -42,6 +42,12 @@ class VariantGate(Strict):
     accuracy: float | None = Field(default=None, ge=0.0, le=1.0, description="top-1 against the images' labels, when the "
                                    "data's classes are the bundle's labels; null otherwise")
 
+    def summary(self) -> str:
+        """The figures in one phrase (logs, CLI output)."""
+        acc = "" if self.accuracy is None else f", accuracy {100 * self.accuracy:.2f}%"
+        return (f"top-1 agreement {100 * self.top1_agreement:.2f}%, max |logit diff| {self.max_abs_logit_diff:.4g}, "
+                f"completeness residual {self.completeness_residual:.3g}{acc} on {self.images} images")
+
     @field_validator("max_abs_logit_diff", "completeness_residual")
     @classmethod
     def _finite(cls, v: float) -> float:
@@ -76,6 +82,24 @@ def gate_verdict(gate: VariantGate | None) -> str:
     if gate.top1_agreement < GATE_MIN_AGREEMENT:
         return f"fails the gate: {figures} < {100 * GATE_MIN_AGREEMENT:.0f}%"
     return f"passes the gate: {figures}"
+
+
+def gate_table(spec: GateSpec, variants: list[str] | None = None) -> list[str]:
+    """The gate as a markdown table, one row per variant (`variants`: these, in this order; a missing one as
+    "no gate figure"), with the verdict; printed by cltvit-export and scripts/bench_export.py."""
+    lines = [f"accuracy gate ({spec.data}; batches of {spec.batch_size}; passes at >= {100 * GATE_MIN_AGREEMENT:.0f}% top-1 "
+             f"agreement with fp32):", "| variant | top-1 agreement | max abs logit diff | completeness residual | accuracy | images | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for v in variants if variants is not None else list(spec.variants):
+        g = spec.variants.get(v)
+        if g is None:
+            lines.append(f"| {v} | - | - | - | - | - | no gate figure |")
+            continue
+        acc = "-" if g.accuracy is None else f"{100 * g.accuracy:.2f}%"
+        verdict = "reference" if v == "fp32" else gate_verdict(g).split(":")[0]
+        lines.append(f"| {v} | {100 * g.top1_agreement:.2f}% | {g.max_abs_logit_diff:.4g} | {g.completeness_residual:.3g} | {acc} | "
+                     f"{g.images} | {verdict} |")
+    return lines
 
 
 def completeness_residual(contributions: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -13,13 +13,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import open_clip
 import torch
 
 from bundle import BundleError, read_manifest
-from bundle.gate import gate_verdict
+from bundle.gate import gate_table
 from training.data import DATASETS, DatasetError, ImageFolder, load_dataset
 from training.model.backbone import BackboneError, load_backbone
 from training.model.checkpoint import CheckpointError, load_checkpoint
@@ -114,21 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote bundle {out} ({args.mode} mode, {len(labels)} labels, variants fp32{''.join(',' + v for v in variants)}) "
           f"in {time.perf_counter() - t0:.1f} s")
-    for line in gate_lines(read_manifest(out)):
+    gate = read_manifest(out).gate
+    for line in [] if gate is None else gate_table(gate):
         print(line)
     return 0
-
-
-def gate_lines(manifest: Any) -> list[str]:
-    """The gate figures of a manifest, one line per variant (none without a gate block)."""
-    gate = manifest.gate
-    if gate is None:
-        return []
-    return [f"gate ({gate.data}):"] + [
-        f"  {v}: top-1 agreement {100 * g.top1_agreement:.2f}%, max |logit diff| {g.max_abs_logit_diff:.4g}, completeness "
-        f"residual {g.completeness_residual:.3g}" + ("" if g.accuracy is None else f", accuracy {100 * g.accuracy:.2f}%")
-        + f" on {g.images} images -> {gate_verdict(g) if v != 'fp32' else 'the reference'}"
-        for v, g in gate.variants.items()]
 
 
 def build_atlas_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from bundle import read_manifest
 from bundle.atomic import write_text_atomic
 from export.atlas import AtlasConfig, TensorSource, attach_atlas, build_atlas
 from export.gate import DEFAULT_GATE_IMAGES, GateImages, gate_indices
@@ -409,13 +410,11 @@ def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, A
 
 
 def gate_summary(bundle_dir: Path) -> str:
-    """', gate: int8 agreement 99.60%, ...' for a log line (empty without a gate block)."""
-    gate = json.loads((bundle_dir / "bundle.json").read_text()).get("gate")
-    if not gate:
+    """'; gate: int8 top-1 agreement 99.60%, ...' for a log line (empty without a gate block)."""
+    gate = read_manifest(bundle_dir).gate
+    if gate is None:
         return ""
-    return "; gate on " + str(next(iter(gate["variants"].values()))["images"]) + " test images: " + ", ".join(
-        f"{v} agreement {100 * g['top1_agreement']:.2f}% max |dlogit| {g['max_abs_logit_diff']:.3g}"
-        for v, g in gate["variants"].items() if v != "fp32")
+    return "; gate: " + "; ".join(f"{v} {g.summary()}" for v, g in gate.variants.items() if v != "fp32")
 
 
 def stage_atlas(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, clt_rec: dict[str, Any], log: Callable[[str], None],

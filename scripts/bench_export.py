@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 from bundle import BundleError, load_bundle  # noqa: E402
 from export.gate import GateImages, attach_gate  # noqa: E402
 from serving.choice import choose_variant  # noqa: E402
-from bundle.gate import gate_verdict  # noqa: E402
+from bundle.gate import gate_table  # noqa: E402
 from bundle.provenance import machine_info  # noqa: E402
 from export.fused import export_plain  # noqa: E402
 from export.quantize import REDUCED  # noqa: E402
@@ -419,16 +419,8 @@ def main() -> int:
     log()
     gates = {v: manifest.variant_gate(v) for v in graphs}
     if manifest.gate is not None:
-        log(f"accuracy gate ({manifest.gate.data}; batches of {manifest.gate.batch_size}; pass: >= 99% top-1 agreement with fp32):")
-        log("| variant | top-1 agreement | max abs logit diff | completeness residual | accuracy | images | verdict |")
-        log("|---|---|---|---|---|---|---|")
-        for v, g in gates.items():
-            if g is None:
-                log(f"| {v} | - | - | - | - | - | no gate figure |")
-                continue
-            acc = "-" if g.accuracy is None else f"{100 * g.accuracy:.2f}%"
-            log(f"| {v} | {100 * g.top1_agreement:.2f}% | {g.max_abs_logit_diff:.4g} | {g.completeness_residual:.3g} | {acc} | "
-                f"{g.images} | {'reference' if v == 'fp32' else gate_verdict(g).split(':')[0]} |")
+        for line in gate_table(manifest.gate, list(graphs)):
+            log(line)
     auto = choose_variant(gates, {bs: {v: duel[bs][v] for v in graphs} for bs in best}, rounds=min(len(t) for d in duel.values() for t in d.values()))
     log(f"=> --variant auto would serve {auto.variant} here at batch sizes {', '.join(map(str, best))}: {auto.reason} "
         f"({mach['cpu']}, {', '.join(mach['isa'])}, {args.threads} threads; the service times its own batch sizes at start).")

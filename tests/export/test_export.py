@@ -142,7 +142,7 @@ def test_cli_writes_a_valid_bundle(tiny_backbone, tmp_path, capsys):
                    "--labels", str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"), "--out", str(out),
                    "--spatial-top-k", "0", "--eval-data", str(tmp_path / "held"), "--eval-images", "7"])
     assert rc == 0, capsys.readouterr().err
-    assert "gate (image folder held: 7 drawn with numpy default_rng(0) from 9 images):" in capsys.readouterr().out
+    assert "accuracy gate (image folder held: 7 drawn with numpy default_rng(0) from 9 images; batches of 16" in capsys.readouterr().out
     m, _ = load_bundle(out)
     g = m.variant_gate("fp32")
     assert g.images == 7 and g.top1_agreement == 1.0 and g.accuracy is not None  # the folders are the bundle's labels

@@ -109,7 +109,7 @@ def test_cli_export(tmp_path, capsys):
     m, _ = load_bundle(out)
     assert m.variants == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     assert set(m.gate.variants) == set(m.variants) and m.gate.variants["int8"].images == 50  # the accuracy gate, measured
-    assert "gate on 50 test images: int8 agreement" in capsys.readouterr().out
+    assert "; gate: int8 top-1 agreement" in capsys.readouterr().out
     assert main(["export", "--out", str(out), "--gate-images", "50"]) == 2
     assert f"argument --out: {out} exists; pass --overwrite" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "b2"), "--weights", str(tmp_path / "none")]) == 2
