@@ -45,12 +45,12 @@ import numpy as np
 
 from bundle import BundleError, load_bundle
 
+from .choice import AUTO, VariantChoice
 from .explainer import Explainer, read_image
 from .images import ImageError
 from .intervene import EditError, InterventionUnavailable
 from .jobs.drift import DriftError, DriftProfile
 from .report import write_report
-from .choice import AUTO, VariantChoice
 from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable, cuda_present
 from .sessions import open_session, session_options
 from .variant_bench import BENCH_BUDGET_S, resolve_variant

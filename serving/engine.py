@@ -41,13 +41,13 @@ from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
 from .schemas import EditSet, InfoResponse
 from .settings import ServeSettings
 
+log = logging.getLogger("cltvit.serving")
 Kind = Literal["classify", "explain", "embed", "intervene"]
 # Images this small (bytes and, from the header, pixels) are decoded on the event loop (well under a
 # millisecond); others in a worker thread, so that a big photo or a small file of many pixels
 # never stalls the other requests.
 INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 512 * 512
-log = logging.getLogger("cltvit.serving")
 HEARTBEAT_S = 5.0  # the worker's heartbeat gauge moves this often while its event loop runs
 
 
