@@ -52,9 +52,9 @@ from .intervene import EditError, InterventionUnavailable
 from .jobs.drift import DriftError, DriftProfile
 from .report import write_report
 from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable, cuda_present
+from .schemas import ImageResult, InterveneResponse
 from .sessions import open_session, session_options
 from .variant_bench import BENCH_BUDGET_S, resolve_variant
-from .schemas import ImageResult, InterveneResponse
 
 SERVICE_IMPORT = "serving.service:CltvitService"
 
