@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .atlas import AtlasInfo
 from .format import FORMAT_VERSION, INTERVENE_MODES, MANIFEST, SUPPORTED_FORMAT_VERSIONS, VARIANTS, term_names
+from .gate import GateSpec, VariantGate
 from .strict import Strict
 
 
@@ -168,6 +169,7 @@ class Manifest(Strict):
     patches: PatchSpec | None = None  # optional in formats 1 and 2; `effective_patches` covers bundles without it
     atlas: AtlasInfo | None = None
     intervene: InterveneSpec | None = None
+    gate: GateSpec | None = None  # accuracy of the variants against fp32 (bundle/gate.py); optional: no figures, no auto choice
 
     @field_validator("format_version")
     @classmethod
@@ -216,6 +218,13 @@ class Manifest(Strict):
                 raise ValueError(f"an intervention graph needs mode {' or '.join(INTERVENE_MODES)}, the bundle's is {self.mode!r}")
             if self.effective_patches() is None:
                 raise ValueError("an intervention graph needs a patch grid: the bundle has neither a 'patches' nor a 'spatial' block")
+        if self.gate is not None:
+            for v, g in self.gate.variants.items():
+                if v not in self.variants:
+                    raise ValueError(f"gate.variants has figures for {v!r}, which is not among the bundle's variants {sorted(self.variants)}")
+                if g.model_sha256 != self.files.get(self.variants[v]):
+                    raise ValueError(f"gate.variants.{v} was measured on another graph (sha256 {g.model_sha256[:12]}...) than "
+                                     f"{self.variants[v]} ({(self.files.get(self.variants[v]) or 'none')[:12]}...): re-export to measure it")
         if self.atlas is not None:
             a = self.atlas
             for f in (a.index, a.features, a.images):
@@ -236,6 +245,10 @@ class Manifest(Strict):
     @property
     def embed_dim(self) -> int:
         return self.backbone.embed_dim
+
+    def variant_gate(self, variant: str) -> VariantGate | None:
+        """The gate figures of `variant` (None: not measured, or the bundle has no `gate` block)."""
+        return None if self.gate is None else self.gate.variants.get(variant)
 
     def effective_patches(self) -> PatchSpec | None:
         """The bundle's `patches` block, or for a bundle without one (written before it existed) its

@@ -2,7 +2,8 @@
 `cltvit-atlas`: measure the feature atlas of a bundle's CLT over a dataset and add it to the bundle (docs/atlas.md).
 
   cltvit-export --backbone ViT-B-32 --pretrained openai --clt runs/clt --mode cls \\
-      --labels classes.txt [--templates templates.txt] [--variants int8,fp16] --out BUNDLE_DIR
+      --labels classes.txt [--templates templates.txt] [--variants int8,fp16] --out BUNDLE_DIR \\
+      [--eval-data held-out/ [--eval-images 2000]]
   cltvit-atlas --bundle BUNDLE_DIR --clt runs/clt [--pretrained FILE] [--dataset folder --data-dir DIR] \\
       [--limit N] [--vocab words.txt]
 """
@@ -17,11 +18,13 @@ import open_clip
 import torch
 
 from bundle import BundleError, read_manifest
-from training.data import DATASETS, DatasetError, load_dataset
+from bundle.gate import gate_table
+from training.data import DATASETS, DatasetError, ImageFolder, load_dataset
 from training.model.backbone import BackboneError, load_backbone
 from training.model.checkpoint import CheckpointError, load_checkpoint
 
 from .atlas import AtlasConfig, AtlasError, DatasetSource, build_atlas
+from .gate import DEFAULT_GATE_IMAGES, GateError, GateImages
 from .quantize import REDUCED
 from .vocab import DEFAULT_MIN_COUNT, VocabError
 from .writer import ExportError, export_bundle
@@ -58,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="r,g,b: the value a deleted patch's pixels take, in preprocessed units (the manifest's patches block, "
                          "read by the total-effect map and by intervene.onnx's patch deletions; default 0,0,0: the preprocessing mean)")
     ap.add_argument("--fill-source", default=None, help="what --fill is (written next to it; default: 'given to cltvit-export --fill')")
+    ap.add_argument("--eval-data", default=None, metavar="DIR",
+                    help="held-out labelled images (one subfolder per class) on which every variant is measured against fp32: "
+                         "top-1 agreement, max |logit difference|, completeness residual go to bundle.json's gate, which "
+                         "`--variant auto` needs before it serves a reduced-precision variant (docs/bundle.md)")
+    ap.add_argument("--eval-images", type=int, default=DEFAULT_GATE_IMAGES,
+                    help=f"images of --eval-data to measure (default {DEFAULT_GATE_IMAGES}, drawn with a fixed seed; "
+                         f"all when the folder has fewer)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--out", required=True, help="bundle directory to write")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -77,22 +87,35 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--spatial-top-k must be >= 0 (0: no spatial maps)")
     if args.opset < 17:
         ap.error("--opset must be >= 17")
+    if args.eval_images < 1:
+        ap.error(f"--eval-images must be >= 1, got {args.eval_images}")
     t0 = time.perf_counter()
     try:
         labels = read_lines(args.labels, "labels")
         templates = read_lines(args.templates, "templates") if args.templates else None
         backbone = load_backbone(args.backbone, args.pretrained, device="cpu", seed=args.seed)
         clt, meta = load_checkpoint(args.clt, backbone)
+        gate_images = None
+        if args.eval_data is not None:
+            try:
+                gate_images = GateImages.from_dataset(ImageFolder(args.eval_data), backbone.preprocess, labels, args.eval_images,
+                                                      what=f"image folder {Path(args.eval_data).name}")
+            except (DatasetError, GateError) as exc:
+                raise ValueError(f"argument --eval-data: {exc}") from None
         out = export_bundle(backbone, clt, args.mode, labels, templates, args.out, top_k_features=args.top_k_features,
                             spatial_top_k=args.spatial_top_k, variants=variants, checkpoint=Path(args.clt).resolve().name, clt_sha256=meta.get("sha256"),
                             opset=args.opset, overwrite=args.overwrite, intervene=False if args.no_intervene else None,
                             fill=None if args.fill is None else [float(v) for v in args.fill.split(",")],
-                            fill_source=None if args.fill is None else (args.fill_source or "given to cltvit-export --fill"))
+                            fill_source=None if args.fill is None else (args.fill_source or "given to cltvit-export --fill"),
+                            gate_images=gate_images)
     except (BackboneError, CheckpointError, ExportError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"cltvit-export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote bundle {out} ({args.mode} mode, {len(labels)} labels, variants fp32{''.join(',' + v for v in variants)}) "
           f"in {time.perf_counter() - t0:.1f} s")
+    gate = read_manifest(out).gate
+    for line in [] if gate is None else gate_table(gate):
+        print(line)
     return 0
 
 

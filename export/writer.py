@@ -22,6 +22,7 @@ from training.model.backbone import Backbone
 from training.model.vit import UnsupportedModel, blocks, check_spatial_supported
 
 from .fused import DEFAULT_OPSET, DEFAULT_SPATIAL_TOP_K, export_explainer, export_intervener, external_files
+from .gate import GateImages, measure_gate
 from .quantize import REDUCED, make_variant
 from .text import VOCAB_FILE, context_length, copy_vocab, export_text
 
@@ -121,6 +122,7 @@ def export_bundle(
     intervene: bool | None = None,
     fill: Sequence[float] | None = None,
     fill_source: str | None = None,
+    gate_images: GateImages | None = None,
 ) -> Path:
     """Export `model.onnx` (+ reduced-precision `variants`: "int8", "int8-clt", "fp16"), `text.onnx`, `labels.npy`,
     the BPE vocabulary and `bundle.json` into `out_dir` (written in a temporary sibling, then renamed).
@@ -131,7 +133,9 @@ def export_bundle(
     and all; None: exactly in those modes; docs/intervene.md). `fill`: what a deleted patch's pixels take,
     per channel in preprocessed units, in the manifest's `patches` block that both the total-effect map and
     the intervention graph's patch deletions read (the reference build passes the dataset mean), with
-    `fill_source` saying what it is; None writes 0, the preprocessing mean. Returns `out_dir`.
+    `fill_source` saying what it is; None writes 0, the preprocessing mean. `gate_images`: held-out images
+    (export/gate.py) on which every variant is measured against fp32; their figures go to the manifest's `gate`
+    block (bundle/gate.py), without which `--variant auto` never chooses a reduced-precision variant. Returns `out_dir`.
     """
 
     if mode not in MODES:
@@ -186,6 +190,13 @@ def export_bundle(
         for f in tmp.iterdir():  # exporter leftovers nothing refers to (torch's _Constant_*_attr__value files)
             if f.name not in files:
                 f.unlink()
+        gate = None
+        if gate_images is not None:
+            size = list(preprocess_spec(visual)["image_size"])
+            if list(gate_images.pixels.shape[2:]) != size:
+                raise ExportError(f"gate images are {list(gate_images.pixels.shape[2:])} pixels, the model takes {size}")
+            # as many ONNX Runtime threads as torch has here (the reference build and the tests run one)
+            gate = measure_gate(tmp, variant_files, files, emb, gate_images, threads=torch.get_num_threads()).model_dump(mode="json")
         manifest = {
             "format_version": FORMAT_VERSION,
             "backbone": backbone.identity(),
@@ -204,6 +215,8 @@ def export_bundle(
             "spatial": spatial,
             "patches": patches,
         }
+        if gate is not None:
+            manifest["gate"] = gate
         if intervene:
             manifest["intervene"] = {"file": INTERVENE_FILE}  # grid and fill: the `patches` block
         Manifest.model_validate(manifest)  # fail here, not in the server

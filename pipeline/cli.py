@@ -1,6 +1,8 @@
 """`cltvit-reference`: the reference model.
 
   cltvit-reference export --out artifacts/reference/bundle   # serving bundle from the shipped weights (seconds)
+  cltvit-reference export --out DIR --variants int8,int8-clt,fp16 --gate-images 10000   # ... those variants' accuracy
+                                                             # gate on all 10,000 test images
   cltvit-reference build --out artifacts/reference-build     # retrain everything (~18 min on 2 cores)
   cltvit-reference build --out artifacts/reference7 --model cltvit-ref7   # the same with a 7x7 patch grid (~2x the time)
   cltvit-reference ship --build artifacts/reference-build    # make the build's weights the shipped ones (atlas included)
@@ -25,8 +27,11 @@ from training.data import DatasetError
 from training.model.backbone import BackboneError
 from training.model.checkpoint import CheckpointError
 
-from .reference import BUDGETS, REF_MODEL, REF_MODELS, STAGES, BuildError, budget, build
-from .shipped import WEIGHTS_DIR, export_shipped, ship, ship_atlas
+from export.gate import DEFAULT_GATE_IMAGES
+from export.quantize import REDUCED
+
+from .reference import BUDGETS, REF_MODEL, REF_MODELS, STAGES, BuildError, budget, build, gate_summary
+from .shipped import EXPORT_VARIANTS, WEIGHTS_DIR, export_shipped, ship, ship_atlas
 
 BUILD_MINUTES = 18  # a full build on a 2-core CPU with --jobs 2 (docs/reference.md)
 
@@ -53,12 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", choices=REF_MODELS, default=REF_MODEL,
                    help="the CLIP: cltvit-ref (default; a 4x4 patch grid) or cltvit-ref7 (patch 4: a 7x7 grid for finer "
                         "spatial maps, about twice the build time; docs/spatial.md)")
+    b.add_argument("--gate-images", type=int, default=None,
+                   help=f"Fashion-MNIST test images the bundle's accuracy gate measures each variant on (default "
+                        f"{DEFAULT_GATE_IMAGES}; 10000: all; docs/bundle.md)")
     b.add_argument("--no-finetune", action="store_true", help="skip the replacement-matching phase of the CLT stage")
     b.add_argument("--finetune-loss", choices=("kl", "cosine"), help="match loss of the fine-tuning phase (default kl)")
     e = sub.add_parser("export", help="write the serving bundle from the shipped weights (seconds)")
     e.add_argument("--out", required=True, help="bundle directory to write (e.g. artifacts/reference/bundle)")
     e.add_argument("--weights", default=str(WEIGHTS_DIR), help="shipped-weights folder (default: the project's)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--variants", default=",".join(EXPORT_VARIANTS),
+                   help=f"reduced-precision variants beside fp32 (default {','.join(EXPORT_VARIANTS)}; any of {', '.join(REDUCED)})")
+    e.add_argument("--gate-images", type=int, default=DEFAULT_GATE_IMAGES,
+                   help=f"Fashion-MNIST test images the variants' accuracy gate is measured on (default {DEFAULT_GATE_IMAGES}; "
+                        f"10000: all; 0: no gate, so `--variant auto` serves fp32; docs/bundle.md)")
     sh = sub.add_parser("ship", help="round a finished build's CLIP and CLT to float16 into the shipped-weights folder, measured")
     sh.add_argument("--build", required=True, help="directory of a finished `cltvit-reference build`")
     sh.add_argument("--to", default=str(WEIGHTS_DIR), help="shipped-weights folder to (re)write (default: the project's)")
@@ -83,9 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             if Path(args.out).exists() and not args.overwrite:
                 return _error(f"argument --out: {args.out} exists; pass --overwrite to replace it")
+            if args.gate_images < 0:
+                return _error(f"argument --gate-images: must be >= 0, got {args.gate_images}")
+            variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+            if set(variants) - set(REDUCED):
+                return _error(f"argument --variants: unknown {sorted(set(variants) - set(REDUCED))}; choose from {', '.join(REDUCED)}")
             t0 = time.time()
-            out = export_shipped(args.out, args.weights, overwrite=args.overwrite)
-            print(f"wrote the reference bundle {out} from {args.weights} in {time.time() - t0:.1f} s")
+            out = export_shipped(args.out, args.weights, overwrite=args.overwrite, gate_images=args.gate_images, variants=variants)
+            print(f"wrote the reference bundle {out} from {args.weights} in {time.time() - t0:.1f} s{gate_summary(Path(out))}")
             return 0
         if args.command == "atlas":
             t0 = time.time()
@@ -114,7 +132,12 @@ def _build(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gate_images is not None and args.gate_images < 1:
+        print(f"cltvit-reference: error: argument --gate-images: must be >= 1, got {args.gate_images}", file=sys.stderr)
+        return 2
     cfg = replace(budget(args.budget), clt_seeds=args.clt_seeds, model=args.model)
+    if args.gate_images is not None:
+        cfg.gate_images = args.gate_images
     if args.no_finetune:
         cfg.finetune = None
     elif args.finetune_loss and cfg.finetune is not None:

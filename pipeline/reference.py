@@ -34,8 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from bundle import read_manifest
 from bundle.atomic import replaced, write_text_atomic
 from export.atlas import AtlasConfig, TensorSource, attach_atlas, build_atlas
+from export.gate import DEFAULT_GATE_IMAGES, GateImages, gate_indices
 from export.writer import export_bundle
 from training.clip import ClipTrainConfig, preprocess_stats, tensorise, train_reference_clip, zero_shot_accuracy
 from training.data import FashionMNIST
@@ -109,6 +111,7 @@ class BuildConfig:
     comparison_images: int = 2000
     eval: EvalConfig = field(default_factory=EvalConfig)
     export_variants: tuple[str, ...] = ("int8", "int8-dec")  # int8-dec: 99.55% top-1 agreement with fp32 (docs/export.md)
+    gate_images: int | None = DEFAULT_GATE_IMAGES  # held-out test images the variants' accuracy gate is measured on (None: all)
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
     atlas_limit: int | None = None  # training images the atlas is measured on (None: all 60,000)
     seed: int = 0
@@ -138,6 +141,7 @@ def budget(name: str) -> BuildConfig:
             comparison_ks=(2, 4), comparison_features=32, comparison_train=dict(small, steps=3), comparison_images=32,
             eval=EvalConfig(limit=48, batch_size=48, fidelity_images=16, cproj_images=16, random_seeds=2),
             export_variants=(),
+            gate_images=64,
             atlas=AtlasConfig(top_n=4, batch_size=64, max_examples=10, examples_per_class=1),
             atlas_limit=256,
         )
@@ -374,9 +378,20 @@ def dataset_fill(test_px: torch.Tensor) -> tuple[list[float], str]:
     return fill, f"dataset mean: the {len(test_px)} Fashion-MNIST test images, per channel, preprocessed (the deletion test's fill)"
 
 
+def fashion_gate_images(test_px: torch.Tensor, test_y: torch.Tensor, n: int | None) -> GateImages:
+    """The accuracy gate's held-out images (export/gate.py): `n` of the preprocessed Fashion-MNIST test images
+    [N, 3, H, W] (`gate_indices`; None or >= N: all), with their labels (the bundle's labels are the dataset's
+    classes, in order). Neither the CLIP nor the CLT saw the test split in training."""
+    idx = gate_indices(len(test_px), n)
+    what = "all" if len(idx) == len(test_px) else f"{len(idx)} drawn with numpy default_rng(0) from the"
+    return GateImages(test_px[torch.as_tensor(idx)].numpy().astype("float32"), test_y[torch.as_tensor(idx)].numpy().astype("int64"),
+                      f"Fashion-MNIST test split: {what} {len(test_px)} images (held out: the CLIP and the CLT trained on the training split)")
+
+
 def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, Any], log: Callable[[str], None],
-                 fill: tuple[list[float], str] | None = None) -> dict[str, Any]:
-    st = Stage(out, "export", {"clt": clt_rec["files"], "variants": list(cfg.export_variants), "fill": fill})
+                 fill: tuple[list[float], str] | None = None, gate: GateImages | None = None) -> dict[str, Any]:
+    st = Stage(out, "export", {"clt": clt_rec["files"], "variants": list(cfg.export_variants), "fill": fill,
+                               "gate_images": cfg.gate_images})
     rec = st.cached()
     if rec and (out / "bundle" / "bundle.json").is_file():
         log("export: cached")
@@ -386,10 +401,18 @@ def stage_export(out: Path, cfg: BuildConfig, bb: Backbone, clt_rec: dict[str, A
     test = FashionMNIST.class_names, FashionMNIST.templates
     path = export_bundle(bb, clt, "cls", list(test[0]), list(test[1]), out / "bundle", variants=cfg.export_variants,
                          checkpoint="clt", clt_sha256=meta.get("sha256"), overwrite=True,
-                         fill=fill[0] if fill else None, fill_source=fill[1] if fill else None)
+                         fill=fill[0] if fill else None, fill_source=fill[1] if fill else None, gate_images=gate)
     files = sorted(p for p in path.iterdir() if p.is_file())
-    log(f"export: bundle in {path}")
+    log(f"export: bundle in {path}" + gate_summary(path))
     return st.finish(files, time.time() - t0)
+
+
+def gate_summary(bundle_dir: Path) -> str:
+    """'; gate: int8 top-1 agreement 99.60%, ...' for a log line (empty without a gate block)."""
+    gate = read_manifest(bundle_dir).gate
+    if gate is None:
+        return ""
+    return "; gate: " + "; ".join(f"{v} {g.summary()}" for v, g in gate.variants.items() if v != "fp32")
 
 
 def stage_atlas(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, clt_rec: dict[str, Any], log: Callable[[str], None],
@@ -505,7 +528,8 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
     if "eval" not in skip:
         recs["eval"] = stage_eval(out, cfg, bb, test_ds, (test_px, test_y, text), recs["clt"], recs.get("comparison"), log)
     if "export" not in skip:
-        recs["export"] = stage_export(out, cfg, bb, recs["clt"], log, dataset_fill(test_px))
+        recs["export"] = stage_export(out, cfg, bb, recs["clt"], log, dataset_fill(test_px),
+                                      fashion_gate_images(test_px, test_y, cfg.gate_images))
         if "atlas" not in skip:
             recs["atlas"] = stage_atlas(out, cfg, bb, train_ds, recs["clt"], log)
             recs["export"] = refresh_files(out, "export") or recs["export"]  # the bundle now lists the atlas

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from bundle import file_sha256
 from bundle.atomic import staged_directory, write_text_atomic
 from bundle.provenance import machine_info
+from export.gate import DEFAULT_GATE_IMAGES
 from export.atlas import REF_ARRAYS, AtlasConfig, TensorSource, attach_atlas, build_atlas, images_from_refs
 from export.writer import export_bundle
 from training.clip import preprocess_stats, tensorise
@@ -46,7 +47,7 @@ from training.model.backbone import Backbone, load_backbone
 from training.model.checkpoint import load_checkpoint, save_checkpoint
 from training.model.clt import CrossLayerTranscoder
 
-from .reference import REF_MODEL, BuildError, dataset_fill, load_fashion_tensors
+from .reference import REF_MODEL, BuildError, dataset_fill, fashion_gate_images, load_fashion_tensors
 
 WEIGHTS_DIR = Path(__file__).parent / "reference_weights"
 CLIP_FILE = "clip.safetensors"
@@ -119,19 +120,26 @@ class FashionTrainImages:
 
 
 def export_shipped(out_dir: str | Path, root: str | Path = WEIGHTS_DIR, *, variants: Sequence[str] = EXPORT_VARIANTS,
-                   overwrite: bool = False, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
+                   overwrite: bool = False, data_dir: str | None = None, log: Callable[[str], None] = print,
+                   gate_images: int | None = DEFAULT_GATE_IMAGES) -> Path:
     """Write the reference serving bundle (`cls` mode, fp32 + `variants`) from the shipped weights, with the
-    shipped atlas (its thumbnails rebuilt from the Fashion-MNIST training images); seconds."""
+    shipped atlas (its thumbnails rebuilt from the Fashion-MNIST training images) and the variants' accuracy
+    gate on `gate_images` Fashion-MNIST test images (None: all 10,000; 0: no gate); seconds."""
     backbone, clt, manifest = load_shipped(root)
     meta = json.loads((Path(root) / CLT_DIR / "clt.json").read_text())
+    gate = None
     try:
-        fill: tuple[list[float], str] | None = dataset_fill(load_fashion_tensors(backbone, "test", data_dir)[1])
+        _, test_px, test_y = load_fashion_tensors(backbone, "test", data_dir)
+        fill: tuple[list[float], str] | None = dataset_fill(test_px)
+        if gate_images != 0:
+            gate = fashion_gate_images(test_px, test_y, gate_images)
     except DatasetError as exc:
-        log(f"export: the bundle's patch fill is the preprocessing mean: the dataset mean needs the Fashion-MNIST test images ({exc})")
+        log(f"export: the bundle's patch fill is the preprocessing mean and it has no accuracy gate (so `--variant auto` "
+            f"serves fp32): both need the Fashion-MNIST test images ({exc})")
         fill = None
     out = export_bundle(backbone, clt, EXPORT_MODE, list(FashionMNIST.class_names), list(FashionMNIST.templates), out_dir,
                         variants=variants, checkpoint=CLT_DIR, clt_sha256=meta["sha256"], overwrite=overwrite,
-                        fill=fill[0] if fill else None, fill_source=fill[1] if fill else None)
+                        fill=fill[0] if fill else None, fill_source=fill[1] if fill else None, gate_images=gate)
     if not set(ATLAS_FILES) <= set(manifest["files"]):
         log(f"export: {root} ships no atlas; the bundle has none (add it with `cltvit-reference atlas`)")
         return out

@@ -24,7 +24,13 @@ a variant counts as faster only when that median says it is at least 5% faster. 
 too; with random weights (no model hub here) logits are nearly uniform, a harsher case than a trained
 model, so the accuracy gate stays the reference-model test (tests/export/test_parity_quant.py: >= 99%).
 Weights are random; F = 6144, k = 32. The bundle is kept in OUT/vitb32-bundle for `make load` and
-scripts/bench_score.py.
+scripts/bench_score.py. `--reference` benchmarks the shipped reference model (cltvit-ref, trained weights) instead.
+
+The accuracy gate (bundle/gate.py): the bundle's variants are measured against fp32 on `--gate-images` Fashion-MNIST
+test images (export.gate.attach_gate, written into the bundle's bundle.json) and printed next to the speed table;
+then `--variant auto`'s rule (serving/choice.py, the same function the service runs) is applied to those gate
+figures and this run's graphs-alone timings: the variant auto would serve on this machine at these batch sizes.
+With random weights the gate is a harsh case (near-uniform logits); the reference model's is the real one.
 
 The first table: per contender its size on disk (graph + external weights), images/s at each batch
 size and the paired ratio to plain ONNX, then the speed targets (docs/benchmarks.md) checked against
@@ -32,6 +38,7 @@ those ratios. `--profile` also prints ONNX Runtime's per-node profile grouped by
 (scripts/profile_export.py) for plain, fp32 and the fastest variant at each batch size.
 
   python scripts/bench_export.py [--out DIR] [--batches 1,16] [--repeats 3] [--variants int8,int8-clt,int8-dec] [--rebuild] [--profile]
+  python scripts/bench_export.py --reference --variants int8,int8-clt,int8-dec [--gate-images 2000]
 """
 from __future__ import annotations
 
@@ -57,11 +64,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle import BundleError, load_bundle  # noqa: E402
+from export.gate import GateImages, attach_gate  # noqa: E402
+from serving.choice import choose_variant  # noqa: E402
+from bundle.gate import gate_table  # noqa: E402
 from bundle.provenance import machine_info  # noqa: E402
 from export.fused import export_plain  # noqa: E402
 from export.quantize import REDUCED  # noqa: E402
 from export.writer import export_bundle  # noqa: E402
-from training.data import FASHION_MNIST_CLASSES  # noqa: E402
+from pipeline.shipped import load_shipped  # noqa: E402
+from training.data import FASHION_MNIST_CLASSES, FashionMNIST  # noqa: E402
 from training.model.backbone import load_backbone  # noqa: E402
 from training.testing import random_clt  # noqa: E402
 
@@ -212,6 +223,10 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="re-export the bundle even if a matching one exists")
     ap.add_argument("--profile", action="store_true", help="also print the per-node profile grouped by part of the graph (profile_export.py)")
     ap.add_argument("--profile-runs", type=int, default=8)
+    ap.add_argument("--reference", action="store_true", help="the shipped reference model (cltvit-ref, trained) instead of "
+                    "random weights of --model")
+    ap.add_argument("--gate-images", type=int, default=256,
+                    help="Fashion-MNIST test images the variants' accuracy gate is measured on (0: keep the bundle's gate)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -224,19 +239,28 @@ def main() -> int:
     mach = machine_info(args.threads)
     isa = set(mach["isa"])
 
+    if args.reference:
+        backbone, ref_clt, _ = load_shipped()
+        args.model, args.n_features, args.k = backbone.spec.model, ref_clt.cfg.n_features, ref_clt.cfg.k
+    else:
+        backbone = load_backbone(args.model, None, device="cpu", seed=0)
     log(f"# bench_export: {args.model}, F={args.n_features}, k={args.k}, {args.threads} threads, load avg {loadavg()}")
     log(f"# CPU: {mach['cpu']}, {mach['cores']} logical CPUs, ISA {', '.join(mach['isa']) or 'none of ' + 'avx2/avx512'}; "
         + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()))
-    backbone = load_backbone(args.model, None, device="cpu", seed=0)
     bundle = out / f"{args.model.lower().replace('-', '')}-bundle"
     if args.rebuild or not bundle_matches(bundle, backbone.fingerprint, args.n_features, args.k, variants):
         t0 = time.perf_counter()
-        clt = random_clt(backbone.n_layers, backbone.d_model, n_features=args.n_features, k=args.k, seed=0)
+        clt = ref_clt if args.reference else random_clt(backbone.n_layers, backbone.d_model, n_features=args.n_features, k=args.k, seed=0)
         export_bundle(backbone, clt, "cls", FASHION_MNIST_CLASSES, ["a photo of a {}."], bundle, variants=variants, overwrite=True)
         del clt
         log(f"exported {bundle} in {time.perf_counter() - t0:.0f} s")
     else:
         log(f"reusing {bundle}")
+    if args.gate_images > 0:
+        t0 = time.perf_counter()
+        attach_gate(bundle, GateImages.from_dataset(FashionMNIST("test"), backbone.preprocess, FASHION_MNIST_CLASSES,
+                                                    limit=args.gate_images, what="Fashion-MNIST test split"), threads=args.threads)
+        log(f"measured the accuracy gate on {args.gate_images} Fashion-MNIST test images in {time.perf_counter() - t0:.0f} s")
     manifest, paths = load_bundle(bundle, verify_checksums=False)
     plain = out / f"{args.model.lower().replace('-', '')}-plain.onnx"
     if args.rebuild or not plain.is_file():
@@ -357,7 +381,7 @@ def main() -> int:
     for bs, r in best.items():
         log(f"| {bs} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " | "
             + " | ".join(f"{speedup(bs, a, b):.2f}" for a, b in pairs) + " |")
-    log("vs fp32 on the timed images (random weights and pixels: nearly uniform logits, so top-1 flips easily): " + "; ".join(
+    log(f"vs fp32 on the timed images ({'random pixels' if args.reference else 'random weights and pixels: nearly uniform logits, so top-1 flips easily'}): " + "; ".join(
         f"batch {bs}: " + ", ".join(f"{v} top-1 agreement {a['top1']:.0%}, max |dlogit| {a['max_abs_logit_diff']:.3f}" for v, a in ag.items())
         + f" (median fp32 top-1 margin {next(iter(ag.values()))['median_fp32_top1_margin']:.3f})" for bs, ag in agreement.items()))
 
@@ -424,7 +448,17 @@ def main() -> int:
                    + "; ".join(f"{v} for batch {bs}" for bs, v in recommendation.items()))
     paired = {bs: {f"{a}/{b}": speedup(bs, a, b) for a in [*graphs, "plain", "eager"] for b in [*graphs, "plain", "eager"] if a != b}
               for bs in best}
-    log(f"=> {verdict} (top-1 agreement with fp32 on the reference model: tests/export/test_parity_quant.py, >= 99%).")
+    log(f"=> {verdict} (speed alone; the gate below decides what auto serves).")
+
+    # ---------------------------------------------------------------- the gate and auto's choice
+    log()
+    gates = {v: manifest.variant_gate(v) for v in graphs}
+    if manifest.gate is not None:
+        for line in gate_table(manifest.gate, list(graphs)):
+            log(line)
+    auto = choose_variant(gates, {bs: {v: duel[bs][v] for v in graphs} for bs in best}, rounds=min(len(t) for d in duel.values() for t in d.values()))
+    log(f"=> --variant auto would serve {auto.variant} here at batch sizes {', '.join(map(str, best))}: {auto.reason} "
+        f"({mach['cpu']}, {', '.join(mach['isa'])}, {args.threads} threads; the service times its own batch sizes at start).")
     log(f"load avg at the end {loadavg()}")
 
     profiles = {}
@@ -444,6 +478,7 @@ def main() -> int:
               "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "top1_agreement_random_images": agreement,
               "paired_speedup": paired, "vs_plain": vs_plain, "graph_mib": sizes, "profile_ms": profiles, "matmul_gflops": rates, "ort_bf16_matmul": bf16_ort,
               "encoder_seconds": enc, "recommendation_per_batch": recommendation, "verdict": verdict, "gflop_per_image": gflop,
+              "gate": None if manifest.gate is None else manifest.gate.model_dump(mode="json"), "auto": auto.model_dump(mode="json"),
               "bundle": str(bundle), "machine": mach, "loadavg_end": loadavg()}
     (out / "bench_export.json").write_text(json.dumps(record, indent=1))
     log(f"wrote {out / 'bench_export.json'}")

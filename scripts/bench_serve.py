@@ -274,6 +274,20 @@ def raw_runtime(bundle: str, threads: int | None, batch: int, seconds: float) ->
 _ENGINES: dict[tuple[str, int | None], Any] = {}
 
 
+def pinned_engine(bundle: str, threads: int | None, max_batch_size: int) -> str:
+    """Create the in-process engine (`--variant auto` resolved here, at batch sizes 1 and `max_batch_size`) and return
+    the variant it serves, logged with auto's reason."""
+    from serving.engine import ServingEngine
+    from serving.settings import ServeSettings
+
+    if (bundle, threads) not in _ENGINES:
+        _ENGINES[(bundle, threads)] = ServingEngine(ServeSettings(bundle=bundle, ort_threads=threads, device="auto",
+                                                                  max_batch_size=max_batch_size))
+    rt = _ENGINES[(bundle, threads)].runtime
+    log(f"variant: {rt.variant_choice.summary()}")
+    return rt.variant
+
+
 def _timed(fn: Any, per_call: int, seconds: float, period: float = 0.0) -> dict[str, float]:
     fn()
     walls, cpus = [], []
@@ -377,14 +391,17 @@ def main(argv: list[str] | None = None) -> int:
                    "--port", str(port)]
             servers.append((Server(name, cmd, env, f"http://127.0.0.1:{port}", work / f"{name}.log"), ["/floor"]))
         port = free_port()
+        # one variant for the service, the in-process engine and the raw runtime: --variant auto is resolved once,
+        # by the in-process engine (at batch sizes 1 and --max-batch-size, as the service would), and pinned
+        pin = [] if "--variant" in args.serve_args.split() else ["--variant", pinned_engine(args.bundle, args.threads, args.max_batch_size)]
         cmd = [sys.executable, "-m", "serving.cli", "--bundle", args.bundle, "--host", "127.0.0.1", "--port", str(port),
-               "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *args.serve_args.split()]
+               "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *pin, *args.serve_args.split()]
         servers.append((Server("cltvit", cmd, env, f"http://127.0.0.1:{port}", work / "cltvit.log"), endpoints))
         if args.baseline:
             port = free_port()
             base_env = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
             cmd = [sys.executable, "-m", "serving.cli", "--bundle", str(Path(args.bundle).resolve()), "--host", "127.0.0.1",
-                   "--port", str(port), "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]
+                   "--port", str(port), "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), *pin]
             servers.insert(len(servers) - 1, (Server("baseline", cmd, base_env, f"http://127.0.0.1:{port}", work / "baseline.log",
                                                      cwd=Path(args.baseline).resolve()), endpoints))
         for server, paths in servers:

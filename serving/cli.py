@@ -45,13 +45,16 @@ import numpy as np
 
 from bundle import BundleError, load_bundle
 
+from .choice import AUTO, VariantChoice
 from .explainer import Explainer, read_image
 from .images import ImageError
 from .intervene import EditError, InterventionUnavailable
 from .jobs.drift import DriftError, DriftProfile
 from .report import write_report
-from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable
+from .runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable, cuda_present
 from .schemas import ImageResult, InterveneResponse
+from .sessions import open_session, session_options
+from .variant_bench import BENCH_BUDGET_S, resolve_variant
 
 SERVICE_IMPORT = "serving.service:CltvitService"
 
@@ -68,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface to bind (default 127.0.0.1, loopback only; 0.0.0.0 serves every interface)")
     p.add_argument("--port", type=int, default=3000, help="TCP port (default 3000)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto: CUDA if present)")
-    p.add_argument("--variant", default="fp32", help="graph variant from the bundle's 'variants' (fp32, int8, fp16)")
+    p.add_argument("--variant", default=AUTO,
+                   help="graph variant from the bundle's 'variants' (fp32, int8, int8-clt, fp16), or auto (default): the fastest "
+                        "that passes the bundle's accuracy gate, timed here at start at batch sizes 1 and --max-batch-size; "
+                        "fp32 when none passes (docs/serving.md)")
+    p.add_argument("--variant-bench-s", type=float, default=BENCH_BUDGET_S,
+                   help=f"seconds of auto's start-up benchmark rounds at most (default {BENCH_BUDGET_S:g})")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes, each with its own ONNX Runtime session and batcher (default 1)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per worker (default: ORT's choice)")
@@ -125,8 +133,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     except BundleError as exc:
         _fail(parser, str(exc))
         raise  # unreachable: parser.exit raises SystemExit
-    if args.variant not in paths.models:
-        _fail(parser, f"--variant {args.variant!r}: bundle {paths.root} has only {', '.join(sorted(paths.models))}")
+    if args.variant != AUTO and args.variant not in paths.models:
+        _fail(parser, f"--variant {args.variant!r}: bundle {paths.root} has only {AUTO}, {', '.join(sorted(paths.models))}")
+    if not 0 <= args.variant_bench_s <= 60:
+        _fail(parser, f"--variant-bench-s must be in 0..60, got {args.variant_bench_s}")
+    # one worker chooses for itself and keeps the chosen session open; several get one choice made here, timed once
+    choice = choose_served_variant(manifest, paths, args) if args.variant != AUTO or args.workers > 1 else None
     if args.reference:
         try:
             DriftProfile.load(args.reference).check_bundle(manifest.term_names, manifest.labels.names,
@@ -137,7 +149,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     env = {
         "CLTVIT_BUNDLE": str(paths.root),
         "CLTVIT_DEVICE": args.device,
-        "CLTVIT_VARIANT": args.variant,
+        "CLTVIT_VARIANT": AUTO if choice is None else choice.variant,
+        "CLTVIT_VARIANT_BENCH_S": str(args.variant_bench_s),
         "CLTVIT_WORKERS": str(args.workers),
         "CLTVIT_MAX_BATCH_SIZE": str(args.max_batch_size),
         "CLTVIT_BATCH_WAIT_MS": str(args.batch_wait_ms),
@@ -152,9 +165,21 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     }
     if args.reference:
         env["CLTVIT_DRIFT_REFERENCE"] = str(Path(args.reference).resolve())
+    if choice is not None:
+        env["CLTVIT_VARIANT_CHOICE"] = choice.model_dump_json()
     if args.threads is not None:
         env["CLTVIT_THREADS"] = str(args.threads)
     return env
+
+
+def choose_served_variant(manifest: Any, paths: Any, args: argparse.Namespace) -> VariantChoice:
+    """The variant every worker will serve: `--variant` as given, or auto's choice, timed here once before the
+    workers start (so that several workers all serve the same graph), with the sessions a worker would open."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and cuda_present())
+    opts = session_options(args.threads, args.ort_spinning)
+    choice, _ = resolve_variant(manifest, paths, args.variant, lambda v: open_session(paths.model_for(v), opts, use_cuda, v),
+                                batch_sizes=(1, args.max_batch_size), budget_s=args.variant_bench_s)
+    return choice
 
 
 def is_loopback(host: str) -> bool:
@@ -189,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     drift = f", drift against {env['CLTVIT_DRIFT_REFERENCE']}" if env.get("CLTVIT_DRIFT_REFERENCE") else ""
+    variant = (VariantChoice.model_validate_json(env["CLTVIT_VARIANT_CHOICE"]).summary() if "CLTVIT_VARIANT_CHOICE" in env
+               else "variant auto: the worker times the gated variants at start and logs its choice")
     print(f"cltvit-serve: serving {env['CLTVIT_BUNDLE']} on http://{args.host}:{args.port} "
-          f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'}{drift})", file=sys.stderr, flush=True)
+          f"(auth {'on' if env.get('CLTVIT_API_TOKEN') else 'off'}{drift}); {variant}", file=sys.stderr, flush=True)
     cmd = serve_command(args.host, args.port)
     os.execve(cmd[0], cmd, env)
 
@@ -305,7 +332,8 @@ def build_explain_parser() -> argparse.ArgumentParser:
     e.add_argument("--check-linearity", action="store_true",
                    help="also ablate each top feature alone: its logit change next to its direct contribution")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--variant", default="fp32", help="graph variant from the bundle's 'variants' (fp32, int8, fp16)")
+    p.add_argument("--variant", default=AUTO, help="graph variant from the bundle's 'variants' (fp32, int8, int8-clt, fp16), "
+                   "or auto (default): the fastest at batch 1 that passes the bundle's accuracy gate, else fp32")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     return p
 
@@ -472,7 +500,7 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
                     "which print the intervention instead; run them separately")
     try:
         explainer = Explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
-                              variant=args.variant, threads=args.threads)
+                              variant=args.variant, threads=args.threads, bench_batches=(1,))
     except BundleError as e:
         return fail(f"argument --bundle: {e}")
     except RuntimeSetupError as e:

@@ -41,6 +41,7 @@ from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
 from .schemas import EditSet, InfoResponse
 from .settings import ServeSettings
 
+log = logging.getLogger("cltvit.serving")
 Kind = Literal["classify", "explain", "embed", "intervene"]
 # Images this small (bytes and, from the header, pixels) are decoded on the event loop (well under a
 # millisecond); others in a worker thread, so that a big photo or a small file of many pixels
@@ -111,7 +112,9 @@ class ServingEngine:
             settings.bundle, device=settings.device, variant=settings.variant,  # type: ignore[arg-type]
             threads=settings.ort_threads, verify_checksums=settings.verify_checksums, spinning=settings.ort_spinning,
             label_cache_bytes=int(settings.label_cache_mb * (1 << 20)), intervene=settings.intervene,
+            bench_batches=(1, settings.max_batch_size), bench_budget_s=settings.variant_bench_s, variant_choice=settings.variant_choice,
         )
+        log.info("cltvit: serving %s", self.runtime.variant_choice.summary())
         reference = None
         if settings.drift_reference:
             reference = load_reference(settings.drift_reference, self.runtime)  # cltvit-serve checked it already
@@ -302,7 +305,7 @@ class ServingEngine:
         return InfoResponse(
             backbone=m.backbone.model_dump(), clt=m.clt.model_dump(), mode=m.mode, labels=rt.label_names,
             templates=rt.templates, term_names=rt.term_names, top_k_features=m.top_k_features,
-            image_size=rt.image_size, embed_dim=rt.embed_dim, variant=rt.variant, provider=rt.provider,
+            image_size=rt.image_size, embed_dim=rt.embed_dim, variant=rt.variant, variant_choice=rt.variant_choice, provider=rt.provider,
             versions=dict(m.versions),
             limits={"max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
                     "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS, "max_top_k": MAX_TOP_K,

@@ -30,6 +30,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .choice import AUTO
 from .heatmap import overlay
 from .images import ImageError, decode_image
 from .jobs.drift import DEFAULT_WINDOW, DriftMonitor, DriftProfile
@@ -37,6 +38,7 @@ from .intervene import parse_edit_sets
 from .results import check_top_k, image_result, score_record
 from .runtime import BundleRuntime, LabelError, RawOutputs, SpatialUnavailable, TotalEffectUnavailable, validate_labels
 from .schemas import EditSet, ImageResult, InterveneResponse
+from .variant_bench import DEFAULT_BATCH_SIZES
 
 ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 # Batch jobs see the same decoding limits as the HTTP service (decompression bombs, huge files).
@@ -75,6 +77,9 @@ class Explainer:
     `SpatialUnavailable` when the bundle has none.
     total_effect: records carry the predicted label's total-effect map (P + 1 more model rows per image);
     raises `TotalEffectUnavailable` when the bundle states no patch grid.
+    variant: 'auto' (default): the fastest variant that passes the bundle's accuracy gate, timed on this machine
+    at the batch sizes `bench_batches` you will run (a few seconds at most; serving/choice.py), else fp32; or a
+    variant of the bundle by name. `self.runtime.variant` is the one served, `self.runtime.variant_choice` why.
     """
 
     def __init__(
@@ -84,12 +89,14 @@ class Explainer:
         labels: Sequence[str] | None = None,
         top_k: int = 5,
         device: str = "auto",
-        variant: str = "fp32",
+        variant: str = AUTO,
         threads: int | None = None,
         spatial: bool = False,
         total_effect: bool = False,
+        bench_batches: Sequence[int] = DEFAULT_BATCH_SIZES,
     ) -> None:
-        self.runtime = bundle if isinstance(bundle, BundleRuntime) else BundleRuntime(bundle, device=device, variant=variant, threads=threads)
+        self.runtime = bundle if isinstance(bundle, BundleRuntime) else BundleRuntime(bundle, device=device, variant=variant, threads=threads,
+                                                                                      bench_batches=bench_batches)
         if spatial and self.runtime.spatial is None:
             raise SpatialUnavailable(self.runtime.spatial_unavailable_message())
         if total_effect and self.runtime.patches is None:

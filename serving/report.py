@@ -45,6 +45,7 @@ def report_data(runtime: BundleRuntime, image: Image.Image, result: ImageResult,
     names = list(labels) if labels is not None else runtime.label_names
     info = {"backbone": m.backbone.model_dump(), "clt": m.clt.model_dump(), "mode": m.mode, "labels": names,
             "term_names": runtime.term_names, "image_size": list(runtime.image_size), "variant": runtime.variant,
+            "variant_choice": runtime.variant_choice.model_dump(mode="json"),
             "patches": None if runtime.patches is None else runtime.patches.model_dump(mode="json")}
     features: dict[str, Any] = {}
     atlas = None

@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bundle.gate import completeness_residual
+
 from .shares import term_shares
 
 
@@ -72,7 +74,7 @@ def image_result(
     probs = z / z.sum()
     order = np.argsort(-logits, kind="stable")[:k]
     pred = int(order[0])
-    residual = float(np.abs(contrib.sum(0) - logits).max())
+    residual = float(completeness_residual(contrib[None], logits[None])[0])
     shares = term_shares(contrib[None], np.array([pred]))[0]
     order_list = order.tolist()
     top_logits = logits[order]

@@ -24,13 +24,16 @@ from bundle import INTERVENE_FILE, INTERVENE_MODES, MODEL_OUTPUTS, BundleError, 
 from bundle.patches import DEFAULT_TOTAL_EFFECT_METHOD, total_effect_rows
 
 from .atlas import Atlas
+from .choice import AUTO, VariantChoice
 from .intervene import EditSpace, InterventionUnavailable
 from .intervene import intervene as run_intervention
 from .preprocess import Preprocessor
 from .results import RawOutputs, check_top_k, image_result
 from .schemas import ClassMap, EditSet, ImageResult, SpatialExplanation, TotalEffectClass, TotalEffectMap, trusted
+from .sessions import open_session, session_options
 from .spatial import spatial_maps, total_effect_map
 from .tokenizer import ClipTokenizer
+from .variant_bench import BENCH_BUDGET_S, DEFAULT_BATCH_SIZES, resolve_variant
 
 Device = Literal["auto", "cpu", "cuda"]
 MAX_LABELS = 1000
@@ -180,7 +183,11 @@ class BundleRuntime:
     """A loaded bundle: preprocessing, label embedding, the fused graph, and result building.
 
     `device`: 'auto' (CUDA when present, else CPU, chosen once), 'cpu' or 'cuda' (error if absent).
-    `variant`: a key of the manifest's `variants` ('fp32', 'int8', 'fp16').
+    `variant`: a key of the manifest's `variants` ('fp32', 'int8', 'fp16', ...), or 'auto': the fastest variant
+    that passes the bundle's accuracy gate, timed here at the batch sizes `bench_batches` for at most about
+    `bench_budget_s` seconds (serving/variant_bench.py, serving/choice.py); `variant` then holds the one
+    served and `variant_choice` why. `variant_choice`: a choice made before (by cltvit-serve), kept as the
+    record when it names the variant served.
     `threads`: ONNX Runtime intra-op threads (None: ORT's default).
     `io_binding`: run through an ORT IO binding (None: exactly when the provider is CUDA).
     `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
@@ -201,6 +208,9 @@ class BundleRuntime:
         io_binding: bool | None = None,
         spinning: bool = True,
         intervene: bool = True,
+        bench_batches: Sequence[int] = DEFAULT_BATCH_SIZES,
+        bench_budget_s: float = BENCH_BUDGET_S,
+        variant_choice: VariantChoice | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise RuntimeSetupError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -208,12 +218,11 @@ class BundleRuntime:
             raise RuntimeSetupError(f"threads must be >= 1, got {threads}")
         self.manifest: Manifest
         self.manifest, self.paths = load_bundle(bundle_dir, verify_checksums=verify_checksums)
-        if variant not in self.paths.models:
+        if variant != AUTO and variant not in self.paths.models:
             raise RuntimeSetupError(
-                f"bundle {self.paths.root} has no {variant!r} variant (available: {', '.join(sorted(self.paths.models))})"
+                f"bundle {self.paths.root} has no {variant!r} variant (available: {AUTO}, {', '.join(sorted(self.paths.models))})"
             )
         self.bundle_dir = self.paths.root
-        self.variant = variant
         m = self.manifest
         self.term_names: list[str] = list(m.term_names)
         self.label_names: list[str] = list(m.labels.names)
@@ -230,27 +239,22 @@ class BundleRuntime:
         self.label_cache = LabelCache(label_cache_bytes)
 
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if not spinning:  # idle ORT worker threads sleep instead of busy-waiting (servers sharing the CPU)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        opts = session_options(threads, spinning)
         try:
-            # ORT 1.31's NCHWc layout pass crashes on fp16 graphs on the CPU provider: skip it there.
-            disabled = ["NchwcTransformer"] if variant == "fp16" and not use_cuda else None
-            self.session = ort.InferenceSession(
-                str(self.paths.model_for(variant)), opts, providers=providers, disabled_optimizers=disabled
-            )
-            self.text_session = ort.InferenceSession(str(self.paths.text), opts, providers=providers)
+            self.variant_choice: VariantChoice
+            self.variant_choice, opened = resolve_variant(
+                self.manifest, self.paths, variant, lambda v: open_session(self.paths.model_for(v), opts, use_cuda, v),
+                batch_sizes=bench_batches, budget_s=bench_budget_s)
+            if variant_choice is not None and variant_choice.variant == self.variant_choice.variant:
+                self.variant_choice = variant_choice  # resolved before this process started (cltvit-serve), with its figures
+            self.variant = self.variant_choice.variant
+            self.session = opened.pop(self.variant, None) or open_session(self.paths.model_for(self.variant), opts, use_cuda, self.variant)
+            del opened  # the other variants' sessions, opened for the benchmark
+            self.text_session = open_session(self.paths.text, opts, use_cuda)
             # the intervention graph (fp32; bundles without one serve everything else as before)
             self.intervene_disabled = not intervene and self.paths.intervene is not None
             self.intervene_session = (None if self.paths.intervene is None or not intervene else
-                                      ort.InferenceSession(str(self.paths.intervene), opts, providers=providers))
+                                      open_session(self.paths.intervene, opts, use_cuda))
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
             raise RuntimeSetupError(f"ONNX Runtime could not open the graphs of {self.paths.root}: {exc}") from exc
         self.provider: str = self.session.get_providers()[0]
@@ -506,6 +510,7 @@ class BundleRuntime:
             "backbone": m.backbone.model,
             "mode": m.mode,
             "variant": self.variant,
+            "variant_choice": self.variant_choice.summary(),
             "provider": self.provider,
             "labels": len(self.label_names),
             "terms": len(self.term_names),

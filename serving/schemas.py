@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .choice import VariantChoice
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -211,6 +213,8 @@ class InfoResponse(_Model):
     image_size: tuple[int, int]
     embed_dim: int
     variant: str
+    variant_choice: VariantChoice | None = Field(default=None, description="how the variant was chosen: asked for, or "
+                                                 "`auto` with each variant's gate figures and measured speed-up over fp32")
     provider: str
     versions: dict[str, str]
     limits: dict[str, int]

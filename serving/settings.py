@@ -10,7 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .choice import AUTO, VariantChoice
 from .images import MAX_BYTES, MAX_PIXELS
+from .variant_bench import BENCH_BUDGET_S
 
 TRUE = ("1", "true", "True", "yes")
 
@@ -19,6 +21,8 @@ ENV_KEYS: dict[str, str] = {
     "bundle": "CLTVIT_BUNDLE",
     "device": "CLTVIT_DEVICE",
     "variant": "CLTVIT_VARIANT",
+    "variant_bench_s": "CLTVIT_VARIANT_BENCH_S",
+    "variant_choice": "CLTVIT_VARIANT_CHOICE",
     "workers": "CLTVIT_WORKERS",
     "ort_threads": "CLTVIT_THREADS",
     "max_batch_size": "CLTVIT_MAX_BATCH_SIZE",
@@ -50,7 +54,11 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
     bundle: str | None = None
     device: str = "auto"
-    variant: str = "fp32"
+    variant: str = Field(default=AUTO, description="graph variant, or 'auto': the fastest that passes the bundle's gate, "
+                         "timed at start at batch sizes 1 and max_batch_size")
+    variant_bench_s: float = Field(default=BENCH_BUDGET_S, ge=0.0, le=60.0, description="seconds of auto's benchmark rounds")
+    variant_choice: VariantChoice | None = Field(default=None, description="auto's choice made by cltvit-serve before the "
+                                                 "workers start (JSON in CLTVIT_VARIANT_CHOICE), so every worker serves the same")
     workers: int = Field(default=1, ge=1, le=256, description="BentoML worker processes, each with its own session and batcher")
     ort_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime intra-op threads per worker (None: ORT's default)")
     ort_spinning: bool = False
@@ -77,6 +85,8 @@ class ServeSettings(BaseModel):
         values.update({k: env.get(v, "") in TRUE for k, v in BOOL_KEYS.items()})
         values["verify_checksums"] = env.get("CLTVIT_NO_VERIFY", "") not in TRUE
         values["intervene"] = env.get("CLTVIT_NO_INTERVENE", "") not in TRUE
+        if "variant_choice" in values:
+            values["variant_choice"] = VariantChoice.model_validate_json(values["variant_choice"])
         return cls(**values)
 
     @property

@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
+from bundle import file_sha256, load_bundle
 from export.fused import export_explainer
+from export.gate import GateImages, attach_gate
 from export.testing import make_atlas_bundle, make_tiny_bundle
 from pipeline.shipped import export_shipped
+from training.data import FashionMNIST
 from training.model.backbone import load_backbone
 from training.testing import random_clt
 
@@ -76,8 +82,43 @@ def v1_bundle(bundle, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_bundle(tmp_path_factory) -> Path:
-    """The reference model's bundle (fp32 + int8 + int8-clt + fp16), exported from the shipped weights (seconds). Read-only."""
-    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "int8-clt", "fp16"))
+    """The reference model's bundle (fp32 + int8 + int8-clt + fp16), exported from the shipped weights (seconds), with
+    the variants' accuracy gate on REFERENCE_GATE_IMAGES Fashion-MNIST test images. Read-only."""
+    return export_shipped(tmp_path_factory.mktemp("bundle") / "reference", variants=("int8", "int8-clt", "fp16"),
+                          gate_images=REFERENCE_GATE_IMAGES)
+
+
+REFERENCE_GATE_IMAGES = 200  # the fixture's gate (cltvit-reference export measures 2000 by default): cheaper, same code
+
+
+def break_variant(root, variant: str, seed: int = 0) -> None:
+    """Perturb every large float weight of `variant`'s graph (x (1 + N(0, 1))) and re-list its sha256."""
+    m, _ = load_bundle(root)
+    path = root / m.variants[variant]
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size >= 256:
+            init.CopyFrom(numpy_helper.from_array((w * (1 + rng.standard_normal(w.shape))).astype(np.float32), init.name))
+    onnx.save(model, str(path))
+    raw = json.loads((root / "bundle.json").read_text())
+    raw["files"][m.variants[variant]] = file_sha256(path)
+    (root / "bundle.json").write_text(json.dumps(raw, indent=2))
+
+
+@pytest.fixture(scope="session")
+def gated_bundle(variant_bundle, tmp_path_factory):
+    """(bundle, its GateSpec): the tiny variant bundle with int8-clt deliberately broken (`break_variant`), the gate of
+    every variant measured on 128 Fashion-MNIST test images (export.gate.attach_gate). Read-only."""
+    root = tmp_path_factory.mktemp("gated") / "b"
+    shutil.copytree(variant_bundle, root)
+    break_variant(root, "int8-clt")
+    backbone = load_backbone("cltvit-tiny", None, device="cpu", seed=0)
+    m, _ = load_bundle(root)
+    images = GateImages.from_dataset(FashionMNIST("test"), backbone.preprocess, list(m.labels.names), limit=128)
+    spec = attach_gate(root, images, threads=1)
+    return root, spec
 
 
 @pytest.fixture(scope="session")

@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     images = fmnist_images(256)
 
     print(f"[load] raw bundle throughput ({args.bundle})", flush=True)
-    rt = BundleRuntime(args.bundle, device="auto", threads=args.threads)
+    # --variant auto resolved once here (at the server's batch sizes) and pinned for the server and the raw runs
+    rt = BundleRuntime(args.bundle, device="auto", threads=args.threads, variant="auto", bench_batches=(1, args.max_batch_size))
+    variant = rt.variant
+    print(f"[load] {rt.variant_choice.summary()}", flush=True)
     pixels = np.stack([rt.preprocess(decode_image(b)) for b in images[:64]])
     raw_before = raw_images_per_second(rt, pixels, args.max_batch_size, args.raw_repeats)
     print(f"[load] raw: {raw_before:.2f} images/s at batch {args.max_batch_size} ({rt.provider})", flush=True)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     token = os.environ.get("CLTVIT_API_TOKEN", "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    extra = ["--max-batch-size", str(args.max_batch_size), "--no-verify"]  # checksums were verified just above
+    extra = ["--max-batch-size", str(args.max_batch_size), "--no-verify", "--variant", variant]  # checksums were verified just above
     if args.threads:
         extra += ["--threads", str(args.threads)]
     prefix = out / f"locust_{args.endpoint}_u{args.users}"
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ort_seconds = after[2] - before[2]
     ort_busy = ort_seconds / args.duration if ort_seconds > 0 else float("nan")  # share of the run inside ONNX Runtime
     ort_rate = (after[0] - before[0]) / ort_seconds if ort_seconds > 0 else float("nan")
-    rt = BundleRuntime(args.bundle, device="auto", threads=args.threads, verify_checksums=False)
+    rt = BundleRuntime(args.bundle, device="auto", threads=args.threads, verify_checksums=False, variant=variant)
     mean_b = int(round(mean_batch)) if n_batches else 1
     raw_at_mean = raw_images_per_second(rt, pixels, mean_b, args.raw_repeats)
     raw_after = raw_images_per_second(rt, pixels, args.max_batch_size, args.raw_repeats)

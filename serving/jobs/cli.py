@@ -15,21 +15,25 @@ from typing import Any, Iterable, Sequence
 
 from .drift import DriftError, DriftMonitor, DriftProfile, read_result_shares, read_results
 from .ray_engine import score_with_ray
-from .score import FORMATS, ScoreError, bundle_identity, open_explainer, score_folder
+from ..choice import AUTO
+from .score import FORMATS, ScoreError, bundle_identity, open_explainer, resume_variant, score_folder
 from .stream import run_stream
 
 TOTAL_EFFECT_HELP = ("records carry the predicted label's total-effect map: the model run on patches + 1 edited copies of "
                      "each image (each patch alone on the bundle's fill), in logit units; patches + 1 times the model work")
 
 
-def load_explainer(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_explainer(args: argparse.Namespace, prog: str, bench_batches: Sequence[int], variant: str | None = None) -> tuple[Any, Any]:
     """(Explainer, DriftMonitor or None) from the CLI arguments; ScoreError names the bad argument.
 
     Shared by cltvit-score and cltvit-stream (`bundle`, `labels`, `top_k`, `device`, `variant`,
-    `threads`, `reference`, `window`, `spatial`, `total_effect`).
+    `threads`, `reference`, `window`, `spatial`, `total_effect`); `variant` overrides `args.variant`, `auto`
+    is timed at `bench_batches` (the batch sizes the job runs) and the choice printed to stderr.
     """
     explainer = open_explainer(args.bundle, labels=args.labels, top_k=args.top_k, device=args.device,
-                               variant=args.variant, threads=args.threads, spatial=args.spatial, total_effect=args.total_effect)
+                               variant=variant or args.variant, threads=args.threads, spatial=args.spatial,
+                               total_effect=args.total_effect, bench_batches=bench_batches)
+    print(f"{prog}: {explainer.runtime.variant_choice.summary()}", file=sys.stderr)
     try:
         monitor = explainer.monitor(args.reference, window=args.window) if args.reference else None
     except DriftError as e:
@@ -53,7 +57,9 @@ def build_score_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--variant", default="fp32", help="graph variant in the bundle (fp32, int8, int8-clt, int8-dec, fp16)")
+    p.add_argument("--variant", default=AUTO, help="graph variant in the bundle (fp32, int8, int8-clt, int8-dec, fp16), or auto (default): "
+                   "the fastest at --batch-size that passes the bundle's accuracy gate, else fp32; a resumed run keeps the "
+                   "variant it started with")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
     p.add_argument("--window", type=int, default=500, help="drift window (images)")
@@ -95,12 +101,12 @@ def score_main(argv: Sequence[str] | None = None) -> int:
                 device=args.device, variant=args.variant, threads=args.threads, overwrite=args.overwrite,
             )
         else:
-            explainer, monitor = load_explainer(args)
+            explainer, monitor = load_explainer(args, "cltvit-score", (args.batch_size,), resume_variant(args.out, args.variant, args.overwrite))
             summary = score_folder(
                 args.dir, explainer, args.out, fmt=fmt, batch_size=args.batch_size,
                 workers=args.workers or min(4, os.cpu_count() or 1), prefetch=args.prefetch,
                 overwrite=args.overwrite, monitor=monitor, metrics_file=args.metrics_file,
-                progress=not args.quiet, bundle_id=bundle_identity(args.bundle), variant=args.variant,
+                progress=not args.quiet, bundle_id=bundle_identity(args.bundle),
             )
             if monitor is not None:
                 print(json.dumps({"drift": monitor.summary()}), file=sys.stderr)
@@ -124,7 +130,8 @@ def stream_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="most lines run together")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--variant", default="fp32")
+    p.add_argument("--variant", default=AUTO, help="graph variant in the bundle, or auto (default): the fastest at batch "
+                   "sizes 1 and --batch-size that passes the bundle's accuracy gate, else fp32")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--reference", type=Path, default=None, help="drift reference profile (cltvit-drift reference)")
     p.add_argument("--window", type=int, default=500, help="drift window (images)")
@@ -139,7 +146,7 @@ def stream_main(argv: Sequence[str] | None = None) -> int:
         p.error("argument --metrics-file: needs --reference (the metrics are drift scores)")
 
     try:
-        explainer, monitor = load_explainer(args)
+        explainer, monitor = load_explainer(args, "cltvit-stream", (1, args.batch_size))
     except ScoreError as e:
         print(f"cltvit-stream: error: {e}", file=sys.stderr)
         return 2

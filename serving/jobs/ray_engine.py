@@ -98,7 +98,7 @@ def score_with_ray(
     top_k: int = 5,
     address: str | None = None,
     device: str = "auto",
-    variant: str = "fp32",
+    variant: str = "auto",
     threads: int | None = None,
     overwrite: bool = False,
     max_bytes: int = 64 * 1024 * 1024,
@@ -117,9 +117,12 @@ def score_with_ray(
         manifest = read_manifest(bundle)
     except BundleError as e:
         raise ScoreError(f"argument --bundle: {e}") from None
-    probe = open_explainer(bundle, labels=labels, top_k=top_k, device="cpu", variant=variant, threads=1)
+    # `auto` is resolved here, on the driver, at the actors' batch size and threads: every actor serves that variant
+    probe = open_explainer(bundle, labels=labels, top_k=top_k, device="cpu", variant=variant, threads=threads or 1,
+                           bench_batches=(batch_size,))
     labels = probe.label_names if labels is not None else None
     top_k = probe.top_k
+    variant = probe.runtime.variant
     del probe
 
     root_s = str(root)

@@ -48,7 +48,9 @@ from bundle.atomic import replaced, write_text_atomic
 from bundle.format import IMAGE_EXTENSIONS
 from bundle.killpoints import killpoint
 
+from ..choice import AUTO
 from ..explainer import Explainer
+from ..variant_bench import DEFAULT_BATCH_SIZES
 from ..runtime import LabelError, RuntimeSetupError, SpatialUnavailable, TotalEffectUnavailable
 
 FORMATS = ("jsonl", "parquet")
@@ -199,9 +201,10 @@ def score_folder(
     metrics_file: str | Path | None = None,
     progress: bool = True,
     bundle_id: str = "",
-    variant: str = "fp32",
+    variant: str | None = None,
 ) -> ScoreSummary:
-    """Score every image below `root` into `out` (resumable, see module doc) with an `Explainer`."""
+    """Score every image below `root` into `out` (resumable, see module doc) with an `Explainer`. `variant`: what the
+    meta file records (default: the variant the explainer serves)."""
     root, out = Path(root).resolve(), Path(out)
     if fmt not in FORMATS:
         raise ScoreError(f"argument --format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -216,6 +219,8 @@ def score_folder(
     meta_path = out.with_name(out.name + ".meta.json")
     spatial = bool(getattr(explainer, "spatial", False))
     total_effect = bool(getattr(explainer, "total_effect", False))
+    if variant is None:
+        variant = str(getattr(getattr(explainer, "runtime", None), "variant", "fp32"))
     meta = RunMeta(str(root), bundle_id, variant, list(explainer.label_names), int(explainer.top_k), spatial, total_effect)
     if overwrite:
         for p in (out, journal, meta_path):
@@ -334,14 +339,14 @@ def read_parquet(path: str | Path) -> list[dict[str, Any]]:
 
 
 def open_explainer(bundle: str | Path, *, labels: Sequence[str] | None, top_k: int, device: str = "auto",
-                   variant: str = "fp32", threads: int | None = None, spatial: bool = False,
-                   total_effect: bool = False) -> Any:
+                   variant: str = AUTO, threads: int | None = None, spatial: bool = False,
+                   total_effect: bool = False, bench_batches: Sequence[int] = DEFAULT_BATCH_SIZES) -> Any:
     """An `Explainer`; a bad bundle, variant, device, thread count or label set, or spatial (total-effect) maps
     asked of a bundle without them (without a patch grid), becomes a ScoreError naming the CLI argument. Shared by
-    the local and the Ray engines."""
+    the local and the Ray engines. `variant` 'auto' is timed at `bench_batches` (the job's batch sizes)."""
     try:
         return Explainer(bundle, labels=labels, top_k=top_k, device=device, variant=variant, threads=threads, spatial=spatial,
-                         total_effect=total_effect)
+                         total_effect=total_effect, bench_batches=bench_batches)
     except SpatialUnavailable as e:
         raise ScoreError(f"argument --spatial: {e}") from None
     except TotalEffectUnavailable as e:
@@ -352,6 +357,20 @@ def open_explainer(bundle: str | Path, *, labels: Sequence[str] | None, top_k: i
         raise ScoreError(f"argument --{'threads' if 'threads' in str(e) else 'variant' if 'variant' in str(e) else 'device'}: {e}") from None
     except LabelError as e:
         raise ScoreError(f"argument --{'top-k' if 'top_k' in str(e) else 'labels'}: {e}") from None
+
+
+def resume_variant(out: str | Path, requested: str, overwrite: bool = False) -> str:
+    """The variant a run should use: for `auto`, the one an unfinished earlier run into `out` recorded (so that one
+    results file comes from one graph; no benchmark), else `requested` as given."""
+    if requested != AUTO or overwrite:
+        return requested
+    meta_path = Path(out).with_name(Path(out).name + ".meta.json")
+    try:
+        previous = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return requested
+    v = previous.get("variant") if isinstance(previous, dict) else None
+    return v if isinstance(v, str) and v else requested
 
 
 def bundle_identity(bundle: str | Path) -> str:

@@ -491,6 +491,18 @@ async function drawExamples() {
   $("#examples").replaceChildren(...buttons);
 }
 
+// the graph variant served and how it was chosen (/info's variant_choice: auto's gate figures and speed-up)
+function variantLabel(info) {
+  const c = info.variant_choice;
+  if (!c) return info.variant ? `variant ${info.variant}` : "";
+  const served = c.candidates.find((x) => x.variant === c.variant);
+  const parts = [c.requested === "auto" ? "auto" : "asked for"];
+  if (served && c.variant !== "fp32" && served.top1_agreement != null) parts.push(`${(100 * served.top1_agreement).toFixed(2)}% top-1 agreement with fp32`);
+  if (served && c.variant !== "fp32" && served.score != null) parts.push(`${served.score.toFixed(2)}x fp32`);
+  if (c.requested === "auto" && c.variant === "fp32") parts.push(c.reason.replace(/^fp32 served: /, ""));
+  return `variant ${c.variant} (${parts.join(", ")})`;
+}
+
 async function start() {
   showError("");
   try {
@@ -500,6 +512,8 @@ async function start() {
     return;
   }
   $("#model").textContent = `${app.info.backbone.model} · ${app.info.mode} mode · ${app.info.labels.length} labels`;
+  $("#variant").textContent = variantLabel(app.info);
+  $("#variant").title = app.info.variant_choice ? app.info.variant_choice.reason : "";
   try { app.atlas = await getAtlas("?limit=1"); } catch (e) { app.atlas = null; }
   $("#atlas-link").hidden = !app.atlas;
   if (REPORT) { $("#source").hidden = true; }

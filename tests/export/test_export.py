@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from bundle import CORE_OUTPUTS, MODEL_OUTPUTS, file_sha256, load_bundle, term_names
 from export.cli import main as cli_main
@@ -133,11 +134,19 @@ def test_cli_writes_a_valid_bundle(tiny_backbone, tmp_path, capsys):
     (tmp_path / "labels.txt").write_text("cat\n\n# comment\ndog\nbird\n")
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
     out = tmp_path / "bundle"
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "bird"):  # held-out labelled images: the accuracy gate (--eval-data)
+        (tmp_path / "held" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "held" / name / f"{i}.png")
     rc = cli_main(["--backbone", "cltvit-tiny", "--pretrained", str(weights), "--clt", str(ckpt), "--mode", "observe",
                    "--labels", str(tmp_path / "labels.txt"), "--templates", str(tmp_path / "templates.txt"), "--out", str(out),
-                   "--spatial-top-k", "0"])
+                   "--spatial-top-k", "0", "--eval-data", str(tmp_path / "held"), "--eval-images", "7"])
     assert rc == 0, capsys.readouterr().err
+    assert "accuracy gate (image folder held: 7 drawn with numpy default_rng(0) from 9 images; batches of 16" in capsys.readouterr().out
     m, _ = load_bundle(out)
+    g = m.variant_gate("fp32")
+    assert g.images == 7 and g.top1_agreement == 1.0 and g.accuracy is not None  # the folders are the bundle's labels
     assert m.mode == "observe" and m.labels.names == ["cat", "dog", "bird"] and len(m.labels.templates) == 2
     assert m.spatial is None and [o.name for o in _session(out / "model.onnx").get_outputs()] == list(CORE_OUTPUTS)
     assert m.clt.sha256 == json.loads((ckpt / "clt.json").read_text())["sha256"]
@@ -165,6 +174,8 @@ def test_cli_errors_name_the_problem(tiny_backbone, tmp_path, capsys):
     assert "differing: weights_sha256_16" in capsys.readouterr().err
     assert cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--backbone", "ViT-Nope"]) == 2
     assert "unknown open_clip architecture" in capsys.readouterr().err
+    assert cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--eval-data", str(tmp_path / "nowhere")]) == 2
+    assert "argument --eval-data: image folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main([*base, "--labels", str(tmp_path / "labels.txt"), "--variants", "int4"])
     assert e.value.code == 2 and "cltvit-export: error: --variants: unknown ['int4']; choose from int8, int8-clt, int8-dec, fp16" in capsys.readouterr().err

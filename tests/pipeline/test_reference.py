@@ -106,6 +106,7 @@ def test_smoke_build_produces_every_artifact(smoke):
     m, paths = load_bundle(out / "bundle")
     assert m.atlas is not None and m.atlas.clt_sha256 == json.loads((out / "clt" / "clt.json").read_text())["sha256"]
     assert json.loads(paths.atlas["index"].read_text())["images"] == 256
+    assert m.gate is not None and m.gate.variants["fp32"].images == 64  # the export stage writes the accuracy gate
 
 
 def test_seeds_stage_measures_every_seed_like_the_evaluation(smoke):
@@ -171,7 +172,7 @@ def test_ship_rounds_a_build_to_float16_and_measures_it(smoke, tmp_path):
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
     backbone, clt, _ = load_shipped(to)
     assert measure(backbone, clt, limit=64)["accuracy_all"] == manifest["measured"]["float16"]["accuracy_all"]
-    bundle = export_shipped(tmp_path / "bundle", to, variants=(), log=lambda m: None)
+    bundle = export_shipped(tmp_path / "bundle", to, variants=(), log=lambda m: None, gate_images=0)
     m, paths = load_bundle(bundle)
     assert m.backbone.weights_sha256_16 == backbone.fingerprint
     # the shipped atlas (statistics + image indices) is tied to the float16 CLT and gets its thumbnails back at export

@@ -105,9 +105,12 @@ def test_a_corrupt_shipped_file_is_named(tmp_path):
 
 def test_cli_export(tmp_path, capsys):
     out = tmp_path / "bundle"
-    assert main(["export", "--out", str(out)]) == 0
-    assert load_bundle(out)[0].variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-dec": "model.int8-dec.onnx"}
-    assert main(["export", "--out", str(out)]) == 2
+    assert main(["export", "--out", str(out), "--gate-images", "50"]) == 0
+    m, _ = load_bundle(out)
+    assert m.variants == {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-dec": "model.int8-dec.onnx"}
+    assert set(m.gate.variants) == set(m.variants) and m.gate.variants["int8"].images == 50  # the accuracy gate, measured
+    assert "; gate: int8 top-1 agreement" in capsys.readouterr().out
+    assert main(["export", "--out", str(out), "--gate-images", "50"]) == 2
     assert f"argument --out: {out} exists; pass --overwrite" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "b2"), "--weights", str(tmp_path / "none")]) == 2
     assert "no shipped reference weights" in capsys.readouterr().err

@@ -181,6 +181,10 @@ def test_info_get_and_post(server, runtime):
     assert info["labels"] == runtime.label_names and info["term_names"] == runtime.term_names
     assert info["auth"] is False and info["provider"] == "CPUExecutionProvider"
     assert info["batching"]["max_batch_size"] == 32
+    # --variant auto (the default) on a bundle with fp32 alone: fp32, saying why, nothing timed
+    choice = info["variant_choice"]
+    assert info["variant"] == choice["variant"] == "fp32" and choice["requested"] == "auto"
+    assert choice["reason"] == "the bundle has no other variant" and choice["rounds"] == 0
 
 
 def test_explain_returns_spatial_maps(server, runtime):

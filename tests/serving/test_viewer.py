@@ -140,6 +140,8 @@ def test_upload_explains_like_the_api(page, server, images):
     assert [t for t, _ in terms] == api["term_names"]
     assert total == pytest.approx(api["top"][0]["logit"], abs=1e-6)
     assert sum(v for _, v in terms) == pytest.approx(total, abs=1e-4)
+    # the header says which graph variant serves and how it was chosen (this bundle has fp32 alone)
+    assert pg.text_content("#variant") == "variant fp32 (auto, the bundle has no other variant)"
     page.check()
 
 
