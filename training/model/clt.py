@@ -187,6 +187,10 @@ class CrossLayerTranscoder(nn.Module):
             dense = F.relu(z)
         if k is None:  # training: pad to the widest token of this batch
             k = max(int((dense != 0).sum(-1).max().item()), 1)
+            val, idx = dense.topk(min(k, cfg.n_features), dim=-1)
+            # padding slots (inactive features topk happened to pick) carry no gradient: through
+            # JumpReLU's straight-through estimate they would move the thresholds of arbitrary features
+            return SparseCode(idx, val * (val != 0).to(val.dtype))
         val, idx = dense.topk(min(k, cfg.n_features), dim=-1)
         return SparseCode(idx, val)
 
