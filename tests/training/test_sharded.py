@@ -1,0 +1,124 @@
+"""The feature-sharded CLT (training/model/sharded.py) under a real `torchrun` (2 ranks, gloo, 1 thread each)
+computes what one unsharded `CrossLayerTranscoder` computes: the same forward output, loss terms and
+gradients (within 1e-5) and exactly the same active features, for TopK, BatchTopK (with AuxK) and
+JumpReLU; with exact ties at the k-th value it selects the lowest feature index (TopK) or the lowest
+token-major position (BatchTopK), checked against a stable sort of the full pre-activations.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sharded_worker as worker
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = WORLD, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --nproc-per-node nproc ARGS` (gloo, one thread per rank); fail with its log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every case's per-rank results from one torchrun of the worker."""
+    out = tmp_path_factory.mktemp("sharded")
+    torchrun([str(Path(worker.__file__)), str(out), *worker.CASES])
+    return {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in worker.CASES}
+
+
+def reference(name: str) -> dict:
+    """What the unsharded CLT computes on the case, in the worker's order (loss + backward, train forward, eval forward)."""
+    full, x, y, dead = worker.case(name)
+    loss = full.loss(x.clone(), y.clone(), dead_mask=dead, aux_k=6, sparsity_coef=0.1)
+    loss.total.backward()
+    ref = {"loss": loss, "grads": {n: p.grad for n, p in full.named_parameters() if p.grad is not None},
+           "batchtopk_threshold": full.batchtopk_threshold.clone(), "clt": full, "x": x}
+    for mode in ("train", "eval"):
+        full.train(mode == "train")
+        with torch.no_grad():
+            recon, codes = full(x)
+        ref[mode] = {"recon": recon, "active": [worker.active_pairs(c) for c in codes]}
+    return ref
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Equal within 1e-5, relative to the largest entry of the reference (gradients span many scales)."""
+    atol = 1e-5 * max(float(b.abs().max()), 1e-3) if b.numel() else 1e-5
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
+def test_two_shards_compute_what_the_unsharded_clt_computes(sharded_results, name):
+    ref = reference(name)
+    ranks = sharded_results[name]
+    for r, got in enumerate(ranks):
+        assert got["world"] == WORLD
+        for term in ("total", "fvu", "aux", "sparsity", "l0"):
+            close(got["loss"][term], getattr(ref["loss"], term).detach(), f"rank {r} loss.{term}")
+        assert torch.equal(got["loss"]["fired"], ref["loss"].fired), f"rank {r}: fired features differ"
+        close(got["batchtopk_threshold"], ref["batchtopk_threshold"], f"rank {r} batchtopk_threshold")
+        for mode in ("train", "eval"):
+            close(got[mode]["recon"], ref[mode]["recon"], f"rank {r} {mode} forward")
+            assert got[mode]["active"] == ref[mode]["active"], f"rank {r} {mode}: other features selected"
+        assert set(got["grads"]) == set(ref["grads"])
+    # each rank's gradients are its own feature slice of the full gradients (b_dec: replicated)
+    for pname, g in ref["grads"].items():
+        dim = worker.ShardedCLT.shard_dim(pname)
+        parts = [got["grads"][pname] for got in ranks]
+        glued = parts[0] if dim is None else torch.cat(parts, dim)
+        close(glued, g, f"grad {pname}")
+        if dim is None:
+            assert torch.equal(parts[0], parts[1]), f"replicated {pname}'s gradient differs between ranks"
+    if name != "jumprelu":
+        assert ref["loss"].aux > 0  # AuxK took part
+    assert 0 < sum(map(len, ref["train"]["active"])) < worker.L * worker.N * worker.FEATURES
+
+
+def stable_top(v: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, M] -> [R, M] bool: the k largest of each row, ties to the lower position (a stable sort)."""
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(v, dtype=torch.bool).scatter_(1, order, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["topk-ties", "batchtopk-ties"])
+def test_ties_at_the_kth_value_go_to_the_lower_position_on_every_world_size(sharded_results, name):
+    full, x, _, _ = worker.case(name)
+    K, N, Fn = worker.K, worker.N, worker.FEATURES
+    expected = []
+    with torch.no_grad():
+        for layer in range(worker.L):
+            z = full.preactivations(layer, x[layer])  # integers: exact
+            if name.startswith("topk"):
+                kth = z.topk(K, dim=1).values[:, -1:]
+                # the test means something only if ties at the k-th value outnumber the free slots
+                assert bool(((z == kth).sum(1) > K - (z > kth).sum(1)).any())
+                sel = stable_top(z, K) & (z > 0)
+            else:
+                flat = torch.relu(z).reshape(1, -1)
+                kth = flat.topk(N * K, dim=1).values[:, -1]
+                assert int((flat == kth).sum()) > N * K - int((flat > kth).sum()) and kth > 0
+                sel = (stable_top(flat, N * K) & (flat > 0)).reshape(N, Fn)
+            expected.append(sorted(map(tuple, sel.nonzero().tolist())))
+    for r, got in enumerate(sharded_results[name]):
+        assert got["train"]["active"] == expected, f"rank {r}: ties broken otherwise than by position"
