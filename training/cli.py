@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 import open_clip
 import torch
+import torch.distributed as dist
 from torch.utils.data import Subset
 
 from .data import DATASETS, DatasetError, load_dataset
@@ -125,7 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_int_at_least(1), default=500)
     g.add_argument("--log-every", type=_int_at_least(1), default=10)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("distributed (under torchrun; docs/training.md)")
+    g.add_argument("--shard-features", action="store_true",
+                   help="each rank holds features/N of every layer (N = torchrun's world size); the same CLT as one "
+                        "process, saved as one ordinary clt.safetensors. Run: torchrun --nproc-per-node N --no-python "
+                        "cltvit-train --shard-features ...")
     return p
+
+
+def _init_feature_shards(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """The process group of a `--shard-features` run (NCCL on CUDA, gloo on CPU) and this rank's device."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        parser.error("argument --shard-features: run under torchrun (torchrun --nproc-per-node N --no-python cltvit-train "
+                     "--shard-features ...); WORLD_SIZE and RANK are not set")
+    world = int(os.environ["WORLD_SIZE"])
+    if args.features % world:
+        parser.error(f"argument --features: {args.features} features cannot be split evenly over {world} ranks")
+    if args.cls_aux_coef:
+        parser.error("argument --cls-aux-coef: CLS AuxK is not supported with --shard-features")
+    try:
+        device = pick_device(args.device)
+    except (BackboneError, RuntimeError) as exc:
+        parser.error(f"argument --device: {exc}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,10 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     register_project_configs()
     if args.model not in open_clip.list_models():
         parser.error(f"argument --model: unknown open_clip architecture {args.model!r} (e.g. ViT-B-32, ViT-B-16, cltvit-tiny)")
+    if args.shard_features:
+        device = _init_feature_shards(parser, args)
+    else:
+        try:
+            device = pick_device(args.device)
+        except (BackboneError, RuntimeError) as exc:
+            parser.error(f"argument --device: {exc}")
     try:
-        device = pick_device(args.device)
-    except (BackboneError, RuntimeError) as exc:
-        parser.error(f"argument --device: {exc}")
+        return _train(parser, args, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> int:
+    out = Path(args.out)
     try:
         dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
     except DatasetError as exc:
@@ -205,12 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress)
+        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress,
+                               shard_features=args.shard_features)
     except TrainingError as exc:
         parser.error(f"argument --out: {exc}")
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
     summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
     print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
     return 0
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -42,6 +43,7 @@ from .activations import ActivationStream
 from .model.backbone import Backbone
 from .model.checkpoint import CheckpointError, fsync_tree, load_checkpoint, save_checkpoint
 from .model.clt import CLTConfig, CLTLoss, CrossLayerTranscoder
+from .model.sharded import ShardedCLT
 from .model.vit import TOKEN_SETS, TokenSet
 
 STATE_FILE = "train_state.pt"
@@ -205,6 +207,11 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _clip_fn(clt: CrossLayerTranscoder | ShardedCLT):
+    """Gradient-norm clipping over the full model: a sharded CLT sums its shards' squares over the ranks."""
+    return clt.clip_grad_norm_ if isinstance(clt, ShardedCLT) else torch.nn.utils.clip_grad_norm_
+
+
 def _adamw(params: list[torch.nn.Parameter], weight_decay: float, cfg: "TrainConfig") -> torch.optim.AdamW:
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": weight_decay}
     try:
@@ -223,19 +230,20 @@ class DecoderInBackwardAdamW:
     `step`, `state_dict`, `load_state_dict`; `close()` removes the hooks.
     """
 
-    def __init__(self, clt: CrossLayerTranscoder, cfg: "TrainConfig") -> None:
+    def __init__(self, clt: CrossLayerTranscoder | ShardedCLT, cfg: "TrainConfig") -> None:
         enc = [p for n, p in clt.named_parameters() if p.requires_grad and n.startswith("W_enc")]
         other = [p for n, p in clt.named_parameters() if p.requires_grad and not n.startswith(("W_enc", "W_dec"))]
         self.main = _adamw(enc, cfg.weight_decay, cfg)
         self.main.add_param_group({"params": other, "weight_decay": 0.0})
         self.decoder = [_adamw([p], cfg.weight_decay, cfg) for p in clt.W_dec]
         self.grad_clip = cfg.grad_clip
+        self._clip = _clip_fn(clt)  # a sharded CLT's per-tensor norm is over all ranks (each runs the hooks in the same order)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(o)) for p, o in zip(clt.W_dec, self.decoder)]
 
     def _make_hook(self, opt: torch.optim.Optimizer):
         def hook(p: torch.Tensor) -> None:
             if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p], self.grad_clip)
+                self._clip([p], self.grad_clip)
             opt.step()
             p.grad = None
 
@@ -269,7 +277,7 @@ class DecoderInBackwardAdamW:
         self._hooks = []
 
 
-def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
+def make_optimizer(clt: CrossLayerTranscoder | ShardedCLT, cfg: TrainConfig) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
     """AdamW over the trainable parameters (weight decay on weight matrices only); see `decoder_update`."""
     if cfg.decoder_update == "in_backward":
         return DecoderInBackwardAdamW(clt, cfg)
@@ -342,6 +350,62 @@ class Checkpointer:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- feature sharding (training/model/sharded.py)
+class SharedStream:
+    """The activation stream of a feature-sharded run: rank 0 streams, every rank gets the same batches
+    (broadcast), so the ViT runs once per batch and the ranks cannot drift apart. Delegates the rest
+    (`state_dict`, `description`, ...) to rank 0's stream."""
+
+    def __init__(self, stream: ActivationStream, device: torch.device) -> None:
+        self.stream, self.device = stream, torch.device(device)
+        self.lead = dist.get_rank() == 0
+        self.last_cls: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def _broadcast(self, pair: tuple[torch.Tensor, torch.Tensor] | None, cls: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = torch.tensor([*pair[0].shape, cls is not None] if pair is not None else [0, 0, 0, 0], device=self.device)
+        dist.broadcast(meta, 0)
+        L, n, d, has_cls = meta.tolist()
+        x, y = pair if pair is not None else (torch.empty(L, n, d, device=self.device) for _ in range(2))
+        for t in (x, y):
+            dist.broadcast(t, 0)
+        if has_cls:
+            flag = cls.to(torch.uint8) if cls is not None else torch.empty(n, dtype=torch.uint8, device=self.device)
+            dist.broadcast(flag, 0)
+            self.last_cls = flag.bool()
+        return x, y
+
+    def peek(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._broadcast(self.stream.peek(n_tokens) if self.lead else None, None)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.stream.next_batch() if self.lead else None
+        return self._broadcast(pair, self.stream.last_cls if self.lead else None)
+
+
+def _torch_optimizers(opt: torch.optim.Optimizer | DecoderInBackwardAdamW) -> list[torch.optim.Optimizer]:
+    return [opt.main, *opt.decoder] if isinstance(opt, DecoderInBackwardAdamW) else [opt]
+
+
+def map_optimizer_state(opt: torch.optim.Optimizer | DecoderInBackwardAdamW, state: dict[str, Any],
+                        clt: CrossLayerTranscoder | ShardedCLT, fn) -> dict[str, Any]:
+    """`state` (an `opt.state_dict()`, or a saved one of the same structure) with every per-parameter state
+    tensor t (Adam's moments, not the scalar step) replaced by fn(parameter name, t), in the same order on
+    every rank (fn may be a collective)."""
+    names = {id(p): n for n, p in clt.named_parameters()}
+    is_split = isinstance(opt, DecoderInBackwardAdamW)
+    parts = [state["main"], *state["decoder"]] if is_split else [state]
+    out = []
+    for o, sd in zip(_torch_optimizers(opt), parts):
+        order = [names[id(p)] for g in o.param_groups for p in g["params"]]
+        new = {i: {k: fn(order[int(i)], v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in per.items()}
+               for i, per in sd["state"].items()}
+        out.append({**sd, "state": new})
+    return {"main": out[0], "decoder": out[1:]} if is_split else out[0]
+
+
 def _read_metrics(path: Path, upto_step: int) -> list[str]:
     """Lines of metrics.jsonl with step <= upto_step (drops lines logged after the resumed checkpoint)."""
     if not path.is_file():
@@ -380,7 +444,7 @@ def batch_metrics(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, t
 
 # ---------------------------------------------------------------------- training loop
 def train_step(
-    clt: CrossLayerTranscoder,
+    clt: CrossLayerTranscoder | ShardedCLT,
     opt: torch.optim.Optimizer | DecoderInBackwardAdamW,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -417,7 +481,7 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loss.total.float().backward()
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
+        _clip_fn(clt)([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
     opt.step()
     return loss
 
@@ -429,15 +493,28 @@ def train_clt(
     train_cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
-) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
+    shard_features: bool = False,
+) -> tuple[CrossLayerTranscoder | ShardedCLT, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
 
     Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`, `l0` [L],
     `l0_mean`, `dead_fraction`, `steps`, `tokens`).
+
+    `shard_features`: every rank of the initialised default process group calls this with the same
+    arguments and holds F / world features of every layer (`ShardedCLT`); rank 0 streams the
+    activations and broadcasts each batch, gathers the model and the optimizer state for checkpoints
+    (the same files as an unsharded run: it resumes sharded or not, on any world size dividing F)
+    and alone writes files. Rank 0 returns the gathered CLT, the others their `ShardedCLT`.
     """
     cfg = train_cfg
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if shard_features and not dist.is_initialized():
+        raise TrainingError("feature sharding needs torch.distributed initialised (run under torchrun)")
+    if shard_features and cfg.cls_aux_coef > 0:
+        raise TrainingError("CLS AuxK (cls_aux_coef > 0) is not supported with feature sharding")
+    lead = not shard_features or dist.get_rank() == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     if (clt_cfg.n_layers, clt_cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise TrainingError(
             f"CLT config has L={clt_cfg.n_layers}, d_model={clt_cfg.d_model} but the backbone "
@@ -445,7 +522,9 @@ def train_clt(
         )
     device = backbone.device
     seed_everything(cfg.seed)
-    clt = CrossLayerTranscoder(clt_cfg).to(device).train()
+    if shard_features and clt_cfg.n_features % dist.get_world_size():
+        raise TrainingError(f"{clt_cfg.n_features} features cannot be split evenly over {dist.get_world_size()} ranks")
+    clt = (ShardedCLT(clt_cfg) if shard_features else CrossLayerTranscoder(clt_cfg)).to(device).train()
     opt = make_optimizer(clt, cfg)
     stream = ActivationStream(
         backbone,
@@ -459,6 +538,8 @@ def train_clt(
         dtype=_dtype(cfg.buffer_dtype),
         cls_copies=cfg.cls_copies,
     )
+    if shard_features:
+        stream = SharedStream(stream, device)  # type: ignore[assignment]
     data_desc = {
         **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
         **stream.description(),
@@ -470,6 +551,8 @@ def train_clt(
     metrics_path = out / METRICS
     step, tokens_seen = 0, 0
 
+    if shard_features:
+        dist.barrier()  # rank 0 made out_dir; every rank reads the same checkpoints (a shared file system)
     latest = ckpt.latest()
     if latest is not None:
         try:
@@ -481,13 +564,18 @@ def train_clt(
                 f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt_cfg.to_dict()}; "
                 f"use another output directory"
             )
-        clt.load_state_dict(saved.state_dict())
+        if isinstance(clt, ShardedCLT):
+            clt.load_full_state_dict(saved.state_dict())
+        else:
+            clt.load_state_dict(saved.state_dict())
         state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
         was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
         if was != now:
             changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
                                 f"use another output directory")
+        if isinstance(clt, ShardedCLT):
+            state["optimizer"] = map_optimizer_state(opt, state["optimizer"], clt, lambda n, t: clt.local_slice(n, t).clone())
         opt.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         since_fired.copy_(state["since_fired"].to(device))
@@ -495,22 +583,37 @@ def train_clt(
             since_fired_cls.copy_(state["since_fired_cls"].to(device))
         _set_rng_state(state["rng"])
         step, tokens_seen = int(state["step"]), int(state["tokens"])
-        lines = _read_metrics(metrics_path, step)
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, metrics_path)
-        print(f"resuming from {latest} (step {step} of {cfg.steps})", flush=True)
+        if lead:
+            lines = _read_metrics(metrics_path, step)
+            tmp = metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, metrics_path)
+            print(f"resuming from {latest} (step {step} of {cfg.steps})", flush=True)
     else:
-        metrics_path.write_text("")
+        if lead:
+            metrics_path.write_text("")
         x, y = stream.peek(cfg.norm_tokens)
         clt.fit_normalisation(x, y)
         del x, y
+
+    def optimizer_state() -> dict[str, Any]:
+        if isinstance(clt, ShardedCLT):  # collective: the full state on rank 0, as an unsharded run saves it
+            return map_optimizer_state(opt, opt.state_dict(), clt, clt.gather_full)
+        return opt.state_dict()
+
+    def checkpoint_now() -> None:
+        state = state_now()
+        model = clt.full_clt() if isinstance(clt, ShardedCLT) else clt  # collective
+        if lead:
+            ckpt.save(step, model, backbone, state, data=data_desc, train_config=cfg.to_dict())
+        if shard_features:
+            dist.barrier()  # no rank runs ahead of a checkpoint that is not yet complete
 
     def state_now() -> dict[str, Any]:
         return {
             "step": step,
             "tokens": tokens_seen,
-            "optimizer": opt.state_dict(),
+            "optimizer": optimizer_state(),
             "stream": stream.state_dict(),
             "since_fired": since_fired.cpu(),
             "since_fired_cls": since_fired_cls.cpu(),
@@ -518,9 +621,9 @@ def train_clt(
             "train_config": cfg.to_dict(),
         }
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train CLT", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), desc="train CLT", dynamic_ncols=True)
     t_start, tokens_start = time.perf_counter(), tokens_seen
-    log_file = open(metrics_path, "a")
+    log_file = open(metrics_path if lead else os.devnull, "a")
     try:
         while step < cfg.steps:
             lr = cfg.lr_at(step)
@@ -563,7 +666,7 @@ def train_clt(
                 log_file.flush()
                 bar.set_postfix(fvu=f"{row['fvu_mean']:.3f}", l0=f"{row['l0_mean']:.1f}", dead=f"{row['dead_fraction']:.2f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                ckpt.save(step, clt, backbone, state_now(), data=data_desc, train_config=cfg.to_dict())
+                checkpoint_now()
     finally:
         log_file.close()
         bar.close()
@@ -577,8 +680,11 @@ def train_clt(
         tokens=tokens_seen,
         dead_fraction=float((since_fired >= cfg.dead_after_tokens).float().mean()),
     )
-    save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=step)
-    return clt.eval(), final
+    model = clt.full_clt() if isinstance(clt, ShardedCLT) else clt  # collective
+    if model is None:
+        return clt.eval(), final
+    save_checkpoint(out, model, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=step)
+    return model.eval(), final
 
 
 def load_trained(out_dir: str | Path, backbone: Backbone | None = None) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
@@ -586,4 +692,4 @@ def load_trained(out_dir: str | Path, backbone: Backbone | None = None) -> tuple
     return load_checkpoint(out_dir, backbone)
 
 
-__all__ = ["TrainConfig", "TrainingError", "train_clt", "train_step", "make_optimizer", "DecoderInBackwardAdamW", "release_text_tower", "batch_metrics", "load_trained", "Checkpointer"]
+__all__ = ["SharedStream", "map_optimizer_state", "TrainConfig", "TrainingError", "train_clt", "train_step", "make_optimizer", "DecoderInBackwardAdamW", "release_text_tower", "batch_metrics", "load_trained", "Checkpointer"]
