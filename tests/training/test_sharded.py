@@ -3,10 +3,16 @@ computes what one unsharded `CrossLayerTranscoder` computes: the same forward ou
 gradients (within 1e-5) and exactly the same active features, for TopK, BatchTopK (with AuxK) and
 JumpReLU; with exact ties at the k-th value it selects the lowest feature index (TopK) or the lowest
 token-major position (BatchTopK), checked against a stable sort of the full pre-activations.
+
+A 12-step `cltvit-train --shard-features` run on 2 ranks saves one ordinary clt.safetensors (read by
+`load_checkpoint`) equal to the same run in one process, and its mid-run checkpoint resumes, sharded
+and unsharded, to the same end.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +22,8 @@ import pytest
 import torch
 
 import sharded_worker as worker
+from training.cli import main as cli_main
+from training.model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -122,3 +130,49 @@ def test_ties_at_the_kth_value_go_to_the_lower_position_on_every_world_size(shar
             expected.append(sorted(map(tuple, sel.nonzero().tolist())))
     for r, got in enumerate(sharded_results[name]):
         assert got["train"]["active"] == expected, f"rank {r}: ties broken otherwise than by position"
+
+
+# ---------------------------------------------------------------------- a sharded training run
+TRAIN_ARGS = ["--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--limit", "200", "--features", "64", "--k", "4",
+              "--steps", "12", "--batch-tokens", "128", "--buffer-tokens", "1024", "--images-per-batch", "32",
+              "--checkpoint-every", "6", "--log-every", "2", "--lr", "3e-3", "--warmup-steps", "3",
+              "--dead-after-tokens", "512", "--threads", "1", "--seed", "0", "--no-progress"]
+
+
+def rewind(run: Path, to: Path, step: int) -> None:
+    """Copy run directory `run` to `to` as it was right after checkpoint `step` (later checkpoints and the final CLT gone)."""
+    shutil.copytree(run, to)
+    for p in (to / "checkpoints").glob("step-*"):
+        if int(p.name[5:]) > step:
+            shutil.rmtree(p)
+    (to / "checkpoints" / "LATEST").write_text(f"step-{step:08d}")
+    for name in ("clt.safetensors", "clt.json"):
+        (to / name).unlink()
+
+
+@pytest.mark.slow
+def test_sharded_run_saves_an_ordinary_clt_equal_to_the_unsharded_run_and_resumes(tmp_path):
+    # batchtopk: a replicated buffer (its threshold), codes of varying width, AuxK once features die
+    args = [*TRAIN_ARGS, "--activation", "batchtopk"]
+    sharded = tmp_path / "sharded"
+    torchrun(["--no-python", str(Path(sys.executable).parent / "cltvit-train"), *args, "--shard-features", "--out", str(sharded)])
+    assert cli_main([*args, "--out", str(tmp_path / "single")]) == 0  # the same run in this process, unsharded
+    got, meta = load_checkpoint(sharded)  # the ordinary loader: one clt.safetensors of the full model
+    want, _ = load_checkpoint(tmp_path / "single")
+    assert got.cfg.n_features == 64 and meta["metrics"]["steps"] == 12
+    for name, t in want.state_dict().items():
+        close(got.state_dict()[name], t, f"trained {name}")
+    assert not torch.equal(got.W_enc, load_checkpoint(sharded / "checkpoints" / "step-00000006")[0].W_enc)  # it trained
+    a = [json.loads(line)["loss"] for line in (sharded / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == 6 and a == pytest.approx(b, rel=1e-5)
+    # the sharded run's step-6 checkpoint resumes, on 2 ranks and in one process, and ends where the run ended
+    rewind(sharded, tmp_path / "resumed", 6)
+    torchrun(["--no-python", str(Path(sys.executable).parent / "cltvit-train"), *args, "--shard-features",
+              "--out", str(tmp_path / "resumed")])
+    rewind(sharded, tmp_path / "resumed-single", 6)
+    assert cli_main([*args, "--out", str(tmp_path / "resumed-single")]) == 0
+    for run in ("resumed", "resumed-single"):
+        again, _ = load_checkpoint(tmp_path / run)
+        for name, t in got.state_dict().items():
+            close(again.state_dict()[name], t, f"{run} {name}")
