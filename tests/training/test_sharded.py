@@ -176,3 +176,20 @@ def test_sharded_run_saves_an_ordinary_clt_equal_to_the_unsharded_run_and_resume
         again, _ = load_checkpoint(tmp_path / run)
         for name, t in got.state_dict().items():
             close(again.state_dict()[name], t, f"{run} {name}")
+
+
+@pytest.mark.parametrize("env, extra, message", [
+    ({}, [], "argument --shard-features: run under torchrun"),
+    ({"WORLD_SIZE": "3", "RANK": "0"}, [], "argument --features: 64 features cannot be split evenly over 3 ranks"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["--cls-aux-coef", "0.5"], "argument --cls-aux-coef: CLS AuxK is not supported"),
+])
+def test_shard_features_refuses_what_it_cannot_run_naming_the_argument(tmp_path, monkeypatch, capsys, env, extra, message):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*TRAIN_ARGS, *extra, "--shard-features", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
