@@ -442,10 +442,6 @@ class ShardedCLT(nn.Module):
                        cls_aux=None, fired_cls=fired_cls)
 
     # ------------------------------------------------------------------ optimisation helpers
-    def is_sharded(self, p: torch.Tensor) -> bool:
-        """Whether parameter `p` of this module holds only this rank's features."""
-        return any(p is q for name, q in self.named_parameters() if self.shard_dim(name) is not None)
-
     @torch.no_grad()
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` over the full model's gradients of `params` (the same list of
