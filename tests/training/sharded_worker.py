@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from training.model.clt import CLTConfig, CrossLayerTranscoder
 from training.model.sharded import ShardedCLT
+from training.trainer import DecoderInBackwardAdamW, TrainConfig, make_optimizer, train_step
 
 L, D, FEATURES, K, N = 3, 16, 64, 4, 40
 
@@ -53,6 +54,17 @@ def case(name: str) -> tuple[CrossLayerTranscoder, torch.Tensor, torch.Tensor, t
     return clt, x, y, dead
 
 
+def optimise(clt: CrossLayerTranscoder | ShardedCLT, name: str, decoder_update: str) -> None:
+    """Two `train_step`s of the case's batch with a gradient clip tight enough to act (both optimizer layouts)."""
+    _, x, y, dead = case(name)
+    cfg = TrainConfig(steps=2, lr=1e-2, grad_clip=0.05, aux_k=6, sparsity_coef=0.1, decoder_update=decoder_update)  # type: ignore[arg-type]
+    opt = make_optimizer(clt, cfg)
+    for _ in range(2):
+        train_step(clt, opt, x.clone(), y.clone(), dead, cfg)
+    if isinstance(opt, DecoderInBackwardAdamW):
+        opt.close()
+
+
 def active_pairs(code) -> list[tuple[int, int]]:
     """The (token, feature) pairs of a code's non-zero entries, sorted."""
     nz = code.val != 0
@@ -76,6 +88,11 @@ def run(name: str, out: Path) -> None:
             recon, codes = sharded(x)
         result[mode] = {"recon": recon, "active": [active_pairs(c) for c in codes]}
     result["offset"], result["world"] = sharded.offset, sharded.world
+    for update in ("in_backward", "after"):
+        sharded.load_full_state_dict(full.state_dict())
+        sharded.train()
+        optimise(sharded, name, update)
+        result[f"stepped_{update}"] = {n: t.clone() for n, t in sharded.state_dict().items()}
     torch.save(result, out / f"{name}-rank{dist.get_rank()}.pt")
 
 

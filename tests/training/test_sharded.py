@@ -99,6 +99,14 @@ def test_two_shards_compute_what_the_unsharded_clt_computes(sharded_results, nam
             assert torch.equal(parts[0], parts[1]), f"replicated {pname}'s gradient differs between ranks"
     if name != "jumprelu":
         assert ref["loss"].aux > 0  # AuxK took part
+    # two clipped AdamW steps (decoders stepped inside backward, or all after it) end at the same weights
+    for update in ("in_backward", "after"):
+        full, *_ = worker.case(name)
+        worker.optimise(full, name, update)
+        for pname, t in full.state_dict().items():
+            dim = worker.ShardedCLT.shard_dim(pname)
+            parts = [got[f"stepped_{update}"][pname] for got in ranks]
+            close(parts[0] if dim is None else torch.cat(parts, dim), t, f"{update}: {pname} after two steps")
     assert 0 < sum(map(len, ref["train"]["active"])) < worker.L * worker.N * worker.FEATURES
 
 
