@@ -75,6 +75,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the first one runs the worker (one torchrun: tens of seconds on a loaded machine)
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
 def test_two_shards_compute_what_the_unsharded_clt_computes(sharded_results, name):
     ref = reference(name)
@@ -117,6 +118,7 @@ def stable_top(v: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", ["topk-ties", "batchtopk-ties"])
 def test_ties_at_the_kth_value_go_to_the_lower_position_on_every_world_size(sharded_results, name):
     full, x, _, _ = worker.case(name)
@@ -159,6 +161,7 @@ def rewind(run: Path, to: Path, step: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two torchrun trainings and two in-process ones: ~100 s on the loaded 2-core machine
 def test_sharded_run_saves_an_ordinary_clt_equal_to_the_unsharded_run_and_resumes(tmp_path):
     # batchtopk: a replicated buffer (its threshold), codes of varying width, AuxK once features die
     args = [*TRAIN_ARGS, "--activation", "batchtopk"]
