@@ -384,6 +384,10 @@ class SharedStream:
         pair = self.stream.next_batch() if self.lead else None
         return self._broadcast(pair, self.stream.last_cls if self.lead else None)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.lead:  # restoring refills the buffer through the ViT: only the rank that streams needs it
+            self.stream.load_state_dict(state)
+
 
 def _torch_optimizers(opt: torch.optim.Optimizer | DecoderInBackwardAdamW) -> list[torch.optim.Optimizer]:
     return [opt.main, *opt.decoder] if isinstance(opt, DecoderInBackwardAdamW) else [opt]
