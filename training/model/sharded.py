@@ -14,7 +14,7 @@ CLT state dict on rank 0 (saved as one ordinary `clt.safetensors`), `load_full_s
 and keeps this rank's slice.
 
 One pass on rank r: pre-activations of its own features [N, F_r]; the active features are chosen
-globally (`global_topk_mask`, below); the rank decodes its own active features into a partial
+globally (`global_topk`, below); the rank decodes its own active features into a partial
 reconstruction; one all_reduce (sum) gives every rank the full reconstruction, and the loss is then
 computed identically on every rank. The backward of that all_reduce is the identity: each rank's loss
 is the same function of the sum, so d loss / d partial_r = d loss / d sum.
@@ -74,26 +74,28 @@ def sum_over_shards(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     return _SumOverShards.apply(x, group)
 
 
-def global_topk_mask(
+def global_topk(
     v: torch.Tensor, K: int, keys: Callable[[], torch.Tensor], group: dist.ProcessGroup | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which of this rank's entries belong to the top K of each row across all ranks.
 
     v [R, M]: this rank's part of R rows (every rank the same R and M); `keys()` -> [R, M] int64, the
     global position of each entry (unique across ranks), asked for only when ties must be broken.
-    Returns (mask [R, M] bool: the entry is among the K largest of its global row, ties at the K-th
-    value going to the smaller key; top [R, K]: the K largest values of each global row, descending,
-    the same on every rank). K must not exceed the global row length (M * world size).
+    Returns (idx [R, w] int64 and keep [R, w] bool, w = min(K, M): the selected entries of this rank
+    are idx where keep, i.e. the entries among the K largest of their global row, ties at the K-th value
+    going to the smaller key; top [R, K]: the K largest values of each global row, descending, the
+    same on every rank). K must not exceed the global row length (M * world size).
     """
     R, M = v.shape
-    cand = v.topk(min(K, M), dim=1).values  # [R, Kc]
+    cand, cand_idx = v.topk(min(K, M), dim=1)  # [R, w]
     top = torch.cat(_all_gather(cand, group), dim=1).topk(K, dim=1).values  # [R, K]
     t = top[:, -1:]  # [R, 1] the global K-th value
     need = K - (top > t).sum(1)  # [R] slots left for entries equal to t (>= 1)
-    gt, eq = v > t, v == t
+    eq = v == t
     ties = torch.stack(_all_gather(eq.sum(1), group)).sum(0)  # [R] entries equal to t over all ranks
     if not bool((ties > need).any()):
-        return gt | eq, top
+        # every entry >= t is selected; there are at most K of them on this rank, so all are candidates
+        return cand_idx, cand >= t, top
     # more entries equal t than slots: the `need` smallest keys among them win (every rank sends its
     # own smallest `m` tied keys; the need-th smallest of all of them is the cut)
     key = keys()
@@ -101,7 +103,14 @@ def global_topk_mask(
     first = key.masked_fill(~eq, _KEY_MAX).topk(m, dim=1, largest=False).values  # [R, m]
     every = torch.cat(_all_gather(first, group), dim=1).sort(dim=1).values  # [R, world * m]
     cut = every.gather(1, (need - 1).clamp_max(every.shape[1] - 1)[:, None])  # [R, 1]
-    return gt | (eq & (key <= cut)), top
+    mask = (v > t) | (eq & (key <= cut))
+    idx, keep = _code_from_mask(v, mask, cand.shape[1])
+    return idx, keep, top
+
+
+def _as_mask(idx: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """[R, w] selected positions -> [R, M] bool mask."""
+    return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(1, idx, keep)
 
 
 def _code_from_mask(z: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,13 +244,13 @@ class ShardedCLT(nn.Module):
         cfg = self.cfg
         n = z.shape[0]
         if cfg.activation == "topk":
-            mask, _ = global_topk_mask(z, cfg.k, self._feature_keys(n, z.device), self.group)
-            return _code_from_mask(z, mask, min(cfg.k, self.f_local))
+            idx, keep, _ = global_topk(z, cfg.k, self._feature_keys(n, z.device), self.group)
+            return idx, keep
         zr = F.relu(z)
         flat = zr.reshape(1, -1)
         n_keep = min(n * cfg.k, n * cfg.n_features)
-        mask, top = global_topk_mask(flat, n_keep, self._batch_keys(n, z.device), self.group)
-        mask = (mask & (flat > 0)).reshape(zr.shape)
+        idx, keep, top = global_topk(flat, n_keep, self._batch_keys(n, z.device), self.group)
+        mask = (_as_mask(idx, keep, flat.shape) & (flat > 0)).reshape(zr.shape)
         positive = top[0][top[0] > 0]
         kept_min = positive.min() if positive.numel() else top.new_zeros(())
         thr = self.batchtopk_threshold
@@ -252,9 +261,9 @@ class ShardedCLT(nn.Module):
     def _capped(self, dense: torch.Tensor) -> SparseCode:
         """Inference cap of an elementwise rule: the `inference_k` largest non-zero entries per token, globally."""
         k = min(self.cfg.inference_k, self.cfg.n_features)
-        mask, _ = global_topk_mask(dense, k, self._feature_keys(dense.shape[0], dense.device), self.group)
-        idx, keep = _code_from_mask(dense, mask & (dense != 0), min(k, self.f_local))
+        idx, keep, _ = global_topk(dense, k, self._feature_keys(dense.shape[0], dense.device), self.group)
         val = dense.gather(1, idx)
+        keep = keep & (val != 0)
         return SparseCode(idx, val * keep.to(val.dtype))
 
     def activate(self, layer: int, z: torch.Tensor) -> SparseCode:
@@ -354,8 +363,7 @@ class ShardedCLT(nn.Module):
                     if use_aux and bool(dead_mask[l].any()):  # type: ignore[index]
                         kk = min(aux_k, int(dead_mask[l].sum()))  # type: ignore[index]
                         zm = z.masked_fill(~dead_mask[l, lo:hi], float("-inf"))  # type: ignore[index]
-                        amask, _ = global_topk_mask(zm, kk, self._feature_keys(n, z.device), group)
-                        aidx, akeep = _code_from_mask(zm, amask, min(kk, self.f_local))
+                        aidx, akeep, _ = global_topk(zm, kk, self._feature_keys(n, z.device), group)
                         aux_width[l] = aidx.shape[1]
                         idx, keep = torch.cat([idx, aidx], 1), torch.cat([keep, akeep], 1)
                     sel_idx.append(idx)
