@@ -15,11 +15,13 @@ import torch
 import torch.distributed as dist
 
 from training.model.clt import CLTConfig, CrossLayerTranscoder
+from training.model.loss import LossConfig
 from training.model.sharded import ShardedCLT
 from training.trainer import DecoderInBackwardAdamW, TrainConfig, make_optimizer, train_step
 
 L, D, FEATURES, K, N = 3, 16, 64, 4, 40
 
+LOSS = LossConfig(aux_k=6, sparsity_coef=0.1)
 CASES = ("topk", "batchtopk", "jumprelu", "topk-ties", "batchtopk-ties")
 
 
@@ -77,7 +79,7 @@ def run(name: str, out: Path) -> None:
     sharded.load_full_state_dict(full.state_dict())
     sharded.train()
     result: dict = {}
-    loss = sharded.loss(x.clone(), y.clone(), dead_mask=dead, aux_k=6, sparsity_coef=0.1)
+    loss = sharded.loss(x.clone(), y.clone(), LOSS, dead=dead)
     loss.total.backward()
     result["loss"] = {k: getattr(loss, k).detach() for k in ("total", "fvu", "aux", "sparsity", "l0", "fired")}
     result["grads"] = {n: p.grad.clone() for n, p in sharded.named_parameters() if p.grad is not None}

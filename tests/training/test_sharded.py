@@ -24,6 +24,7 @@ import torch
 import sharded_worker as worker
 from training.cli import main as cli_main
 from training.model.checkpoint import load_checkpoint
+from training.model.loss import clt_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -56,7 +57,7 @@ def sharded_results(tmp_path_factory) -> dict[str, list[dict]]:
 def reference(name: str) -> dict:
     """What the unsharded CLT computes on the case, in the worker's order (loss + backward, train forward, eval forward)."""
     full, x, y, dead = worker.case(name)
-    loss = full.loss(x.clone(), y.clone(), dead_mask=dead, aux_k=6, sparsity_coef=0.1)
+    loss = clt_loss(full, x.clone(), y.clone(), worker.LOSS, dead=dead)
     loss.total.backward()
     ref = {"loss": loss, "grads": {n: p.grad for n, p in full.named_parameters() if p.grad is not None},
            "batchtopk_threshold": full.batchtopk_threshold.clone(), "clt": full, "x": x}

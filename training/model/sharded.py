@@ -33,6 +33,7 @@ Not supported: CLS AuxK (`cls_aux_coef` > 0) and the ONNX export path (export th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,8 +41,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .clt import CLTConfig, CLTLoss, CrossLayerTranscoder, SparseCode
-from .sparse import DecodeSourceInto, GatherPreactAll, JumpReLU, sparse_decode
+from .clt import CLTConfig, CrossLayerTranscoder
+from .loss import CLTLoss, LossConfig
+from .sparse import DecodeSourceInto, GatherPreactAll, sparse_decode
+from .sparsifiers import BatchTopK, JumpReLU, ReLU, Selection, SparseCode, Sparsifier, TopK
 
 _KEY_MAX = torch.iinfo(torch.int64).max
 
@@ -122,6 +125,117 @@ def _code_from_mask(z: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[to
     return idx, mask.gather(1, idx)
 
 
+# ---------------------------------------------------------------------- the rules, selecting across shards
+@dataclass(frozen=True)
+class FeatureShard:
+    """This rank's features [offset, offset + size) of F per layer, in process group `group`."""
+
+    offset: int
+    size: int
+    n_features: int
+    group: dist.ProcessGroup | None = None
+
+    def feature_keys(self, z: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Tie keys of a per-token selection on z [N, size]: the global feature index."""
+        return lambda: (self.offset + torch.arange(self.size, device=z.device)).expand(z.shape[0], -1)
+
+    def batch_keys(self, z: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Tie keys of a batch-wide selection on z [N, size] flattened: token * F + global feature index."""
+        def keys() -> torch.Tensor:
+            f = self.offset + torch.arange(self.size, device=z.device)
+            return (torch.arange(z.shape[0], device=z.device)[:, None] * self.n_features + f).reshape(1, -1)
+
+        return keys
+
+    def top(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's k largest entries across the shards: this rank's (idx [N, w], keep [N, w])."""
+        idx, keep, _ = global_topk(z, k, self.feature_keys(z), self.group)
+        return idx, keep
+
+    def capped(self, dense: torch.Tensor, cap: int) -> SparseCode:
+        """An elementwise rule's inference code: the `cap` largest non-zero entries of each token across the
+        shards (the sharded spelling of `sparsifiers._widest(dense, cap)`)."""
+        idx, keep = self.top(dense, min(cap, self.n_features))
+        val = dense.gather(1, idx)
+        return SparseCode(idx, val * (keep & (val != 0)).to(val.dtype))
+
+
+@dataclass
+class ShardedTopK(TopK):
+    """`TopK` on one feature shard: each token's k largest pre-activations across all shards."""
+
+    shard: FeatureShard | None = None
+
+    def code(self, z: torch.Tensor, state: torch.Tensor | None = None, training: bool = True) -> SparseCode:
+        return self.select(z, state).code(z)
+
+    @torch.no_grad()
+    def select(self, z: torch.Tensor, state: torch.Tensor | None = None) -> Selection:
+        assert self.shard is not None
+        return Selection(*self.shard.top(z, self.k))
+
+
+@dataclass
+class ShardedBatchTopK(BatchTopK):
+    """`BatchTopK` on one feature shard: the batch's N*k largest positive pre-activations across all shards;
+    the inference cap across all shards too. The threshold `state` moves identically on every rank."""
+
+    shard: FeatureShard | None = None
+
+    def code(self, z: torch.Tensor, state: torch.Tensor | None, training: bool) -> SparseCode:
+        assert state is not None and self.shard is not None
+        if training:
+            return self.select(z, state).code(z)
+        return self.shard.capped(z * (z > state).to(z.dtype), self.cap)
+
+    @torch.no_grad()
+    def select(self, z: torch.Tensor, state: torch.Tensor | None) -> Selection:
+        assert state is not None and self.shard is not None
+        zr = F.relu(z)
+        flat = zr.reshape(1, -1)
+        n_keep = z.shape[0] * self.k  # <= N * F
+        idx, keep, top = global_topk(flat, n_keep, self.shard.batch_keys(z), self.shard.group)
+        mask = (_as_mask(idx, keep, flat.shape) & (flat > 0)).reshape(zr.shape)
+        positive = top[0][top[0] > 0]  # the batch's kept values, the same on every rank
+        kept_min = positive.min() if positive.numel() else top.new_zeros(())
+        state.lerp_(kept_min.to(state.dtype), self.threshold_momentum if state > 0 else 1.0)
+        width = max(int(mask.sum(-1).max().item()), 1)
+        return Selection(*_code_from_mask(zr, mask, width))
+
+
+@dataclass
+class ShardedJumpReLU(JumpReLU):
+    """`JumpReLU` on one feature shard: elementwise in training; the inference cap across all shards."""
+
+    shard: FeatureShard | None = None
+
+    def code(self, z: torch.Tensor, state: torch.Tensor | None, training: bool) -> SparseCode:
+        if training:
+            return super().code(z, state, training)
+        assert state is not None and self.shard is not None
+        return self.shard.capped(z * (z > state.exp()).to(z.dtype), self.cap)
+
+
+@dataclass
+class ShardedReLU(ReLU):
+    """`ReLU` on one feature shard: elementwise in training; the inference cap across all shards."""
+
+    shard: FeatureShard | None = None
+
+    def code(self, z: torch.Tensor, state: torch.Tensor | None = None, training: bool = True) -> SparseCode:
+        if training:
+            return super().code(z, state, training)
+        assert self.shard is not None
+        return self.shard.capped(F.relu(z), self.cap)
+
+
+def sharded_sparsifier(cfg: CLTConfig, shard: FeatureShard) -> Sparsifier:
+    """`cfg.sparsifier()`'s rule, selecting across the shards."""
+    rule = cfg.sparsifier()
+    kind = {TopK: ShardedTopK, BatchTopK: ShardedBatchTopK, JumpReLU: ShardedJumpReLU, ReLU: ShardedReLU}[type(rule)]
+    return kind(**{**rule.__dict__, "shard": shard})
+
+
 # ---------------------------------------------------------------------- the model
 class ShardedCLT(nn.Module):
     """This rank's feature shard of a `CrossLayerTranscoder` (see the module docstring).
@@ -155,6 +269,8 @@ class ShardedCLT(nn.Module):
         self.register_buffer("batchtopk_threshold", torch.zeros(L))
         self.register_buffer("in_scale", torch.ones(L))
         self.register_buffer("out_scale", torch.ones(L))
+        self.shard = FeatureShard(self.offset, Fl, cfg.n_features, group)
+        self.sparsifier = sharded_sparsifier(cfg, self.shard)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ layout
@@ -227,65 +343,19 @@ class ShardedCLT(nn.Module):
         CrossLayerTranscoder.fit_normalisation(self, mlp_in, mlp_out)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ selection
-    def _feature_keys(self, n: int, device: torch.device) -> Callable[[], torch.Tensor]:
-        return lambda: (self.offset + torch.arange(self.f_local, device=device)).expand(n, -1)
-
-    def _batch_keys(self, n: int, device: torch.device) -> Callable[[], torch.Tensor]:
-        def keys() -> torch.Tensor:
-            f = self.offset + torch.arange(self.f_local, device=device)
-            return (torch.arange(n, device=device)[:, None] * self.cfg.n_features + f).reshape(1, -1)
-
-        return keys
-
-    @torch.no_grad()
-    def _select(self, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training-rule choice (topk / batchtopk) from local pre-activations z [N, F_r]: (idx [N, w] local,
-        keep [N, w] bool). Updates batchtopk's inference threshold as `CrossLayerTranscoder._select` does."""
-        cfg = self.cfg
-        n = z.shape[0]
-        if cfg.activation == "topk":
-            idx, keep, _ = global_topk(z, cfg.k, self._feature_keys(n, z.device), self.group)
-            return idx, keep
-        zr = F.relu(z)
-        flat = zr.reshape(1, -1)
-        n_keep = min(n * cfg.k, n * cfg.n_features)
-        idx, keep, top = global_topk(flat, n_keep, self._batch_keys(n, z.device), self.group)
-        mask = (_as_mask(idx, keep, flat.shape) & (flat > 0)).reshape(zr.shape)
-        positive = top[0][top[0] > 0]
-        kept_min = positive.min() if positive.numel() else top.new_zeros(())
-        thr = self.batchtopk_threshold
-        thr[layer].lerp_(kept_min.to(thr.dtype), 0.01 if thr[layer] > 0 else 1.0)
-        width = max(int(mask.sum(-1).max().item()), 1)
-        return _code_from_mask(zr, mask, width)
-
-    def _capped(self, dense: torch.Tensor) -> SparseCode:
-        """Inference cap of an elementwise rule: the `inference_k` largest non-zero entries per token, globally."""
-        k = min(self.cfg.inference_k, self.cfg.n_features)
-        idx, keep, _ = global_topk(dense, k, self._feature_keys(dense.shape[0], dense.device), self.group)
-        val = dense.gather(1, idx)
-        keep = keep & (val != 0)
-        return SparseCode(idx, val * keep.to(val.dtype))
+    def rule_state(self, layer: int) -> torch.Tensor | None:
+        """The sparsifier's state of `layer` (as `CrossLayerTranscoder.rule_state`; JumpReLU's is this rank's slice)."""
+        name = self.sparsifier.state_name
+        return None if name is None else getattr(self, name)[layer]
 
     def activate(self, layer: int, z: torch.Tensor) -> SparseCode:
-        """Local pre-activations [N, F_r] -> this rank's part of the code (local indices, padding val 0);
-        the rule of `CrossLayerTranscoder.activate`, selected across all shards."""
-        cfg = self.cfg
-        if cfg.activation == "topk" or (cfg.activation == "batchtopk" and self.training):
-            idx, keep = self._select(layer, z)
-            val = F.relu(z.gather(1, idx))
-            return SparseCode(idx, val * keep.to(val.dtype))
-        if cfg.activation == "batchtopk":
-            dense = z * (z > self.batchtopk_threshold[layer]).to(z.dtype)
-        elif cfg.activation == "jumprelu":
-            dense = JumpReLU.apply(z, self.log_threshold[layer].exp(), cfg.jumprelu_bandwidth)
-        else:
-            dense = F.relu(z)
-        if not self.training:
-            return self._capped(dense)
-        # training: every active feature, padded to this rank's widest token; padding slots carry no gradient
-        width = max(int((dense != 0).sum(-1).max().item()), 1)
-        val, idx = dense.topk(min(width, self.f_local), dim=-1)
-        return SparseCode(idx, val * (val != 0).to(val.dtype))
+        """Local pre-activations [N, F_r] -> this rank's part of the code (local indices, padding val 0):
+        the rule of `CrossLayerTranscoder.activate`, selecting across all shards."""
+        return self.sparsifier.code(z, self.rule_state(layer), self.training)
+
+    def select(self, layer: int, z: torch.Tensor) -> Selection:
+        """The training rule's choice (TopK, BatchTopK) from local pre-activations [N, F_r], across all shards."""
+        return self.sparsifier.select(z, self.rule_state(layer))
 
     def preactivations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """[N, d] raw MLP input of `layer` -> [N, F_r] this rank's encoder pre-activations."""
@@ -320,24 +390,20 @@ class ShardedCLT(nn.Module):
         self,
         mlp_in: torch.Tensor,
         mlp_out: torch.Tensor,
+        loss_cfg: LossConfig = LossConfig(),
         *,
-        dead_mask: torch.Tensor | None = None,
-        aux_k: int = 256,
-        aux_coef: float = 1 / 32,
-        sparsity_coef: float = 0.0,
-        sparsity_c: float = 4.0,
-        preact_coef: float = 3e-6,
+        dead: torch.Tensor | None = None,
         cls_rows: torch.Tensor | None = None,
-        cls_dead_mask: torch.Tensor | None = None,
-        cls_aux_k: int = 64,
-        cls_aux_coef: float = 0.0,
+        cls_dead: torch.Tensor | None = None,
         inplace: bool = False,
     ) -> CLTLoss:
-        """`CrossLayerTranscoder.loss` across the shards: every rank passes the same batch [L, N, d] and the
-        full `dead_mask` [L, F], and gets the same loss terms; `fired` / `fired_cls` are full [L, F].
-        Collective. CLS AuxK (`cls_aux_coef` > 0 with `cls_dead_mask`) is not supported."""
-        if cls_aux_coef > 0 and cls_dead_mask is not None:
+        """`training.model.loss.clt_loss` across the shards: every rank passes the same batch [L, N, d] and the
+        full `dead` [L, F], and gets the same loss terms; `fired` / `fired_cls` are full [L, F]. Collective.
+        CLS AuxK (`cls_aux_coef` > 0 with `cls_dead`) is not supported."""
+        if loss_cfg.cls_aux_coef > 0 and cls_dead is not None:
             raise ValueError("CLS AuxK (cls_aux_coef > 0) is not supported with feature sharding")
+        aux_k, aux_coef, sparsity_coef = loss_cfg.aux_k, loss_cfg.aux_coef, loss_cfg.sparsity_coef
+        sparsity_c, preact_coef, dead_mask = loss_cfg.sparsity_c, loss_cfg.preact_coef, dead
         cfg, group = self.cfg, self.group
         L, n, d = mlp_in.shape
         lo, hi = self.offset, self.offset + self.f_local
@@ -347,7 +413,7 @@ class ShardedCLT(nn.Module):
         else:
             x = mlp_in / self.in_scale[:, None, None]
             y = mlp_out / self.out_scale[:, None, None]
-        sparse_path = cfg.activation in ("topk", "batchtopk")
+        sparse_path = self.sparsifier.trains_sparse
         use_aux = dead_mask is not None and sparse_path and aux_coef > 0 and bool(dead_mask.any())
         codes: list[SparseCode] = []
         zs: list[torch.Tensor] = []
@@ -359,11 +425,13 @@ class ShardedCLT(nn.Module):
             if sparse_path:
                 with torch.no_grad():
                     z = torch.addmm(self.b_enc[l], x[l], self.W_enc[l])  # [N, F_r]
-                    idx, keep = self._select(l, z)
+                    sel = self.select(l, z)
+                    idx = sel.idx
+                    keep = sel.keep if sel.keep is not None else torch.ones_like(idx, dtype=torch.bool)
                     if use_aux and bool(dead_mask[l].any()):  # type: ignore[index]
                         kk = min(aux_k, int(dead_mask[l].sum()))  # type: ignore[index]
                         zm = z.masked_fill(~dead_mask[l, lo:hi], float("-inf"))  # type: ignore[index]
-                        aidx, akeep, _ = global_topk(zm, kk, self._feature_keys(n, z.device), group)
+                        aidx, akeep = self.shard.top(zm, kk)
                         aux_width[l] = aidx.shape[1]
                         idx, keep = torch.cat([idx, aidx], 1), torch.cat([keep, akeep], 1)
                     sel_idx.append(idx)
@@ -397,7 +465,7 @@ class ShardedCLT(nn.Module):
                 aux_pred.append(ap)
         # everything that sums over features goes through one all_reduce
         pieces = [partial.reshape(-1), *(a.reshape(-1) for a in aux_pred)]
-        if cfg.activation == "jumprelu":
+        if isinstance(self.sparsifier, JumpReLU):
             dec_norms = [self.W_dec[l].norm(dim=-1).sum(0) for l in range(L)]  # [F_r] each
             pre = torch.stack([(F.relu(self.log_threshold[l].exp() - zs[l]) * dec_norms[l]).sum(-1).mean() for l in range(L)])
             pieces.append(pre.sum().reshape(1))
@@ -426,7 +494,7 @@ class ShardedCLT(nn.Module):
                 terms.append((aux_full[a] - resid[l]).pow(2).sum(-1).mean() / e_var)
             aux = torch.stack(terms).sum()
             total = total + aux_coef * aux
-        if cfg.activation == "jumprelu":
+        if isinstance(self.sparsifier, JumpReLU):
             total = total + preact_coef * summed[at]
             if sparsity_coef > 0:
                 sparsity = summed[at + 1]
