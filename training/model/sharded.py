@@ -25,7 +25,13 @@ global threshold t (exact: a rank's share of the global top K is among its own t
 are selected; ties at t are broken by the lower global key (the feature index for a per-token
 selection, token * F + feature for BatchTopK's batch-wide one), so the selection does not depend on the
 number of ranks. The tie keys are exchanged only when ties at t outnumber the free slots (rare with
-continuous values). JumpReLU and ReLU are elementwise and need no exchange in training.
+continuous values). JumpReLU and ReLU are elementwise and need no exchange in training. The rules are
+the sparsifier objects of `training.model.sparsifiers`, subclassed to select across the shards
+(`ShardedTopK`, `ShardedBatchTopK`, `ShardedJumpReLU`, `ShardedReLU`; `sharded_sparsifier`).
+
+`ShardedCLT.loss` is `training.model.loss.clt_loss` term for term with the sums over features done
+across the shards; a change to one must be made in the other (tests/training/test_sharded.py compares
+them on every rule).
 
 Works with any backend that has all_gather, all_reduce and gather (gloo on CPU, NCCL on GPU).
 Not supported: CLS AuxK (`cls_aux_coef` > 0) and the ONNX export path (export the gathered CLT).
