@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bundle.provenance import machine_info  # noqa: E402
 from training.model.clt import CLTConfig  # noqa: E402
 from training.model.sharded import ShardedCLT  # noqa: E402
-from training.trainer import TrainConfig, make_optimizer, train_step  # noqa: E402
+from training.trainer import Batch, TrainConfig, make_optimizer, train_step  # noqa: E402
 
 
 def nbytes(tensors) -> int:
@@ -62,7 +62,7 @@ def main() -> None:
     for _ in range(args.steps):
         dist.barrier()
         t0 = time.perf_counter()
-        train_step(clt, opt, x.clone(), y.clone(), dead, tcfg)
+        train_step(clt, opt, [Batch(x.clone(), y.clone())], dead, tcfg)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

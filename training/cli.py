@@ -7,12 +7,16 @@
 
 Re-running the same command after an interruption resumes from the last checkpoint in --out.
 Bad arguments print one line `cltvit-train: error: argument --X: ...` and exit with status 2.
+
+Data parallel (docs/training.md): `torchrun --nproc-per-node N -m training.cli ARGS` or
+`cltvit-train --nproc N ARGS` (which starts that torchrun, on a free port) trains one CLT on N ranks.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -34,6 +38,7 @@ from .model.checkpoint import CheckpointError, load_checkpoint, read_meta
 from .model.clt import CLTConfig
 from .model.vit import UnsupportedModel
 from .testing import random_clt
+from .distributed import World
 from .trainer import TrainConfig, TrainingError, release_text_tower, train_clt
 
 PROG = "cltvit-train"
@@ -86,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a checkpoint file; default: random weights")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("data parallel (docs/training.md)")
+    g.add_argument("--nproc", type=_int_at_least(1), default=None,
+                   help="train on N ranks: starts `torchrun --standalone --nproc-per-node N` with the other arguments "
+                        "(gloo on CPU, NCCL on CUDA: one GPU per rank); under torchrun, the world size it gives")
+    g.add_argument("--data-shards", type=_int_at_least(1), default=None,
+                   help="disjoint image shards, one batch of --batch-tokens from each per step (default: one per rank; "
+                        "a multiple of the world size: e.g. 2 on one process reproduces a 2-rank run's batches)")
+    g.add_argument("--shard-features", action="store_true",
+                   help="feature sharding instead of data parallel: each of the N ranks holds features/N of every layer "
+                        "and all ranks train on the same batches; the same CLT as one process, saved as one ordinary "
+                        "clt.safetensors (docs/training.md). With --nproc N, or under torchrun")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind")
     g.add_argument("--data-dir", default=None, help="dataset root (fashion-mnist: defaults to Debian's dataset-fashion-mnist files)")
@@ -127,40 +143,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_int_at_least(1), default=500)
     g.add_argument("--log-every", type=_int_at_least(1), default=10)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("distributed (under torchrun; docs/training.md)")
-    g.add_argument("--shard-features", action="store_true",
-                   help="each rank holds features/N of every layer (N = torchrun's world size); the same CLT as one "
-                        "process, saved as one ordinary clt.safetensors. Run: torchrun --nproc-per-node N --no-python "
-                        "cltvit-train --shard-features ...")
     return p
 
 
-def _init_feature_shards(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
-    """The process group of a `--shard-features` run (NCCL on CUDA, gloo on CPU) and this rank's device."""
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Run `cltvit-train argv` on `nproc` ranks under torchrun (standalone: one machine, a free port);
+    returns torchrun's exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "training.cli", *_without_nproc(argv)]
+    return subprocess.call(cmd)
+
+
+def _check_feature_shards(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What `--shard-features` cannot run, refused before anything is loaded."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        parser.error("argument --shard-features: run under torchrun (torchrun --nproc-per-node N --no-python cltvit-train "
-                     "--shard-features ...); WORLD_SIZE and RANK are not set")
+        parser.error("argument --shard-features: run with --nproc N or under torchrun (torchrun --nproc-per-node N -m "
+                     "training.cli --shard-features ...); WORLD_SIZE and RANK are not set")
     world = int(os.environ["WORLD_SIZE"])
     if args.features % world:
         parser.error(f"argument --features: {args.features} features cannot be split evenly over {world} ranks")
     if args.cls_aux_coef:
         parser.error("argument --cls-aux-coef: CLS AuxK is not supported with --shard-features")
-    try:
-        device = pick_device(args.device)
-    except (BackboneError, RuntimeError) as exc:
-        parser.error(f"argument --device: {exc}")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
+    if args.data_shards is not None and args.data_shards > 1:
+        parser.error("argument --data-shards: feature sharding combined with data parallel is not supported; "
+                     "with --shard-features every rank trains on the same batches")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-train`; returns 0, or exits with status 2 on a bad argument."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if args.nproc is not None and under_torchrun and args.nproc != int(os.environ["WORLD_SIZE"]):
+        parser.error(f"argument --nproc: {args.nproc}, but torchrun started {os.environ['WORLD_SIZE']} ranks")
+    if args.nproc is not None and args.nproc > 1 and not under_torchrun:
+        return launch_torchrun(args.nproc, argv)
     if args.k > args.features:
         parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
     if args.data_dir is not None and not Path(args.data_dir).exists():
@@ -175,21 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model not in open_clip.list_models():
         parser.error(f"argument --model: unknown open_clip architecture {args.model!r} (e.g. ViT-B-32, ViT-B-16, cltvit-tiny)")
     if args.shard_features:
-        device = _init_feature_shards(parser, args)
-    else:
-        try:
-            device = pick_device(args.device)
-        except (BackboneError, RuntimeError) as exc:
-            parser.error(f"argument --device: {exc}")
+        _check_feature_shards(parser, args)
     try:
-        return _train(parser, args, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> int:
-    out = Path(args.out)
+        device = pick_device(args.device)
+    except (BackboneError, RuntimeError) as exc:
+        parser.error(f"argument --device: {exc}")
+    world = World.from_env(device)
+    device = world.device(device)
+    if args.shard_features and not dist.is_initialized():  # one rank: a group of one, so the sharded code runs as is
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.data_shards is not None and args.data_shards % world.size:
+        parser.error(f"argument --data-shards: {args.data_shards} is not a multiple of the world size {world.size}")
     try:
         dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
     except DatasetError as exc:
@@ -242,20 +269,24 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, device: to
             dead_after_tokens=args.dead_after_tokens,
             aux_coef=args.aux_coef,
             sparsity_coef=args.sparsity_coef,
+            data_shards=args.data_shards or 0,
         )
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress,
+        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, world=world,
                                shard_features=args.shard_features)
     except TrainingError as exc:
         parser.error(f"argument --out: {exc}")
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
-    summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return 0
-    print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
+    finally:
+        world.close()
+        if dist.is_initialized():  # the one-rank group of --shard-features
+            dist.destroy_process_group()
+    if world.is_main:
+        summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
+        print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
     return 0
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from training.model.clt import CLTConfig, CrossLayerTranscoder
 from training.model.loss import LossConfig
 from training.model.sharded import ShardedCLT
-from training.trainer import DecoderInBackwardAdamW, TrainConfig, make_optimizer, train_step
+from training.trainer import Batch, DecoderInBackwardAdamW, TrainConfig, make_optimizer, train_step
 
 L, D, FEATURES, K, N = 3, 16, 64, 4, 40
 
@@ -62,7 +62,7 @@ def optimise(clt: CrossLayerTranscoder | ShardedCLT, name: str, decoder_update: 
     cfg = TrainConfig(steps=2, lr=1e-2, grad_clip=0.05, aux_k=6, sparsity_coef=0.1, decoder_update=decoder_update)  # type: ignore[arg-type]
     opt = make_optimizer(clt, cfg)
     for _ in range(2):
-        train_step(clt, opt, x.clone(), y.clone(), dead, cfg)
+        train_step(clt, opt, [Batch(x.clone(), y.clone())], dead, cfg)
     if isinstance(opt, DecoderInBackwardAdamW):
         opt.close()
 

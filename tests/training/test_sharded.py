@@ -191,9 +191,10 @@ def test_sharded_run_saves_an_ordinary_clt_equal_to_the_unsharded_run_and_resume
 
 
 @pytest.mark.parametrize("env, extra, message", [
-    ({}, [], "argument --shard-features: run under torchrun"),
+    ({}, [], "argument --shard-features: run with --nproc N or under torchrun"),
     ({"WORLD_SIZE": "3", "RANK": "0"}, [], "argument --features: 64 features cannot be split evenly over 3 ranks"),
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["--cls-aux-coef", "0.5"], "argument --cls-aux-coef: CLS AuxK is not supported"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["--data-shards", "2"], "argument --data-shards: feature sharding combined with data parallel is not supported"),
 ])
 def test_shard_features_refuses_what_it_cannot_run_naming_the_argument(tmp_path, monkeypatch, capsys, env, extra, message):
     for name in ("WORLD_SIZE", "RANK"):
