@@ -414,9 +414,10 @@ class SharedStream:
     (broadcast), so the ViT runs once per batch and the ranks cannot drift apart. Delegates the rest
     (`state_dict`, `description`, ...) to rank 0's stream."""
 
-    def __init__(self, stream: ActivationStream, device: torch.device) -> None:
-        self.stream, self.device = stream, torch.device(device)
-        self.lead = dist.get_rank() == 0
+    def __init__(self, stream: ActivationStream, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.stream, self.device, self.group = stream, torch.device(device), group
+        self.lead = dist.get_rank(group) == 0
+        self.src = 0 if group is None else dist.get_global_rank(group, 0)
         self.last_cls: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -424,14 +425,14 @@ class SharedStream:
 
     def _broadcast(self, pair: tuple[torch.Tensor, torch.Tensor] | None, cls: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         meta = torch.tensor([*pair[0].shape, cls is not None] if pair is not None else [0, 0, 0, 0], device=self.device)
-        dist.broadcast(meta, 0)
+        dist.broadcast(meta, self.src, group=self.group)
         L, n, d, has_cls = meta.tolist()
         x, y = pair if pair is not None else (torch.empty(L, n, d, device=self.device) for _ in range(2))
         for t in (x, y):
-            dist.broadcast(t, 0)
+            dist.broadcast(t, self.src, group=self.group)
         if has_cls:
             flag = cls.to(torch.uint8) if cls is not None else torch.empty(n, dtype=torch.uint8, device=self.device)
-            dist.broadcast(flag, 0)
+            dist.broadcast(flag, self.src, group=self.group)
             self.last_cls = flag.bool()
         return x, y
 
@@ -445,6 +446,22 @@ class SharedStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.lead:  # restoring refills the buffer through the ViT: only the rank that streams needs it
             self.stream.load_state_dict(state)
+
+
+def feature_shard_mesh(shards: int) -> tuple[dist.ProcessGroup | None, World]:
+    """The 2-D mesh of a feature-sharded run on the N ranks of the default group: N / `shards` replicas of
+    `shards` feature shards each. Rank g holds shard g % shards of replica g // shards. Returns (its
+    feature-shard group: the ranks of its replica; the data-parallel World of its shard: the same shard
+    in every replica, its rank the replica index). Collective (every rank creates every group)."""
+    n, g = dist.get_world_size(), dist.get_rank()
+    if shards < 1 or n % shards:
+        raise TrainingError(f"{n} ranks cannot be split into groups of {shards} feature shards")
+    replicas = n // shards
+    if replicas == 1:
+        return None, World()
+    shard_groups = [dist.new_group(list(range(q * shards, (q + 1) * shards))) for q in range(replicas)]
+    replica_groups = [dist.new_group(list(range(s, n, shards))) for s in range(shards)]
+    return shard_groups[g // shards], World(rank=g // shards, size=replicas, group=replica_groups[g % shards])
 
 
 def _torch_optimizers(opt: torch.optim.Optimizer | DecoderInBackwardAdamW) -> list[torch.optim.Optimizer]:
@@ -819,7 +836,7 @@ def train_clt(
     out_dir: str | Path,
     progress: bool = True,
     world: World = World(),
-    shard_features: bool = False,
+    shard_features: int = 0,
 ) -> tuple[CrossLayerTranscoder | ShardedCLT, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
 
@@ -828,12 +845,14 @@ def train_clt(
     and writes. Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`,
     `l0` [L], `l0_mean`, `dead_fraction`, `steps`, `tokens`), on every rank.
 
-    `shard_features` (instead of data parallel): the ranks of the initialised default process group hold
-    F / N features of every layer each (`ShardedCLT`) and train on the same batches: rank 0 streams
-    and broadcasts them (`SharedStream`), gathers the model and the Adam moments for checkpoints in the
-    unsharded layout (so the run resumes sharded on any N dividing F, or in one process), and alone
-    writes. Its data-parallel world is a single rank. Rank 0 returns the gathered CLT, the others
-    their `ShardedCLT`.
+    `shard_features` = S > 0: a feature-sharded CLT on the N ranks of the initialised default process
+    group (`world` is then ignored): N / S data-parallel replicas of S feature shards each
+    (`feature_shard_mesh`). Each rank holds F / S features of every layer (`ShardedCLT`); within a
+    replica the first rank streams and broadcasts the batches (`SharedStream`); across replicas the
+    data-parallel step above runs within each shard's replica group. Checkpoints hold the model and
+    the Adam moments gathered in the unsharded layout, so they resume with any S dividing F and the
+    same number of replicas, or (one replica) in one process. Rank 0 alone writes and returns the
+    gathered CLT; the others return their `ShardedCLT`.
     """
     cfg = train_cfg
     out = Path(out_dir)
@@ -842,12 +861,10 @@ def train_clt(
             raise TrainingError("feature sharding needs torch.distributed initialised (run under torchrun)")
         if cfg.cls_aux_coef > 0:
             raise TrainingError("CLS AuxK (cls_aux_coef > 0) is not supported with feature sharding")
-        if clt_cfg.n_features % dist.get_world_size():
-            raise TrainingError(f"{clt_cfg.n_features} features cannot be split evenly over {dist.get_world_size()} ranks")
-        if cfg.data_shards > 1:
-            raise TrainingError("feature sharding combined with data parallel (data_shards > 1) is not supported")
+        if clt_cfg.n_features % shard_features:
+            raise TrainingError(f"{clt_cfg.n_features} features cannot be split evenly over {shard_features} shards")
         lead = dist.get_rank() == 0
-        world = World()  # the data-parallel world: one replica (the shards see the same batches)
+        shard_group, world = feature_shard_mesh(shard_features)  # world: the replicas of this rank's shard
     else:
         lead = world.is_main
     if lead:
@@ -863,11 +880,11 @@ def train_clt(
     per_rank = n_shards // world.size
     device = backbone.device
     seed_everything(cfg.seed)
-    clt = (ShardedCLT(clt_cfg) if shard_features else CrossLayerTranscoder(clt_cfg)).to(device).train()
+    clt = (ShardedCLT(clt_cfg, shard_group) if shard_features else CrossLayerTranscoder(clt_cfg)).to(device).train()
     opt = make_optimizer(clt, cfg, world.all_reduce_ if world.distributed else None)
     streams = {s: make_stream(backbone, dataset, cfg, s, n_shards) for s in range(world.rank * per_rank, (world.rank + 1) * per_rank)}
     if shard_features:
-        streams = {s: SharedStream(st, device) for s, st in streams.items()}  # type: ignore[misc]
+        streams = {s: SharedStream(st, device, shard_group) for s, st in streams.items()}  # type: ignore[misc]
         dist.barrier()  # rank 0 made out_dir; every rank reads the same checkpoints (a shared file system)
     data_desc = {
         **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]

@@ -6,7 +6,8 @@ token-major position (BatchTopK), checked against a stable sort of the full pre-
 
 A 12-step `cltvit-train --shard-features` run on 2 ranks saves one ordinary clt.safetensors (read by
 `load_checkpoint`) equal to the same run in one process, and its mid-run checkpoint resumes, sharded
-and unsharded, to the same end.
+and unsharded, to the same end. 4 ranks as 2 data-parallel replicas x 2 feature shards train the CLT one
+process trains on the same two data shards.
 """
 from __future__ import annotations
 
@@ -192,9 +193,11 @@ def test_sharded_run_saves_an_ordinary_clt_equal_to_the_unsharded_run_and_resume
 
 @pytest.mark.parametrize("env, extra, message", [
     ({}, [], "argument --shard-features: run with --nproc N or under torchrun"),
-    ({"WORLD_SIZE": "3", "RANK": "0"}, [], "argument --features: 64 features cannot be split evenly over 3 ranks"),
+    ({"WORLD_SIZE": "3", "RANK": "0"}, [], "argument --features: 64 features cannot be split evenly over 3 shards"),
+    ({"WORLD_SIZE": "4", "RANK": "0"}, ["--shard-features", "3"], "argument --shard-features: 4 ranks cannot be split into groups of 3"),
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["--cls-aux-coef", "0.5"], "argument --cls-aux-coef: CLS AuxK is not supported"),
-    ({"WORLD_SIZE": "2", "RANK": "0"}, ["--data-shards", "2"], "argument --data-shards: feature sharding combined with data parallel is not supported"),
+    ({"WORLD_SIZE": "4", "RANK": "0"}, ["--shard-features", "2", "--data-shards", "3"],
+     "argument --data-shards: 3 is not a multiple of the 2 data-parallel replicas (4 ranks / 2 feature shards)"),
 ])
 def test_shard_features_refuses_what_it_cannot_run_naming_the_argument(tmp_path, monkeypatch, capsys, env, extra, message):
     for name in ("WORLD_SIZE", "RANK"):
@@ -202,7 +205,25 @@ def test_shard_features_refuses_what_it_cannot_run_naming_the_argument(tmp_path,
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as exc:
-        cli_main([*TRAIN_ARGS, *extra, "--shard-features", "--out", str(tmp_path / "run")])
+        cli_main([*TRAIN_ARGS, "--shard-features", *extra, "--out", str(tmp_path / "run")])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # four ranks on a loaded 2-core machine: about a minute; the reference in this process
+def test_feature_shards_combine_with_data_parallel(tmp_path):
+    # 4 ranks = 2 data-parallel replicas x 2 feature shards; the reference: one process, unsharded, streaming the
+    # same 2 data shards (--data-shards 2: the global batches of a 2-replica run, with no communication at all)
+    args = [*TRAIN_ARGS, "--activation", "batchtopk", "--steps", "8", "--checkpoint-every", "4"]
+    torchrun(["-m", "training.cli", *args, "--shard-features", "2", "--out", str(tmp_path / "mesh")], nproc=4)
+    assert cli_main([*args, "--data-shards", "2", "--out", str(tmp_path / "single")]) == 0
+    got, meta = load_checkpoint(tmp_path / "mesh")
+    want, _ = load_checkpoint(tmp_path / "single")
+    assert meta["metrics"]["tokens"] == 8 * 2 * 128  # both replicas' batches
+    for name, t in want.state_dict().items():
+        close(got.state_dict()[name], t, f"2x2 mesh {name}")
+    a = [json.loads(line)["loss"] for line in (tmp_path / "mesh" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert a == pytest.approx(b, rel=1e-5)
