@@ -23,6 +23,7 @@ from typing import NoReturn, Sequence
 
 import open_clip
 import torch
+import torch.distributed as dist
 from torch.utils.data import Subset
 
 from .data import DATASETS, DatasetError, load_dataset
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-shards", type=_int_at_least(1), default=None,
                    help="disjoint image shards, one batch of --batch-tokens from each per step (default: one per rank; "
                         "a multiple of the world size: e.g. 2 on one process reproduces a 2-rank run's batches)")
+    g.add_argument("--shard-features", type=_int_at_least(1), nargs="?", const=-1, default=None, metavar="S",
+                   help="feature sharding: each rank holds features/S of every layer (S: default all ranks); with N ranks, "
+                        "N/S data-parallel replicas of S shards. The same CLT as one process, saved as one ordinary "
+                        "clt.safetensors (docs/training.md). With --nproc N, or under torchrun")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind")
     g.add_argument("--data-dir", default=None, help="dataset root (fashion-mnist: defaults to Debian's dataset-fashion-mnist files)")
@@ -162,6 +167,26 @@ def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _check_feature_shards(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The number of feature shards S of `--shard-features`; what it cannot run is refused before anything is loaded."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        parser.error("argument --shard-features: run with --nproc N or under torchrun (torchrun --nproc-per-node N -m "
+                     "training.cli --shard-features ...); WORLD_SIZE and RANK are not set")
+    world = int(os.environ["WORLD_SIZE"])
+    shards = world if args.shard_features == -1 else args.shard_features
+    if world % shards:
+        parser.error(f"argument --shard-features: {world} ranks cannot be split into groups of {shards} feature shards")
+    if args.features % shards:
+        parser.error(f"argument --features: {args.features} features cannot be split evenly over {shards} shards")
+    if args.cls_aux_coef:
+        parser.error("argument --cls-aux-coef: CLS AuxK is not supported with --shard-features")
+    replicas = world // shards
+    if args.data_shards is not None and args.data_shards % replicas:
+        parser.error(f"argument --data-shards: {args.data_shards} is not a multiple of the {replicas} data-parallel "
+                     f"replicas ({world} ranks / {shards} feature shards)")
+    return shards
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-train`; returns 0, or exits with status 2 on a bad argument."""
     parser = build_parser()
@@ -185,13 +210,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     register_project_configs()
     if args.model not in open_clip.list_models():
         parser.error(f"argument --model: unknown open_clip architecture {args.model!r} (e.g. ViT-B-32, ViT-B-16, cltvit-tiny)")
+    shards = _check_feature_shards(parser, args) if args.shard_features is not None else 0
     try:
         device = pick_device(args.device)
     except (BackboneError, RuntimeError) as exc:
         parser.error(f"argument --device: {exc}")
     world = World.from_env(device)
     device = world.device(device)
-    if args.data_shards is not None and args.data_shards % world.size:
+    if shards and not dist.is_initialized():  # one rank: a group of one, so the sharded code runs as is
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not shards and args.data_shards is not None and args.data_shards % world.size:
         parser.error(f"argument --data-shards: {args.data_shards} is not a multiple of the world size {world.size}")
     try:
         dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
@@ -250,13 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, world=world)
+        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, world=world,
+                               shard_features=shards)
     except TrainingError as exc:
         parser.error(f"argument --out: {exc}")
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
     finally:
         world.close()
+        if dist.is_initialized():  # the one-rank group of --shard-features
+            dist.destroy_process_group()
     if world.is_main:
         summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
         print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")

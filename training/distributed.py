@@ -20,11 +20,20 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the run: `rank` of `size` processes (`local_rank` on its machine)."""
+    """This process's place in the run: `rank` of `size` processes (`local_rank` on its machine).
+
+    `group`: the process group the collectives run in (None: the default group, all ranks). A
+    feature-sharded run combined with data parallel (training.trainer) gives each rank the group of the
+    replicas that hold its feature shard; `rank` and `size` are then its place in that group."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    group: Any = None
+
+    def _src(self, src: int) -> int:
+        """Group rank `src` as the global rank the collectives name."""
+        return src if self.group is None else dist.get_global_rank(self.group, src)
 
     @property
     def is_main(self) -> bool:
@@ -59,13 +68,13 @@ class World:
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over ranks, in place; returns it."""
         if self.distributed:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
         return t
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `t` with rank `src`'s, in place; returns it."""
         if self.distributed:
-            dist.broadcast(t, src)
+            dist.broadcast(t, self._src(src), group=self.group)
         return t
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -73,7 +82,7 @@ class World:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src)
+        dist.broadcast_object_list(box, self._src(src), group=self.group)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -81,12 +90,12 @@ class World:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def close(self) -> None:
         """Leave the process group (at the end of a run)."""

@@ -42,6 +42,7 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -54,6 +55,7 @@ from .model.backbone import Backbone
 from .model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model.clt import CLTConfig, CrossLayerTranscoder
 from .model.loss import CLTLoss, LossConfig, clt_loss
+from .model.sharded import ShardedCLT
 from .model.vit import TOKEN_SETS, TokenSet
 
 STATE_FILE = "train_state.pt"
@@ -230,6 +232,11 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _clip_fn(clt: CrossLayerTranscoder | ShardedCLT):
+    """Gradient-norm clipping over the full model: a sharded CLT sums its shards' squares over the ranks."""
+    return clt.clip_grad_norm_ if isinstance(clt, ShardedCLT) else torch.nn.utils.clip_grad_norm_
+
+
 def _adamw(params: list[torch.nn.Parameter], weight_decay: float, cfg: "TrainConfig") -> torch.optim.AdamW:
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": weight_decay}
     try:
@@ -255,7 +262,7 @@ class DecoderInBackwardAdamW:
     (after backward) steps any still waiting.
     """
 
-    def __init__(self, clt: CrossLayerTranscoder, cfg: "TrainConfig",
+    def __init__(self, clt: CrossLayerTranscoder | ShardedCLT, cfg: "TrainConfig",
                  reduce_grad: Callable[[torch.Tensor], Any] | None = None) -> None:
         enc = [p for n, p in clt.named_parameters() if p.requires_grad and n.startswith("W_enc")]
         other = [p for n, p in clt.named_parameters() if p.requires_grad and not n.startswith(("W_enc", "W_dec"))]
@@ -264,6 +271,7 @@ class DecoderInBackwardAdamW:
         self.decoder = [_adamw([p], cfg.weight_decay, cfg) for p in clt.W_dec]
         self.grad_clip = cfg.grad_clip
         self.reduce_grad = reduce_grad
+        self._clip = _clip_fn(clt)  # a sharded CLT's per-tensor norm is over all ranks (each runs the hooks in the same order)
         self._params = list(clt.W_dec)
         self._ready = [False] * len(self._params)
         self._next = len(self._params) - 1  # the next decoder tensor to reduce and step (data parallel)
@@ -274,7 +282,7 @@ class DecoderInBackwardAdamW:
         if self.reduce_grad is not None:
             self.reduce_grad(p.grad)
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p], self.grad_clip)
+            self._clip([p], self.grad_clip)
         self.decoder[i].step()
         p.grad = None
 
@@ -330,7 +338,7 @@ class DecoderInBackwardAdamW:
         self._hooks = []
 
 
-def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig, reduce_grad: Callable[[torch.Tensor], Any] | None = None
+def make_optimizer(clt: CrossLayerTranscoder | ShardedCLT, cfg: TrainConfig, reduce_grad: Callable[[torch.Tensor], Any] | None = None
                    ) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
     """AdamW over the trainable parameters (weight decay on weight matrices only); see `decoder_update`.
     `reduce_grad` (data parallel): sums a gradient over ranks, for the decoder steps taken inside backward."""
@@ -400,6 +408,83 @@ class Checkpointer:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- feature sharding (training/model/sharded.py)
+class SharedStream:
+    """The activation stream of a feature-sharded run: rank 0 streams, every rank gets the same batches
+    (broadcast), so the ViT runs once per batch and the ranks cannot drift apart. Delegates the rest
+    (`state_dict`, `description`, ...) to rank 0's stream."""
+
+    def __init__(self, stream: ActivationStream, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.stream, self.device, self.group = stream, torch.device(device), group
+        self.lead = dist.get_rank(group) == 0
+        self.src = 0 if group is None else dist.get_global_rank(group, 0)
+        self.last_cls: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def _broadcast(self, pair: tuple[torch.Tensor, torch.Tensor] | None, cls: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = torch.tensor([*pair[0].shape, cls is not None] if pair is not None else [0, 0, 0, 0], device=self.device)
+        dist.broadcast(meta, self.src, group=self.group)
+        L, n, d, has_cls = meta.tolist()
+        x, y = pair if pair is not None else (torch.empty(L, n, d, device=self.device) for _ in range(2))
+        for t in (x, y):
+            dist.broadcast(t, self.src, group=self.group)
+        if has_cls:
+            flag = cls.to(torch.uint8) if cls is not None else torch.empty(n, dtype=torch.uint8, device=self.device)
+            dist.broadcast(flag, self.src, group=self.group)
+            self.last_cls = flag.bool()
+        return x, y
+
+    def peek(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._broadcast(self.stream.peek(n_tokens) if self.lead else None, None)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.stream.next_batch() if self.lead else None
+        return self._broadcast(pair, self.stream.last_cls if self.lead else None)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.lead:  # restoring refills the buffer through the ViT: only the rank that streams needs it
+            self.stream.load_state_dict(state)
+
+
+def feature_shard_mesh(shards: int) -> tuple[dist.ProcessGroup | None, World]:
+    """The 2-D mesh of a feature-sharded run on the N ranks of the default group: N / `shards` replicas of
+    `shards` feature shards each. Rank g holds shard g % shards of replica g // shards. Returns (its
+    feature-shard group: the ranks of its replica; the data-parallel World of its shard: the same shard
+    in every replica, its rank the replica index). Collective (every rank creates every group)."""
+    n, g = dist.get_world_size(), dist.get_rank()
+    if shards < 1 or n % shards:
+        raise TrainingError(f"{n} ranks cannot be split into groups of {shards} feature shards")
+    replicas = n // shards
+    if replicas == 1:
+        return None, World()
+    shard_groups = [dist.new_group(list(range(q * shards, (q + 1) * shards))) for q in range(replicas)]
+    replica_groups = [dist.new_group(list(range(s, n, shards))) for s in range(shards)]
+    return shard_groups[g // shards], World(rank=g // shards, size=replicas, group=replica_groups[g % shards])
+
+
+def _torch_optimizers(opt: torch.optim.Optimizer | DecoderInBackwardAdamW) -> list[torch.optim.Optimizer]:
+    return [opt.main, *opt.decoder] if isinstance(opt, DecoderInBackwardAdamW) else [opt]
+
+
+def map_optimizer_state(opt: torch.optim.Optimizer | DecoderInBackwardAdamW, state: dict[str, Any],
+                        clt: CrossLayerTranscoder | ShardedCLT, fn) -> dict[str, Any]:
+    """`state` (an `opt.state_dict()`, or a saved one of the same structure) with every per-parameter state
+    tensor t (Adam's moments, not the scalar step) replaced by fn(parameter name, t), in the same order on
+    every rank (fn may be a collective)."""
+    names = {id(p): n for n, p in clt.named_parameters()}
+    is_split = isinstance(opt, DecoderInBackwardAdamW)
+    parts = [state["main"], *state["decoder"]] if is_split else [state]
+    out = []
+    for o, sd in zip(_torch_optimizers(opt), parts):
+        order = [names[id(p)] for g in o.param_groups for p in g["params"]]
+        new = {i: {k: fn(order[int(i)], v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in per.items()}
+               for i, per in sd["state"].items()}
+        out.append({**sd, "state": new})
+    return {"main": out[0], "decoder": out[1:]} if is_split else out[0]
+
+
 def _read_metrics(path: Path, upto_step: int) -> list[str]:
     """Lines of metrics.jsonl with step <= upto_step (drops lines logged after the resumed checkpoint)."""
     if not path.is_file():
@@ -462,7 +547,7 @@ def _trained_buffer(clt: CrossLayerTranscoder) -> torch.Tensor | None:
 
 
 def train_step(
-    clt: CrossLayerTranscoder,
+    clt: CrossLayerTranscoder | ShardedCLT,
     opt: torch.optim.Optimizer | DecoderInBackwardAdamW,
     batches: Sequence[Batch],
     dead: torch.Tensor,
@@ -495,8 +580,9 @@ def train_step(
         for b in batches:
             if start is not None:
                 rule.copy_(start)  # type: ignore[union-attr]
-            losses.append(clt_loss(clt, b.x, b.y, lcfg, dead=dead if cfg.aux_coef > 0 else None, cls_rows=b.cls_rows,
-                                   cls_dead=cls_dead if cfg.cls_aux_coef > 0 else None, inplace=True))
+            loss_fn = clt.loss if isinstance(clt, ShardedCLT) else lambda *a, **kw: clt_loss(clt, *a, **kw)
+            losses.append(loss_fn(b.x, b.y, lcfg, dead=dead if cfg.aux_coef > 0 else None, cls_rows=b.cls_rows,
+                                  cls_dead=cls_dead if cfg.cls_aux_coef > 0 else None, inplace=True))
             if start is not None:
                 ends.append(rule.clone())  # type: ignore[union-attr]
     opt.zero_grad(set_to_none=True)
@@ -511,7 +597,7 @@ def train_step(
         if rule is not None:
             rule.copy_(world.all_reduce_(torch.stack(ends).sum(0)) / n_shards)
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
+        _clip_fn(clt)([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
     opt.step()
     if not several:
         b, loss = batches[0], losses[0]
@@ -644,8 +730,9 @@ def _shard_states(state: dict[str, Any]) -> tuple[int, list[dict[str, Any]], lis
     return 1, [state["stream"]], [state["rng"]]
 
 
-def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, opt: Any, streams: dict[int, ActivationStream],
-           firing: FiringStats, cfg: TrainConfig, world: World = World()) -> Position | None:
+def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder | ShardedCLT, opt: Any,
+           streams: dict[int, ActivationStream | SharedStream], firing: FiringStats, cfg: TrainConfig,
+           world: World = World()) -> Position | None:
     """Restore a run from `ckpt`'s newest complete checkpoint (the one rank 0 sees) into clt, opt, this
     rank's shard streams (`streams`: shard -> stream), firing statistics and this rank's global RNGs;
     None when there is none. Refuses (TrainingError) a checkpoint made with another CLT config, other
@@ -674,21 +761,30 @@ def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, op
         raise TrainingError(f"{out} holds a run trained with world size {saved_world}, but this run has world size "
                             f"{world.size}: resume it with {saved_world} processes (torchrun --nproc-per-node "
                             f"{saved_world}) or use another output directory")
-    clt.load_state_dict(saved.state_dict())
+    if isinstance(clt, ShardedCLT):  # every rank keeps its slice of the full weights and Adam moments
+        clt.load_full_state_dict(saved.state_dict())
+        state["optimizer"] = map_optimizer_state(opt, state["optimizer"], clt, lambda n, t: clt.local_slice(n, t).clone())
+    else:
+        clt.load_state_dict(saved.state_dict())
     opt.load_state_dict(state["optimizer"])
     for shard, stream in streams.items():
         stream.load_state_dict(stream_states[shard])
     firing.load_state_dict(state)
     _set_rng_state(rng_states[world.rank])
-    if world.is_main:
+    if world.is_main and (not isinstance(clt, ShardedCLT) or clt.rank == 0):
         print(f"resuming from {latest} (step {int(state['step'])} of {cfg.steps})", flush=True)
     return Position(int(state["step"]), int(state["tokens"]))
 
 
-def train_state(pos: Position, opt: Any, streams: dict[int, ActivationStream], firing: FiringStats, cfg: TrainConfig,
-                world: World = World()) -> dict[str, Any] | None:
+def train_state(pos: Position, opt: Any, streams: dict[int, ActivationStream | SharedStream], firing: FiringStats,
+                cfg: TrainConfig, world: World = World(), clt: CrossLayerTranscoder | ShardedCLT | None = None
+                ) -> dict[str, Any] | None:
     """What a checkpoint's `train_state.pt` holds besides the weights (see `resume`): on rank 0, with every
-    shard's stream position and every rank's RNG state (gathered: every rank must call this); None elsewhere."""
+    shard's stream position and every rank's RNG state (gathered: every rank must call this); None elsewhere.
+    With a sharded `clt` also a collective of its group: the Adam moments gathered in the unsharded layout."""
+    optimizer = opt.state_dict()
+    if isinstance(clt, ShardedCLT):
+        optimizer = map_optimizer_state(opt, optimizer, clt, clt.gather_full)
     mine = {"streams": {s: stream.state_dict() for s, stream in streams.items()}, "rng": _rng_state()}
     gathered = world.all_gather_object(mine)
     if not world.is_main:
@@ -697,7 +793,7 @@ def train_state(pos: Position, opt: Any, streams: dict[int, ActivationStream], f
     return {
         "step": pos.step,
         "tokens": pos.tokens,
-        "optimizer": opt.state_dict(),
+        "optimizer": optimizer,
         "world_size": world.size,
         "streams": [shards[s] for s in range(len(shards))],
         **firing.state_dict(),
@@ -740,17 +836,38 @@ def train_clt(
     out_dir: str | Path,
     progress: bool = True,
     world: World = World(),
-) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
+    shard_features: int = 0,
+) -> tuple[CrossLayerTranscoder | ShardedCLT, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
 
     Data parallel when `world` has several ranks (every rank calls this with the same arguments; see
     the module docstring): rank r streams its data shards, gradients are summed over ranks, rank 0 logs
     and writes. Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`,
     `l0` [L], `l0_mean`, `dead_fraction`, `steps`, `tokens`), on every rank.
+
+    `shard_features` = S > 0: a feature-sharded CLT on the N ranks of the initialised default process
+    group (`world` is then ignored): N / S data-parallel replicas of S feature shards each
+    (`feature_shard_mesh`). Each rank holds F / S features of every layer (`ShardedCLT`); within a
+    replica the first rank streams and broadcasts the batches (`SharedStream`); across replicas the
+    data-parallel step above runs within each shard's replica group. Checkpoints hold the model and
+    the Adam moments gathered in the unsharded layout, so they resume with any S dividing F and the
+    same number of replicas, or (one replica) in one process. Rank 0 alone writes and returns the
+    gathered CLT; the others return their `ShardedCLT`.
     """
     cfg = train_cfg
     out = Path(out_dir)
-    if world.is_main:
+    if shard_features:
+        if not dist.is_initialized():
+            raise TrainingError("feature sharding needs torch.distributed initialised (run under torchrun)")
+        if cfg.cls_aux_coef > 0:
+            raise TrainingError("CLS AuxK (cls_aux_coef > 0) is not supported with feature sharding")
+        if clt_cfg.n_features % shard_features:
+            raise TrainingError(f"{clt_cfg.n_features} features cannot be split evenly over {shard_features} shards")
+        lead = dist.get_rank() == 0
+        shard_group, world = feature_shard_mesh(shard_features)  # world: the replicas of this rank's shard
+    else:
+        lead = world.is_main
+    if lead:
         out.mkdir(parents=True, exist_ok=True)
     if (clt_cfg.n_layers, clt_cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise TrainingError(
@@ -763,9 +880,12 @@ def train_clt(
     per_rank = n_shards // world.size
     device = backbone.device
     seed_everything(cfg.seed)
-    clt = CrossLayerTranscoder(clt_cfg).to(device).train()
+    clt = (ShardedCLT(clt_cfg, shard_group) if shard_features else CrossLayerTranscoder(clt_cfg)).to(device).train()
     opt = make_optimizer(clt, cfg, world.all_reduce_ if world.distributed else None)
     streams = {s: make_stream(backbone, dataset, cfg, s, n_shards) for s in range(world.rank * per_rank, (world.rank + 1) * per_rank)}
+    if shard_features:
+        streams = {s: SharedStream(st, device, shard_group) for s, st in streams.items()}  # type: ignore[misc]
+        dist.barrier()  # rank 0 made out_dir; every rank reads the same checkpoints (a shared file system)
     data_desc = {
         **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
         **next(iter(streams.values())).description(),
@@ -782,11 +902,11 @@ def train_clt(
             del x, y
         for t in clt.state_dict().values():  # every rank starts from rank 0's weights
             world.broadcast_(t)
-    log = MetricsLog(out / METRICS) if world.is_main else None
+    log = MetricsLog(out / METRICS) if lead else None
     if log is not None:
         log.start(None if resumed is None else pos.step)
 
-    bar = tqdm(total=cfg.steps, initial=pos.step, disable=not progress or not world.is_main, desc="train CLT", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=pos.step, disable=not progress or not lead, desc="train CLT", dynamic_ncols=True)
     t_start, tokens_start = time.perf_counter(), pos.tokens
     try:
         while pos.step < cfg.steps:
@@ -811,9 +931,12 @@ def train_clt(
                 log.write(row)
                 bar.set_postfix(fvu=f"{row['fvu_mean']:.3f}", l0=f"{row['l0_mean']:.1f}", dead=f"{row['dead_fraction']:.2f}")
             if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.steps:
-                state = train_state(pos, opt, streams, firing, cfg, world)
-                if state is not None:
-                    ckpt.save(pos.step, clt, backbone, state, data=data_desc, train_config=cfg.to_dict())
+                state = train_state(pos, opt, streams, firing, cfg, world, clt)
+                model = clt.full_clt() if isinstance(clt, ShardedCLT) else clt  # collective when sharded
+                if state is not None and lead:
+                    ckpt.save(pos.step, model, backbone, state, data=data_desc, train_config=cfg.to_dict())
+                if shard_features:
+                    dist.barrier()  # no rank runs ahead of a checkpoint that is not yet complete
     finally:
         if log is not None:
             log.close()
@@ -826,7 +949,10 @@ def train_clt(
         eval_data = [streams[0].next_batch() for _ in range(cfg.eval_batches)]
         final = batch_metrics(clt, eval_data)
         final.update(steps=pos.step, tokens=pos.tokens, dead_fraction=float(firing.dead(cfg.dead_after_tokens).float().mean()))
-        save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=pos.step)
+        model = clt.full_clt() if isinstance(clt, ShardedCLT) else clt  # collective when sharded
+        if model is not None:
+            save_checkpoint(out, model, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=pos.step)
+            clt = model
     final = world.broadcast_object(final)
     return clt.eval(), final
 
@@ -836,4 +962,4 @@ def load_trained(out_dir: str | Path, backbone: Backbone | None = None) -> tuple
     return load_checkpoint(out_dir, backbone)
 
 
-__all__ = ["TrainConfig", "TrainingError", "train_clt", "train_step", "make_optimizer", "DecoderInBackwardAdamW", "release_text_tower", "batch_metrics", "load_trained", "Checkpointer"]
+__all__ = ["SharedStream", "map_optimizer_state", "TrainConfig", "TrainingError", "train_clt", "train_step", "make_optimizer", "DecoderInBackwardAdamW", "release_text_tower", "batch_metrics", "load_trained", "Checkpointer"]

@@ -82,9 +82,13 @@ def selection_from_mask(z: torch.Tensor, mask: torch.Tensor) -> Selection:
 
 
 def _widest(dense: torch.Tensor, cap: int | None) -> SparseCode:
-    """Dense activations [N, F] -> their non-zero entries as a code of width `cap` (None: the widest token)."""
+    """Dense activations [N, F] -> their non-zero entries as a code of width `cap` (None: the widest token;
+    then the padding slots, inactive features topk happened to pick, carry no gradient: through JumpReLU's
+    straight-through estimate they would move the thresholds of arbitrary features)."""
     k = cap if cap is not None else max(int((dense != 0).sum(-1).max().item()), 1)
     val, idx = dense.topk(min(k, dense.shape[-1]), dim=-1)
+    if cap is None:
+        val = val * (val != 0).to(val.dtype)
     return SparseCode(idx, val)
 
 
