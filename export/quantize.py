@@ -370,7 +370,8 @@ def quantize_decoders(model: onnx.ModelProto, block: int | None = None) -> int:
             g.initializer.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")])
             done[src] = (base, base + "_scale", int(w.shape[1]))
         qname, sname, width = done[src]
-        idx, out, stem = node.input[1], node.output[0], node.name or out
+        idx, out = node.input[1], node.output[0]
+        stem = node.name or out
         width_c = stem + "/dq_width"
         g.initializer.append(numpy_helper.from_array(np.array([width], np.int64), width_c))
         new_nodes.extend([
