@@ -257,6 +257,8 @@ class ActivationStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state` was taken: the buffered tokens are recomputed from their images
         (see the module docstring). A state without `buffer` continues with an empty buffer."""
+        if type(self) is ActivationStream and state.get("activations") is not None:
+            raise ValueError(f"the run was trained from an activation cache (key {state['activations']}), not the ViT stream")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.rng.set_state(state["rng"])
         self.stats.images = int(state.get("images", 0))

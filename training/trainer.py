@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from bundle.killpoints import killpoint
 
 from .activations import ActivationStream
-from .model.backbone import Backbone
+from .cache import ActivationCache, CacheError, CachedActivationStream
+from .model.backbone import Backbone, BackboneError
 from .model.checkpoint import CheckpointError, fsync_tree, load_checkpoint, save_checkpoint
 from .model.clt import CLTConfig, CLTLoss, CrossLayerTranscoder
 from .model.vit import TOKEN_SETS, TokenSet
@@ -424,13 +425,18 @@ def train_step(
 
 def train_clt(
     backbone: Backbone,
-    dataset: Dataset,
+    dataset: Dataset | None,
     clt_cfg: CLTConfig,
     train_cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
+    activations: ActivationCache | None = None,
 ) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
+
+    With `activations` (an `ActivationCache` of `backbone`) the tokens are read from the cache instead
+    of running the ViT over `dataset` (which may then be None): same order, same batches, the cached
+    float16 values (training.cache).
 
     Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`, `l0` [L],
     `l0_mean`, `dead_fraction`, `steps`, `tokens`).
@@ -447,9 +453,7 @@ def train_clt(
     seed_everything(cfg.seed)
     clt = CrossLayerTranscoder(clt_cfg).to(device).train()
     opt = make_optimizer(clt, cfg)
-    stream = ActivationStream(
-        backbone,
-        dataset,
+    stream_kwargs: dict[str, Any] = dict(
         tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens,
         buffer_tokens=cfg.buffer_tokens,
@@ -459,10 +463,18 @@ def train_clt(
         dtype=_dtype(cfg.buffer_dtype),
         cls_copies=cfg.cls_copies,
     )
-    data_desc = {
-        **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
-        **stream.description(),
-    }
+    if activations is not None:
+        try:
+            stream: ActivationStream = CachedActivationStream(backbone, activations, **stream_kwargs)
+        except (CacheError, BackboneError) as exc:
+            raise TrainingError(str(exc)) from None
+        source = activations.description()
+    elif dataset is None:
+        raise TrainingError("train_clt needs a dataset or an activation cache")
+    else:
+        stream = ActivationStream(backbone, dataset, **stream_kwargs)
+        source = dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}  # type: ignore[arg-type]
+    data_desc = {**source, **stream.description()}
     L, Fn = clt_cfg.n_layers, clt_cfg.n_features
     since_fired = torch.zeros(L, Fn, dtype=torch.long, device=device)
     since_fired_cls = torch.zeros(L, Fn, dtype=torch.long, device=device)  # CLS rows since the feature fired on one
@@ -489,7 +501,10 @@ def train_clt(
             raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
                                 f"use another output directory")
         opt.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
+        try:
+            stream.load_state_dict(state["stream"])
+        except ValueError as exc:  # another data source (cache vs ViT stream), or a buffer this stream cannot hold
+            raise TrainingError(f"cannot resume {out}: {exc}") from None
         since_fired.copy_(state["since_fired"].to(device))
         if "since_fired_cls" in state:
             since_fired_cls.copy_(state["since_fired_cls"].to(device))
