@@ -382,9 +382,6 @@ class CachedActivationStream(ActivationStream):
             raise CacheError(f"the run was trained from {was}, not from activation cache {self.cache.root} (key {self.cache.key})")
         super().load_state_dict(state)
 
-    def description(self) -> dict[str, Any]:
-        return {**super().description(), "activations": self.cache.key}
-
 
 __all__ = ["ActivationCache", "CacheError", "CacheManifest", "CachedActivationStream", "ShardRecord", "write_cache",
            "tokens_per_image", "MANIFEST"]

@@ -29,7 +29,7 @@ from torch.utils.data import Subset
 
 from bundle.killpoints import ENV_FD, ENV_POINT
 from training import cli
-from training.activations import ActivationStream
+from training.activations import ActivationStream, _Preprocessed
 from training.cache import MANIFEST, ActivationCache, CacheError, CachedActivationStream, write_cache
 from training.data import FashionMNIST
 from training.model.backbone import load_backbone
@@ -60,10 +60,10 @@ def cache_dir(backbone, images, tmp_path_factory) -> Path:
 
 
 def train_cfg(**kw) -> TrainConfig:
-    # 120 images x (17 + 2 CLS copies) tokens, 128 per step: 14 steps cross an epoch boundary; AuxK and CLS AuxK
+    # 60 images x (17 + 2 CLS copies) tokens, 128 per step: 10 steps cross an epoch boundary; AuxK and CLS AuxK
     # active (features dead after 256 tokens / 16 CLS rows), so the CLS-row marks and dead counters matter too
-    base = dict(steps=14, batch_tokens=128, lr=3e-3, warmup_steps=2, buffer_tokens=512, images_per_batch=16, norm_tokens=256,
-                checkpoint_every=7, log_every=1, dead_after_tokens=256, eval_batches=1, cls_copies=2, cls_aux_coef=0.1,
+    base = dict(steps=10, batch_tokens=128, lr=3e-3, warmup_steps=2, buffer_tokens=512, images_per_batch=16, norm_tokens=256,
+                checkpoint_every=5, log_every=1, dead_after_tokens=256, eval_batches=1, cls_copies=2, cls_aux_coef=0.1,
                 cls_dead_after=16, buffer_dtype="float16", seed=3)
     return TrainConfig(**{**base, **kw})
 
@@ -72,7 +72,6 @@ def test_capture_is_batch_independent(backbone, images):
     """What the bit-exact comparison below rests on: an image's captured activations do not depend on
     which other images share its ViT batch (so the cache's dataset-order batches and the stream's
     shuffled groups give the same values)."""
-    from training.activations import _Preprocessed
     px = torch.stack([_Preprocessed(images, backbone.preprocess)[i] for i in range(40)])
     whole = capture(backbone.visual, px, "all")
     perm = torch.tensor([17, 3, 39, 0, 22, 8])
@@ -85,7 +84,6 @@ def test_cache_holds_the_captured_tokens(backbone, images, cache_dir):
     cache = ActivationCache(cache_dir)
     m = cache.manifest
     assert (m.images, m.tokens_per_image, len(m.shards)) == (IMAGES, 17, 3) and [s.images for s in m.shards] == [48, 48, 24]
-    from training.activations import _Preprocessed
     idx = [119, 0, 47, 48, 95, 96]  # both sides of each shard boundary, out of order
     px = torch.stack([_Preprocessed(images, backbone.preprocess)[i] for i in idx])
     cap = capture(backbone.visual, px, "all")
@@ -96,27 +94,28 @@ def test_cache_holds_the_captured_tokens(backbone, images, cache_dir):
 
 
 def test_training_from_cache_equals_training_from_stream(backbone, images, cache_dir, tmp_path):
+    """The first 60 images (the cache's `limit`) against a stream over the same 60."""
+    images, cache = Subset(images, range(60)), lambda: ActivationCache(cache_dir, limit=60)
     clt_cfg = CLTConfig(n_layers=backbone.n_layers, d_model=backbone.d_model, n_features=48, k=4)
     cfg = train_cfg()
     # the batches themselves: same tokens in the same order, CLS marks included
     kw = dict(tokens="all", batch_tokens=128, buffer_tokens=512, images_per_batch=16, seed=3, cls_copies=2)
     stream = ActivationStream(backbone, images, dtype=torch.float16, **kw)
-    cached = CachedActivationStream(backbone, ActivationCache(cache_dir), dtype=torch.float16, **kw)
+    cached = CachedActivationStream(backbone, cache(), dtype=torch.float16, **kw)
     stream32 = ActivationStream(backbone, images, dtype=torch.float32, **kw)
     differs32 = False
-    for _ in range(16):  # past an epoch boundary (120 images x 19 rows = 2280 tokens = 17.8 batches)
+    for _ in range(10):  # past an epoch boundary (60 images x 19 rows = 1140 tokens = 8.9 batches)
         a, b, c = stream.next_batch(), cached.next_batch(), stream32.next_batch()
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert torch.equal(stream.last_cls, cached.last_cls)
         differs32 |= not torch.equal(a[1], c[1])
     assert differs32, "the float32 stream should differ from the float16 one: the comparison would not see rounding"
-    other_seed = CachedActivationStream(backbone, ActivationCache(cache_dir), dtype=torch.float16, **{**kw, "seed": 4})
-    assert not torch.equal(other_seed.next_batch()[0], CachedActivationStream(backbone, ActivationCache(cache_dir),
-                                                                              dtype=torch.float16, **kw).next_batch()[0])
+    other_seed = CachedActivationStream(backbone, cache(), dtype=torch.float16, **{**kw, "seed": 4})
+    assert not torch.equal(other_seed.next_batch()[0], CachedActivationStream(backbone, cache(), dtype=torch.float16, **kw).next_batch()[0])
 
     clt_s, m_s = train_clt(backbone, images, clt_cfg, cfg, tmp_path / "stream", progress=False)
     clt_c, m_c = train_clt(backbone, None, clt_cfg, cfg, tmp_path / "cache", progress=False,
-                           activations=ActivationCache(cache_dir))
+                           activations=cache())
     ws, wc = load_file(tmp_path / "stream" / "clt.safetensors"), load_file(tmp_path / "cache" / "clt.safetensors")
     assert ws.keys() == wc.keys()
     for name in ws:
@@ -129,11 +128,11 @@ def test_training_from_cache_equals_training_from_stream(backbone, images, cache
 
     assert losses(tmp_path / "stream") == losses(tmp_path / "cache")
     meta = json.loads((tmp_path / "cache" / "clt.json").read_text())
-    assert meta["data"]["activations"] == ActivationCache(cache_dir).key
+    assert meta["data"]["activations"]["key"] == cache().key and meta["data"]["size"] == 60
     # a stream run cannot be resumed from the cache, nor the other way round
     with pytest.raises(TrainingError, match="trained from the ViT stream"):
         train_clt(backbone, None, clt_cfg, cfg, tmp_path / "stream", progress=False,
-                  activations=ActivationCache(cache_dir))
+                  activations=cache())
     with pytest.raises(TrainingError, match="activation cache"):
         train_clt(backbone, images, clt_cfg, cfg, tmp_path / "cache", progress=False)
 
