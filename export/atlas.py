@@ -29,7 +29,6 @@ among the top images instead (source "image-classes"); dead features get none.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -57,7 +56,7 @@ from bundle.atlas import (
     hist_edges,
     parse_index,
 )
-from bundle.atomic import staged_directory, write_text_atomic
+from bundle.atomic import replaced, staged_directory, write_text_atomic
 from bundle.killpoints import killpoint
 from bundle.provenance import machine_info
 from training.model.backbone import Backbone
@@ -331,13 +330,10 @@ class Accumulator:
 
 def save_state(path: Path, acc: Accumulator, key: dict[str, Any]) -> None:
     """Write the accumulators and the run's key atomically (tmp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **acc.state())
-        f.flush()
-        os.fsync(f.fileno())
-    killpoint("atlas.state_tmp_written")  # crash-safety tests stop the process here (bundle.killpoints)
-    os.replace(tmp, path)
+    with replaced(path, suffix=".tmp.npz", fsync=True) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **acc.state())
+        killpoint("atlas.state_tmp_written")  # crash-safety tests stop the process here (bundle.killpoints)
 
 
 def load_state(path: Path, key: dict[str, Any]) -> dict[str, np.ndarray] | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from bundle.atomic import write_text_atomic
 from bundle.checksums import file_sha256
 
 
@@ -45,9 +45,7 @@ class Stage:
         rec = {"stage": self.name, "key": self.key, "seconds": seconds, "cpu_seconds": time.process_time() - self._cpu0,
                "files": {str(p.relative_to(self.root)): file_sha256(p) for p in files}, **info}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1, default=float))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(rec, indent=1, default=float))
         return rec
 
 
@@ -60,7 +58,5 @@ def refresh_files(root: Path, name: str) -> dict[str, Any] | None:
         return None
     rec = json.loads(path.read_text())
     rec["files"] = {rel: file_sha256(root / rel) for rel in rec.get("files", {}) if (root / rel).is_file()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, default=float))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(rec, indent=1, default=float))
     return rec

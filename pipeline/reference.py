@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from bundle.atomic import write_text_atomic
+from bundle.atomic import replaced, write_text_atomic
 from export.atlas import AtlasConfig, TensorSource, attach_atlas, build_atlas
 from export.writer import export_bundle
 from training.clip import ClipTrainConfig, preprocess_stats, tensorise, train_reference_clip, zero_shot_accuracy
@@ -174,9 +173,8 @@ def stage_clip(out: Path, cfg: BuildConfig, data_dir: str | None, device: str | 
     stats = train_reference_clip(bb, train.images, train.labels, train.class_names, train.templates, cfg.clip, log=log)
     d = out / "clip"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "model.pt.tmp"
-    torch.save({k: v.detach().cpu() for k, v in bb.model.state_dict().items()}, tmp)
-    os.replace(tmp, d / "model.pt")
+    with replaced(d / "model.pt") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in bb.model.state_dict().items()}, tmp)
     test, px, y = load_fashion_tensors(bb, "test", data_dir, cfg.zero_shot_limit)
     acc = zero_shot_accuracy(bb, px, y, test.class_names, test.templates)
     log(f"clip: zero-shot top-1 on {len(y)} test images {100 * acc:.2f}%")
@@ -559,7 +557,5 @@ def build(out_dir: str | Path, cfg: BuildConfig | None = None, *, data_dir: str 
         "seeds": {k: recs["seeds"][k] for k in ("mean", "worst", "targets")} if "seeds" in recs else None,
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = out / "build.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=float))
-    os.replace(tmp, out / "build.json")
+    write_text_atomic(out / "build.json", json.dumps(summary, indent=1, default=float))
     return summary

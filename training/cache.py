@@ -15,8 +15,9 @@ Layout of DIR:
 - `manifest.json` (`CacheManifest`): format, backbone identity, data description, token set, shape,
   and the complete shards with their sha256 (`bundle.checksums.file_sha256`) and byte size.
 
-Crash safety: a shard is written under `shard-XXXXX.npy.tmp`, flushed and fsynced, renamed, hashed,
-and only then listed in the manifest (rewritten atomically, `bundle.atomic.write_text_atomic`). A
+Crash safety: a shard is written under `shard-XXXXX.npy.tmp`, flushed, fsynced and renamed
+(`bundle.atomic.replaced`), hashed, and only then listed in the manifest (rewritten atomically,
+`bundle.atomic.write_text_atomic`). A
 shard is complete exactly when the manifest lists it; rerunning the same command after a kill (even
 `kill -9`, anywhere) deletes leftover `.tmp` files and rewrites every shard the manifest does not
 list, so the finished cache has no gap and no duplicate, and is byte for byte the cache of an
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from bundle.atomic import write_text_atomic
+from bundle.atomic import replaced, write_text_atomic
 from bundle.checksums import file_sha256
 from bundle.killpoints import killpoint
 from bundle.provenance import machine_info
@@ -134,14 +134,6 @@ def _read_manifest(path: Path) -> CacheManifest:
         raise CacheError(f"{path} is not a readable activation-cache manifest ({first})") from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------- writing
 def write_cache(
     backbone: Backbone,
@@ -207,7 +199,7 @@ def write_cache(
             record = _write_shard(backbone, source, out, s, manifest, batch_images, num_workers)
             manifest.shards = sorted([*manifest.shards, record], key=lambda r: r.first_image)
             manifest.seconds += time.perf_counter() - t0
-            write_text_atomic(path, manifest.model_dump_json(indent=1))
+            write_text_atomic(path, manifest.model_dump_json(indent=1), fsync=True)
             killpoint("activations.listed")
             bar.update(1)
     finally:
@@ -222,24 +214,22 @@ def _write_shard(backbone: Backbone, source: Dataset, out: Path, s: int, manifes
     count = min(manifest.shard_images, manifest.images - first)
     tpi, L, d = manifest.tokens_per_image, manifest.n_layers, manifest.d_model
     final = out / shard_name(s)
-    tmp = final.with_name(final.name + ".tmp")
-    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=SHARD_DTYPE, shape=(count * tpi, 2, L, d))
     loader = DataLoader(Subset(source, range(first, first + count)), batch_size=batch_images, shuffle=False,
                         num_workers=num_workers)
-    at = 0
-    for pixels in loader:
-        cap = capture(backbone.visual, pixels.to(backbone.device), manifest.tokens)  # mlp_in/out [L, B, T', d]
-        pair = torch.stack([cap.mlp_in, cap.mlp_out])  # [2, L, B, T', d]
-        block = pair.permute(2, 3, 0, 1, 4).reshape(-1, 2, L, d).to(torch.float16)  # [B*T', 2, L, d], row b*T' + t
-        rows[at : at + block.shape[0]] = block.cpu().numpy()
-        at += block.shape[0]
-        killpoint("activations.batch")
-    if at != count * tpi:
-        raise CacheError(f"shard {final.name}: the source gave {at // tpi} images where {count} were expected")
-    rows.flush()
-    del rows
-    _fsync(tmp)
-    os.replace(tmp, final)
+    with replaced(final, fsync=True) as tmp:  # shard-XXXXX.npy.tmp, fsynced and renamed on success
+        rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=SHARD_DTYPE, shape=(count * tpi, 2, L, d))
+        at = 0
+        for pixels in loader:
+            cap = capture(backbone.visual, pixels.to(backbone.device), manifest.tokens)  # mlp_in/out [L, B, T', d]
+            pair = torch.stack([cap.mlp_in, cap.mlp_out])  # [2, L, B, T', d]
+            block = pair.permute(2, 3, 0, 1, 4).reshape(-1, 2, L, d).to(torch.float16)  # [B*T', 2, L, d], row b*T' + t
+            rows[at : at + block.shape[0]] = block.cpu().numpy()
+            at += block.shape[0]
+            killpoint("activations.batch")
+        if at != count * tpi:
+            raise CacheError(f"shard {final.name}: the source gave {at // tpi} images where {count} were expected")
+        rows.flush()
+        del rows
     killpoint("activations.renamed")
     return ShardRecord(name=final.name, first_image=first, images=count, rows=count * tpi, bytes=final.stat().st_size,
                        sha256=file_sha256(final))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .model.clt import CrossLayerTranscoder
+from .model.loss import LossConfig, clt_loss
 from .model.vit import TOKEN_SETS, CltSplice, TokenSet, capture, forward
 
 MATCH_LOSSES = ("kl", "cosine")
@@ -118,9 +119,9 @@ def finetune_clt(
         n_img, T, d = cap.mlp_in.shape[1:]
         if cfg.cls_aux_coef > 0:
             cls_rows = (torch.arange(n_img * T, device=dev) % T) == 0  # token 0 of each image, rows image-major
-            out = clt.loss(cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d), cls_rows=cls_rows,
-                           cls_dead_mask=since_fired_cls >= cfg.cls_dead_after, cls_aux_k=cfg.cls_aux_k,
-                           cls_aux_coef=cfg.cls_aux_coef, inplace=True)
+            out = clt_loss(clt, cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d),
+                           LossConfig(cls_aux_k=cfg.cls_aux_k, cls_aux_coef=cfg.cls_aux_coef), cls_rows=cls_rows,
+                           cls_dead=since_fired_cls >= cfg.cls_dead_after, inplace=True)
             recon, l0 = out.total, float(out.l0.mean())
             assert out.fired_cls is not None
             since_fired_cls += n_img

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -36,13 +35,15 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from bundle.atomic import replaced, write_text_atomic
 from bundle.killpoints import killpoint
 
 from .activations import ActivationStream
 from .cache import ActivationCache, CacheError, CachedActivationStream
 from .model.backbone import Backbone, BackboneError
-from .model.checkpoint import CheckpointError, fsync_tree, load_checkpoint, save_checkpoint
-from .model.clt import CLTConfig, CLTLoss, CrossLayerTranscoder
+from .model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .model.clt import CLTConfig, CrossLayerTranscoder
+from .model.loss import CLTLoss, LossConfig, clt_loss
 from .model.vit import TOKEN_SETS, TokenSet
 
 STATE_FILE = "train_state.pt"
@@ -84,7 +85,7 @@ class TrainConfig:
     dead_after_tokens: int = 10_000_000  # a feature is dead after not firing for this many tokens
     aux_coef: float = 1 / 32
     aux_k: int = 512
-    # CLS AuxK (see CrossLayerTranscoder.loss): features that fired on no CLS row for `cls_dead_after`
+    # CLS AuxK (see training.model.loss): features that fired on no CLS row for `cls_dead_after`
     # CLS rows get an auxiliary loss on the CLS rows; 0 turns it off
     cls_aux_coef: float = 0.0
     cls_aux_k: int = 64
@@ -136,6 +137,11 @@ class TrainConfig:
         if self.decay == "linear":
             return self.lr + (lo - self.lr) * t
         return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t))
+
+    def loss_config(self) -> LossConfig:
+        """The loss terms' coefficients and widths this run trains with."""
+        return LossConfig(aux_k=self.aux_k, aux_coef=self.aux_coef, sparsity_coef=self.sparsity_coef,
+                          preact_coef=self.preact_coef, cls_aux_k=self.cls_aux_k, cls_aux_coef=self.cls_aux_coef)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -312,20 +318,15 @@ class Checkpointer:
     def save(self, step: int, clt: CrossLayerTranscoder, backbone: Backbone, state: dict[str, Any], **meta: Any) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"{self.PREFIX}{step:08d}"
-        final, tmp = self.root / name, self.root / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(tmp, clt, backbone.identity(), step=step, **meta)
-        torch.save(state, tmp / STATE_FILE)
-        fsync_tree(tmp)
-        killpoint("checkpoint.state_written")
-        if final.exists():  # the same step saved before (a rerun of a finished run): move it aside first
-            self._discard(final)
-        os.replace(tmp, final)
-        fsync_tree(self.root, files=False)
+        final = self.root / name
+        with replaced(final, fsync=True) as tmp:  # written as step-XXXXXXXX.tmp, fsynced, renamed
+            save_checkpoint(tmp, clt, backbone.identity(), step=step, **meta)
+            torch.save(state, tmp / STATE_FILE)
+            killpoint("checkpoint.state_written")
+            if final.exists():  # the same step saved before (a rerun of a finished run): move it aside first
+                self._discard(final)
         killpoint("checkpoint.renamed")
-        pointer_tmp = self.root / (LATEST + ".tmp")
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.root / LATEST)
+        write_text_atomic(self.root / LATEST, name)
         for p in self.complete()[: -self.keep]:
             self._discard(p)
         for p in [*self.root.glob("*.tmp"), *self.root.glob("*.deleting")]:  # leftovers of an interrupted run
@@ -338,7 +339,7 @@ class Checkpointer:
         leaves a half-deleted directory that looks like a checkpoint."""
         trash = path.with_name(path.name + ".deleting")
         shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)
+        path.rename(trash)  # a rename out of the namespace, not a write
         killpoint("checkpoint.pruning")
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -401,26 +402,190 @@ def train_step(
     clipping and `step()` here cover the remaining parameters (those that still hold a gradient).
     """
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        loss = clt.loss(
-            x,
-            y,
-            dead_mask=dead if cfg.aux_coef > 0 else None,
-            aux_k=cfg.aux_k,
-            aux_coef=cfg.aux_coef,
-            sparsity_coef=cfg.sparsity_coef,
-            preact_coef=cfg.preact_coef,
-            cls_rows=cls_rows,
-            cls_dead_mask=cls_dead if cfg.cls_aux_coef > 0 else None,
-            cls_aux_k=cfg.cls_aux_k,
-            cls_aux_coef=cfg.cls_aux_coef,
-            inplace=True,
-        )
+        loss = clt_loss(clt, x, y, cfg.loss_config(), dead=dead if cfg.aux_coef > 0 else None, cls_rows=cls_rows,
+                        cls_dead=cls_dead if cfg.cls_aux_coef > 0 else None, inplace=True)
     opt.zero_grad(set_to_none=True)
     loss.total.float().backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
     opt.step()
     return loss
+
+
+class FiringStats:
+    """Firing statistics: tokens since each feature last fired, over all rows and over CLS rows.
+
+    `since` [L, F] counts tokens, `since_cls` [L, F] CLS rows (token set `all`); a feature is dead for
+    AuxK after `dead_after_tokens` tokens without firing, dead at the CLS token (CLS AuxK) after
+    `cls_dead_after` CLS rows.
+    """
+
+    def __init__(self, n_layers: int, n_features: int, device: torch.device) -> None:
+        self.since = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
+        self.since_cls = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
+
+    def dead(self, after_tokens: int) -> torch.Tensor:
+        """[L, F] bool."""
+        return self.since >= after_tokens
+
+    def cls_dead(self, after_rows: int) -> torch.Tensor:
+        """[L, F] bool."""
+        return self.since_cls >= after_rows
+
+    def update(self, loss: CLTLoss, n_tokens: int, cls_rows: torch.Tensor | None) -> None:
+        """Count one batch of `n_tokens` tokens (`cls_rows` [N] bool marks its CLS rows) and reset what fired."""
+        self.since += n_tokens
+        self.since[loss.fired] = 0
+        if cls_rows is not None and loss.fired_cls is not None:
+            self.since_cls += int(cls_rows.sum())
+            self.since_cls[loss.fired_cls] = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"since_fired": self.since.cpu(), "since_fired_cls": self.since_cls.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.since.copy_(state["since_fired"].to(self.since.device))
+        if "since_fired_cls" in state:
+            self.since_cls.copy_(state["since_fired_cls"].to(self.since_cls.device))
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON row per logged step, appended and flushed as it is written. A resumed run
+    first drops the rows logged after its checkpoint (atomically), so the file ends as an uninterrupted
+    run's would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def start(self, resumed_step: int | None) -> None:
+        """Open for appending: empty for a fresh run, cut back to `resumed_step` for a resumed one."""
+        lines = [] if resumed_step is None else _read_metrics(self.path, resumed_step)
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+        self._file = open(self.path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def metrics_row(step: int, tokens: int, loss: CLTLoss, dead: torch.Tensor, cls_dead: torch.Tensor | None, lr: float,
+                tokens_per_s: float) -> dict[str, Any]:
+    """One `metrics.jsonl` row (see the module docstring) from the last batch's loss terms."""
+    fvu = loss.fvu.float().tolist()
+    l0 = loss.l0.float().tolist()
+    return {
+        "step": step,
+        "tokens": tokens,
+        "fvu": fvu,
+        "fvu_mean": float(np.mean(fvu)),
+        "l0": l0,
+        "l0_mean": float(np.mean(l0)),
+        "dead_fraction": float(dead.float().mean()),
+        "dead_fraction_cls": float(cls_dead.float().mean()) if cls_dead is not None else None,
+        "lr": lr,
+        "loss": float(loss.total.detach()),
+        "aux": float(loss.aux),
+        "cls_aux": None if loss.cls_aux is None else float(loss.cls_aux),
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimiser steps done and tokens trained on."""
+
+    step: int = 0
+    tokens: int = 0
+
+
+def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, opt: Any, stream: ActivationStream,
+           firing: FiringStats, cfg: TrainConfig) -> Position | None:
+    """Restore a run from `ckpt`'s newest complete checkpoint into clt, opt, stream, firing statistics and
+    the global RNGs; None when there is none. Refuses (TrainingError) a checkpoint made with another CLT
+    config or other training settings (bookkeeping settings aside)."""
+    latest = ckpt.latest()
+    if latest is None:
+        return None
+    out = ckpt.root.parent
+    try:
+        saved, _ = load_checkpoint(latest, backbone, device=clt.b_dec.device)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume from {latest}: {exc}") from None
+    if saved.cfg.to_dict() != clt.cfg.to_dict():
+        raise TrainingError(
+            f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt.cfg.to_dict()}; "
+            f"use another output directory"
+        )
+    clt.load_state_dict(saved.state_dict())
+    state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+    was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
+    if was != now:
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
+                            f"use another output directory")
+    opt.load_state_dict(state["optimizer"])
+    try:
+        stream.load_state_dict(state["stream"])
+    except ValueError as exc:  # another data source (cache vs ViT stream), or a buffer this stream cannot hold
+        raise TrainingError(f"cannot resume {out}: {exc}") from None
+    firing.load_state_dict(state)
+    _set_rng_state(state["rng"])
+    print(f"resuming from {latest} (step {int(state['step'])} of {cfg.steps})", flush=True)
+    return Position(int(state["step"]), int(state["tokens"]))
+
+
+def train_state(pos: Position, opt: Any, stream: ActivationStream, firing: FiringStats, cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint's `train_state.pt` holds besides the weights (see `resume`)."""
+    return {
+        "step": pos.step,
+        "tokens": pos.tokens,
+        "optimizer": opt.state_dict(),
+        "stream": stream.state_dict(),
+        **firing.state_dict(),
+        "rng": _rng_state(),
+        "train_config": cfg.to_dict(),
+    }
+
+
+def make_stream(backbone: Backbone, dataset: Dataset | None, cfg: TrainConfig,
+                activations: ActivationCache | None = None) -> ActivationStream:
+    """The activation stream `cfg` describes over `dataset`, or over the cached rows of `activations`
+    (`training.cache.CachedActivationStream`: the same order and batches, no ViT pass)."""
+    kwargs: dict[str, Any] = dict(
+        tokens=cfg.tokens,
+        batch_tokens=cfg.batch_tokens,
+        buffer_tokens=cfg.buffer_tokens,
+        images_per_batch=cfg.images_per_batch,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        dtype=_dtype(cfg.buffer_dtype),
+        cls_copies=cfg.cls_copies,
+    )
+    if activations is not None:
+        try:
+            return CachedActivationStream(backbone, activations, **kwargs)
+        except (CacheError, BackboneError) as exc:
+            raise TrainingError(str(exc)) from None
+    if dataset is None:
+        raise TrainingError("training needs a dataset or an activation cache")
+    return ActivationStream(backbone, dataset, **kwargs)
+
+
+def data_description(dataset: Dataset | None, stream: ActivationStream, activations: ActivationCache | None = None) -> dict[str, Any]:
+    """What a checkpoint records about the training data: the source's description and the stream's settings."""
+    if activations is not None:
+        source = activations.description()
+    elif hasattr(dataset, "description"):
+        source = dataset.description()  # type: ignore[union-attr]
+    else:
+        source = {"name": type(dataset).__name__, "size": len(dataset)}  # type: ignore[arg-type]
+    return {**source, **stream.description()}
 
 
 def train_clt(
@@ -453,146 +618,54 @@ def train_clt(
     seed_everything(cfg.seed)
     clt = CrossLayerTranscoder(clt_cfg).to(device).train()
     opt = make_optimizer(clt, cfg)
-    stream_kwargs: dict[str, Any] = dict(
-        tokens=cfg.tokens,
-        batch_tokens=cfg.batch_tokens,
-        buffer_tokens=cfg.buffer_tokens,
-        images_per_batch=cfg.images_per_batch,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        dtype=_dtype(cfg.buffer_dtype),
-        cls_copies=cfg.cls_copies,
-    )
-    if activations is not None:
-        try:
-            stream: ActivationStream = CachedActivationStream(backbone, activations, **stream_kwargs)
-        except (CacheError, BackboneError) as exc:
-            raise TrainingError(str(exc)) from None
-        source = activations.description()
-    elif dataset is None:
-        raise TrainingError("train_clt needs a dataset or an activation cache")
-    else:
-        stream = ActivationStream(backbone, dataset, **stream_kwargs)
-        source = dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}  # type: ignore[arg-type]
-    data_desc = {**source, **stream.description()}
-    L, Fn = clt_cfg.n_layers, clt_cfg.n_features
-    since_fired = torch.zeros(L, Fn, dtype=torch.long, device=device)
-    since_fired_cls = torch.zeros(L, Fn, dtype=torch.long, device=device)  # CLS rows since the feature fired on one
+    stream = make_stream(backbone, dataset, cfg, activations)
+    data_desc = data_description(dataset, stream, activations)
+    firing = FiringStats(clt_cfg.n_layers, clt_cfg.n_features, device)
     ckpt = Checkpointer(out, cfg.keep_checkpoints)
-    metrics_path = out / METRICS
-    step, tokens_seen = 0, 0
-
-    latest = ckpt.latest()
-    if latest is not None:
-        try:
-            saved, meta = load_checkpoint(latest, backbone, device=device)
-        except CheckpointError as exc:
-            raise TrainingError(f"cannot resume from {latest}: {exc}") from None
-        if saved.cfg.to_dict() != clt_cfg.to_dict():
-            raise TrainingError(
-                f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt_cfg.to_dict()}; "
-                f"use another output directory"
-            )
-        clt.load_state_dict(saved.state_dict())
-        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-        was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
-        if was != now:
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-            raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
-                                f"use another output directory")
-        opt.load_state_dict(state["optimizer"])
-        try:
-            stream.load_state_dict(state["stream"])
-        except ValueError as exc:  # another data source (cache vs ViT stream), or a buffer this stream cannot hold
-            raise TrainingError(f"cannot resume {out}: {exc}") from None
-        since_fired.copy_(state["since_fired"].to(device))
-        if "since_fired_cls" in state:
-            since_fired_cls.copy_(state["since_fired_cls"].to(device))
-        _set_rng_state(state["rng"])
-        step, tokens_seen = int(state["step"]), int(state["tokens"])
-        lines = _read_metrics(metrics_path, step)
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, metrics_path)
-        print(f"resuming from {latest} (step {step} of {cfg.steps})", flush=True)
-    else:
-        metrics_path.write_text("")
+    log = MetricsLog(out / METRICS)
+    resumed = resume(ckpt, backbone, clt, opt, stream, firing, cfg)
+    pos = resumed or Position()
+    if resumed is None:
         x, y = stream.peek(cfg.norm_tokens)
         clt.fit_normalisation(x, y)
         del x, y
+    log.start(None if resumed is None else pos.step)
 
-    def state_now() -> dict[str, Any]:
-        return {
-            "step": step,
-            "tokens": tokens_seen,
-            "optimizer": opt.state_dict(),
-            "stream": stream.state_dict(),
-            "since_fired": since_fired.cpu(),
-            "since_fired_cls": since_fired_cls.cpu(),
-            "rng": _rng_state(),
-            "train_config": cfg.to_dict(),
-        }
-
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train CLT", dynamic_ncols=True)
-    t_start, tokens_start = time.perf_counter(), tokens_seen
-    log_file = open(metrics_path, "a")
+    bar = tqdm(total=cfg.steps, initial=pos.step, disable=not progress, desc="train CLT", dynamic_ncols=True)
+    t_start, tokens_start = time.perf_counter(), pos.tokens
     try:
-        while step < cfg.steps:
-            lr = cfg.lr_at(step)
+        while pos.step < cfg.steps:
+            lr = cfg.lr_at(pos.step)
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = stream.next_batch()
-            dead = since_fired >= cfg.dead_after_tokens
+            dead = firing.dead(cfg.dead_after_tokens)
             cls_rows = stream.last_cls if cfg.tokens == "all" else None
-            cls_dead = since_fired_cls >= cfg.cls_dead_after
+            cls_dead = firing.cls_dead(cfg.cls_dead_after)
             loss = train_step(clt, opt, x, y, dead, cfg, cls_rows, cls_dead)
-            since_fired += x.shape[1]
-            since_fired[loss.fired] = 0
-            if cls_rows is not None and loss.fired_cls is not None:
-                since_fired_cls += int(cls_rows.sum())
-                since_fired_cls[loss.fired_cls] = 0
-            step += 1
-            tokens_seen += x.shape[1]
+            firing.update(loss, x.shape[1], cls_rows)
+            pos.step += 1
+            pos.tokens += x.shape[1]
             killpoint("train.step")
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                fvu = loss.fvu.float().tolist()
-                l0 = loss.l0.float().tolist()
-                elapsed = time.perf_counter() - t_start
-                row = {
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "fvu": fvu,
-                    "fvu_mean": float(np.mean(fvu)),
-                    "l0": l0,
-                    "l0_mean": float(np.mean(l0)),
-                    "dead_fraction": float(dead.float().mean()),
-                    "dead_fraction_cls": float(cls_dead.float().mean()) if cls_rows is not None else None,
-                    "lr": lr,
-                    "loss": float(loss.total.detach()),
-                    "aux": float(loss.aux),
-                    "cls_aux": None if loss.cls_aux is None else float(loss.cls_aux),
-                    "tokens_per_s": (tokens_seen - tokens_start) / max(elapsed, 1e-9),
-                }
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
+            if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
+                speed = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+                row = metrics_row(pos.step, pos.tokens, loss, dead, cls_dead if cls_rows is not None else None, lr, speed)
+                log.write(row)
                 bar.set_postfix(fvu=f"{row['fvu_mean']:.3f}", l0=f"{row['l0_mean']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                ckpt.save(step, clt, backbone, state_now(), data=data_desc, train_config=cfg.to_dict())
+            if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.steps:
+                ckpt.save(pos.step, clt, backbone, train_state(pos, opt, stream, firing, cfg), data=data_desc,
+                          train_config=cfg.to_dict())
     finally:
-        log_file.close()
+        log.close()
         bar.close()
         if isinstance(opt, DecoderInBackwardAdamW):
             opt.close()
 
     eval_data = [stream.next_batch() for _ in range(cfg.eval_batches)]
     final = batch_metrics(clt, eval_data)
-    final.update(
-        steps=step,
-        tokens=tokens_seen,
-        dead_fraction=float((since_fired >= cfg.dead_after_tokens).float().mean()),
-    )
-    save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=step)
+    final.update(steps=pos.step, tokens=pos.tokens, dead_fraction=float(firing.dead(cfg.dead_after_tokens).float().mean()))
+    save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=pos.step)
     return clt.eval(), final
 
 

@@ -28,13 +28,14 @@ in Prometheus (serving/metrics.py, monitoring/, docs/monitoring.md).
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from bundle.atomic import write_text_atomic
 
 PROFILE_FORMAT = "cltvit-drift-profile"
 PROFILE_VERSION = 1
@@ -160,9 +161,7 @@ class DriftProfile:
         """Write the profile as JSON (atomically) and return its path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -330,9 +329,7 @@ class DriftMonitor:
     def write_metrics(self, path: str | Path) -> None:
         """Atomically write `prometheus()` to `path` (node_exporter textfile-collector style)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.prometheus())
-        os.replace(tmp, path)
+        write_text_atomic(path, self.prometheus())
 
 
 def shares_vector(record: dict[str, Any], term_names: Sequence[str]) -> np.ndarray | None:

@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bundle import BundleError
+from bundle.atomic import replaced, write_text_atomic
 from bundle.format import IMAGE_EXTENSIONS
 from bundle.killpoints import killpoint
 
@@ -111,12 +112,6 @@ def read_journal(path: Path, repair: bool = True, fields: Sequence[str] | None =
         with path.open("r+b") as f:
             f.truncate(good_end)
     return records
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -236,7 +231,7 @@ def score_folder(
                          f"pass --overwrite to replace it")
     if fmt == "parquet" and out.exists() and not journal.exists():
         journal.write_text("".join(json.dumps(r) + "\n" for r in read_parquet(out)))
-    _atomic_write(meta_path, json.dumps(meta.__dict__, indent=2) + "\n")
+    write_text_atomic(meta_path, json.dumps(meta.__dict__, indent=2) + "\n")
 
     paths = discover(root)
     existing = read_journal(journal, fields=("path", "error", "shares") if monitor is not None else ("path",))
@@ -325,9 +320,8 @@ def write_parquet(path: Path, records: list[dict[str, Any]], term_names: Sequenc
     schema = arrow_schema(term_names, spatial, total_effect)
     cols = [f.name for f in schema]
     table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in records], schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_parquet(path: str | Path) -> list[dict[str, Any]]:

@@ -237,15 +237,18 @@ def test_finetune_cls_aux_marks_the_cls_tokens_and_tracks_silence_there(tiny_bac
     clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=64, k=4))
     clt.fit_normalisation(cap.mlp_in.reshape(L, -1, d), cap.mlp_out.reshape(L, -1, d))
     seen: list[dict] = []
-    loss = clt.loss
+    import training.finetune as finetune_module
 
-    def spy(mlp_in, mlp_out, **kw):
-        seen.append({"cls_in": mlp_in[:, kw["cls_rows"]].clone(), "dead": kw["cls_dead_mask"].clone(), "coef": kw["cls_aux_coef"]})
-        out = loss(mlp_in, mlp_out, **kw)
+    loss = finetune_module.clt_loss
+
+    def spy(model, mlp_in, mlp_out, cfg, **kw):
+        assert model is clt
+        seen.append({"cls_in": mlp_in[:, kw["cls_rows"]].clone(), "dead": kw["cls_dead"].clone(), "coef": cfg.cls_aux_coef})
+        out = loss(model, mlp_in, mlp_out, cfg, **kw)
         seen[-1]["fired_cls"] = out.fired_cls.clone()
         return out
 
-    monkeypatch.setattr(clt, "loss", spy)
+    monkeypatch.setattr(finetune_module, "clt_loss", spy)
     cfg = FinetuneConfig(steps=3, batch_images=B, lr=1e-3, loss="cosine", cls_aux_coef=0.25, cls_dead_after=2 * B)
     finetune_clt(tiny_backbone.visual, clt, pixels, cfg, log=lambda s: None)
     assert len(seen) == 3 and all(s["coef"] == 0.25 for s in seen)

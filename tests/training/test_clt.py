@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from training.model.backbone import BackboneError, load_backbone
 from training.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.model.clt import CLTConfig, CrossLayerTranscoder
+from training.model.loss import LossConfig, clt_loss
 from training.model.sparse import scatter_rows, sparse_decode
 
 L, D, NF = 3, 16, 64
@@ -50,14 +51,14 @@ def test_topk_gives_exactly_k_active_features_per_token():
             assert c.idx.shape == (x.shape[1], 5)
             assert torch.equal(c.l0(), torch.full((x.shape[1],), 5))
             assert all(len(set(row)) == 5 for row in c.idx.tolist())  # k distinct features
-    loss = clt.train().loss(*_data())
+    loss = clt_loss(clt.train(), *_data())
     assert torch.equal(loss.l0, torch.full((L,), 5.0))
 
 
 def test_batchtopk_keeps_n_times_k_in_training_and_uses_threshold_at_inference():
     clt = CrossLayerTranscoder(CLTConfig(L, D, NF, activation="batchtopk", k=4)).train()
     x, y = _data(n=50)
-    loss = clt.loss(x, y)
+    loss = clt_loss(clt, x, y)
     assert torch.allclose(loss.l0, torch.full((L,), 4.0))  # N*k active over the batch
     assert (clt.batchtopk_threshold > 0).all()
     clt.eval()
@@ -76,7 +77,7 @@ def test_sparse_backward_matches_dense_autograd(activation):
     a.fit_normalisation(x, y)
     b = copy.deepcopy(a)
     dead = torch.rand(L, NF, generator=torch.Generator().manual_seed(1)) < 0.5
-    la = a.loss(x, y, dead_mask=dead, aux_k=8, aux_coef=0.5)
+    la = clt_loss(a, x, y, LossConfig(aux_k=8, aux_coef=0.5), dead=dead)
     la.total.backward()
     lb = _dense_reference_loss(b, x, y, dead, aux_k=8, aux_coef=0.5)
     lb.backward()
@@ -108,7 +109,7 @@ def test_jumprelu_thresholds_receive_gradient():
     clt = CrossLayerTranscoder(CLTConfig(L, D, NF, activation="jumprelu", jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.1)).train()
     x, y = _data(n=200)
     clt.fit_normalisation(x, y)
-    loss = clt.loss(x, y, sparsity_coef=1e-3)
+    loss = clt_loss(clt, x, y, LossConfig(sparsity_coef=1e-3))
     loss.total.backward()
     g = clt.log_threshold.grad
     assert g is not None and torch.isfinite(g).all()
@@ -192,3 +193,22 @@ def test_decode_paths_agree_and_legacy_decoder_layout_loads():
     back = CrossLayerTranscoder(clt.cfg)
     back.load_state_dict(legacy)
     assert all(torch.equal(a, b) for a, b in zip(clt.state_dict().values(), back.state_dict().values()))
+
+
+def test_sparsifier_threshold_forms_select_the_same_features():
+    """The threshold spellings a feature-sharded CLT uses (`TopK.select_above`, `BatchTopK.select` with its
+    `kth_value`) choose what a plain per-token / per-batch top-k over all features chooses."""
+    from training.model.sparsifiers import BatchTopK, TopK
+
+    z = torch.randn(30, NF, generator=torch.Generator().manual_seed(3))
+    top = TopK(5)
+    a, b = top.select(z), top.select_above(z)
+    assert b.keep is not None and bool(b.keep.all()) and torch.equal(a.idx, b.idx)
+    state = torch.zeros(())
+    sel = BatchTopK(4, 16).select(z, state)
+    chosen = torch.zeros(30 * NF, dtype=torch.bool)
+    chosen[F.relu(z).reshape(-1).topk(30 * 4).indices] = True
+    got = torch.zeros(30, NF, dtype=torch.bool)
+    got[torch.arange(30)[:, None].expand_as(sel.idx)[sel.keep], sel.idx[sel.keep]] = True
+    assert torch.equal(got.reshape(-1), chosen)
+    assert float(state) == float(F.relu(z).reshape(-1).topk(30 * 4).values[-1])  # first batch: the smallest kept

@@ -13,6 +13,7 @@ from training.data import FashionMNIST
 from training.model import vit
 from training.model.checkpoint import load_checkpoint
 from training.model.clt import CLTConfig, CrossLayerTranscoder
+from training.model.loss import LossConfig, clt_loss
 from training.trainer import TrainConfig, TrainingError, train_clt
 
 
@@ -124,8 +125,8 @@ def test_cls_aux_is_the_auxk_loss_on_cls_rows_over_features_silent_there():
     dead[0, :10] = True  # layer 1 has none: no term
     with torch.no_grad():
         clt.b_enc[0, :10] = -5.0  # every dead feature's pre-activation is negative: only the straight-through path passes
-        base = clt.loss(x, y)
-    got = clt.loss(x, y, cls_rows=rows, cls_dead_mask=dead, cls_aux_k=k, cls_aux_coef=0.5)
+        base = clt_loss(clt, x, y)
+    got = clt_loss(clt, x, y, LossConfig(cls_aux_k=k, cls_aux_coef=0.5), cls_rows=rows, cls_dead=dead)
     with torch.no_grad():
         xs, ys = x / clt.in_scale[:, None, None], y / clt.out_scale[:, None, None]
         recon = clt.decode_all([clt.encode(l, x[l]) for l in range(L)])  # normalised, decoder bias included
@@ -140,12 +141,12 @@ def test_cls_aux_is_the_auxk_loss_on_cls_rows_over_features_silent_there():
     got.total.backward()
     g_with = clt.W_enc.grad.clone()
     clt.zero_grad()
-    clt.loss(x, y).total.backward()
+    clt_loss(clt, x, y).total.backward()
     changed = (g_with - clt.W_enc.grad).abs().sum(1) > 0  # [L, F]
     chosen = torch.zeros(L, Fn, dtype=torch.bool)
     chosen[0, top.indices.unique()] = True  # the dead features in some CLS row's top k (all with negative pre-activations)
     assert bool((z < 0).all()) and torch.equal(changed, chosen) and bool((chosen <= dead).all())
-    assert clt.loss(x, y, cls_rows=torch.zeros(N, dtype=torch.bool), cls_dead_mask=dead, cls_aux_coef=0.5).cls_aux is None
+    assert clt_loss(clt, x, y, LossConfig(cls_aux_coef=0.5), cls_rows=torch.zeros(N, dtype=torch.bool), cls_dead=dead).cls_aux is None
     codes = [clt.encode(l, x[l]) for l in range(L)]
     for l in range(L):
         want_fired = torch.zeros(Fn, dtype=torch.bool)
@@ -218,7 +219,7 @@ def test_decoder_update_in_backward_matches_a_plain_adamw_step():
         if isinstance(opt, DecoderInBackwardAdamW):
             assert all(p.grad is None for p in clt.W_dec)  # freed right after their in-backward step
             opt.close()
-            clt.loss(x, y).total.backward()
+            clt_loss(clt, x, y).total.backward()
             assert all(p.grad is not None for p in clt.W_dec)  # hooks removed: gradients stay
         params[mode] = {k: v.detach().clone() for k, v in clt.named_parameters()}
     moved = 0

@@ -8,13 +8,13 @@ any extra keys the caller passes (training state lives in the trainer's own file
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from bundle.atomic import replaced, write_text_atomic
 from bundle.checksums import file_sha256
 from bundle.killpoints import killpoint
 
@@ -30,31 +30,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or made for another backbone."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def fsync_tree(directory: str | Path, files: bool = True) -> None:
-    """Flush `directory`'s files (with `files`) and the directory entry itself to disk, so that a
-    rename that follows cannot be persisted before the data it points at (power loss, not just a kill)."""
-    d = Path(directory)
-    if files:
-        for p in d.iterdir():
-            if p.is_file():
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     out_dir: str | Path, clt: CrossLayerTranscoder, backbone: dict[str, Any], *, dtype: torch.dtype | None = None, **extra: Any
 ) -> Path:
@@ -68,9 +43,8 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in clt.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "cltvit-clt", "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, out / WEIGHTS)
+    with replaced(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "cltvit-clt", "format_version": str(FORMAT_VERSION)})
     killpoint("checkpoint.weights_written")
     meta = {
         "format_version": FORMAT_VERSION,
@@ -80,7 +54,7 @@ def save_checkpoint(
         "sha256": file_sha256(out / WEIGHTS),
         **extra,
     }
-    _atomic_write_text(out / META, json.dumps(meta, indent=2, sort_keys=True))
+    write_text_atomic(out / META, json.dumps(meta, indent=2, sort_keys=True))
     return out
 
 

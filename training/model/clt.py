@@ -10,10 +10,13 @@ Shapes (L layers, d = d_model, F features per layer, N tokens, k active features
   (checkpoints written with the earlier [F, n_i, d] layout are converted on load).
 - `b_dec`  [L, d]: decoder bias of each target layer.
 - `log_threshold` [L, F]: JumpReLU thresholds (log scale); `batchtopk_threshold` [L]: BatchTopK's
-  per-token inference threshold, a running mean of the smallest activation kept in training.
+  per-token inference threshold, a running mean of the smallest activation kept in training. The
+  activation rule itself is `self.sparsifier` (`training.model.sparsifiers`); these tensors are its
+  per-layer state, kept on the CLT so that checkpoints hold them.
 - `in_scale`, `out_scale` [L]: scalar normalisation estimated from data. The encoder sees
   `x / in_scale[l]`; decoded outputs are multiplied by `out_scale[j]`. All public methods take and
-  return raw (unnormalised) activations; normalised space is internal (`loss`, `decode_source`).
+  return raw (unnormalised) activations; normalised space is internal (`decode_source`; the training
+  loss, `training.model.loss`).
 
 Reconstruction of target layer j: `mlp_out_j ~= out_scale[j] * (sum_{i<=j} a_i @ W_dec[i][j-i] + b_dec[j])`.
 Decoding never forms a dense [N, F] x [F, d] product: active features are gathered (`sparse_decode`).
@@ -21,14 +24,14 @@ Decoding never forms a dense [N, F] x [F, d] product: active features are gather
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .sparse import DecodeSourceInto, GatherPreactAll, JumpReLU, sparse_decode
+from .sparse import sparse_decode
+from .sparsifiers import BatchTopK, JumpReLU, ReLU, Selection, SparseCode, Sparsifier, TopK
 
 Activation = Literal["topk", "batchtopk", "jumprelu", "relu"]
 
@@ -68,42 +71,18 @@ class CLTConfig:
     def n_targets(self, source: int) -> int:
         return self.n_layers - source if self.cross_layer else 1
 
+    def sparsifier(self) -> Sparsifier:
+        """The activation rule's object (see `training.model.sparsifiers`)."""
+        if self.activation == "topk":
+            return TopK(self.k)
+        if self.activation == "batchtopk":
+            return BatchTopK(self.k, self.inference_k)
+        if self.activation == "jumprelu":
+            return JumpReLU(self.inference_k, self.jumprelu_bandwidth)
+        return ReLU(self.inference_k)
+
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class SparseCode:
-    """Active features of N tokens in one layer, padded to width k: `idx` [N, k] int64, `val` [N, k] float.
-
-    Padding entries have `val == 0` (their `idx` is arbitrary but valid).
-    """
-
-    idx: torch.Tensor
-    val: torch.Tensor
-
-    def dense(self, n_features: int) -> torch.Tensor:
-        """[N, F] dense activations."""
-        out = self.val.new_zeros(self.val.shape[0], n_features)
-        return out.scatter_add(1, self.idx, self.val)
-
-    def l0(self) -> torch.Tensor:
-        """[N] number of non-zero features per token."""
-        return (self.val != 0).sum(-1)
-
-
-@dataclass
-class CLTLoss:
-    """Loss terms of one batch (normalised space). `fvu` [L] is per-layer fraction of variance unexplained."""
-
-    total: torch.Tensor
-    fvu: torch.Tensor
-    aux: torch.Tensor
-    sparsity: torch.Tensor
-    l0: torch.Tensor  # [L] mean active features per token
-    fired: torch.Tensor = field(repr=False)  # [L, F] bool: feature active on some token of the batch
-    cls_aux: torch.Tensor | None = None  # the CLS-token auxiliary loss (None when not computed)
-    fired_cls: torch.Tensor | None = field(default=None, repr=False)  # [L, F] bool: active on a CLS row (when rows are marked)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -112,6 +91,7 @@ class CrossLayerTranscoder(nn.Module):
     def __init__(self, cfg: CLTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.sparsifier = cfg.sparsifier()
         L, d, Fn = cfg.n_layers, cfg.d_model, cfg.n_features
         self.W_enc = nn.Parameter(torch.empty(L, d, Fn))
         self.b_enc = nn.Parameter(torch.zeros(L, Fn))
@@ -161,34 +141,20 @@ class CrossLayerTranscoder(nn.Module):
         """[N, d] raw MLP input of `layer` -> [N, F] encoder pre-activations."""
         return (x / self.in_scale[layer]) @ self.W_enc[layer] + self.b_enc[layer]
 
-    def activate(self, layer: int, z: torch.Tensor) -> SparseCode:
-        """[N, F] pre-activations -> padded sparse code, using the training rule in train mode.
+    def rule_state(self, layer: int) -> torch.Tensor | None:
+        """The sparsifier's state of `layer` (a view: BatchTopK's threshold [], JumpReLU's log threshold [F]), or None."""
+        name = self.sparsifier.state_name
+        return None if name is None else getattr(self, name)[layer]
 
-        - topk: the k largest pre-activations per token, then ReLU (exactly k indices per token).
-        - batchtopk: train: the N*k largest over the batch; eval: z > per-layer threshold, capped.
-        - jumprelu: z * H(z - theta) with learned per-feature theta; capped at `inference_k`.
-        - relu: max(z, 0); capped at `inference_k` (F unless `k_cap` is set).
-        """
-        cfg = self.cfg
-        if cfg.activation == "topk":
-            val, idx = z.topk(cfg.k, dim=-1)
-            return SparseCode(idx, F.relu(val))
-        if cfg.activation == "batchtopk" and self.training:
-            idx, keep = self._select(layer, z)
-            val = F.relu(z.gather(1, idx))
-            return SparseCode(idx, val * keep.to(val.dtype) if keep is not None else val)
-        k = cfg.inference_k if not self.training else None
-        if cfg.activation == "batchtopk":
-            dense = z * (z > self.batchtopk_threshold[layer]).to(z.dtype)
-        elif cfg.activation == "jumprelu":
-            theta = self.log_threshold[layer].exp()
-            dense = JumpReLU.apply(z, theta, cfg.jumprelu_bandwidth)
-        else:
-            dense = F.relu(z)
-        if k is None:  # training: pad to the widest token of this batch
-            k = max(int((dense != 0).sum(-1).max().item()), 1)
-        val, idx = dense.topk(min(k, cfg.n_features), dim=-1)
-        return SparseCode(idx, val)
+    def activate(self, layer: int, z: torch.Tensor) -> SparseCode:
+        """[N, F] pre-activations -> padded sparse code: the training rule in train mode, the inference
+        rule in eval mode (see `training.model.sparsifiers`)."""
+        return self.sparsifier.code(z, self.rule_state(layer), self.training)
+
+    def select(self, layer: int, z: torch.Tensor) -> Selection:
+        """The training rule's choice of active features from pre-activations z [N, F] (TopK and BatchTopK,
+        without autograd; BatchTopK's inference threshold moves)."""
+        return self.sparsifier.select(z, self.rule_state(layer))
 
     def encode(self, layer: int, x: torch.Tensor) -> SparseCode:
         """[N, d] raw MLP input -> sparse features of `layer`."""
@@ -229,198 +195,12 @@ class CrossLayerTranscoder(nn.Module):
         scales = self.out_scale[source : source + w.shape[0]]
         return torch.einsum("tfd,t->fd", w, scales)
 
-    # ------------------------------------------------------------------ full pass and loss
+    # ------------------------------------------------------------------ full pass
     def forward(self, mlp_in: torch.Tensor) -> tuple[torch.Tensor, list[SparseCode]]:
         """Raw MLP inputs [L, N, d] -> (raw reconstructed MLP outputs [L, N, d], codes per layer)."""
         codes = [self.encode(l, mlp_in[l]) for l in range(self.cfg.n_layers)]
         recon = self.decode_all(codes) * self.out_scale[:, None, None]
         return recon, codes
-
-    @torch.no_grad()
-    def _select(self, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training-rule choice of active features from pre-activations z [N, F] (topk / batchtopk).
-
-        Returns (idx [N, w], keep [N, w] bool or None when every slot is kept). Updates batchtopk's
-        inference threshold (running mean of the smallest kept pre-activation).
-        """
-        cfg = self.cfg
-        if cfg.activation == "topk":
-            return z.topk(cfg.k, dim=-1).indices, None
-        zr = F.relu(z)
-        n_keep = min(z.shape[0] * cfg.k, zr.numel())
-        flat_val, flat_idx = zr.reshape(-1).topk(n_keep)
-        positive = flat_val > 0
-        kept_min = flat_val[positive].min() if bool(positive.any()) else flat_val.new_zeros(())
-        self.batchtopk_threshold[layer].lerp_(kept_min.to(self.batchtopk_threshold.dtype), 0.01 if self.batchtopk_threshold[layer] > 0 else 1.0)
-        mask = torch.zeros(zr.numel(), dtype=torch.bool, device=z.device)
-        mask[flat_idx[positive]] = True
-        mask = mask.reshape(zr.shape)
-        width = max(int(mask.sum(-1).max().item()), 1)
-        masked = zr.masked_fill(~mask, -1.0)
-        vals, idx = masked.topk(width, dim=-1)
-        return idx, vals >= 0
-
-    def loss(
-        self,
-        mlp_in: torch.Tensor,
-        mlp_out: torch.Tensor,
-        *,
-        dead_mask: torch.Tensor | None = None,
-        aux_k: int = 256,
-        aux_coef: float = 1 / 32,
-        sparsity_coef: float = 0.0,
-        sparsity_c: float = 4.0,
-        preact_coef: float = 3e-6,
-        cls_rows: torch.Tensor | None = None,
-        cls_dead_mask: torch.Tensor | None = None,
-        cls_aux_k: int = 64,
-        cls_aux_coef: float = 0.0,
-        inplace: bool = False,
-    ) -> CLTLoss:
-        """Training loss on raw samples [L, N, d].
-
-        total = sum_l FVU_l + aux_coef * AuxK (topk/batchtopk, dead features reconstruct the residual)
-                + cls_aux_coef * CLS AuxK + sparsity_coef * tanh-L0 penalty + preact_coef * pre-activation loss (jumprelu).
-
-        CLS AuxK: `cls_rows` [N] bool marks the batch's CLS-token rows and `cls_dead_mask` [L, F] the
-        features that have not fired on a CLS row for a while; on the CLS rows only, the top
-        `cls_aux_k` of those features (by pre-activation) reconstruct the residual of the
-        reconstruction, as AuxK does over all tokens. It targets features that fire on patches but
-        never at the CLS token, which AuxK over all tokens does not see as dead. Its ReLU passes the
-        gradient straight through (see `_cls_aux`).
-
-        TopK/BatchTopK take a sparse path: pre-activations are computed without autograd, the
-        active (and AuxK) entries are re-attached through `GatherPreactAll`, so backward costs
-        O(N*k*d) per layer instead of a dense [d, N] x [N, F] matmul and no [N, F] tensor is kept.
-        `inplace=True` normalises mlp_in / mlp_out in place (saves two batch-sized copies; the
-        caller must not reuse them).
-        """
-        cfg = self.cfg
-        L = cfg.n_layers
-        if inplace:
-            x = mlp_in.div_(self.in_scale[:, None, None])
-            y = mlp_out.div_(self.out_scale[:, None, None])
-        else:
-            x = mlp_in / self.in_scale[:, None, None]
-            y = mlp_out / self.out_scale[:, None, None]
-        sparse_path = cfg.activation in ("topk", "batchtopk")
-        use_aux = dead_mask is not None and sparse_path and aux_coef > 0 and bool(dead_mask.any())
-        codes: list[SparseCode] = []
-        zs: list[torch.Tensor] = []
-        sel_idx: list[torch.Tensor] = []
-        sel_z: list[torch.Tensor] = []
-        keeps: list[torch.Tensor | None] = []
-        aux_width: dict[int, int] = {}
-        for l in range(L):
-            if sparse_path:
-                with torch.no_grad():
-                    z = torch.addmm(self.b_enc[l], x[l], self.W_enc[l])
-                    idx, keep = self._select(l, z)
-                    if use_aux and bool(dead_mask[l].any()):  # type: ignore[index]
-                        kk = min(aux_k, int(dead_mask[l].sum()))  # type: ignore[index]
-                        aux_idx = z.masked_fill(~dead_mask[l], float("-inf")).topk(kk, dim=-1).indices  # type: ignore[index]
-                        aux_width[l] = kk
-                        idx = torch.cat([idx, aux_idx], 1)
-                    sel_idx.append(idx)
-                    sel_z.append(z.gather(1, idx))
-                    keeps.append(keep)
-                    del z
-            else:
-                z = x[l] @ self.W_enc[l] + self.b_enc[l]
-                zs.append(z)
-                codes.append(self.activate(l, z))
-        aux_codes: list[SparseCode] = []
-        if sparse_path:
-            vals = GatherPreactAll.apply(x, self.W_enc, self.b_enc, tuple(sel_idx), tuple(sel_z))
-            for l in range(L):
-                kk = aux_width.get(l, 0)
-                w = sel_idx[l].shape[1] - kk
-                val = F.relu(vals[l][:, :w])
-                keep = keeps[l]
-                codes.append(SparseCode(sel_idx[l][:, :w].contiguous(), val * keep.to(val.dtype) if keep is not None else val))
-                if kk:
-                    aux_codes.append(SparseCode(sel_idx[l][:, w:].contiguous(), F.relu(vals[l][:, w:])))
-        aux_layers = tuple(aux_width)
-        aux_by_layer = dict(zip(aux_layers, aux_codes))
-        recon = self.b_dec[:, None, :].expand(L, x.shape[1], cfg.d_model).clone()
-        aux_pred = []
-        for i, c in enumerate(codes):
-            a_code = aux_by_layer.get(i)
-            recon, ap = DecodeSourceInto.apply(
-                i, recon, c.idx, c.val, self.W_dec[i], a_code.idx if a_code else None, a_code.val if a_code else None
-            )
-            if a_code is not None:
-                aux_pred.append(ap)
-        err = (recon - y).pow(2).sum(-1).mean(-1)  # [L]
-        var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-8)
-        fvu = err / var
-        total = fvu.sum()
-        zero = total.new_zeros(())
-        aux = zero
-        if aux_layers:
-            resid = (y - recon).detach()
-            terms = []
-            for a, l in enumerate(aux_layers):
-                e_var = (resid[l] - resid[l].mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-                terms.append((aux_pred[a] - resid[l]).pow(2).sum(-1).mean() / e_var)
-            aux = torch.stack(terms).sum()
-            total = total + aux_coef * aux
-        cls_aux = None
-        if cls_rows is not None and cls_dead_mask is not None and cls_aux_coef > 0 and bool(cls_rows.any()):
-            cls_aux = self._cls_aux(x, y, recon.detach(), cls_rows, cls_dead_mask, cls_aux_k)
-            if cls_aux is not None:
-                total = total + cls_aux_coef * cls_aux
-        sparsity = zero
-        if cfg.activation == "jumprelu":
-            dec_norms = [self.W_dec[l].norm(dim=-1).sum(0) for l in range(L)]  # [F] each
-            pre = torch.stack(
-                [(F.relu(self.log_threshold[l].exp() - zs[l]) * dec_norms[l]).sum(-1).mean() for l in range(L)]
-            ).sum()
-            total = total + preact_coef * pre
-            if sparsity_coef > 0:
-                sparsity = torch.stack(
-                    [torch.tanh(sparsity_c * codes[l].dense(cfg.n_features) * dec_norms[l]).sum(-1).mean() for l in range(L)]
-                ).sum()
-                total = total + sparsity_coef * sparsity
-        with torch.no_grad():
-            l0 = torch.stack([c.l0().float().mean() for c in codes])
-            fired = torch.zeros(L, cfg.n_features, dtype=torch.bool, device=x.device)
-            for l, c in enumerate(codes):
-                fired[l, c.idx[c.val != 0]] = True
-            fired_cls = None
-            if cls_rows is not None:
-                fired_cls = torch.zeros_like(fired)
-                for l, c in enumerate(codes):
-                    ci, cv = c.idx[cls_rows], c.val[cls_rows]
-                    fired_cls[l, ci[cv != 0]] = True
-        return CLTLoss(total=total, fvu=fvu.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired,
-                       cls_aux=None if cls_aux is None else cls_aux.detach(), fired_cls=fired_cls)
-
-    def _cls_aux(self, x: torch.Tensor, y: torch.Tensor, recon: torch.Tensor, rows: torch.Tensor, dead: torch.Tensor,
-                 aux_k: int) -> torch.Tensor | None:
-        """CLS AuxK on normalised x, y, recon [L, N, d], rows [N] bool, dead [L, F] bool: the sum over layers
-        with dead features of ||aux prediction - residual||^2 / Var(residual) on the marked rows.
-
-        Dense over the dead features of the n marked rows ([n, F_dead] pre-activations): those rows
-        are a small part of a batch, so this is cheap next to the sparse main path.
-        """
-        terms = []
-        for l in range(self.cfg.n_layers):
-            feats = dead[l].nonzero().squeeze(1)
-            if feats.numel() == 0:
-                continue
-            xr, resid = x[l][rows], (y[l] - recon[l])[rows]  # [n, d] each
-            z = torch.addmm(self.b_enc[l][feats], xr, self.W_enc[l][:, feats])  # [n, F_dead]
-            val, j = z.topk(min(aux_k, feats.numel()), dim=-1)  # [n, k']
-            rows_w = self.W_dec[l][0].index_select(0, feats)[j]  # [n, k', d]: own-layer decoder rows
-            # ReLU forward, identity backward: at the CLS token these features' pre-activations are
-            # below zero (that is why they are silent there), so a plain ReLU would pass no gradient
-            # back; this way the encoder raises them where their decoder row helps the residual
-            act = val + (F.relu(val) - val).detach()
-            pred = torch.einsum("nk,nkd->nd", act, rows_w)
-            e_var = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-            terms.append((pred - resid).pow(2).sum(-1).mean() / e_var)
-        return torch.stack(terms).sum() if terms else None
 
     def extra_repr(self) -> str:
         c = self.cfg
