@@ -362,15 +362,8 @@ class CachedActivationStream(ActivationStream):
             rows = torch.cat([rows, rows[:, :1].expand(-1, self.cls_copies, -1, -1, -1)], dim=1)
         return rows.reshape(-1, *rows.shape[2:]).to(self.device, self.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "activations": self.cache.key}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("activations")
-        if saved != self.cache.key:
-            was = "the ViT stream" if saved is None else f"another activation cache (key {saved})"
-            raise CacheError(f"the run was trained from {was}, not from activation cache {self.cache.root} (key {self.cache.key})")
-        super().load_state_dict(state)
+    def source_key(self) -> str | None:
+        return self.cache.key
 
 
 __all__ = ["ActivationCache", "CacheError", "CacheManifest", "CachedActivationStream", "ShardRecord", "write_cache",
