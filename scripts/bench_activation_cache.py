@@ -14,6 +14,10 @@ so the shares of CLIP, CLT, fine-tuning and evaluation in a seed's time stay tho
 Prints and writes OUT/bench.json: per mode the stage's wall and CPU seconds, the cache's writing time,
 and the saving, with the machine (CPU model, instruction sets, threads). The machine is shared: the
 CPU seconds (this process only) are the steadier figure; the wall seconds move with the other users' load.
+
+`--supply-only` measures just the part the cache replaces, in one process: the CPU seconds to hand out
+one seed's training tokens (steps x batch tokens, the recipe's buffer and CLS copies) from the CLIP
+stream and from the cache (written first if missing), written to OUT/supply.json.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundle.checksums import file_sha256  # noqa: E402
 from bundle.provenance import machine_info  # noqa: E402
-from pipeline.reference import BuildConfig, TensorImages, budget, load_fashion_tensors, stage_clt, stage_seeds  # noqa: E402
+from pipeline.reference import (BuildConfig, TensorImages, _train_cfg, activation_cache, budget, load_fashion_tensors,  # noqa: E402
+                                stage_clt, stage_seeds)
+from training.trainer import make_stream  # noqa: E402
 from pipeline.shipped import CLIP_FILE, WEIGHTS_DIR, load_shipped  # noqa: E402
 from training.cache import MANIFEST  # noqa: E402
 
@@ -46,12 +52,32 @@ def scaled(scale: float, seeds: int) -> BuildConfig:
                    eval=replace(cfg.eval, limit=n(10_000), fidelity_images=n(cfg.eval.fidelity_images)))
 
 
+def supply(out: Path, cfg: BuildConfig, bb, train_ds: TensorImages, argv: list[str] | None) -> int:
+    """CPU seconds to hand out one seed's training tokens from the stream and from the cache (see the docstring)."""
+    tc = _train_cfg(cfg.clt_train, 1)
+    cache = activation_cache(out, bb, train_ds, lambda m: print(m, flush=True))
+    res = {}
+    for mode in ("stream", "cache", "stream_again"):
+        stream = make_stream(bb, None if mode == "cache" else train_ds, tc, cache if mode == "cache" else None)
+        cpu0, wall0 = time.process_time(), time.time()
+        for _ in range(tc.steps):
+            stream.next_batch()
+        res[mode] = {"cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall0}
+        print(mode, res[mode], flush=True)
+    summary = {"command": "python scripts/bench_activation_cache.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "tokens": tc.steps * tc.batch_tokens, "results": res, "machine": machine_info(threads=torch.get_num_threads())}
+    (out / "supply.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_activation_cache", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="work directory (a reduced build; reruns reuse its clt stage)")
     p.add_argument("--scale", type=float, default=0.2, help="fraction of the full recipe's sizes (default 0.2)")
     p.add_argument("--seeds", type=int, default=3, help="CLT seeds of the stage, seed 0 included (default 3, as the shipped build)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--supply-only", action="store_true", help="time only the token supply of one seed: stream vs cache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
@@ -63,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     train_ds = TensorImages(train_px, train_y, {**train.description(), "tensorised": True})
     test, test_px, test_y = load_fashion_tensors(bb, "test", None)
     text = bb.class_embeddings(test.class_names, test.templates)
+    if args.supply_only:
+        return supply(out, cfg, bb, train_ds, argv)
     n_check = min(cfg.finetune_check_images, len(test_y))
     clip_rec = {"files": {CLIP_FILE: file_sha256(WEIGHTS_DIR / CLIP_FILE)}}  # the shipped CLIP stands in for the clip stage
     clt_rec = stage_clt(out, cfg, bb, train_ds, (test_px[:n_check], test_y[:n_check], text), clip_rec, log)
