@@ -10,6 +10,9 @@ environment asks for it:
   SIGKILLs the process itself and knows exactly where it stood. The test reads the pipe: a process
   that crashes earlier closes it, so the test sees end-of-file instead of hanging or polling.
 - Without `CLTVIT_KILLPOINT_FD`, the process sends itself SIGKILL at that moment.
+- `CLTVIT_KILLPOINT_RANK=r` (optional): only the process whose `RANK` (torchrun's environment; 0 when
+  unset) is r acts, so a test can stop one rank of a data-parallel run (whose workers torchrun starts,
+  without the test's pipe: they kill themselves).
 
 Torch-free and dependency-free, so that every stage (training, serving jobs) can use it.
 """
@@ -20,6 +23,7 @@ import signal
 
 ENV_POINT = "CLTVIT_KILLPOINT"
 ENV_FD = "CLTVIT_KILLPOINT_FD"
+ENV_RANK = "CLTVIT_KILLPOINT_RANK"
 
 _reached: dict[str, int] = {}  # per-process counts of the armed point (the only state; tests set it via env)
 
@@ -27,6 +31,9 @@ _reached: dict[str, int] = {}  # per-process counts of the armed point (the only
 def _target() -> tuple[str, int] | None:
     spec = os.environ.get(ENV_POINT)
     if not spec:
+        return None
+    rank = os.environ.get(ENV_RANK)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return None
     name, _, count = spec.partition("@")
     return name, int(count) if count else 1

@@ -40,7 +40,7 @@ from bundle.provenance import machine_info  # noqa: E402
 from training.activations import ActivationStream  # noqa: E402
 from training.model.backbone import load_backbone  # noqa: E402
 from training.model.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
-from training.trainer import TrainConfig, make_optimizer, release_text_tower, train_step  # noqa: E402
+from training.trainer import Batch, TrainConfig, make_optimizer, release_text_tower, train_step  # noqa: E402
 
 
 MIN_RATIO = 0.5  # target: training FLOP/s ("needed" count) >= this fraction of the dense matmul rate
@@ -125,14 +125,14 @@ def main() -> None:
 
     x, y = stream.next_batch()
     mem["clt_created"] = rss_gib()
-    train_step(clt, opt, x, y, dead, cfg)  # warm-up: allocates gradients and Adam state
+    train_step(clt, opt, [Batch(x, y)], dead, cfg)  # warm-up: allocates gradients and Adam state
     mem["after_first_step"] = rss_gib()
     mm_before = matmul_flops(args.batch_tokens, d, args.features)
     step_s = []
     for _ in range(args.steps):
         x, y = stream.next_batch()
         t0 = time.perf_counter()
-        loss = train_step(clt, opt, x, y, dead, cfg)
+        loss = train_step(clt, opt, [Batch(x, y)], dead, cfg).loss
         step_s.append(time.perf_counter() - t0)
     mm_after = matmul_flops(args.batch_tokens, d, args.features)
     mm = (mm_before + mm_after) / 2

@@ -324,16 +324,16 @@ class ActivationCache:
 
 
 class _ImageIndex(Dataset):
-    """Items are the dataset indices themselves (0-d int64 tensors): what `CachedActivationStream` batches."""
+    """Item i is the dataset index images[i] (a 0-d int64 tensor): what `CachedActivationStream` batches."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, images: Sequence[int]) -> None:
+        self.images = images
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.tensor(i, dtype=torch.int64)
+        return torch.tensor(self.images[i], dtype=torch.int64)
 
 
 class CachedActivationStream(ActivationStream):
@@ -343,16 +343,17 @@ class CachedActivationStream(ActivationStream):
     `images_per_batch` images, the shuffling buffer, CLS copies, and the resumable position (a
     resumed run re-reads the buffered tokens' images from the cache). The images it iterates are
     dataset indices, so the batches are the stream's batches over the same images, with the cached
-    (float16) values.
+    (float16) values. `images` restricts it to those dataset indices (a data-parallel shard), as
+    `Subset(dataset, images)` restricts the ViT stream.
     """
 
-    def __init__(self, backbone: Backbone, cache: ActivationCache, **kwargs: Any) -> None:
+    def __init__(self, backbone: Backbone, cache: ActivationCache, images: Sequence[int] | None = None, **kwargs: Any) -> None:
         check_backbone_matches(cache.backbone, backbone, f"activation cache {cache.root}")
         tokens = kwargs.get("tokens", "all")
         if not cache.serves(tokens):
             raise CacheError(f"activation cache {cache.root} holds the {cache.tokens!r} tokens; training asks for {tokens!r}")
         kwargs["num_workers"] = 0  # reading indices needs no worker processes
-        super().__init__(backbone, _ImageIndex(cache.n_images), **kwargs)
+        super().__init__(backbone, _ImageIndex(range(cache.n_images) if images is None else images), **kwargs)
         self.cache = cache
 
     def _rows(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,16 @@
 
 Re-running the same command after an interruption resumes from the last checkpoint in --out.
 Bad arguments print one line `cltvit-train: error: argument --X: ...` and exit with status 2.
+
+Data parallel (docs/training.md): `torchrun --nproc-per-node N -m training.cli ARGS` or
+`cltvit-train --nproc N ARGS` (which starts that torchrun, on a free port) trains one CLT on N ranks.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -36,6 +41,7 @@ from .model.clt import CLTConfig
 from .model.vit import UnsupportedModel
 from .plan import PlanError, plan_memory, render_plan
 from .testing import random_clt
+from .distributed import World
 from .trainer import TrainConfig, TrainingError, release_text_tower, train_clt
 
 PROG = "cltvit-train"
@@ -89,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a checkpoint file; default: random weights")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("data parallel (docs/training.md)")
+    g.add_argument("--nproc", type=_int_at_least(1), default=None,
+                   help="train on N ranks: starts `torchrun --standalone --nproc-per-node N` with the other arguments "
+                        "(gloo on CPU, NCCL on CUDA: one GPU per rank); under torchrun, the world size it gives")
+    g.add_argument("--data-shards", type=_int_at_least(1), default=None,
+                   help="disjoint image shards, one batch of --batch-tokens from each per step (default: one per rank; "
+                        "a multiple of the world size: e.g. 2 on one process reproduces a 2-rank run's batches)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="dataset kind (required unless --activations or --plan)")
     g.add_argument("--activations", default=None, metavar="DIR",
@@ -137,22 +150,51 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("memory plan (--plan: print it and exit; nothing is trained or loaded)")
     g.add_argument("--plan", action="store_true", help="print parameters, gradient, Adam and activation memory per rank "
                    "for --model, --features, --k, --batch-tokens and --world-size, from the architecture's config")
-    g.add_argument("--world-size", type=_int_at_least(1), default=1, help="ranks of the planned run (default 1; "
-                   "--batch-tokens is the global batch, split over the ranks unless features are sharded)")
+    g.add_argument("--world-size", type=_int_at_least(1), default=None, help="ranks of the planned run (default: --nproc, "
+                   "else 1; data parallel: --batch-tokens per rank, from its own image shard)")
     g.add_argument("--shard-features", action="store_true", help="plan a feature-sharded CLT: F / world-size features per rank")
     g.add_argument("--device-memory", type=_positive_float, default=None, metavar="GIB",
                    help="memory of one device in GiB: the plan says whether a rank fits")
     return p
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Run `cltvit-train argv` on `nproc` ranks under torchrun (standalone: one machine, a free port);
+    returns torchrun's exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "training.cli", *_without_nproc(argv)]
+    return subprocess.call(cmd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cltvit-train`; returns 0, or exits with status 2 on a bad argument."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.plan:  # prints and exits: nothing is launched or loaded
+        if args.k > args.features:
+            parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
+        return _plan(parser, args)
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if args.nproc is not None and under_torchrun and args.nproc != int(os.environ["WORLD_SIZE"]):
+        parser.error(f"argument --nproc: {args.nproc}, but torchrun started {os.environ['WORLD_SIZE']} ranks")
+    if args.nproc is not None and args.nproc > 1 and not under_torchrun:
+        return launch_torchrun(args.nproc, argv)
     if args.k > args.features:
         parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
-    if args.plan:
-        return _plan(parser, args)
     for name in ("steps", "out"):
         if getattr(args, name) is None:
             parser.error(f"the following arguments are required: --{name}")
@@ -182,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(args.device)
     except (BackboneError, RuntimeError) as exc:
         parser.error(f"argument --device: {exc}")
+    world = World.from_env(device)
+    device = world.device(device)
+    if args.data_shards is not None and args.data_shards % world.size:
+        parser.error(f"argument --data-shards: {args.data_shards} is not a multiple of the world size {world.size}")
     dataset = None if cache is not None else _open_dataset(parser, args)
     try:
         backbone = load_backbone(args.model, args.pretrained, device=device, seed=backbone_seed)
@@ -227,17 +273,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             dead_after_tokens=args.dead_after_tokens,
             aux_coef=args.aux_coef,
             sparsity_coef=args.sparsity_coef,
+            data_shards=args.data_shards or 0,
         )
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, activations=cache)
+        _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, world=world,
+                               activations=cache)
     except TrainingError as exc:
         parser.error(f"argument {'--activations' if cache is not None and not (out / 'checkpoints').is_dir() else '--out'}: {exc}")
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
-    summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
-    print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
+    finally:
+        world.close()
+    if world.is_main:
+        summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
+        print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
     return 0
 
 
@@ -273,7 +324,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.model is None:
         parser.error("the following arguments are required: --model (the architecture to plan for)")
     try:
-        plan = plan_memory(args.model, args.features, args.k, args.batch_tokens, world_size=args.world_size,
+        plan = plan_memory(args.model, args.features, args.k, args.batch_tokens, world_size=args.world_size or args.nproc or 1,
                            shard_features=args.shard_features, activation=args.activation, cross_layer=not args.no_cross_layer,
                            aux=args.aux_coef > 0, tokens=args.tokens, cls_copies=args.cls_copies,
                            buffer_tokens=args.buffer_tokens, buffer_dtype=args.buffer_dtype,

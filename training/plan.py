@@ -28,9 +28,10 @@ on a rank and S feature shards (S = world size with `--shard-features`, else 1),
 Not counted: the CUDA context and allocator slack (budget ~1-2 GiB per GPU), the optimiser's
 per-tensor step counters, the host-side copies of checkpoints.
 
-Data parallel (no feature sharding): each rank holds the whole CLT and takes batch_tokens / world
-tokens of the global batch. Feature sharding (`--shard-features`): every rank holds F/world features
-and sees the whole batch.
+Data parallel (no feature sharding; `cltvit-train --nproc N`): each rank holds the whole CLT, its own
+image shard's shuffling buffer, and trains on a batch of `--batch-tokens` tokens from that shard (the
+global batch is N x batch_tokens). Feature sharding (`--shard-features`): every rank holds F/world
+features and sees the whole batch of batch_tokens tokens.
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def plan_memory(
         raise PlanError(f"buffer dtype must be one of {', '.join(_BUFFER_BYTES)}, got {buffer_dtype!r}")
     L, d, T = shape.layers, shape.width, shape.tokens
     F_r = n_features // shards
-    N_r = batch_tokens if shard_features else -(-batch_tokens // world_size)
+    N_r = batch_tokens  # data parallel: a batch from each rank's own shard; feature-sharded: the whole batch on every rank
     counts = clt_parameter_counts(L, d, n_features, cross_layer)
     sharded = {name: n // shards for name, n in counts.items() if name != "b_dec"}
     per_rank = sum(sharded.values()) + counts["b_dec"]
@@ -224,10 +225,11 @@ def render_plan(p: MemoryPlan, decoder_update: str = "in_backward") -> str:
     """The plan as the CLI prints it."""
     mode = (f"features sharded over {p.world_size} ranks ({p.features_per_rank} per rank), the whole batch on each"
             if p.shard_features else
-            f"data parallel over {p.world_size} rank(s), {p.tokens_per_rank} tokens per rank" if p.world_size > 1 else "one rank")
+            f"data parallel over {p.world_size} ranks, {p.tokens_per_rank} tokens per rank per step (global batch "
+            f"{p.world_size * p.tokens_per_rank})" if p.world_size > 1 else "one rank")
     lines = [
         f"{p.model}: L={p.layers}, d={p.d_model}, T={p.tokens_per_image}; CLT F={p.n_features}, k={p.k}, {p.activation}, "
-        f"{'cross-layer' if p.cross_layer else 'per-layer'}; batch {p.batch_tokens} tokens; {mode}",
+        f"{'cross-layer' if p.cross_layer else 'per-layer'}; --batch-tokens {p.batch_tokens}; {mode}",
         f"CLT parameters: {p.clt_parameters:,} in all, {p.parameters_per_rank:,} per rank ({p.trainable_per_rank:,} trainable)",
         "",
         "per rank:",

@@ -5,8 +5,9 @@
 - `metrics.jsonl`: one JSON line every `log_every` steps (`step`, `tokens`, `fvu` [L], `fvu_mean`,
   `l0` [L], `l0_mean`, `dead_fraction`, `lr`, `loss`, `aux`, `tokens_per_s`).
 - `checkpoints/step-XXXXXXXX/`: periodic checkpoints, each a complete `training.model.checkpoint`
-  directory plus `train_state.pt` (optimizer, step, RNG states, activation-stream position including
-  the provenance of the buffered tokens, dead-feature counters). A checkpoint is written and fsynced
+  directory plus `train_state.pt` (optimizer, step, world size, every rank's RNG states, every data
+  shard's activation-stream position including the provenance of its buffered tokens, dead-feature
+  counters). A checkpoint is written and fsynced
   under `step-XXXXXXXX.tmp`, then renamed; only complete `step-*` directories count, so a kill at any
   moment (mid-write, mid-rename, mid-cleanup) leaves the last complete checkpoint loadable. `LATEST`
   names the newest for people and scripts; old checkpoints are renamed away before being deleted.
@@ -18,6 +19,15 @@ count; tested with real SIGKILLs in tests/training/test_resume.py). Kill points 
 (`bundle.killpoints`): `train.step` after every optimiser step, `checkpoint.weights_written` (in
 `save_checkpoint`, between the weights and their JSON), `checkpoint.state_written` (before the
 rename), `checkpoint.renamed` (before `LATEST`), `checkpoint.pruning` (an old checkpoint half gone).
+
+Data parallel (`world`, a `training.distributed.World` of N ranks started by torchrun): the images
+are split into S = `data_shards` (default N) disjoint shards, each streamed into its own shuffling
+buffer; rank r owns shards r*S/N .. (r+1)*S/N - 1. A step trains on one batch from every shard (the
+loss is their mean): each rank backpropagates its shards' share, gradients are summed over ranks
+(explicit all-reduce: gloo on CPU, NCCL on CUDA), so every rank keeps the same weights; firing
+statistics and BatchTopK thresholds are combined over shards. Rank 0 logs and writes; a checkpoint
+gathers every shard's stream and every rank's RNG state. A run resumes only with the world size it
+was trained with (tests/training/test_data_parallel.py: real torchrun processes, kills included).
 """
 from __future__ import annotations
 
@@ -28,11 +38,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from bundle.atomic import replaced, write_text_atomic
@@ -40,6 +50,7 @@ from bundle.killpoints import killpoint
 
 from .activations import ActivationStream
 from .cache import ActivationCache, CacheError, CachedActivationStream
+from .distributed import World
 from .model.backbone import Backbone, BackboneError
 from .model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model.clt import CLTConfig, CrossLayerTranscoder
@@ -99,6 +110,11 @@ class TrainConfig:
     # for ViT-B-32 at F=6144); the other parameters are clipped jointly. "after": one global clip
     # and one AdamW step after backward.
     decoder_update: Literal["in_backward", "after"] = "in_backward"
+    # data parallel: the images are split into `data_shards` disjoint shards, each streamed into its own
+    # shuffling buffer; one step trains on a batch of `batch_tokens` from every shard (the loss is their
+    # mean). 0: one shard per rank. A run with more shards than ranks gives each rank several (so one
+    # process can reproduce an N-rank run's global batches).
+    data_shards: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -107,7 +123,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies", "cls_dead_after"):
+        for name in ("warmup_steps", "num_workers", "eval_batches", "dead_after_tokens", "aux_k", "cls_copies", "cls_dead_after",
+                     "data_shards"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -148,6 +165,8 @@ class TrainConfig:
         if not self.cls_aux_coef:  # off: its settings fix nothing, and runs recorded before it existed stay comparable
             for name in _CLS_AUX:
                 del d[name]
+        if not self.data_shards:  # one per rank (the world size is checked on its own on resume)
+            del d["data_shards"]
         return d
 
 
@@ -228,25 +247,61 @@ class DecoderInBackwardAdamW:
     decoder) never coexist. The other parameters use one AdamW, stepped by `step()` after the
     caller's (joint) clipping. Looks like an optimizer to the trainer: `param_groups`, `zero_grad`,
     `step`, `state_dict`, `load_state_dict`; `close()` removes the hooks.
+
+    Data parallel (`reduce_grad`, summing a gradient over ranks in place): every rank must reduce the
+    decoder tensors in the same order, but the order in which backward completes them can differ
+    between ranks (their graphs differ where, say, one rank's batch has no CLS row). So tensors are
+    reduced and stepped in a fixed order, W_dec[L-1] down to W_dec[0] (the order backward usually
+    completes them in): a hook whose tensor is not next keeps its gradient until it is; `finish()`
+    (after backward) steps any still waiting.
     """
 
-    def __init__(self, clt: CrossLayerTranscoder, cfg: "TrainConfig") -> None:
+    def __init__(self, clt: CrossLayerTranscoder, cfg: "TrainConfig",
+                 reduce_grad: Callable[[torch.Tensor], Any] | None = None) -> None:
         enc = [p for n, p in clt.named_parameters() if p.requires_grad and n.startswith("W_enc")]
         other = [p for n, p in clt.named_parameters() if p.requires_grad and not n.startswith(("W_enc", "W_dec"))]
         self.main = _adamw(enc, cfg.weight_decay, cfg)
         self.main.add_param_group({"params": other, "weight_decay": 0.0})
         self.decoder = [_adamw([p], cfg.weight_decay, cfg) for p in clt.W_dec]
         self.grad_clip = cfg.grad_clip
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(o)) for p, o in zip(clt.W_dec, self.decoder)]
+        self.reduce_grad = reduce_grad
+        self._params = list(clt.W_dec)
+        self._ready = [False] * len(self._params)
+        self._next = len(self._params) - 1  # the next decoder tensor to reduce and step (data parallel)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(clt.W_dec)]
 
-    def _make_hook(self, opt: torch.optim.Optimizer):
+    def _step_decoder(self, i: int) -> None:
+        p = self._params[i]
+        if self.reduce_grad is not None:
+            self.reduce_grad(p.grad)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p], self.grad_clip)
+        self.decoder[i].step()
+        p.grad = None
+
+    def _make_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p], self.grad_clip)
-            opt.step()
-            p.grad = None
+            if self.reduce_grad is None:
+                self._step_decoder(i)
+                return
+            self._ready[i] = True
+            while self._next >= 0 and self._ready[self._next]:
+                self._step_decoder(self._next)
+                self._next -= 1
 
         return hook
+
+    def finish(self) -> None:
+        """After backward: step the decoder tensors still waiting for their turn (data parallel only)."""
+        if self.reduce_grad is not None:
+            while self._next >= 0:
+                p = self._params[self._next]
+                if p.grad is None:  # every rank takes part in every reduction, in the same order
+                    p.grad = torch.zeros_like(p)
+                self._step_decoder(self._next)
+                self._next -= 1
+            self._ready = [False] * len(self._params)
+            self._next = len(self._params) - 1
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -276,10 +331,12 @@ class DecoderInBackwardAdamW:
         self._hooks = []
 
 
-def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
-    """AdamW over the trainable parameters (weight decay on weight matrices only); see `decoder_update`."""
+def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig, reduce_grad: Callable[[torch.Tensor], Any] | None = None
+                   ) -> torch.optim.Optimizer | DecoderInBackwardAdamW:
+    """AdamW over the trainable parameters (weight decay on weight matrices only); see `decoder_update`.
+    `reduce_grad` (data parallel): sums a gradient over ranks, for the decoder steps taken inside backward."""
     if cfg.decoder_update == "in_backward":
-        return DecoderInBackwardAdamW(clt, cfg)
+        return DecoderInBackwardAdamW(clt, cfg, reduce_grad)
     decay, no_decay = [], []
     for name, p in clt.named_parameters():
         if not p.requires_grad:
@@ -381,35 +438,111 @@ def batch_metrics(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, t
 
 
 # ---------------------------------------------------------------------- training loop
+class Batch(NamedTuple):
+    """One shard's batch: raw activations x, y [L, N, d] and `cls_rows` [N] bool (None: no CLS marking)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    cls_rows: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    """One optimiser step over every shard's batch: the loss terms (means over shards; `fired` and
+    `fired_cls` over all of them), and the tokens and CLS rows it trained on (all ranks together)."""
+
+    loss: CLTLoss
+    tokens: int
+    cls_rows: int
+
+
+def _trained_buffer(clt: CrossLayerTranscoder) -> torch.Tensor | None:
+    """The buffer the training rule updates as it selects (BatchTopK's thresholds [L]), or None."""
+    name = clt.sparsifier.state_name
+    return None if name is None or name not in dict(clt.named_buffers()) else getattr(clt, name)
+
+
 def train_step(
     clt: CrossLayerTranscoder,
     opt: torch.optim.Optimizer | DecoderInBackwardAdamW,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Sequence[Batch],
     dead: torch.Tensor,
     cfg: TrainConfig,
-    cls_rows: torch.Tensor | None = None,
     cls_dead: torch.Tensor | None = None,
-) -> CLTLoss:
-    """One optimiser step on raw activations x, y [L, N, d] (bf16 autocast on CUDA); returns the loss terms.
+    world: World = World(),
+    n_shards: int = 1,
+) -> StepResult:
+    """One optimiser step on this rank's shard batches (bf16 autocast on CUDA).
 
-    `cls_rows` [N] bool marks the CLS-token rows and `cls_dead` [L, F] the features dead at the CLS
-    token (for CLS AuxK, `cfg.cls_aux_coef` > 0).
+    `dead` [L, F] marks the features for AuxK, `cls_dead` [L, F] those dead at the CLS token (CLS AuxK,
+    `cfg.cls_aux_coef` > 0). The batches' x and y are consumed: they are normalised in place.
 
-    x and y are consumed: they are normalised in place.
+    One shard in all (`n_shards` == 1): the loss of that batch, backward, clipping, AdamW, exactly the
+    single-process step. Several (data parallel, or one process reproducing it): the loss is the mean
+    over all `n_shards` shards; this rank backpropagates its shards' share, the gradients are summed
+    over ranks (`world`) before clipping and stepping, BatchTopK's thresholds become the mean of each
+    shard's update from the same start, and the returned statistics cover every shard. So all ranks
+    hold the same weights and statistics after every step.
 
     With `DecoderInBackwardAdamW` the decoder tensors are already updated when backward returns;
     clipping and `step()` here cover the remaining parameters (those that still hold a gradient).
     """
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        loss = clt_loss(clt, x, y, cfg.loss_config(), dead=dead if cfg.aux_coef > 0 else None, cls_rows=cls_rows,
-                        cls_dead=cls_dead if cfg.cls_aux_coef > 0 else None, inplace=True)
+    lcfg = cfg.loss_config()
+    several = n_shards > 1
+    rule = _trained_buffer(clt) if several else None
+    start = rule.clone() if rule is not None else None
+    ends, losses = [], []
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=batches[0].x.device.type == "cuda"):
+        for b in batches:
+            if start is not None:
+                rule.copy_(start)  # type: ignore[union-attr]
+            losses.append(clt_loss(clt, b.x, b.y, lcfg, dead=dead if cfg.aux_coef > 0 else None, cls_rows=b.cls_rows,
+                                   cls_dead=cls_dead if cfg.cls_aux_coef > 0 else None, inplace=True))
+            if start is not None:
+                ends.append(rule.clone())  # type: ignore[union-attr]
     opt.zero_grad(set_to_none=True)
-    loss.total.float().backward()
+    total = losses[0].total if not several else torch.stack([l.total for l in losses]).sum() / n_shards
+    total.float().backward()
+    if several:
+        if isinstance(opt, DecoderInBackwardAdamW):
+            opt.finish()
+        for p in clt.parameters():  # a fixed order on every rank
+            if p.requires_grad and p.grad is not None:
+                world.all_reduce_(p.grad)
+        if rule is not None:
+            rule.copy_(world.all_reduce_(torch.stack(ends).sum(0)) / n_shards)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in clt.parameters() if p.grad is not None], cfg.grad_clip)
     opt.step()
-    return loss
+    if not several:
+        b, loss = batches[0], losses[0]
+        return StepResult(loss, b.x.shape[1], int(b.cls_rows.sum()) if b.cls_rows is not None else 0)
+    return _combined(losses, batches, world, n_shards)
+
+
+@torch.no_grad()
+def _combined(losses: list[CLTLoss], batches: Sequence[Batch], world: World, n_shards: int) -> StepResult:
+    """The step's statistics over every shard of every rank: one all-reduce of the packed sums."""
+    L, Fn = losses[0].fired.shape
+    dev = losses[0].fired.device
+    with_cls = losses[0].fired_cls is not None
+    scalars = torch.tensor([[float(l.total.detach()), float(l.aux), float(l.sparsity),
+                             float(l.cls_aux) if l.cls_aux is not None else 0.0, float(l.cls_aux is not None),
+                             float(b.x.shape[1]), float(b.cls_rows.sum()) if b.cls_rows is not None else 0.0]
+                            for l, b in zip(losses, batches)], dtype=torch.float64, device=dev).sum(0)
+    parts = [scalars, torch.stack([l.fvu.double() for l in losses]).sum(0), torch.stack([l.l0.double() for l in losses]).sum(0),
+             torch.stack([l.fired for l in losses]).any(0).double().reshape(-1)]
+    if with_cls:
+        parts.append(torch.stack([l.fired_cls for l in losses]).any(0).double().reshape(-1))  # type: ignore[misc]
+    packed = world.all_reduce_(torch.cat(parts))
+    total, aux, sparsity, cls_aux, n_cls_aux, tokens, cls_rows = packed[:7].tolist()
+    fvu, l0 = packed[7 : 7 + L] / n_shards, packed[7 + L : 7 + 2 * L] / n_shards
+    fired = packed[7 + 2 * L : 7 + 2 * L + L * Fn].reshape(L, Fn) > 0
+    fired_cls = packed[7 + 2 * L + L * Fn :].reshape(L, Fn) > 0 if with_cls else None
+    loss = CLTLoss(total=torch.tensor(total / n_shards), fvu=fvu.float(), aux=torch.tensor(aux / n_shards),
+                   sparsity=torch.tensor(sparsity / n_shards), l0=l0.float(), fired=fired,
+                   cls_aux=torch.tensor(cls_aux / n_cls_aux) if n_cls_aux else None, fired_cls=fired_cls)
+    return StepResult(loss, int(tokens), int(cls_rows))
 
 
 class FiringStats:
@@ -432,13 +565,13 @@ class FiringStats:
         """[L, F] bool."""
         return self.since_cls >= after_rows
 
-    def update(self, loss: CLTLoss, n_tokens: int, cls_rows: torch.Tensor | None) -> None:
-        """Count one batch of `n_tokens` tokens (`cls_rows` [N] bool marks its CLS rows) and reset what fired."""
-        self.since += n_tokens
-        self.since[loss.fired] = 0
-        if cls_rows is not None and loss.fired_cls is not None:
-            self.since_cls += int(cls_rows.sum())
-            self.since_cls[loss.fired_cls] = 0
+    def update(self, step: StepResult) -> None:
+        """Count one step's tokens and CLS rows, and reset the counters of the features that fired."""
+        self.since += step.tokens
+        self.since[step.loss.fired] = 0
+        if step.loss.fired_cls is not None:
+            self.since_cls += step.cls_rows
+            self.since_cls[step.loss.fired_cls] = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"since_fired": self.since.cpu(), "since_fired_cls": self.since_cls.cpu()}
@@ -504,12 +637,21 @@ class Position:
     tokens: int = 0
 
 
-def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, opt: Any, stream: ActivationStream,
-           firing: FiringStats, cfg: TrainConfig) -> Position | None:
-    """Restore a run from `ckpt`'s newest complete checkpoint into clt, opt, stream, firing statistics and
-    the global RNGs; None when there is none. Refuses (TrainingError) a checkpoint made with another CLT
-    config or other training settings (bookkeeping settings aside)."""
-    latest = ckpt.latest()
+def _shard_states(state: dict[str, Any]) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(world size, stream state per shard, RNG state per rank) of a `train_state.pt` (a single-process
+    run's from before data parallel holds one stream and one RNG state)."""
+    if "streams" in state:
+        return int(state["world_size"]), list(state["streams"]), list(state["rng"])
+    return 1, [state["stream"]], [state["rng"]]
+
+
+def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, opt: Any, streams: dict[int, ActivationStream],
+           firing: FiringStats, cfg: TrainConfig, world: World = World()) -> Position | None:
+    """Restore a run from `ckpt`'s newest complete checkpoint (the one rank 0 sees) into clt, opt, this
+    rank's shard streams (`streams`: shard -> stream), firing statistics and this rank's global RNGs;
+    None when there is none. Refuses (TrainingError) a checkpoint made with another CLT config, other
+    training settings (bookkeeping settings aside) or another world size."""
+    latest = world.broadcast_object(ckpt.latest())
     if latest is None:
         return None
     out = ckpt.root.parent
@@ -522,70 +664,88 @@ def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder, op
             f"{out} holds a run with CLT config {saved.cfg.to_dict()}, not {clt.cfg.to_dict()}; "
             f"use another output directory"
         )
-    clt.load_state_dict(saved.state_dict())
     state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
     was, now = (_recipe_fields(c) for c in (state.get("train_config", {}), cfg.to_dict()))
     if was != now:
         changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
         raise TrainingError(f"{out} holds a run with other training settings ({', '.join(changed)} differ); "
                             f"use another output directory")
+    saved_world, stream_states, rng_states = _shard_states(state)
+    if saved_world != world.size:
+        raise TrainingError(f"{out} holds a run trained with world size {saved_world}, but this run has world size "
+                            f"{world.size}: resume it with {saved_world} processes (torchrun --nproc-per-node "
+                            f"{saved_world}) or use another output directory")
+    clt.load_state_dict(saved.state_dict())
     opt.load_state_dict(state["optimizer"])
-    try:
-        stream.load_state_dict(state["stream"])
-    except ValueError as exc:  # another data source (cache vs ViT stream), or a buffer this stream cannot hold
-        raise TrainingError(f"cannot resume {out}: {exc}") from None
+    for shard, stream in streams.items():
+        try:
+            stream.load_state_dict(stream_states[shard])
+        except ValueError as exc:  # another data source (cache vs ViT stream), or a buffer this stream cannot hold
+            raise TrainingError(f"cannot resume {out}: {exc}") from None
     firing.load_state_dict(state)
-    _set_rng_state(state["rng"])
-    print(f"resuming from {latest} (step {int(state['step'])} of {cfg.steps})", flush=True)
+    _set_rng_state(rng_states[world.rank])
+    if world.is_main:
+        print(f"resuming from {latest} (step {int(state['step'])} of {cfg.steps})", flush=True)
     return Position(int(state["step"]), int(state["tokens"]))
 
 
-def train_state(pos: Position, opt: Any, stream: ActivationStream, firing: FiringStats, cfg: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint's `train_state.pt` holds besides the weights (see `resume`)."""
+def train_state(pos: Position, opt: Any, streams: dict[int, ActivationStream], firing: FiringStats, cfg: TrainConfig,
+                world: World = World()) -> dict[str, Any] | None:
+    """What a checkpoint's `train_state.pt` holds besides the weights (see `resume`): on rank 0, with every
+    shard's stream position and every rank's RNG state (gathered: every rank must call this); None elsewhere."""
+    mine = {"streams": {s: stream.state_dict() for s, stream in streams.items()}, "rng": _rng_state()}
+    gathered = world.all_gather_object(mine)
+    if not world.is_main:
+        return None
+    shards = {s: st for g in gathered for s, st in g["streams"].items()}
     return {
         "step": pos.step,
         "tokens": pos.tokens,
         "optimizer": opt.state_dict(),
-        "stream": stream.state_dict(),
+        "world_size": world.size,
+        "streams": [shards[s] for s in range(len(shards))],
         **firing.state_dict(),
-        "rng": _rng_state(),
+        "rng": [g["rng"] for g in gathered],
         "train_config": cfg.to_dict(),
     }
 
 
-def make_stream(backbone: Backbone, dataset: Dataset | None, cfg: TrainConfig,
+def shard_of(dataset: Dataset, shard: int, n_shards: int) -> Dataset:
+    """Images shard, shard + n_shards, shard + 2 n_shards, ... of `dataset` (the whole of it for one shard)."""
+    if n_shards == 1:
+        return dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < n_shards:
+        raise TrainingError(f"the dataset has {n} images, fewer than the {n_shards} data shards")
+    return Subset(dataset, range(shard, n, n_shards))
+
+
+def make_stream(backbone: Backbone, dataset: Dataset | None, cfg: TrainConfig, shard: int = 0, n_shards: int = 1,
                 activations: ActivationCache | None = None) -> ActivationStream:
-    """The activation stream `cfg` describes over `dataset`, or over the cached rows of `activations`
-    (`training.cache.CachedActivationStream`: the same order and batches, no ViT pass)."""
+    """The activation stream `cfg` describes over shard `shard` of `n_shards` of `dataset` (its own seed), or
+    over the same shard of the cached images of `activations` (`training.cache.CachedActivationStream`: the
+    same order and batches, no ViT pass)."""
     kwargs: dict[str, Any] = dict(
         tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens,
         buffer_tokens=cfg.buffer_tokens,
         images_per_batch=cfg.images_per_batch,
-        seed=cfg.seed,
+        seed=cfg.seed + 7919 * shard,
         num_workers=cfg.num_workers,
         dtype=_dtype(cfg.buffer_dtype),
         cls_copies=cfg.cls_copies,
     )
     if activations is not None:
+        n = activations.n_images
+        if n < n_shards:
+            raise TrainingError(f"the activation cache has {n} images, fewer than the {n_shards} data shards")
         try:
-            return CachedActivationStream(backbone, activations, **kwargs)
+            return CachedActivationStream(backbone, activations, images=range(shard, n, n_shards), **kwargs)
         except (CacheError, BackboneError) as exc:
             raise TrainingError(str(exc)) from None
     if dataset is None:
         raise TrainingError("training needs a dataset or an activation cache")
-    return ActivationStream(backbone, dataset, **kwargs)
-
-
-def data_description(dataset: Dataset | None, stream: ActivationStream, activations: ActivationCache | None = None) -> dict[str, Any]:
-    """What a checkpoint records about the training data: the source's description and the stream's settings."""
-    if activations is not None:
-        source = activations.description()
-    elif hasattr(dataset, "description"):
-        source = dataset.description()  # type: ignore[union-attr]
-    else:
-        source = {"name": type(dataset).__name__, "size": len(dataset)}  # type: ignore[arg-type]
-    return {**source, **stream.description()}
+    return ActivationStream(backbone, shard_of(dataset, shard, n_shards), **kwargs)
 
 
 def train_clt(
@@ -595,6 +755,7 @@ def train_clt(
     train_cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
+    world: World = World(),
     activations: ActivationCache | None = None,
 ) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
@@ -603,69 +764,97 @@ def train_clt(
     of running the ViT over `dataset` (which may then be None): same order, same batches, the cached
     float16 values (training.cache).
 
-    Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`, `l0` [L],
-    `l0_mean`, `dead_fraction`, `steps`, `tokens`).
+    Data parallel when `world` has several ranks (every rank calls this with the same arguments; see
+    the module docstring): rank r streams its data shards, gradients are summed over ranks, rank 0 logs
+    and writes. Returns (the trained CLT in eval mode, final metrics: eval-mode `fvu` [L], `fvu_mean`,
+    `l0` [L], `l0_mean`, `dead_fraction`, `steps`, `tokens`), on every rank.
     """
     cfg = train_cfg
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if (clt_cfg.n_layers, clt_cfg.d_model) != (backbone.n_layers, backbone.d_model):
         raise TrainingError(
             f"CLT config has L={clt_cfg.n_layers}, d_model={clt_cfg.d_model} but the backbone "
             f"{backbone.spec.model} has L={backbone.n_layers}, d_model={backbone.d_model}"
         )
+    n_shards = cfg.data_shards or world.size
+    if n_shards % world.size:
+        raise TrainingError(f"data_shards={n_shards} is not a multiple of the world size {world.size}")
+    per_rank = n_shards // world.size
     device = backbone.device
     seed_everything(cfg.seed)
     clt = CrossLayerTranscoder(clt_cfg).to(device).train()
-    opt = make_optimizer(clt, cfg)
-    stream = make_stream(backbone, dataset, cfg, activations)
-    data_desc = data_description(dataset, stream, activations)
+    opt = make_optimizer(clt, cfg, world.all_reduce_ if world.distributed else None)
+    streams = {s: make_stream(backbone, dataset, cfg, s, n_shards, activations)
+               for s in range(world.rank * per_rank, (world.rank + 1) * per_rank)}
+    if activations is not None:
+        source, n_images = activations.description(), activations.n_images
+    else:
+        source = dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}  # type: ignore[union-attr, arg-type]
+        n_images = len(dataset)  # type: ignore[arg-type]
+    data_desc = {
+        **source,
+        **next(iter(streams.values())).description(),
+        **({"data_shards": n_shards, "images": n_images} if n_shards > 1 else {}),
+    }
     firing = FiringStats(clt_cfg.n_layers, clt_cfg.n_features, device)
     ckpt = Checkpointer(out, cfg.keep_checkpoints)
-    log = MetricsLog(out / METRICS)
-    resumed = resume(ckpt, backbone, clt, opt, stream, firing, cfg)
+    resumed = resume(ckpt, backbone, clt, opt, streams, firing, cfg, world)
     pos = resumed or Position()
     if resumed is None:
-        x, y = stream.peek(cfg.norm_tokens)
-        clt.fit_normalisation(x, y)
-        del x, y
-    log.start(None if resumed is None else pos.step)
+        if world.is_main:  # from shard 0's tokens, whatever the world size
+            x, y = streams[0].peek(cfg.norm_tokens)
+            clt.fit_normalisation(x, y)
+            del x, y
+        for t in clt.state_dict().values():  # every rank starts from rank 0's weights
+            world.broadcast_(t)
+    log = MetricsLog(out / METRICS) if world.is_main else None
+    if log is not None:
+        log.start(None if resumed is None else pos.step)
 
-    bar = tqdm(total=cfg.steps, initial=pos.step, disable=not progress, desc="train CLT", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=pos.step, disable=not progress or not world.is_main, desc="train CLT", dynamic_ncols=True)
     t_start, tokens_start = time.perf_counter(), pos.tokens
     try:
         while pos.step < cfg.steps:
             lr = cfg.lr_at(pos.step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = stream.next_batch()
+            batches = []
+            for stream in streams.values():
+                x, y = stream.next_batch()
+                batches.append(Batch(x, y, stream.last_cls if cfg.tokens == "all" else None))
             dead = firing.dead(cfg.dead_after_tokens)
-            cls_rows = stream.last_cls if cfg.tokens == "all" else None
             cls_dead = firing.cls_dead(cfg.cls_dead_after)
-            loss = train_step(clt, opt, x, y, dead, cfg, cls_rows, cls_dead)
-            firing.update(loss, x.shape[1], cls_rows)
+            done = train_step(clt, opt, batches, dead, cfg, cls_dead, world, n_shards)
+            firing.update(done)
             pos.step += 1
-            pos.tokens += x.shape[1]
+            pos.tokens += done.tokens
             killpoint("train.step")
             bar.update(1)
-            if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
+            if log is not None and (pos.step % cfg.log_every == 0 or pos.step == cfg.steps):
                 speed = (pos.tokens - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
-                row = metrics_row(pos.step, pos.tokens, loss, dead, cls_dead if cls_rows is not None else None, lr, speed)
+                row = metrics_row(pos.step, pos.tokens, done.loss, dead, cls_dead if cfg.tokens == "all" else None, lr, speed)
                 log.write(row)
                 bar.set_postfix(fvu=f"{row['fvu_mean']:.3f}", l0=f"{row['l0_mean']:.1f}", dead=f"{row['dead_fraction']:.2f}")
             if pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.steps:
-                ckpt.save(pos.step, clt, backbone, train_state(pos, opt, stream, firing, cfg), data=data_desc,
-                          train_config=cfg.to_dict())
+                state = train_state(pos, opt, streams, firing, cfg, world)
+                if state is not None:
+                    ckpt.save(pos.step, clt, backbone, state, data=data_desc, train_config=cfg.to_dict())
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         bar.close()
         if isinstance(opt, DecoderInBackwardAdamW):
             opt.close()
 
-    eval_data = [stream.next_batch() for _ in range(cfg.eval_batches)]
-    final = batch_metrics(clt, eval_data)
-    final.update(steps=pos.step, tokens=pos.tokens, dead_fraction=float(firing.dead(cfg.dead_after_tokens).float().mean()))
-    save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=pos.step)
+    final: dict[str, Any] | None = None
+    if world.is_main:  # shard 0's next batches, whatever the world size
+        eval_data = [streams[0].next_batch() for _ in range(cfg.eval_batches)]
+        final = batch_metrics(clt, eval_data)
+        final.update(steps=pos.step, tokens=pos.tokens, dead_fraction=float(firing.dead(cfg.dead_after_tokens).float().mean()))
+        save_checkpoint(out, clt, backbone.identity(), data=data_desc, train_config=cfg.to_dict(), metrics=final, step=pos.step)
+    final = world.broadcast_object(final)
     return clt.eval(), final
 
 

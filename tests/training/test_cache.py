@@ -137,6 +137,17 @@ def test_training_from_cache_equals_training_from_stream(backbone, images, cache
         train_clt(backbone, images, clt_cfg, cfg, tmp_path / "cache", progress=False)
 
 
+def test_data_shards_from_cache_equal_data_shards_from_stream(backbone, images, cache_dir, tmp_path):
+    """Two data shards in one process (the batches of a 2-rank data-parallel run): shard s reads the cached
+    images s, s + 2, ... as it would stream them, so the weights are the float16 stream's."""
+    images, cfg = Subset(images, range(60)), train_cfg(steps=4, data_shards=2, checkpoint_every=4)
+    clt_cfg = CLTConfig(n_layers=backbone.n_layers, d_model=backbone.d_model, n_features=32, k=4)
+    train_clt(backbone, images, clt_cfg, cfg, tmp_path / "stream", progress=False)
+    train_clt(backbone, None, clt_cfg, cfg, tmp_path / "cache", progress=False, activations=ActivationCache(cache_dir, limit=60))
+    ws, wc = load_file(tmp_path / "stream" / "clt.safetensors"), load_file(tmp_path / "cache" / "clt.safetensors")
+    assert all(torch.equal(ws[k], wc[k]) for k in ws)
+
+
 def corrupt(src: Path, dst: Path, shard: str, how: str) -> Path:
     shutil.copytree(src, dst)
     path = dst / shard

@@ -36,23 +36,24 @@ def test_vit_parameter_count_matches_open_clip(model):
 
 
 def test_memory_arithmetic_matches_a_hand_computation():
-    # L = 2 layers, d = 4, T = (4 / 2)^2 + 1 = 5 tokens, F = 8, k = 2, global batch 6 tokens, 2 ranks
+    # L = 2 layers, d = 4, T = (4 / 2)^2 + 1 = 5 tokens, F = 8, k = 2, 6 tokens per step on each of 2 ranks
     shape = VitShape("toy", layers=2, width=4, heads=1, mlp_width=16, patch_size=2, image_size=4, embed_dim=3)
     common = dict(world_size=2, aux=False, buffer_tokens=10, images_per_batch=2, stream=False)
     # parameters: W_enc 2*4*8 = 64, b_enc 16, log_threshold 16, W_dec (2 + 1 blocks) * 8 * 4 = 96, b_dec 8 -> 200
     dp = plan_memory(shape, 8, 2, 6, **common)
-    assert (dp.clt_parameters, dp.parameters_per_rank, dp.trainable_per_rank, dp.tokens_per_rank) == (200, 200, 184, 3)
+    assert (dp.clt_parameters, dp.parameters_per_rank, dp.trainable_per_rank, dp.tokens_per_rank) == (200, 200, 184, 6)
     assert dp.bytes == {
         "parameters": 4 * 200 + 4 * 6,  # + 3 buffers of L = 2 scalars
         "gradients": 4 * (184 - 96 + 2 * 8 * 4),  # the decoder's gradients one tensor at a time: W_dec[0] [2, 8, 4]
         "adam": 2 * 4 * 184,
         # x, y, reconstruction, residual, gradient (5 x L x N x d) + one layer's pre-activations (N x F), fp32;
         # 20 bytes per selected (token, feature) of every layer (L x N x k)
-        "activations": 4 * (5 * 2 * 3 * 4 + 3 * 8) + 20 * 2 * 3 * 2,
-        "buffer": (10 + 2 * 5) * 2 * 2 * 4 * 4,  # rows: buffer + one refill group; 2 slots x L x d fp32 each
+        "activations": 4 * (5 * 2 * 6 * 4 + 6 * 8) + 20 * 2 * 6 * 2,
+        # rows: the buffer (at least two batches: 12 > 10) + one refill group of 2 images; 2 slots x L x d fp32 each
+        "buffer": (12 + 2 * 5) * 2 * 2 * 4 * 4,
         "vit": 0,
     }
-    assert dp.total == 824 + 608 + 1472 + 816 + 1280
+    assert dp.total == 824 + 608 + 1472 + 1632 + 1408
     # features sharded over the 2 ranks: F / 2 = 4 per rank, the whole batch of 6 tokens on each
     fs = plan_memory(shape, 8, 2, 6, shard_features=True, **common)
     assert (fs.parameters_per_rank, fs.trainable_per_rank, fs.tokens_per_rank, fs.features_per_rank) == (104, 96, 6, 4)
@@ -61,11 +62,11 @@ def test_memory_arithmetic_matches_a_hand_computation():
         "gradients": 4 * (96 - 48 + 2 * 4 * 4),
         "adam": 2 * 4 * 96,
         "activations": 4 * (5 * 2 * 6 * 4 + 6 * 4 + 6 * 2 * 2) + 20 * 2 * 6 * 2,  # + all-gathered candidates N x k x ranks
-        "buffer": (12 + 2 * 5) * 2 * 2 * 4 * 4,  # the buffer holds at least two batches
+        "buffer": (12 + 2 * 5) * 2 * 2 * 4 * 4,
         "vit": 0,
     }
-    assert plan_memory(shape, 8, 2, 6, **common, device_memory_gib=5000 / 2**30).fits is True
-    assert plan_memory(shape, 8, 2, 6, **common, device_memory_gib=4999 / 2**30).fits is False
+    assert plan_memory(shape, 8, 2, 6, **common, device_memory_gib=5944 / 2**30).fits is True
+    assert plan_memory(shape, 8, 2, 6, **common, device_memory_gib=5943 / 2**30).fits is False
     with pytest.raises(PlanError, match="divisible"):
         plan_memory(shape, 8, 2, 6, world_size=3, shard_features=True)
 

@@ -84,7 +84,7 @@ def assert_loadable(out: Path, step: int) -> None:
     clt, meta = load_checkpoint(latest, backbone)  # checks the weights against their recorded sha256
     assert meta["step"] == step and clt.cfg.n_features == 64
     state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-    assert state["step"] == step and state["stream"]["buffer"]["n"] > 0
+    assert state["step"] == step and state["world_size"] == 1 and state["streams"][0]["buffer"]["n"] > 0
 
 
 def flat(obj, prefix: str = "") -> dict[str, object]:

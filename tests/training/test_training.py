@@ -201,7 +201,7 @@ def test_bad_cli_argument_gives_one_line_error_and_status_2(tmp_path, capsys, ar
 
 def test_decoder_update_in_backward_matches_a_plain_adamw_step():
     from training.model.clt import CrossLayerTranscoder
-    from training.trainer import DecoderInBackwardAdamW, make_optimizer, train_step
+    from training.trainer import Batch, DecoderInBackwardAdamW, make_optimizer, train_step
 
     torch.manual_seed(0)
     base = CrossLayerTranscoder(CLTConfig(3, 16, 48, k=4)).train()
@@ -215,7 +215,7 @@ def test_decoder_update_in_backward_matches_a_plain_adamw_step():
         cfg = TrainConfig(steps=3, lr=1e-2, grad_clip=1e6, decoder_update=mode)
         opt = make_optimizer(clt, cfg)
         for _ in range(3):
-            train_step(clt, opt, x.clone(), y.clone(), dead, cfg)  # the step normalises its batch in place
+            train_step(clt, opt, [Batch(x.clone(), y.clone())], dead, cfg)  # the step normalises its batch in place
         if isinstance(opt, DecoderInBackwardAdamW):
             assert all(p.grad is None for p in clt.W_dec)  # freed right after their in-backward step
             opt.close()
