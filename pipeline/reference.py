@@ -14,7 +14,9 @@ match is skipped on the next call):
 - `clip`: clip/model.pt (open_clip state dict; load with `load_backbone("cltvit-ref", "DIR/clip/model.pt")`), clip/clip.json
 - `clt`: clt/clt.safetensors + clt/clt.json (final CLT), clt/train/ (trainer run)
 - `seeds` (only with `clt_seeds` > 1): seeds/seed<s>/ (the CLT retrained with seed s = 1, 2, ...),
-  seeds/seeds.json + seeds/seeds.md (fidelity of every seed, seed 0 being clt/, with mean and worst)
+  seeds/seeds.json + seeds/seeds.md (fidelity of every seed, seed 0 being clt/, with mean and worst);
+  with `seeds_from_cache` (the default) the seeds train from activations/ (`training.cache`: the CLIP's
+  MLP inputs/outputs over the training images, float16, written once) instead of re-running the CLIP
 - `comparison`: comparison/comparison.json, comparison/r2_vs_l0.png (CLT vs PLT, k = 4, 8, 16, 32)
 - `eval`: eval/report.json, eval/report.md, eval/*.png, eval/c_proj.json
 - `export`: bundle/ (docs/bundle.md)
@@ -48,6 +50,7 @@ from training.finetune import FinetuneConfig, finetune_clt
 from training.model.backbone import PROJECT_CONFIG_DIR, Backbone, load_backbone
 from training.model.checkpoint import load_checkpoint, save_checkpoint
 from training.model.clt import CLTConfig
+from training.cache import ActivationCache, CacheError, write_cache
 from training.trainer import TrainConfig, train_clt
 
 from .cache import Stage, refresh_files
@@ -100,6 +103,9 @@ class BuildConfig:
         cls_aux_coef=1 / 96))
     clt_train_limit: int | None = None  # training images streamed to the CLT (None: all 60,000)
     clt_seeds: int = 1  # > 1: the `seeds` stage retrains the CLT with seeds 1..clt_seeds-1 and reports mean and worst
+    # the seeds train from an activation cache (DIR/activations, float16, written once) instead of re-running the CLIP
+    # per seed; the `clt` stage (seed 0, the shipped weights) keeps streaming float32 activations
+    seeds_from_cache: bool = True
     finetune: FinetuneConfig | None = field(default_factory=lambda: FinetuneConfig(steps=200, batch_images=64, lr=5e-4, loss="kl",
                                                                                     cls_aux_coef=1 / 96))
     finetune_check_images: int = 2000  # test images to measure the fine-tuning's effect on
@@ -198,9 +204,27 @@ def _clt_key(cfg: BuildConfig, bb: Backbone, seed: int) -> dict[str, Any]:
             "limit": cfg.clt_train_limit, "finetune": ft.to_dict() if ft else None, "check": cfg.finetune_check_images}
 
 
-def _recipe(cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, seed: int) -> dict[str, Any]:
-    """What fixes one CLT run of the build (as JSON would give it back)."""
-    return json.loads(json.dumps({**_clt_key(cfg, bb, seed), "data": train_ds.description()}, default=str))
+def _recipe(cfg: BuildConfig, bb: Backbone, train_ds: TensorImages, seed: int, cached: bool = False) -> dict[str, Any]:
+    """What fixes one CLT run of the build (as JSON would give it back); `cached`: trained from the activation cache."""
+    source = {"activations": "float16 cache"} if cached else {}
+    return json.loads(json.dumps({**_clt_key(cfg, bb, seed), "data": train_ds.description(), **source}, default=str))
+
+
+def activation_cache(out: Path, bb: Backbone, train_ds: TensorImages, log: Callable[[str], None]) -> ActivationCache:
+    """The activation cache of the build's CLIP over its training images in out/activations (all tokens, float16):
+    written on first use, finished if a kill interrupted it, rewritten if it holds another CLIP's or image set's."""
+    d = out / "activations"
+    t0 = time.time()
+    try:
+        manifest = write_cache(bb, train_ds, d, tokens="all", batch_images=256, progress=False, log=log)
+    except CacheError as exc:
+        log(f"activations: {exc}; rewriting it")
+        shutil.rmtree(d)
+        manifest = write_cache(bb, train_ds, d, tokens="all", batch_images=256, progress=False, log=log)
+    cache = ActivationCache(d)
+    log(f"activations: {manifest.images} images in {d} ({sum(s.bytes for s in manifest.shards) / 2**30:.2f} GiB), "
+        f"ready in {time.time() - t0:.0f}s")
+    return cache
 
 
 def _same_recipe(d: Path, recipe: dict[str, Any]) -> bool:
@@ -209,17 +233,19 @@ def _same_recipe(d: Path, recipe: dict[str, Any]) -> bool:
 
 
 def train_reference_clt(d: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImages,
-                        check: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+                        check: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int, log: Callable[[str], None],
+                        activations: ActivationCache | None = None) -> dict[str, Any]:
     """Train (d/train/), fine-tune and save (d/clt.safetensors, d/clt.json) one CLT of the build's recipe with `seed`.
-    Returns what the stage records: train metrics, configs, the fine-tuning's before/after on `check`."""
+    Returns what the stage records: train metrics, configs, the fine-tuning's before/after on `check`.
+    With `activations` (the cache of `bb` over `train_ds`) the CLT trains from it instead of running the CLIP."""
     clt_cfg, train_cfg, ft = _clt_config(cfg, bb), _train_cfg(cfg.clt_train, seed), cfg.finetune
-    marker, recipe = d / "recipe.json", _recipe(cfg, bb, train_ds, seed)
+    marker, recipe = d / "recipe.json", _recipe(cfg, bb, train_ds, seed, cached=activations is not None)
     if d.exists() and not _same_recipe(d, recipe):
         shutil.rmtree(d)  # a run of another recipe (or of unknown recipe): resuming it would mix the two
     d.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(recipe, indent=1))
     t0 = time.time()
-    clt, metrics = train_clt(bb, train_ds, clt_cfg, train_cfg, d / "train", progress=False)
+    clt, metrics = train_clt(bb, train_ds, clt_cfg, train_cfg, d / "train", progress=False, activations=activations)
     log(f"clt (seed {seed}): trained, fvu_mean {metrics.get('fvu_mean', float('nan')):.4f} l0_mean {metrics.get('l0_mean', float('nan')):.2f} "
         f"({time.time() - t0:.0f}s)")
     info: dict[str, Any] = {"train_metrics": metrics, "clt_config": clt_cfg.to_dict(), "train_config": train_cfg.to_dict()}
@@ -232,7 +258,8 @@ def train_reference_clt(d: Path, cfg: BuildConfig, bb: Backbone, train_ds: Tenso
         info["finetune"] = {**ft_stats, "before": before, "after": after, "check_images": len(px)}
         log(f"clt (seed {seed}): fine-tuned ({ft.loss}); all-token replacement top-1 {100 * before['accuracy_all']:.2f}% -> "
             f"{100 * after['accuracy_all']:.2f}%, R^2 {before['r2']:.4f} -> {after['r2']:.4f}")
-    save_checkpoint(d, clt, bb.identity(), data=train_ds.description(), train_config=train_cfg.to_dict(),
+    save_checkpoint(d, clt, bb.identity(), data=activations.description() if activations else train_ds.description(),
+                    train_config=train_cfg.to_dict(),
                     metrics=metrics, finetune=info.get("finetune"))
     return info
 
@@ -302,7 +329,9 @@ def stage_seeds(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImage
                 clt_rec: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """The CLT recipe retrained with seeds 1 .. clt_seeds-1 (seed 0 is the `clt` stage's), every seed measured
     on the same test images: seeds/seeds.json, seeds/seeds.md."""
-    st = Stage(out, "seeds", {"clt_files": clt_rec["files"], "n": cfg.clt_seeds, **_clt_key(cfg, bb, cfg.seed), "eval": cfg.eval.to_dict()})
+    cached = {"activations": "float16 cache"} if cfg.seeds_from_cache else {}
+    st = Stage(out, "seeds", {"clt_files": clt_rec["files"], "n": cfg.clt_seeds, **_clt_key(cfg, bb, cfg.seed), "eval": cfg.eval.to_dict(),
+                              **cached})
     rec = st.cached()
     if rec:
         log("seeds: cached")
@@ -313,10 +342,13 @@ def stage_seeds(out: Path, cfg: BuildConfig, bb: Backbone, train_ds: TensorImage
     n = len(px) if cfg.eval.limit is None else min(cfg.eval.limit, len(px))
     n_check = min(cfg.finetune_check_images, len(y))
     rows = []
+    cache: ActivationCache | None = None
     for s in range(cfg.clt_seeds):
         run = out / "clt" if s == 0 else d / f"seed{s}"
-        if s and not ((run / "clt.safetensors").is_file() and _same_recipe(run, _recipe(cfg, bb, train_ds, s))):
-            train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), s, log)
+        if s and not ((run / "clt.safetensors").is_file() and _same_recipe(run, _recipe(cfg, bb, train_ds, s, cfg.seeds_from_cache))):
+            if cfg.seeds_from_cache and cache is None:
+                cache = activation_cache(out, bb, train_ds, log)
+            train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), s, log, activations=cache)
         clt, _ = load_checkpoint(run, bb)
         rows.append(seed_row(s, measure_transcoder(bb, clt, px[:n], y[:n], text, cfg.eval.fidelity_images)))
         log(f"seeds: seed {s}: " + ", ".join(f"{k} {rows[-1][k]:.4g}" for k in SEED_METRICS))

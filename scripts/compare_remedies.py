@@ -1,7 +1,9 @@
 """Compare remedies for the CLT's fidelity at the CLS token on the same activations (docs/fidelity.md).
 
-Every variant trains the reference build's CLT (same CLIP, same training images streamed in the same
-order, same seed, same evaluation images) with one change to the training recipe, then measures it
+Every variant trains the reference build's CLT (same CLIP, same seed, same evaluation images, the same
+training tokens in the same order, read from the build's activation cache BUILD/activations: the CLIP's
+MLP inputs/outputs over the training images in float16, written on first use, so the CLIP runs once for
+all variants, not once per variant) with one change to the training recipe, then measures it
 as the build's `seeds` stage does: zero-shot drops when every MLP is replaced (at the CLS token / at
 all tokens), R^2 at the CLS token and over all tokens, the fraction of features dead at the CLS
 token, L0, and the training time. Needs a build whose `clip` stage is done:
@@ -9,8 +11,8 @@ token, L0, and the training time. Needs a build whose `clip` stage is done:
     python scripts/compare_remedies.py --build artifacts/reference-build --out artifacts/remedies
     python scripts/compare_remedies.py --build artifacts/reference-build --out artifacts/remedies --only baseline lr6e-3
 
-Runs land in OUT/<variant>/ (a finished run is reused; a variant that is the build's own recipe is
-measured on the build's clt/); the table goes to OUT/remedies.md and
+Runs land in OUT/<variant>/ (a finished run is reused; the build's own recipe is retrained from the cache
+like every variant, since the build's clt/ streamed float32 activations); the table goes to OUT/remedies.md and
 OUT/remedies.json with the machine (CPU model, instruction set, threads, library versions).
 """
 from __future__ import annotations
@@ -27,9 +29,11 @@ import torch
 
 from bundle.atomic import write_text_atomic
 from bundle.provenance import machine_info
-from pipeline.reference import BuildConfig, _recipe, _same_recipe, _stage_inputs, budget, seed_row, train_reference_clt
+from pipeline.reference import BuildConfig, _stage_inputs, activation_cache, budget, seed_row, train_reference_clt
 from training.evaluation.metrics import measure_transcoder
 from training.model.checkpoint import load_checkpoint
+
+CACHED = "float16 cache"  # what the rows record as their activations' source (rows of earlier stream runs are redone)
 
 # the reference recipe before this comparison, the starting point of every single change
 BASELINE = dict(lr=1e-3, cls_copies=0, steps=1500, warmup_steps=100)
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     bb, train_ds, _, px, y, text = _stage_inputs(build, cfg0, None, "cpu", clip_rec)
     n_check = min(cfg0.finetune_check_images, len(y))
     machine = machine_info(threads=torch.get_num_threads())
+    cache = None  # the build's activation cache, opened (written on first use) when a variant trains
     results_path = out / "remedies.json"
     done = {r["variant"]: r for r in json.loads(results_path.read_text())["rows"]} if results_path.is_file() else {}
     for name in args.only or list(VARIANTS):
@@ -132,23 +137,22 @@ def main(argv: list[str] | None = None) -> int:
                 and done[name].get("finetune_steps", 200) == cfg.finetune.steps \
                 and done[name].get("finetune_cls_aux_coef", 0.0) == cfg.finetune.cls_aux_coef \
                 and done[name]["n_features"] == cfg.n_features and done[name].get("k", 16) == cfg.k \
-                and done[name].get("activation", "topk") == cfg.activation:  # type: ignore[union-attr]
+                and done[name].get("activation", "topk") == cfg.activation \
+                and done[name].get("activations") == CACHED:  # type: ignore[union-attr]
             print(f"{name}: done before", flush=True)
             continue
         run = out / name
-        if (build / "clt" / "clt.safetensors").is_file() and _same_recipe(build / "clt", _recipe(cfg, bb, train_ds, cfg.seed)):
-            run = build / "clt"  # the build trained this very recipe already
-            seconds = json.loads((build / "stages" / "clt.json").read_text())["cpu_seconds"]
-        else:
-            t0 = time.process_time()  # CPU time: other jobs on the machine stretch wall time, not this
-            train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), cfg.seed, lambda m: print(m, flush=True))
-            seconds = time.process_time() - t0
+        cache = cache or activation_cache(build, bb, train_ds, lambda m: print(m, flush=True))
+        t0 = time.process_time()  # CPU time: other jobs on the machine stretch wall time, not this
+        train_reference_clt(run, cfg, bb, train_ds, (px[:n_check], y[:n_check], text), cfg.seed, lambda m: print(m, flush=True),
+                            activations=cache)
+        seconds = time.process_time() - t0
         clt, _ = load_checkpoint(run, bb)
         row = seed_row(cfg.seed, measure_transcoder(bb, clt, px, y, text, cfg.eval.fidelity_images))
         done[name] = {"variant": name, "change": VARIANTS[name][0], **row, "seconds": seconds,
                       "clt_train": cfg.clt_train, "finetune_lr": cfg.finetune.lr,
                       "finetune_steps": cfg.finetune.steps, "finetune_cls_aux_coef": cfg.finetune.cls_aux_coef, "n_features": cfg.n_features, "k": cfg.k,
-                      "activation": cfg.activation}  # type: ignore[union-attr]
+                      "activation": cfg.activation, "activations": CACHED}  # type: ignore[union-attr]
         print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}), flush=True)
         rows = [done[v] for v in VARIANTS if v in done]
         out.mkdir(parents=True, exist_ok=True)

@@ -252,11 +252,20 @@ class ActivationStream:
             "images": self.stats.images,
             "tokens_served": self.stats.tokens_served,
             "buffer": {"n": self.n, "src": self.src[: self.n].clone(), "groups": dict(self.groups), "next_group": self.next_group},
+            **({"activations": key} if (key := self.source_key()) is not None else {}),
         }
+
+    def source_key(self) -> str | None:
+        """Where the rows come from: None for the ViT itself; an activation cache's key (training.cache)."""
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state` was taken: the buffered tokens are recomputed from their images
         (see the module docstring). A state without `buffer` continues with an empty buffer."""
+        saved, now = state.get("activations"), self.source_key()
+        if saved != now:
+            was = "the ViT stream" if saved is None else f"activation cache {saved}"
+            raise ValueError(f"the run was trained from {was}, not from {'the ViT stream' if now is None else f'activation cache {now}'}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.rng.set_state(state["rng"])
         self.stats.images = int(state.get("images", 0))

@@ -1,4 +1,5 @@
-"""Console scripts of the training stage: `cltvit-train` (train a CLT), `cltvit-eval` (evaluate one) and
+"""Console scripts of the training stage: `cltvit-train` (train a CLT; `--plan` prints its memory plan),
+`cltvit-activations` (write an activation cache to train from), `cltvit-eval` (evaluate a CLT) and
 `cltvit-eval-spatial` (faithfulness and cost of the spatial maps alone, docs/spatial.md).
 
 `cltvit-train` example:
@@ -24,10 +25,12 @@ from typing import NoReturn, Sequence
 import open_clip
 import torch
 import torch.distributed as dist
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
-from .data import DATASETS, DatasetError, load_dataset
 from bundle.provenance import machine_info
+
+from .cache import ActivationCache, CacheError, write_cache
+from .data import DATASETS, DatasetError, load_dataset
 
 from .evaluation import spatial as spatial_eval
 from .evaluation.metrics import EvaluationError, dataset_tensors
@@ -37,6 +40,7 @@ from .model.backbone import BackboneError, load_backbone, pick_device, register_
 from .model.checkpoint import CheckpointError, load_checkpoint, read_meta
 from .model.clt import CLTConfig
 from .model.vit import UnsupportedModel
+from .plan import PlanError, plan_memory, render_plan
 from .testing import random_clt
 from .distributed import World
 from .trainer import TrainConfig, TrainingError, release_text_tower, train_clt
@@ -87,7 +91,8 @@ _nonneg_float = _float_at_least(0.0)
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Train a cross-layer transcoder (CLT) on the MLPs of an open_clip ViT.")
     g = p.add_argument_group("backbone")
-    g.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32, ViT-B-16, cltvit-tiny")
+    g.add_argument("--model", default=None, help="open_clip architecture, e.g. ViT-B-32, ViT-B-16, cltvit-tiny "
+                   "(required, except with --activations: the cache records it)")
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a checkpoint file; default: random weights")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch (default: torch's choice)")
@@ -103,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "N/S data-parallel replicas of S shards. The same CLT as one process, saved as one ordinary "
                         "clt.safetensors (docs/training.md). With --nproc N, or under torchrun")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind")
+    g.add_argument("--dataset", default=None, choices=DATASETS, help="dataset kind (required unless --activations or --plan)")
+    g.add_argument("--activations", default=None, metavar="DIR",
+                   help="train from an activation cache written by cltvit-activations instead of running the ViT "
+                        "(same order and batches as the stream, float16 values; --dataset not needed)")
     g.add_argument("--data-dir", default=None, help="dataset root (fashion-mnist: defaults to Debian's dataset-fashion-mnist files)")
     g.add_argument("--class-list", default=None, help="imagenet100: file with one synset folder per line")
     g.add_argument("--split", default="train", help="dataset split (default: train)")
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation", choices=("topk", "batchtopk", "jumprelu", "relu"), default="topk")
     g.add_argument("--no-cross-layer", action="store_true", help="per-layer transcoders (each layer decodes only to itself)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_int_at_least(1), required=True, help="optimiser steps")
+    g.add_argument("--steps", type=_int_at_least(1), default=None, help="optimiser steps (required unless --plan)")
     g.add_argument("--batch-tokens", type=_int_at_least(1), default=4096, help="tokens per step (default 4096)")
     g.add_argument("--lr", type=_positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
     g.add_argument("--warmup-steps", type=_int_at_least(0), default=None, help="linear warm-up steps (default: min(1000, steps/10))")
@@ -139,10 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images-per-batch", type=_int_at_least(1), default=32, help="images per ViT forward when refilling")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final clt.safetensors/clt.json)")
+    g.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl, final clt.safetensors/clt.json; "
+                   "required unless --plan)")
     g.add_argument("--checkpoint-every", type=_int_at_least(1), default=500)
     g.add_argument("--log-every", type=_int_at_least(1), default=10)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("memory plan (--plan: print it and exit; nothing is trained or loaded)")
+    g.add_argument("--plan", action="store_true", help="print parameters, gradient, Adam and activation memory per rank "
+                   "for --model, --features, --k, --batch-tokens and --world-size, from the architecture's config")
+    g.add_argument("--world-size", type=_int_at_least(1), default=None, help="ranks of the planned run (default: --nproc, "
+                   "else 1; data parallel: --batch-tokens per rank, from its own image shard)")
+    g.add_argument("--device-memory", type=_positive_float, default=None, metavar="GIB",
+                   help="memory of one device in GiB: the plan says whether a rank fits")
     return p
 
 
@@ -192,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.plan:  # prints and exits: nothing is launched or loaded
+        if args.k > args.features:
+            parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
+        return _plan(parser, args)
     under_torchrun = "WORLD_SIZE" in os.environ
     if args.nproc is not None and under_torchrun and args.nproc != int(os.environ["WORLD_SIZE"]):
         parser.error(f"argument --nproc: {args.nproc}, but torchrun started {os.environ['WORLD_SIZE']} ranks")
@@ -199,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch_torchrun(args.nproc, argv)
     if args.k > args.features:
         parser.error(f"argument --k: k={args.k} exceeds --features={args.features}")
+    for name in ("steps", "out"):
+        if getattr(args, name) is None:
+            parser.error(f"the following arguments are required: --{name}")
     if args.data_dir is not None and not Path(args.data_dir).exists():
         parser.error(f"argument --data-dir: {args.data_dir} does not exist")
     out = Path(args.out)
@@ -208,6 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     register_project_configs()
+    cache, backbone_seed = None, args.seed
+    if args.activations is not None:
+        if args.dataset is not None:
+            parser.error("argument --activations: the cache fixes the images; leave out --dataset (--limit N uses its first N)")
+        try:
+            cache = ActivationCache(args.activations, limit=args.limit)
+        except CacheError as exc:
+            parser.error(f"argument --activations: {exc}")
+        args.model, args.pretrained, backbone_seed = _cached_backbone(parser, args, cache)
+    elif args.model is None or args.dataset is None:
+        parser.error(f"the following arguments are required: {'--model' if args.model is None else '--dataset (or --activations DIR)'}")
     if args.model not in open_clip.list_models():
         parser.error(f"argument --model: unknown open_clip architecture {args.model!r} (e.g. ViT-B-32, ViT-B-16, cltvit-tiny)")
     shards = _check_feature_shards(parser, args) if args.shard_features is not None else 0
@@ -221,16 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not shards and args.data_shards is not None and args.data_shards % world.size:
         parser.error(f"argument --data-shards: {args.data_shards} is not a multiple of the world size {world.size}")
+    dataset = None if cache is not None else _open_dataset(parser, args)
     try:
-        dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
-    except DatasetError as exc:
-        parser.error(f"argument --dataset/--data-dir: {exc}")
-    if args.limit is not None and args.limit < len(dataset):
-        full = dataset
-        dataset = Subset(full, range(args.limit))
-        dataset.description = lambda: {**full.description(), "size": args.limit, "limit": args.limit}  # type: ignore[attr-defined]
-    try:
-        backbone = load_backbone(args.model, args.pretrained, device=device, seed=args.seed)
+        backbone = load_backbone(args.model, args.pretrained, device=device, seed=backbone_seed)
     except BackboneError as exc:
         parser.error(f"argument --pretrained: {exc}")
     except UnsupportedModel as exc:
@@ -279,9 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         _, metrics = train_clt(backbone, dataset, clt_cfg, train_cfg, out, progress=not args.no_progress, world=world,
-                               shard_features=shards)
+                               shard_features=shards, activations=cache)
     except TrainingError as exc:
-        parser.error(f"argument --out: {exc}")
+        parser.error(f"argument {'--activations' if cache is not None and not (out / 'checkpoints').is_dir() else '--out'}: {exc}")
     except DatasetError as exc:
         parser.error(f"argument --dataset/--data-dir: {exc}")
     finally:
@@ -291,6 +318,115 @@ def main(argv: Sequence[str] | None = None) -> int:
     if world.is_main:
         summary = {k: metrics[k] for k in ("fvu_mean", "l0_mean", "dead_fraction", "steps", "tokens") if k in metrics}
         print(f"wrote {out / 'clt.safetensors'}; final metrics: {json.dumps(summary)}")
+    return 0
+
+
+def _open_dataset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dataset:
+    """--dataset/--data-dir/--split/--class-list, restricted to the first --limit images."""
+    try:
+        dataset = load_dataset(args.dataset, args.split, args.data_dir, args.class_list)
+    except DatasetError as exc:
+        parser.error(f"argument --dataset/--data-dir: {exc}")
+    if args.limit is not None and args.limit < len(dataset):
+        full = dataset
+        dataset = Subset(full, range(args.limit))
+        dataset.description = lambda: {**full.description(), "size": args.limit, "limit": args.limit}  # type: ignore[attr-defined]
+    return dataset
+
+
+def _cached_backbone(parser: argparse.ArgumentParser, args: argparse.Namespace, cache: ActivationCache) -> tuple[str, str | None, int]:
+    """(model, pretrained, seed) of the backbone to load for a cache: --model/--pretrained, else what the cache records.
+
+    A cache made from a weights file records only the file's name: then --pretrained must give its path."""
+    recorded = cache.backbone
+    model = args.model or recorded["model"]
+    pretrained = args.pretrained if args.pretrained is not None else recorded.get("pretrained")
+    if args.pretrained is None and pretrained and not Path(pretrained).is_file() \
+            and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        parser.error(f"argument --pretrained: the cache's backbone weights are the file {pretrained!r} (a name, not a "
+                     f"path); pass that file's path with --pretrained")
+    return model, pretrained, int(recorded.get("seed") or 0) if pretrained is None else args.seed
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`cltvit-train --plan`: print the memory plan (training.plan) and exit."""
+    if args.model is None:
+        parser.error("the following arguments are required: --model (the architecture to plan for)")
+    try:
+        plan = plan_memory(args.model, args.features, args.k, args.batch_tokens, world_size=args.world_size or args.nproc or 1,
+                           shard_features=args.shard_features or 0, activation=args.activation, cross_layer=not args.no_cross_layer,
+                           aux=args.aux_coef > 0, tokens=args.tokens, cls_copies=args.cls_copies,
+                           buffer_tokens=args.buffer_tokens, buffer_dtype=args.buffer_dtype,
+                           images_per_batch=args.images_per_batch, stream=args.activations is None,
+                           device_memory_gib=args.device_memory)
+    except PlanError as exc:
+        parser.error(f"argument {'--shard-features' if 'divisible' in str(exc) else '--model'}: {exc}")
+    print(render_plan(plan))
+    return 0
+
+
+# ---------------------------------------------------------------------- cltvit-activations
+def build_activations_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cltvit-activations", description="Run the ViT once over an image source and write the MLP inputs and "
+                "outputs of every layer as float16 shards with a manifest and checksums (cltvit-train --activations DIR "
+                "trains from them). Rerunning the same command after an interruption finishes the cache.")
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32, cltvit-tiny")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint file; default: random weights (seeded by --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random backbone weights (as cltvit-train --seed)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset kind (as cltvit-train)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--class-list", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="only the first N images")
+    p.add_argument("--tokens", choices=("all", "cls", "patches"), default="all",
+                   help="token set to store (default all: serves cltvit-train --tokens all, cls and patches)")
+    p.add_argument("--num-workers", type=_int_at_least(0), default=0, help="DataLoader workers for image decoding")
+    p.add_argument("--batch-images", type=_int_at_least(1), default=64, help="images per ViT forward (default 64)")
+    p.add_argument("--shard-mb", type=_positive_float, default=256.0, help="target shard size in MiB (default 256)")
+    p.add_argument("--shard-images", type=_int_at_least(1), default=None, help="images per shard (overrides --shard-mb)")
+    p.add_argument("--out", required=True, help="cache directory (manifest.json + shard-XXXXX.npy)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def activations_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cltvit-activations`; returns 0, or exits with status 2 and one error line."""
+    parser = build_activations_parser()
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and not Path(args.data_dir).exists():
+        parser.error(f"argument --data-dir: {args.data_dir} does not exist")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"argument --out: {args.out} exists and is not a directory")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    register_project_configs()
+    if args.model not in open_clip.list_models():
+        parser.error(f"argument --model: unknown open_clip architecture {args.model!r}")
+    try:
+        device = pick_device(args.device)
+    except (BackboneError, RuntimeError) as exc:
+        parser.error(f"argument --device: {exc}")
+    dataset = _open_dataset(parser, args)
+    try:
+        backbone = load_backbone(args.model, args.pretrained, device=device, seed=args.seed)
+    except BackboneError as exc:
+        parser.error(f"argument --pretrained: {exc}")
+    except UnsupportedModel as exc:
+        parser.error(f"argument --model: {exc}")
+    release_text_tower(backbone)
+    try:
+        manifest = write_cache(backbone, dataset, args.out, tokens=args.tokens, shard_images=args.shard_images,
+                               shard_mb=args.shard_mb, batch_images=args.batch_images, num_workers=args.num_workers,
+                               progress=not args.no_progress)
+    except CacheError as exc:
+        parser.error(f"argument --out: {exc}")
+    except DatasetError as exc:
+        parser.error(f"argument --dataset/--data-dir: {exc}")
+    size = sum(s.bytes for s in manifest.shards)
+    print(f"wrote {args.out}: {manifest.images} images x {manifest.tokens_per_image} tokens, {len(manifest.shards)} shards, "
+          f"{size / 2**30:.2f} GiB float16, {manifest.seconds:.1f} s of ViT and writing")
     return 0
 
 

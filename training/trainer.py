@@ -50,8 +50,9 @@ from bundle.atomic import replaced, write_text_atomic
 from bundle.killpoints import killpoint
 
 from .activations import ActivationStream
+from .cache import ActivationCache, CacheError, CachedActivationStream
 from .distributed import World
-from .model.backbone import Backbone
+from .model.backbone import Backbone, BackboneError
 from .model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model.clt import CLTConfig, CrossLayerTranscoder
 from .model.loss import CLTLoss, LossConfig, clt_loss
@@ -768,7 +769,10 @@ def resume(ckpt: Checkpointer, backbone: Backbone, clt: CrossLayerTranscoder | S
         clt.load_state_dict(saved.state_dict())
     opt.load_state_dict(state["optimizer"])
     for shard, stream in streams.items():
-        stream.load_state_dict(stream_states[shard])
+        try:
+            stream.load_state_dict(stream_states[shard])
+        except ValueError as exc:  # another data source (cache vs ViT stream), or a buffer this stream cannot hold
+            raise TrainingError(f"cannot resume {out}: {exc}") from None
     firing.load_state_dict(state)
     _set_rng_state(rng_states[world.rank])
     if world.is_main and (not isinstance(clt, ShardedCLT) or clt.rank == 0):
@@ -812,11 +816,12 @@ def shard_of(dataset: Dataset, shard: int, n_shards: int) -> Dataset:
     return Subset(dataset, range(shard, n, n_shards))
 
 
-def make_stream(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, shard: int = 0, n_shards: int = 1) -> ActivationStream:
-    """The activation stream `cfg` describes over shard `shard` of `n_shards` of `dataset` (its own seed)."""
-    return ActivationStream(
-        backbone,
-        shard_of(dataset, shard, n_shards),
+def make_stream(backbone: Backbone, dataset: Dataset | None, cfg: TrainConfig, shard: int = 0, n_shards: int = 1,
+                activations: ActivationCache | None = None) -> ActivationStream:
+    """The activation stream `cfg` describes over shard `shard` of `n_shards` of `dataset` (its own seed), or
+    over the same shard of the cached images of `activations` (`training.cache.CachedActivationStream`: the
+    same order and batches, no ViT pass)."""
+    kwargs: dict[str, Any] = dict(
         tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens,
         buffer_tokens=cfg.buffer_tokens,
@@ -826,19 +831,35 @@ def make_stream(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, shard: i
         dtype=_dtype(cfg.buffer_dtype),
         cls_copies=cfg.cls_copies,
     )
+    if activations is not None:
+        n = activations.n_images
+        if n < n_shards:
+            raise TrainingError(f"the activation cache has {n} images, fewer than the {n_shards} data shards")
+        try:
+            return CachedActivationStream(backbone, activations, images=range(shard, n, n_shards), **kwargs)
+        except (CacheError, BackboneError) as exc:
+            raise TrainingError(str(exc)) from None
+    if dataset is None:
+        raise TrainingError("training needs a dataset or an activation cache")
+    return ActivationStream(backbone, shard_of(dataset, shard, n_shards), **kwargs)
 
 
 def train_clt(
     backbone: Backbone,
-    dataset: Dataset,
+    dataset: Dataset | None,
     clt_cfg: CLTConfig,
     train_cfg: TrainConfig,
     out_dir: str | Path,
     progress: bool = True,
     world: World = World(),
     shard_features: int = 0,
+    activations: ActivationCache | None = None,
 ) -> tuple[CrossLayerTranscoder | ShardedCLT, dict[str, Any]]:
     """Train a CLT on `backbone`'s MLPs over `dataset`; resumes from `out_dir` if a run is there.
+
+    With `activations` (an `ActivationCache` of `backbone`) the tokens are read from the cache instead
+    of running the ViT over `dataset` (which may then be None): same order, same batches, the cached
+    float16 values (training.cache).
 
     Data parallel when `world` has several ranks (every rank calls this with the same arguments; see
     the module docstring): rank r streams its data shards, gradients are summed over ranks, rank 0 logs
@@ -882,14 +903,20 @@ def train_clt(
     seed_everything(cfg.seed)
     clt = (ShardedCLT(clt_cfg, shard_group) if shard_features else CrossLayerTranscoder(clt_cfg)).to(device).train()
     opt = make_optimizer(clt, cfg, world.all_reduce_ if world.distributed else None)
-    streams = {s: make_stream(backbone, dataset, cfg, s, n_shards) for s in range(world.rank * per_rank, (world.rank + 1) * per_rank)}
+    streams = {s: make_stream(backbone, dataset, cfg, s, n_shards, activations)
+               for s in range(world.rank * per_rank, (world.rank + 1) * per_rank)}
+    if activations is not None:
+        source, n_images = activations.description(), activations.n_images
+    else:
+        source = dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}  # type: ignore[union-attr, arg-type]
+        n_images = len(dataset)  # type: ignore[arg-type]
     if shard_features:
         streams = {s: SharedStream(st, device, shard_group) for s, st in streams.items()}  # type: ignore[misc]
         dist.barrier()  # rank 0 made out_dir; every rank reads the same checkpoints (a shared file system)
     data_desc = {
-        **(dataset.description() if hasattr(dataset, "description") else {"name": type(dataset).__name__, "size": len(dataset)}),  # type: ignore[arg-type]
+        **source,
         **next(iter(streams.values())).description(),
-        **({"data_shards": n_shards, "images": len(dataset)} if n_shards > 1 else {}),  # type: ignore[arg-type]
+        **({"data_shards": n_shards, "images": n_images} if n_shards > 1 else {}),
     }
     firing = FiringStats(clt_cfg.n_layers, clt_cfg.n_features, device)
     ckpt = Checkpointer(out, cfg.keep_checkpoints)

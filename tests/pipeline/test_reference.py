@@ -13,6 +13,7 @@ from bundle import load_bundle
 from pipeline.cache import Stage
 from pipeline.cli import main
 from pipeline.reference import STAGES, budget, build, summarise_seeds
+from training.cache import ActivationCache
 from pipeline.shipped import ATLAS_FILES, CLIP_FILE, FILES, export_shipped, load_shipped, measure, read_manifest, ship
 from training.clip import augment, preprocess_stats, tensorise, unicl_loss
 from training.data import FashionMNIST
@@ -122,6 +123,11 @@ def test_seeds_stage_measures_every_seed_like_the_evaluation(smoke):
     a = load_file(str(out / "clt" / "clt.safetensors"))
     b = load_file(str(out / "seeds" / "seed1" / "clt.safetensors"))
     assert not torch.equal(a["W_enc"], b["W_enc"])  # another seed, another CLT
+    # seed 1 trained from the build's activation cache (the CLIP's activations over the 512 training images, once)
+    cache = ActivationCache(out / "activations")
+    assert cache.n_images == 512 and cache.manifest.backbone["weights_sha256_16"] == json.loads((out / "clip" / "clip.json").read_text())["weights_sha256_16"]
+    assert json.loads((out / "seeds" / "seed1" / "clt.json").read_text())["data"]["activations"]["key"] == cache.key
+    assert "activations" not in json.loads((out / "clt" / "clt.json").read_text())["data"]  # seed 0 (shipped) streams
     assert summary["seeds"]["worst"] == seeds["worst"]
     assert "| worst |" in (out / "seeds" / "seeds.md").read_text()
 
