@@ -423,6 +423,17 @@ def test_click_patches_to_delete_them(page, server, images):
     assert logits == pytest.approx([t["logit"] for t in top], rel=1e-6, abs=1e-7)
     _check_waterfall(pg, api, ref)
 
+    # the map toggle keeps the edits: the total-effect map of the unedited image, the deleted patches over it
+    with open(images["test1"], "rb") as f:
+        te = requests.post(f"{server}/explain", files={"image": f}, data={"top_k": "5", "total_effect": "true"}, timeout=60).json()
+    pg.select_option("#map-kind", "total")
+    pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'total'")
+    assert _drawn(pg)[1] == pytest.approx(te["total_effect"]["classes"][0]["total"], rel=1e-6, abs=1e-9)
+    assert json.loads(pg.get_attribute("#heatmap", "data-deleted")) == [1 * cols + 2, (rows - 1) * cols]
+    assert _shown_after(pg)[1] == pytest.approx(logits, rel=1e-6, abs=1e-7)
+    pg.select_option("#map-kind", "direct")
+    pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'direct'")
+
     # the edits are in the URL: a reload reruns them; clicking a deleted patch brings it back
     pg.reload()
     _wait_edit(pg, "e.delete_patches.length === 2")
