@@ -10,7 +10,7 @@ const TOKEN_KEY = "cltvit-token";
 const $ = (sel) => document.querySelector(sel);
 
 const app = { info: null, atlas: null, result: null, imageEl: null, imageBlob: null, run: 0, examples: [],
-              whatIf: null, whatIfKey: null, whatIfRun: 0 };  // the last /intervene answer and the edits + image it is for
+              whatIf: null, whatIfKey: null, whatIfRun: 0, linearity: null, linearityKey: null };  // the last /intervene answer and the edits + image it is for
 
 // ------------------------------------------------------------------ small helpers
 function el(tag, attrs, ...children) {
@@ -99,12 +99,14 @@ async function explain(blob, labels, totalEffect) {
 }
 
 // edits: one edit set (docs/intervene.md); topK: labels per result, enough to hold the waterfall's class after the edits
-async function intervene(blob, labels, edits, topK) {
+// checkLinearity: also each top feature ablated alone (the answer's feature_ablations)
+async function intervene(blob, labels, edits, topK, checkLinearity = false) {
   const form = new FormData();
   form.append("image", blob, "image");
   form.append("edits", JSON.stringify([edits]));
   if (labels.length) form.append("labels", JSON.stringify(labels));
   form.append("top_k", String(topK));
+  if (checkLinearity) form.append("check_linearity", "true");
   return (await request("/intervene", { method: "POST", body: form })).json();
 }
 
@@ -281,6 +283,8 @@ function sourceBadge(f) {
 
 function drawFeatures(r, state) {
   const ablated = new Set(listOf(state.ablate));
+  $("#linearity-box").hidden = !canEdit() || !(r.top_features || []).length;
+  const linear = app.linearity && app.linearityKey === app.resultKey ? app.linearity : null;  // "layer:index" -> logit change
   const cards = (r.top_features || []).map((f) => {
     const thumbs = el("div", { class: "thumbs" });
     const ref = `${f.layer}:${f.index}`, on = ablated.has(ref);
@@ -288,6 +292,7 @@ function drawFeatures(r, state) {
       el("h3", {}, `layer ${f.layer} · #${f.index}`, canEdit() ? editButton(on, `feature ${ref}`, () => toggleEdit("ablate", ref)) : null),
       el("div", {}, el("span", { class: "label", text: f.label || (f.label_source ? "(no label)" : "(no atlas)") }), ...sourceBadge(f)),
       el("div", { class: "muted" }, `activation ${f.activation.toFixed(3)} · contribution ${fmt(f.contribution, 4)}`),
+      linear && linear.has(ref) ? el("div", { class: "linearity", "data-change": String(linear.get(ref)) }, `ablated alone: ${fmt(linear.get(ref), 4)}`) : null,
       thumbs,
       el("a", { class: "atlas-page", href: hashOf({ view: "feature", f: `${f.layer}:${f.index}` }), text: "atlas page →" }));
     if (app.atlas) {
@@ -337,6 +342,19 @@ function editButton(on, what, onclick) {
                            title: on ? `bring back ${what}` : `rerun the model without ${what}` });
   b.addEventListener("click", onclick);
   return b;
+}
+
+// each top feature ablated alone (POST /intervene with check_linearity), shown on its card
+async function checkLinearity() {
+  const key = app.resultKey, state = readState();
+  $("#check-linearity").disabled = true;
+  try {
+    const answer = await intervene(app.imageBlob, parseLabels(state.labels || ""), {}, 1, true);
+    if (key !== app.resultKey) return;
+    app.linearity = new Map(answer.feature_ablations.map((a) => [`${a.layer}:${a.index}`, a.ablated_change]));
+    app.linearityKey = key;
+    drawFeatures(app.result, readState());
+  } catch (e) { showError(e.message); } finally { $("#check-linearity").disabled = false; }
 }
 
 // ask the server for the current edits (once per image, labels and edit set); drawResult shows the answer
@@ -626,6 +644,7 @@ function wireInputs() {
     const row = Math.min(rows - 1, Math.max(0, Math.floor((ev.offsetY / c.clientHeight) * rows)));
     toggleEdit("del", String(row * cols + col));
   });
+  $("#check-linearity").addEventListener("click", checkLinearity);
   $("#reset-edits").addEventListener("click", () => setState({ ablate: "", del: "" }, { push: true }));
   window.addEventListener("hashchange", () => { if (app.info) route(); });  // before start() has /info, start() routes
 }

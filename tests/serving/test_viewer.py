@@ -444,3 +444,21 @@ def test_click_patches_to_delete_them(page, server, images):
     ref = _intervene(server, images["test1"], {"delete_patches": [[rows - 1, 0]]}, len(info["labels"]))
     assert _shown_after(pg)[1] == pytest.approx([t["logit"] for t in ref["edited"][0]["result"]["top"][:len(api["top"])]], rel=1e-6, abs=1e-7)
     page.check()
+
+
+@pytest.mark.slow
+def test_each_feature_ablated_alone_shows_the_linearity_check(page, server, images):
+    pg = page.page
+    pg.goto(f"{server}/ui/")
+    _upload(pg, images["test2"])
+    assert pg.locator(".card .linearity").count() == 0
+    pg.click("#check-linearity")
+    pg.wait_for_selector(".card .linearity")
+    shown = pg.eval_on_selector_all(".card:has(.linearity)", "els => els.map(e => [+e.dataset.layer, +e.dataset.index, parseFloat(e.querySelector('.linearity').dataset.change)])")
+    with open(images["test2"], "rb") as f:
+        ref = requests.post(f"{server}/intervene", files={"image": f}, data={"edits": "[{}]", "check_linearity": "true"}, timeout=60).json()
+    want = {(a["layer"], a["index"]): a["ablated_change"] for a in ref["feature_ablations"]}
+    assert len(shown) == len(want) > 0
+    for layer, index, change in shown:
+        assert change == pytest.approx(want[layer, index], rel=1e-6, abs=1e-7)
+    page.check()
