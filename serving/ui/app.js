@@ -9,7 +9,8 @@ const API = REPORT ? "" : location.pathname.replace(/\/ui(\/[^/]*)?$/, "");
 const TOKEN_KEY = "cltvit-token";
 const $ = (sel) => document.querySelector(sel);
 
-const app = { info: null, atlas: null, result: null, imageEl: null, imageBlob: null, run: 0, examples: [] };
+const app = { info: null, atlas: null, result: null, imageEl: null, imageBlob: null, run: 0, examples: [],
+              whatIf: null, whatIfKey: null, whatIfRun: 0, linearity: null, linearityKey: null };  // the last /intervene answer and the edits + image it is for
 
 // ------------------------------------------------------------------ small helpers
 function el(tag, attrs, ...children) {
@@ -97,6 +98,18 @@ async function explain(blob, labels, totalEffect) {
   return (await request("/explain", { method: "POST", body: form })).json();
 }
 
+// edits: one edit set (docs/intervene.md); topK: labels per result, enough to hold the waterfall's class after the edits
+// checkLinearity: also each top feature ablated alone (the answer's feature_ablations)
+async function intervene(blob, labels, edits, topK, checkLinearity = false) {
+  const form = new FormData();
+  form.append("image", blob, "image");
+  form.append("edits", JSON.stringify([edits]));
+  if (labels.length) form.append("labels", JSON.stringify(labels));
+  form.append("top_k", String(topK));
+  if (checkLinearity) form.append("check_linearity", "true");
+  return (await request("/intervene", { method: "POST", body: form })).json();
+}
+
 // ------------------------------------------------------------------ uploaded images survive a reload (IndexedDB, this browser only)
 function idb() {
   return new Promise((resolve, reject) => {
@@ -149,7 +162,7 @@ async function useFile(file) {
   const key = await digest(file);
   try { await storeImage(key, file); } catch (e) { /* private mode: the image just won't survive a reload */ }
   app.imageBlob = file; app.imageKey = key;
-  setState({ view: "explain", img: key, example: "", cls: "" }, { push: true });
+  setState({ view: "explain", img: key, example: "", cls: "", ablate: "", del: "" }, { push: true });
 }
 
 async function exampleBlob(i) { return (await request(`/atlas/examples/${i}.png`)).blob(); }
@@ -183,7 +196,7 @@ async function renderExplain(state) {
   document.querySelectorAll("#examples button").forEach((b) => b.classList.toggle("selected", b.dataset.example === state.example));
   const key = [state.img, state.example, state.labels].join("|");
   const wantTotal = state.kind === "total" && app.info.patches != null;  // a bundle without a patch grid has no total effect
-  if (key === app.resultKey && app.result && (!wantTotal || app.result.total_effect || REPORT)) { drawResult(state); return; }
+  if (key === app.resultKey && app.result && (!wantTotal || app.result.total_effect || REPORT)) { drawResult(state); whatIf(state); return; }
   let blob;
   try { blob = await currentImage(state); } catch (e) { showError(e.message); return; }
   if (!blob) { $("#result").hidden = true; return; }
@@ -197,6 +210,7 @@ async function renderExplain(state) {
     app.imageEl = await blobImage(blob).catch(() => null);
     $("#status").textContent = "";
     drawResult(state);
+    whatIf(state);
   } catch (e) {
     if (run !== app.run) return;
     $("#status").textContent = "";
@@ -208,6 +222,7 @@ async function renderExplain(state) {
 
 function drawResult(state) {
   const r = app.result;
+  const answer = currentWhatIf(state);
   $("#result").hidden = false;
   const cls = Math.min(Number(state.cls || 0), r.top.length - 1);
   // top classes
@@ -217,29 +232,46 @@ function drawResult(state) {
     el("div", { class: "bar", style: `width:${Math.max(1, 100 * t.probability)}%` }))));
   top.dataset.predicted = r.predicted;
   $("#residual").textContent = `completeness residual ${r.completeness_residual.toExponential(1)} (logit minus the sum of its terms, max over labels)`;
-  drawWaterfall(r, cls);
-  drawFeatures(r);
+  drawWaterfall(r, cls, state, answer);
+  drawFeatures(r, state);
+  drawWhatIf(r, state, answer);
   drawMapControls(r, state, cls);
   drawMap(state);
 }
 
-function drawWaterfall(r, cls) {
+// answer: the /intervene answer for the current edits (null: none); its bars are drawn outlined over the originals
+function drawWaterfall(r, cls, state, answer) {
   const ex = r.explanations[cls];
   $("#wf-label").textContent = ex.label;
-  let cum = 0;
-  const steps = ex.terms.map((t) => { const s = { term: t.term, value: t.value, start: cum }; cum += t.value; s.end = cum; return s; });
-  const lo = Math.min(0, ...steps.map((s) => Math.min(s.start, s.end)), ex.logit);
-  const hi = Math.max(0, ...steps.map((s) => Math.max(s.start, s.end)), ex.logit);
+  // the same label's terms in the rerun model (null: no edits, or the label is not among the answer's top_k)
+  const after = answer ? answer.edited[0].result.explanations.find((e) => e.label === ex.label) || null : null;
+  const stepsOf = (terms) => { let c = 0; return terms.map((t) => { const s = { term: t.term, value: t.value, start: c }; c += t.value; s.end = c; return s; }); };
+  const steps = stepsOf(ex.terms), ghost = after ? stepsOf(after.terms) : [];
+  const cum = steps.length ? steps[steps.length - 1].end : 0;
+  const ends = [0, ex.logit, ...steps.flatMap((s) => [s.start, s.end]), ...(after ? [after.logit, ...ghost.flatMap((s) => [s.start, s.end])] : [])];
+  const lo = Math.min(...ends), hi = Math.max(...ends);
   const span = hi - lo || 1;
   const x = (v) => (100 * (v - lo)) / span;
-  const row = (name, value, a, b, extra, cls2) => el("div", { class: "wf-row " + (cls2 || ""), "data-term": name, "data-value": String(value) },
-    el("span", { text: name }),
-    el("div", { class: "track", style: `--zero:${x(0)}%` },
-      el("div", { class: "seg " + (value >= 0 ? "pos" : "neg"), style: `left:${x(Math.min(a, b))}%;width:${Math.max(0.3, (100 * Math.abs(b - a)) / span)}%` })),
-    el("span", { class: "num", text: fmt(value, 4) }), el("span", { class: "num muted", text: extra }));
-  const rows = steps.map((s) => row(s.term, s.value, s.start, s.end, s.end.toFixed(3), "wf-term"));
-  rows.push(row("logit", ex.logit, 0, ex.logit, `sum ${cum.toFixed(4)}`, "wf-total"));
+  const seg = (value, a, b, extra) => el("div", { class: `seg ${value >= 0 ? "pos" : "neg"}${extra || ""}`,
+    style: `left:${x(Math.min(a, b))}%;width:${Math.max(0.3, (100 * Math.abs(b - a)) / span)}%` });
+  const ablated = new Set(listOf(state.ablate));
+  const row = (name, value, a, b, extra, kind, g) => {
+    const attrs = { class: `wf-row ${kind}${ablated.has(name) ? " ablated" : ""}`, "data-term": name, "data-value": String(value) };
+    if (g) { attrs["data-edited"] = String(g.value); attrs["data-delta"] = String(g.value - value); }
+    const editable = kind === "wf-term" && canEdit() && !NOT_EDITABLE.includes(name);
+    return el("div", attrs, el("span", { text: name }),
+      el("div", { class: "track", style: `--zero:${x(0)}%` }, seg(value, a, b), g ? seg(g.value, g.start, g.end, " ghost") : null),
+      el("span", { class: "num", text: fmt(value, 4) }), el("span", { class: "num muted", text: extra }),
+      el("span", { class: "num delta", title: "change in the rerun model", text: g ? "Δ " + fmt(g.value - value, 4) : "" }),
+      editable ? editButton(ablated.has(name), `the ${name} term`, () => toggleEdit("ablate", name)) : el("span"));
+  };
+  const rows = steps.map((s, i) => row(s.term, s.value, s.start, s.end, s.end.toFixed(3), "wf-term", after ? ghost[i] : null));
+  rows.push(row("logit", ex.logit, 0, ex.logit, `sum ${cum.toFixed(4)}`, "wf-total", after ? { value: after.logit, start: 0, end: after.logit } : null));
   $("#waterfall").replaceChildren(...rows);
+  const note = $("#wf-edit-note");
+  note.hidden = !canEdit();
+  note.textContent = answer && !after ? `${ex.label} is not among the rerun model's top ${answer.edited[0].result.top.length} labels: no bars after the edits.`
+    : "With edits, the outlined bars and the Δ column are the same terms in the rerun model.";
 }
 
 function sourceBadge(f) {
@@ -249,13 +281,18 @@ function sourceBadge(f) {
   return out;
 }
 
-function drawFeatures(r) {
+function drawFeatures(r, state) {
+  const ablated = new Set(listOf(state.ablate));
+  $("#linearity-box").hidden = !canEdit() || !(r.top_features || []).length;
+  const linear = app.linearity && app.linearityKey === app.resultKey ? app.linearity : null;  // "layer:index" -> logit change
   const cards = (r.top_features || []).map((f) => {
     const thumbs = el("div", { class: "thumbs" });
-    const card = el("div", { class: "card", "data-layer": f.layer, "data-index": f.index },
-      el("h3", {}, `layer ${f.layer} · #${f.index}`),
+    const ref = `${f.layer}:${f.index}`, on = ablated.has(ref);
+    const card = el("div", { class: "card" + (on ? " ablated" : ""), "data-layer": f.layer, "data-index": f.index },
+      el("h3", {}, `layer ${f.layer} · #${f.index}`, canEdit() ? editButton(on, `feature ${ref}`, () => toggleEdit("ablate", ref)) : null),
       el("div", {}, el("span", { class: "label", text: f.label || (f.label_source ? "(no label)" : "(no atlas)") }), ...sourceBadge(f)),
       el("div", { class: "muted" }, `activation ${f.activation.toFixed(3)} · contribution ${fmt(f.contribution, 4)}`),
+      linear && linear.has(ref) ? el("div", { class: "linearity", "data-change": String(linear.get(ref)) }, `ablated alone: ${fmt(linear.get(ref), 4)}`) : null,
       thumbs,
       el("a", { class: "atlas-page", href: hashOf({ view: "feature", f: `${f.layer}:${f.index}` }), text: "atlas page →" }));
     if (app.atlas) {
@@ -268,6 +305,129 @@ function drawFeatures(r) {
     return card;
   });
   $("#features").replaceChildren(...cards);
+}
+
+// ------------------------------------------------------------------ what if: edits rerun through POST /intervene
+// The edits live in the URL hash: ablate = CLT features ("layer:index") and term names, del = deleted patches
+// (row-major on the bundle's patch grid). They make one edit set; the server reruns the model with all of them.
+const NOT_EDITABLE = ["error"];  // 0 in the modes with an intervention graph; the server refuses it (serving/intervene.py)
+const listOf = (v) => (v || "").split(",").filter(Boolean);
+const canEdit = () => !REPORT && !!app.info && !!app.info.intervene;
+
+function editSet(state) {
+  const ablate = listOf(state.ablate);
+  const features = ablate.filter((a) => a.includes(":")).map((a) => { const [layer, index] = a.split(":").map(Number); return { layer, index }; });
+  const terms = ablate.filter((a) => !a.includes(":")).map((term) => ({ term }));
+  const patches = listOf(state.del).map(Number);
+  const set = {};
+  if (features.length) set.features = features;
+  if (terms.length) set.terms = terms;
+  if (patches.length) set.delete_patches = patches;
+  return Object.keys(set).length ? set : null;
+}
+function whatIfKeyOf(state) {
+  const edits = canEdit() ? editSet(state) : null;
+  return edits && app.resultKey ? app.resultKey + "|" + JSON.stringify(edits) : null;
+}
+const currentWhatIf = (state) => (app.whatIf && app.whatIfKey === whatIfKeyOf(state) ? app.whatIf : null);
+
+function toggleEdit(field, item) {
+  const list = listOf(readState()[field]);
+  const i = list.indexOf(item);
+  if (i >= 0) list.splice(i, 1); else list.push(item);
+  setState({ [field]: list.join(",") }, { push: true });  // a history entry: the back button undoes an edit
+}
+function editButton(on, what, onclick) {
+  const b = el("button", { type: "button", class: "ablate" + (on ? " on" : ""), text: on ? "restore" : "ablate",
+                           title: on ? `bring back ${what}` : `rerun the model without ${what}` });
+  b.addEventListener("click", onclick);
+  return b;
+}
+
+// each top feature ablated alone (POST /intervene with check_linearity), shown on its card
+async function checkLinearity() {
+  const key = app.resultKey, state = readState();
+  $("#check-linearity").disabled = true;
+  try {
+    const answer = await intervene(app.imageBlob, parseLabels(state.labels || ""), {}, 1, true);
+    if (key !== app.resultKey) return;
+    app.linearity = new Map(answer.feature_ablations.map((a) => [`${a.layer}:${a.index}`, a.ablated_change]));
+    app.linearityKey = key;
+    drawFeatures(app.result, readState());
+  } catch (e) { showError(e.message); } finally { $("#check-linearity").disabled = false; }
+}
+
+// ask the server for the current edits (once per image, labels and edit set); drawResult shows the answer
+async function whatIf(state) {
+  const key = whatIfKeyOf(state);
+  if (!key || key === app.whatIfKey) return;
+  const run = ++app.whatIfRun;
+  const labels = parseLabels(state.labels || "");
+  $("#whatif-status").textContent = "running the model with the edits...";
+  try {
+    const answer = await intervene(app.imageBlob, labels, editSet(state), Math.min(labels.length || app.info.labels.length, 100));
+    if (run !== app.whatIfRun) return;
+    app.whatIf = answer; app.whatIfKey = key;
+    showError("");
+  } catch (e) {
+    if (run !== app.whatIfRun) return;
+    showError(e.message);
+  } finally {
+    if (run === app.whatIfRun) $("#whatif-status").textContent = "";
+  }
+  drawResult(readState());
+}
+
+function drawWhatIf(r, state, answer) {
+  const box = $("#whatif");
+  box.hidden = !canEdit();
+  $("#patch-hint").hidden = !canEdit() || !app.info.patches;
+  if (!canEdit()) return;
+  const edits = editSet(state) || {};
+  const cols = app.info.patches ? app.info.patches.grid[1] : 1;
+  const chip = (text, field, item) => {
+    const b = el("button", { type: "button", class: "chip", title: "remove this edit", text: text + " ×" });
+    b.addEventListener("click", () => toggleEdit(field, item));
+    return b;
+  };
+  const chips = [
+    ...(edits.features || []).map((f) => chip(`feature ${f.layer}:${f.index}`, "ablate", `${f.layer}:${f.index}`)),
+    ...(edits.terms || []).map((t) => chip(t.term, "ablate", t.term)),
+    ...(edits.delete_patches || []).map((p) => chip(`patch (${Math.floor(p / cols)}, ${p % cols})`, "del", String(p))),
+  ];
+  $("#edit-list").replaceChildren(...(chips.length ? chips : [el("span", { class: "muted", text: "No edits: use the ablate buttons or click the image." })]));
+  $("#reset-edits").disabled = !chips.length;
+  const row = answer ? answer.edited[0] : null;
+  box.dataset.edit = row ? JSON.stringify(row.edit) : "";  // the edit set the shown answer is for, as the server validated it
+  if (!row) { $("#whatif-note").textContent = ""; $("#top-edited").replaceChildren(); return; }
+  const before = new Map(answer.baseline.top.map((t) => [t.label, t.logit]));
+  const res = row.result;
+  $("#whatif-note").textContent = row.predicted_changed ? `The prediction changes: ${answer.baseline.predicted} → ${res.predicted}.`
+    : `The prediction stays ${res.predicted}.`;
+  $("#top-edited").replaceChildren(...res.top.slice(0, r.top.length).map((t) => {
+    const b = before.get(t.label);
+    return el("li", { "data-label": t.label, "data-logit": String(t.logit) },
+      `${t.label} ${pct(t.probability)} (logit ${t.logit.toFixed(3)}${b === undefined ? "" : ", Δ " + fmt(t.logit - b)})`,
+      el("div", { class: "bar", style: `width:${Math.max(1, 100 * t.probability)}%` }));
+  }));
+}
+
+// deleted patches (the what-if edits) over the heatmap: grey, outlined, on the bundle's patch grid
+function drawDeleted(ctx, canvas, state) {
+  const del = canEdit() && app.info.patches ? listOf(state.del).map(Number) : [];
+  canvas.dataset.deleted = JSON.stringify(del);
+  canvas.classList.toggle("editable", canEdit() && !!app.info.patches);
+  if (!del.length) return;
+  const [rows, cols] = app.info.patches.grid;
+  const cw = canvas.width / cols, ch = canvas.height / rows;
+  ctx.save();
+  ctx.fillStyle = "rgba(128,128,128,0.85)"; ctx.strokeStyle = "#1d2330"; ctx.lineWidth = 2; ctx.setLineDash([4, 3]);
+  for (const p of del) {
+    const x = Math.floor((p % cols) * cw), y = Math.floor(Math.floor(p / cols) * ch);
+    ctx.fillRect(x, y, Math.ceil(cw), Math.ceil(ch));
+    ctx.strokeRect(x + 1, y + 1, Math.ceil(cw) - 2, Math.ceil(ch) - 2);
+  }
+  ctx.restore();
 }
 
 // ------------------------------------------------------------------ heatmap
@@ -355,7 +515,7 @@ function drawMap(state) {
   const { grid, note, kind } = currentGrid(r, state);
   $("#map-note").textContent = note;
   canvas.dataset.kind = kind || "direct";
-  if (!grid) { $("#map-scale-text").textContent = ""; canvas.dataset.max = "0"; canvas.dataset.cells = ""; return; }
+  if (!grid) { $("#map-scale-text").textContent = ""; canvas.dataset.max = "0"; canvas.dataset.cells = ""; drawDeleted(ctx, canvas, state); return; }
   const rows = grid.length, cols = grid[0].length;
   const max = Math.max(1e-12, ...grid.flat().map(Math.abs));
   const cw = canvas.width / cols, ch = canvas.height / rows;
@@ -369,6 +529,7 @@ function drawMap(state) {
   canvas.dataset.max = String(max);
   canvas.dataset.cells = JSON.stringify(grid.flat());  // what is drawn, for scripts and tests
   $("#map-scale-text").textContent = `${fmt(-max, 4)} … ${fmt(max, 4)} logits per patch`;
+  drawDeleted(ctx, canvas, state);
 }
 
 // ------------------------------------------------------------------ feature (atlas) page
@@ -476,6 +637,15 @@ function wireInputs() {
   $("#map-class").addEventListener("change", (ev) => { setState({ cls: ev.target.value }); drawResult(readState()); });
   $("#map-layer").addEventListener("change", (ev) => { setState({ map: ev.target.value, head: "all" }); drawResult(readState()); });
   $("#map-head").addEventListener("change", (ev) => { setState({ head: ev.target.value }); drawResult(readState()); });
+  $("#heatmap").addEventListener("click", (ev) => {  // delete (or bring back) the patch under the pointer
+    if (!canEdit() || !app.info.patches || !app.result) return;
+    const [rows, cols] = app.info.patches.grid, c = ev.currentTarget;
+    const col = Math.min(cols - 1, Math.max(0, Math.floor((ev.offsetX / c.clientWidth) * cols)));
+    const row = Math.min(rows - 1, Math.max(0, Math.floor((ev.offsetY / c.clientHeight) * rows)));
+    toggleEdit("del", String(row * cols + col));
+  });
+  $("#check-linearity").addEventListener("click", checkLinearity);
+  $("#reset-edits").addEventListener("click", () => setState({ ablate: "", del: "" }, { push: true }));
   window.addEventListener("hashchange", () => { if (app.info) route(); });  // before start() has /info, start() routes
 }
 
@@ -484,7 +654,7 @@ async function drawExamples() {
   $("#examples-box").hidden = list.length === 0;
   const buttons = list.map((ex) => {
     const b = el("button", { type: "button", title: ex.class || `example ${ex.example}`, "data-example": String(ex.example) });
-    b.addEventListener("click", () => setState({ view: "explain", example: String(ex.example), img: "" }, { push: true }));
+    b.addEventListener("click", () => setState({ view: "explain", example: String(ex.example), img: "", ablate: "", del: "" }, { push: true }));
     exampleBlob(ex.example).then((blob) => b.append(el("img", { src: URL.createObjectURL(blob), alt: ex.class || "" }))).catch(() => {});
     return b;
   });

@@ -192,6 +192,8 @@ BAD = [
     ([{"drop_keys": [[0, 4]]}], "edits[0].drop_keys[0]", "off the"),
     ([{"drop_keys": [2, 2]}], "edits[0].drop_keys[1]", "twice"),
     ([{}] * (MAX_EDIT_SETS + 1), "edits", "at most"),
+    ([{"features": [{"layer": 0, "index": i} for i in range(257)]}], "edits[0].features", "at most 256"),
+    ([{"terms": [{"term": "embed"}] * 257}], "edits[0].terms", "at most 256"),
     ([], "edits", "at least"),
     ([{"feature": []}], "edits[0].feature", "extra"),
     ('{"features": []}', "edits", "list"),

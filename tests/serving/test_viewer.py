@@ -319,3 +319,151 @@ def test_html_report_is_self_contained(browser, atlas_bundle, images, tmp_path, 
         p.close()
     img = Image.open(io.BytesIO(base64.b64decode(data["image"].split(",", 1)[1])))
     assert img.size == (56, 56)
+
+
+# ------------------------------------------------------------------ what if: edits rerun through POST /intervene
+def _intervene(server: str, path: Path, edits: dict, top_k: int) -> dict:
+    """The reference: the same edit set sent to the same server over HTTP, written by hand here (patches as
+    [row, column] pairs where the page sends row-major indices)."""
+    with open(path, "rb") as f:
+        r = requests.post(f"{server}/intervene", files={"image": f}, data={"edits": json.dumps([edits]), "top_k": str(top_k)}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait_edit(pg, check: str) -> dict:
+    """Wait until the page shows an /intervene answer whose edit set satisfies the JS expression `check` (on `e`)."""
+    pg.wait_for_function(f"(() => {{ const d = document.querySelector('#whatif').dataset.edit; if (!d) return false; const e = JSON.parse(d); return {check}; }})()")
+    return json.loads(pg.get_attribute("#whatif", "data-edit"))
+
+
+def _shown_after(pg) -> tuple[list[str], list[float]]:
+    labels = pg.eval_on_selector_all("#top-edited li", "els => els.map(e => e.dataset.label)")
+    logits = pg.eval_on_selector_all("#top-edited li", "els => els.map(e => parseFloat(e.dataset.logit))")
+    return labels, logits
+
+
+def _check_waterfall(pg, api_explain: dict, answer: dict) -> None:
+    """Every waterfall bar's value after the edits and its change equal the HTTP answer's for the shown label."""
+    label = api_explain["explanations"][0]["label"]
+    after = next(e for e in answer["edited"][0]["result"]["explanations"] if e["label"] == label)
+    rows = pg.eval_on_selector_all(".wf-row", "els => els.map(e => [e.dataset.term, parseFloat(e.dataset.value), parseFloat(e.dataset.edited), parseFloat(e.dataset.delta)])")
+    before = {t["term"]: t["value"] for t in api_explain["explanations"][0]["terms"]} | {"logit": api_explain["explanations"][0]["logit"]}
+    edited = {t["term"]: t["value"] for t in after["terms"]} | {"logit": after["logit"]}
+    assert [r[0] for r in rows] == [*answer["term_names"], "logit"]
+    for term, value, shown, delta in rows:
+        assert value == pytest.approx(before[term], abs=1e-6)
+        assert shown == pytest.approx(edited[term], rel=1e-6, abs=1e-7), term
+        assert delta == pytest.approx(edited[term] - before[term], abs=1e-5), term
+    assert any(abs(r[3]) > 1e-4 for r in rows), "the edits moved no bar of the waterfall"
+
+
+@pytest.mark.slow
+def test_ablate_a_feature_and_a_term_shows_what_intervene_returns(page, server, images):
+    pg = page.page
+    pg.goto(f"{server}/ui/")
+    _upload(pg, images["test0"])
+    n_labels = len(requests.get(f"{server}/info", timeout=30).json()["labels"])
+    api = _api_explain(server, images["test0"]).json()
+    f = api["top_features"][0]
+    pg.locator(f".card[data-layer='{f['layer']}'][data-index='{f['index']}'] button.ablate").click()
+    _wait_edit(pg, "e.features.length === 1 && e.terms.length === 0")
+    ref = _intervene(server, images["test0"], {"features": [{"layer": f["layer"], "index": f["index"]}]}, n_labels)
+    labels, logits = _shown_after(pg)
+    top = ref["edited"][0]["result"]["top"][:len(api["top"])]
+    assert labels == [t["label"] for t in top]
+    assert logits == pytest.approx([t["logit"] for t in top], rel=1e-6, abs=1e-7)
+    assert pg.locator(f".card[data-layer='{f['layer']}'][data-index='{f['index']}'] button.ablate").inner_text() == "restore"
+    _check_waterfall(pg, api, ref)
+
+    # a term as well: the two edits run as one edit set
+    term = "attn.1"
+    pg.locator(f".wf-row[data-term='{term}'] button.ablate").click()
+    shown = _wait_edit(pg, "e.features.length === 1 && e.terms.length === 1")
+    assert shown["terms"] == [{"term": term, "scale": 0.0}] and shown["features"][0]["layer"] == f["layer"]
+    ref = _intervene(server, images["test0"], {"features": [{"layer": f["layer"], "index": f["index"], "scale": 0}],
+                                               "terms": [{"term": term, "scale": 0}]}, n_labels)
+    labels, logits = _shown_after(pg)
+    top = ref["edited"][0]["result"]["top"][:len(api["top"])]
+    assert labels == [t["label"] for t in top]
+    assert logits == pytest.approx([t["logit"] for t in top], rel=1e-6, abs=1e-7)
+    _check_waterfall(pg, api, ref)
+    assert pg.get_attribute(f".wf-row[data-term='{term}']", "class").split().count("ablated") == 1
+    assert "error" not in pg.eval_on_selector_all(".wf-row:has(button.ablate)", "els => els.map(e => e.dataset.term)")
+
+    # restore the feature, then reset: the page is back to the plain explanation
+    pg.locator(f".card[data-layer='{f['layer']}'][data-index='{f['index']}'] button.ablate").click()
+    _wait_edit(pg, "!e.features.length && e.terms.length === 1")
+    pg.click("#reset-edits")
+    pg.wait_for_function("document.querySelector('#whatif').dataset.edit === '' && !document.querySelector('.wf-row[data-edited]')")
+    assert pg.locator("#top-edited li").count() == 0 and "ablate=" not in pg.evaluate("location.hash")
+    page.check()
+
+
+@pytest.mark.slow
+def test_click_patches_to_delete_them(page, server, images):
+    pg = page.page
+    pg.goto(f"{server}/ui/")
+    _upload(pg, images["test1"])
+    info = requests.get(f"{server}/info", timeout=30).json()
+    rows, cols = info["patches"]["grid"]
+    api = _api_explain(server, images["test1"]).json()
+    size = pg.evaluate("() => { const c = document.querySelector('#heatmap'); return [c.clientWidth, c.clientHeight]; }")
+
+    def click(r: int, c: int) -> None:
+        pg.click("#heatmap", position={"x": (c + 0.5) * size[0] / cols, "y": (r + 0.5) * size[1] / rows})
+
+    before = _canvas_digest(pg)
+    click(1, 2)
+    _wait_edit(pg, "e.delete_patches.length === 1")
+    click(rows - 1, 0)
+    shown = _wait_edit(pg, "e.delete_patches.length === 2")
+    assert sorted(shown["delete_patches"]) == sorted([1 * cols + 2, (rows - 1) * cols])
+    assert json.loads(pg.get_attribute("#heatmap", "data-deleted")) == [1 * cols + 2, (rows - 1) * cols]
+    assert _canvas_digest(pg) != before  # the deleted patches are drawn
+    ref = _intervene(server, images["test1"], {"delete_patches": [[1, 2], [rows - 1, 0]]}, len(info["labels"]))
+    labels, logits = _shown_after(pg)
+    top = ref["edited"][0]["result"]["top"][:len(api["top"])]
+    assert labels == [t["label"] for t in top]
+    assert logits == pytest.approx([t["logit"] for t in top], rel=1e-6, abs=1e-7)
+    _check_waterfall(pg, api, ref)
+
+    # the map toggle keeps the edits: the total-effect map of the unedited image, the deleted patches over it
+    with open(images["test1"], "rb") as f:
+        te = requests.post(f"{server}/explain", files={"image": f}, data={"top_k": "5", "total_effect": "true"}, timeout=60).json()
+    pg.select_option("#map-kind", "total")
+    pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'total'")
+    assert _drawn(pg)[1] == pytest.approx(te["total_effect"]["classes"][0]["total"], rel=1e-6, abs=1e-9)
+    assert json.loads(pg.get_attribute("#heatmap", "data-deleted")) == [1 * cols + 2, (rows - 1) * cols]
+    assert _shown_after(pg)[1] == pytest.approx(logits, rel=1e-6, abs=1e-7)
+    pg.select_option("#map-kind", "direct")
+    pg.wait_for_function("document.querySelector('#heatmap').dataset.kind === 'direct'")
+
+    # the edits are in the URL: a reload reruns them; clicking a deleted patch brings it back
+    pg.reload()
+    _wait_edit(pg, "e.delete_patches.length === 2")
+    assert _shown_after(pg)[1] == pytest.approx(logits, rel=1e-6, abs=1e-7)
+    click(1, 2)
+    shown = _wait_edit(pg, "e.delete_patches.length === 1")
+    assert shown["delete_patches"] == [(rows - 1) * cols]
+    ref = _intervene(server, images["test1"], {"delete_patches": [[rows - 1, 0]]}, len(info["labels"]))
+    assert _shown_after(pg)[1] == pytest.approx([t["logit"] for t in ref["edited"][0]["result"]["top"][:len(api["top"])]], rel=1e-6, abs=1e-7)
+    page.check()
+
+
+@pytest.mark.slow
+def test_each_feature_ablated_alone_shows_the_linearity_check(page, server, images):
+    pg = page.page
+    pg.goto(f"{server}/ui/")
+    _upload(pg, images["test2"])
+    assert pg.locator(".card .linearity").count() == 0
+    pg.click("#check-linearity")
+    pg.wait_for_selector(".card .linearity")
+    shown = pg.eval_on_selector_all(".card:has(.linearity)", "els => els.map(e => [+e.dataset.layer, +e.dataset.index, parseFloat(e.querySelector('.linearity').dataset.change)])")
+    with open(images["test2"], "rb") as f:
+        ref = requests.post(f"{server}/intervene", files={"image": f}, data={"edits": "[{}]", "check_linearity": "true"}, timeout=60).json()
+    want = {(a["layer"], a["index"]): a["ablated_change"] for a in ref["feature_ablations"]}
+    assert len(shown) == len(want) > 0
+    for layer, index, change in shown:
+        assert change == pytest.approx(want[layer, index], rel=1e-6, abs=1e-7)
+    page.check()
