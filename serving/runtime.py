@@ -151,13 +151,14 @@ class LabelCache:
             waiting.wait()  # another thread is computing this key; then look again
         try:
             value = compute()
-            self._put(key, value)
+            self.put(key, value)
             return value
         finally:
             with self._lock:
                 self._inflight.pop(key).set()
 
-    def _put(self, key: bytes, value: np.ndarray) -> None:
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        """Store `value` under `key` (LRU eviction down to the bound; an entry larger than the bound is not kept)."""
         cost = value.nbytes + self.ENTRY_OVERHEAD
         with self._lock:
             if cost > self.max_bytes:
@@ -179,6 +180,89 @@ class LabelCache:
         return len(self._data)
 
 
+class LabelEmbeddings:
+    """Custom label-set embeddings within one byte budget, in two `LabelCache` tiers.
+
+    `rows`: one float32 [D] row per (label, templates), the template-averaged, renormalised text
+    embedding; it holds most of the budget. A label's row does not depend on the rest of its set, so a
+    new set of known labels costs a stack of rows, not a run of the text encoder, and under traffic
+    that draws sets from a vocabulary the memory is bounded by the vocabulary, not by the number of
+    distinct sets. `sets`: the stacked float32 [C, D] arrays of recent sets (`SETS_SHARE` of the
+    budget), so that a repeated set is the same array (the batcher groups jobs by it) at no cost.
+    `embed(labels, templates) -> float32 [len(labels), D]` computes missing rows, one call per set.
+    """
+
+    SETS_SHARE = 1 / 16
+    LOOP_STACK_MAX = 64  # `get` stacks cached rows for sets up to this size (cheap enough for an event loop)
+
+    def __init__(self, max_bytes: int, embed: Callable[[list[str], list[str]], np.ndarray]) -> None:
+        if max_bytes < 2:
+            raise ValueError(f"max_bytes must be >= 2, got {max_bytes}")
+        sets = max(1, int(max_bytes * self.SETS_SHARE))
+        self.max_bytes = int(max_bytes)
+        self.sets = LabelCache(sets)
+        self.rows = LabelCache(self.max_bytes - sets)
+        self._embed = embed
+
+    @property
+    def nbytes(self) -> int:
+        return self.sets.nbytes + self.rows.nbytes
+
+    @property
+    def on_evict(self) -> Callable[[int], None] | None:
+        return self.rows.on_evict
+
+    @on_evict.setter
+    def on_evict(self, fn: Callable[[int], None] | None) -> None:
+        """Called with the number of entries (sets or rows) just evicted (metrics)."""
+        self.rows.on_evict = fn
+        self.sets.on_evict = fn
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray | None:
+        """The set's embeddings if they need no text encoder run: a cached set, or (sets of at most
+        `LOOP_STACK_MAX` labels) every row cached; else None."""
+        key = LabelCache.key(names, templates)
+        out = self.sets.get(key)
+        if out is not None or len(names) > self.LOOP_STACK_MAX:
+            return out
+        rows = [self.rows.get(LabelCache.key([n], templates)) for n in names]
+        if any(r is None for r in rows):
+            return None
+        return self._keep(key, rows)
+
+    def get_or_compute(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """float32 [C, D] (read-only): cached rows, the missing ones computed in one `embed` call."""
+        key = LabelCache.key(names, templates)
+        return self.sets.get_or_compute(key, lambda: self._stack(list(names), list(templates)))
+
+    def _stack(self, names: list[str], templates: list[str]) -> np.ndarray:
+        keys = [LabelCache.key([n], templates) for n in names]
+        rows: list[np.ndarray | None] = [self.rows.get(k) for k in keys]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            fresh = self._embed([names[i] for i in missing], templates)
+            for j, i in enumerate(missing):
+                row = np.array(fresh[j], dtype=np.float32)  # its own memory: a view would keep the whole batch alive
+                row.setflags(write=False)
+                self.rows.put(keys[i], row)
+                rows[i] = row
+        return self._stacked(rows)
+
+    def _keep(self, key: bytes, rows: list) -> np.ndarray:
+        out = self._stacked(rows)
+        self.sets.put(key, out)
+        return out
+
+    @staticmethod
+    def _stacked(rows: list) -> np.ndarray:
+        out = np.stack(rows).astype(np.float32, copy=False)
+        out.setflags(write=False)
+        return out
+
+
 class BundleRuntime:
     """A loaded bundle: preprocessing, label embedding, the fused graph, and result building.
 
@@ -192,7 +276,7 @@ class BundleRuntime:
     `io_binding`: run through an ORT IO binding (None: exactly when the provider is CUDA).
     `spinning`: let idle ORT threads busy-wait (ORT's default; False suits a server whose other
     threads need the CPU between batches).
-    `label_cache_bytes`: bound of the custom label-set embedding cache (`LabelCache`).
+    `label_cache_bytes`: bound of the custom label embeddings (`LabelEmbeddings`: rows per label, recent sets).
     `intervene`: open the bundle's intervention graph when it has one (False saves its memory).
     """
 
@@ -236,7 +320,7 @@ class BundleRuntime:
         self.tokenizer = ClipTokenizer(self.paths.vocab, m.tokenizer.context_length)
         self.default_text = np.ascontiguousarray(np.load(self.paths.labels, allow_pickle=False), dtype=np.float32)
         self.atlas: Atlas | None = Atlas(self.paths.atlas) if self.paths.atlas else None  # labels of the top features
-        self.label_cache = LabelCache(label_cache_bytes)
+        self.label_cache = LabelEmbeddings(label_cache_bytes, self._embed_label_set)
 
         use_cuda = device == "cuda" or (device == "auto" and cuda_present())
         opts = session_options(threads, spinning)
@@ -292,7 +376,8 @@ class BundleRuntime:
         """float32 [C, D] class embeddings: mean of the normalised template embeddings, renormalised.
 
         `labels=None` (or the bundle's own labels with its templates) gives `labels.npy`. Custom sets
-        are validated (`validate_labels`) and cached by content (`LabelCache`, bounded in bytes).
+        are validated (`validate_labels`) and cached by content, per label and per recent set
+        (`LabelEmbeddings`, bounded in bytes).
         """
         if labels is None:
             return self.default_text
@@ -302,13 +387,13 @@ class BundleRuntime:
             raise LabelError("every template needs a '{}' slot for the label")
         if names == self.label_names and tmpl == self.templates:
             return self.default_text
-        return self.label_cache.get_or_compute(self.label_cache.key(names, tmpl), lambda: self._embed_label_set(names, tmpl))
+        return self.label_cache.get_or_compute(names, tmpl)
 
     def cached_labels(self, names: Sequence[str]) -> np.ndarray | None:
         """The embeddings of an already validated label set with the bundle's templates, if cached (no compute)."""
         if list(names) == self.label_names:
             return self.default_text
-        return self.label_cache.get(self.label_cache.key(names, self.templates))
+        return self.label_cache.get(names, self.templates)
 
     def _embed_label_set(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
         prompts = [t.format(n) for n in names for t in templates]

@@ -74,11 +74,39 @@ def test_custom_label_embeddings_match_torch(runtime, backbone):
 
 
 def test_label_cache_is_bounded(bundle):
-    entry = 2 * rt_embed_dim(bundle) * 4 + LabelCache.ENTRY_OVERHEAD  # two labels, float32
-    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_bytes=2 * entry)
-    for i in range(5):
-        rt.embed_labels([f"thing {i}", "other"])
-    assert len(rt.label_cache) == 2 and rt.label_cache.nbytes <= 2 * entry
+    d = rt_embed_dim(bundle)
+    row = d * 4 + LabelCache.ENTRY_OVERHEAD  # one label, float32
+    budget = 64 * row
+    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_bytes=budget)
+    for i in range(120):  # 240 distinct labels: more rows than the budget holds
+        rt.embed_labels([f"thing {i}", f"other {i}"])
+    assert rt.label_cache.nbytes <= budget
+    assert len(rt.label_cache.rows) * row <= rt.label_cache.rows.max_bytes
+    assert rt.label_cache.sets.nbytes <= rt.label_cache.sets.max_bytes
+
+
+def test_label_sets_from_a_vocabulary_reuse_its_rows(bundle, monkeypatch):
+    """Sets drawn from a vocabulary: the text encoder runs once per new word, not per new set, and the
+    memory held is bounded by the vocabulary; every set equals its direct computation."""
+    rt = BundleRuntime(bundle, device="cpu", threads=1, label_cache_bytes=1 << 20)
+    encoded: list[str] = []
+    real = rt.embed_texts
+    monkeypatch.setattr(rt, "embed_texts", lambda prompts: encoded.extend(prompts) or real(prompts))
+    vocab = [f"word {i}" for i in range(12)]
+    rng = np.random.default_rng(0)
+    sets = [[vocab[j] for j in rng.choice(len(vocab), size=int(rng.integers(2, 6)), replace=False)] for _ in range(60)]
+    for names in sets:
+        rt.embed_labels(names)
+    assert len(encoded) == len(vocab) * len(rt.templates)  # each word's prompts once
+    assert len(rt.label_cache.rows) == len(vocab)
+    for names in sets[:5]:
+        direct = real([t.format(n) for n in names for t in rt.templates]).astype(np.float64)
+        mean = direct.reshape(len(names), len(rt.templates), -1).mean(1)
+        np.testing.assert_allclose(rt.embed_labels(names), mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)
+    fresh = vocab[::-1][:6]  # six labels: no drawn set has as many; known words, so no encoder run
+    assert rt.label_cache.sets.get(LabelCache.key(fresh, rt.templates)) is None
+    got = rt.cached_labels(fresh)
+    assert got is not None and rt.cached_labels(fresh) is got and len(encoded) == len(vocab) * len(rt.templates)
 
 
 def rt_embed_dim(bundle) -> int:
