@@ -14,12 +14,19 @@ environment asks for it:
   unset) is r acts, so a test can stop one rank of a data-parallel run (whose workers torchrun starts,
   without the test's pipe: they kill themselves).
 
+`kill_at` is the other side: it runs a command armed at a point, SIGKILLs it there and returns
+how far it got (the crash-safety tests drive every long-running command through it).
+
 Torch-free and dependency-free, so that every stage (training, serving jobs) can use it.
 """
 from __future__ import annotations
 
 import os
+import select
 import signal
+import subprocess
+from pathlib import Path
+from typing import Mapping, Sequence
 
 ENV_POINT = "CLTVIT_KILLPOINT"
 ENV_FD = "CLTVIT_KILLPOINT_FD"
@@ -53,3 +60,39 @@ def killpoint(name: str) -> None:
     os.write(int(fd), f"{name}@{n} {os.getpid()}\n".encode())
     while True:  # wait for the test's SIGKILL
         signal.pause()
+
+
+class KillPointNotReached(AssertionError):
+    """`kill_at`'s command exited, or ran past the wait, before reaching its kill point (message: its log)."""
+
+
+def kill_at(cmd: Sequence[str], point: str, log: Path, *, env: Mapping[str, str], cwd: str | Path | None = None,
+            wait_s: float = 240.0) -> str:
+    """Run `cmd` armed at kill point `point` (`name` or `name@n`), SIGKILL it when it gets there.
+
+    stdout and stderr are appended to `log`. Returns the line the process reported (`name@n pid`).
+    Raises `KillPointNotReached` with the log when the process exits first (end of file on the pipe)
+    or has not reached the point within `wait_s` seconds (it is killed either way)."""
+    read_fd, write_fd = os.pipe()
+    armed = {k: v for k, v in env.items() if k not in (ENV_POINT, ENV_FD)}
+    armed.update({ENV_POINT: point, ENV_FD: str(write_fd)})
+    with Path(log).open("ab") as out:
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=armed, stdout=out, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as pipe:
+            ready, _, _ = select.select([pipe], [], [], wait_s)
+            line = pipe.readline() if ready else ""
+        if not line.startswith(point.partition("@")[0]):
+            if ready:
+                proc.wait(timeout=60)
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else f"still running after {wait_s:.0f} s"
+            raise KillPointNotReached(f"{Path(cmd[0]).name} never reached {point} ({state}):\n{Path(log).read_text(errors='replace')}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    if proc.returncode != -signal.SIGKILL:
+        raise KillPointNotReached(f"{Path(cmd[0]).name} ended with {proc.returncode}, not SIGKILL, at {point}")
+    return line.strip()

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=int, default=20_000,
                    help="an image that waited this long in the queue gets 503 + Retry-After instead of a late answer (default 20000)")
     p.add_argument("--timeout", type=int, default=120, help="request timeout in seconds (default 120)")
-    p.add_argument("--label-cache-mb", type=float, default=64.0, help="memory bound of the custom label-set cache, MiB (default 64)")
+    p.add_argument("--label-cache-mb", type=float, default=64.0, help="memory bound of the custom label embeddings per worker (rows per label, recent sets), MiB (default 64)")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU per request)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files at startup")
     p.add_argument("--reference", default=os.environ.get("CLTVIT_DRIFT_REFERENCE"), metavar="REF_JSON",

@@ -205,7 +205,7 @@ class ServingEngine:
             cached = self.runtime.cached_labels(names)
             if cached is None:
                 cached = await anyio.to_thread.run_sync(self.runtime.embed_labels, names)
-                self.metrics.label_cache_bytes.set(self.runtime.label_cache.nbytes)
+            self.metrics.label_cache_bytes.set(self.runtime.label_cache.nbytes)  # also a stack of cached rows adds a set
             text = cached
         if _cheap_to_decode(request.image):
             pixels = self._prepare(request.image)

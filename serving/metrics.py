@@ -66,7 +66,7 @@ class ServiceMetrics:
                                       worker).labels(worker=self.worker)
         self.overloaded = prom.Counter("cltvit_overloaded", "Requests answered 503 because the batcher's queue was full or too slow")
         self.label_cache_evictions = prom.Counter(
-            "cltvit_label_cache_evictions", "Custom label sets dropped from the embedding cache to stay within --label-cache-mb")
+            "cltvit_label_cache_evictions", "Custom labels' embedding rows dropped from the cache to stay within --label-cache-mb (asked again, they cost a text-graph run)")
         # 'liveall': one series per live worker (label pid); a worker whose event loop stops answering
         # stops moving its timestamp, which the other workers' /metrics still show
         self.heartbeat = prom.Gauge("cltvit_worker_heartbeat_timestamp_seconds",
@@ -82,7 +82,7 @@ class ServiceMetrics:
         self.gc_objects = prom.Gauge("cltvit_gc_objects", "Objects the collector tracked after the worker's last full collection "
                                      "(those frozen at start-up not counted)", worker,
                                      multiprocess_mode="liveall").labels(worker=self.worker)
-        self.label_cache_bytes = prom.Gauge("cltvit_label_cache_bytes", "Bytes held by the custom label-set cache "
+        self.label_cache_bytes = prom.Gauge("cltvit_label_cache_bytes", "Bytes held by the custom label embedding cache (rows per label, recent sets) "
                                             "(bounded by --label-cache-mb)", worker,
                                             multiprocess_mode="liveall").labels(worker=self.worker)
         self._gc_started = 0.0

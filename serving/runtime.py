@@ -214,9 +214,9 @@ class LabelEmbeddings:
 
     @on_evict.setter
     def on_evict(self, fn: Callable[[int], None] | None) -> None:
-        """Called with the number of entries (sets or rows) just evicted (metrics)."""
+        """Called with the number of label rows just evicted (metrics): what costs a text-graph run when
+        asked again (the recent-sets tier turns over under any churn of sets, at no such cost)."""
         self.rows.on_evict = fn
-        self.sets.on_evict = fn
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 
 from bundle import load_bundle
 from bundle.atlas import hist_edges
-from bundle.killpoints import ENV_FD, ENV_POINT
+from bundle.killpoints import kill_at
 from export.atlas import REF_ARRAYS, AtlasConfig, AtlasError, DatasetSource, build_atlas, images_from_refs
 from export.cli import atlas_main
 from export.testing import SMALL_VOCAB, make_tiny_bundle
@@ -224,23 +222,7 @@ def test_kill_9_and_rerun_gives_the_uninterrupted_atlas(tmp_path, point):
     killed = [*args, "--work", str(tmp_path / "work-killed"), "--out", str(tmp_path / "resumed")]
     cmd = [sys.executable, "-c", ATLAS_CLI, *killed]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "killed.log"
-    read_fd, write_fd = os.pipe()
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, ENV_POINT: point, ENV_FD: str(write_fd)},
-                                stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as pipe:
-            ready, _, _ = select.select([pipe], [], [], 240)
-            line = pipe.readline() if ready else ""
-        assert line.startswith(point), f"cltvit-atlas never reached {point}: {log.read_text()}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at(cmd, point, tmp_path / "killed.log", env=env, cwd=ROOT)
     with np.load(tmp_path / "work-killed" / "state.npz") as z:
         assert int(z["n_done"]) == (48 if point.startswith("atlas.checkpoint") else 32)  # the last checkpoint renamed into place
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from _scoring import BROKEN, assert_same_records, make_image_folder, read_jsonl
 
-from bundle.killpoints import ENV_FD, ENV_POINT
+from bundle.killpoints import kill_at
 from serving.jobs.cli import score_main as main
 from serving.jobs.score import discover, read_journal, read_parquet
 
@@ -131,22 +129,7 @@ def test_kill_and_resume_real_process(reference_run, folder, bundle, tmp_path):
     cmd = [str(Path(sys.executable).parent / "cltvit-score"), str(folder[0]), "--bundle", str(bundle), "--out", str(out),
            "--batch-size", "4", "--workers", "1", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    read_fd, write_fd = os.pipe()
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, ENV_POINT: "score.batch_written@3", ENV_FD: str(write_fd)},
-                                stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as pipe:
-            ready, _, _ = select.select([pipe], [], [], 120)
-            line = pipe.readline() if ready else ""
-        assert line.startswith("score.batch_written@3"), f"cltvit-score never finished its 3rd batch: {log.read_text()}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at(cmd, "score.batch_written@3", log, env=env, cwd=REPO, wait_s=120)
     partial = read_journal(out, repair=False)
     assert len(partial) == 12  # exactly the three batches of 4 that were on disk
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Subset
 
-from bundle.killpoints import ENV_FD, ENV_POINT
+from bundle.killpoints import ENV_FD, ENV_POINT, kill_at
 from training import cli
 from training.activations import ActivationStream, _Preprocessed
 from training.cache import MANIFEST, ActivationCache, CacheError, CachedActivationStream, write_cache
@@ -188,7 +186,7 @@ def test_other_settings_in_the_same_directory_are_refused(backbone, images, cach
 
 
 # ---------------------------------------------------------------------- kill while writing (real processes)
-def run_writer(out: Path, log: Path, point: str | None = None) -> subprocess.Popen | None:
+def run_writer(out: Path, log: Path, point: str | None = None) -> None:
     """`cltvit-activations` over the same images as `cache_dir`; with `point`, SIGKILLed when it reaches it."""
     cmd = [sys.executable, "-c", "import sys; from training.cli import activations_main; sys.exit(activations_main())",
            "--model", "cltvit-tiny", "--dataset", "fashion-mnist", "--limit", str(IMAGES), "--shard-images", str(SHARD_IMAGES),
@@ -200,26 +198,8 @@ def run_writer(out: Path, log: Path, point: str | None = None) -> subprocess.Pop
         with log.open("ab") as f:
             done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=240)
         assert done.returncode == 0, log.read_text()
-        return None
-    read_fd, write_fd = os.pipe()
-    with log.open("ab") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, ENV_POINT: point, ENV_FD: str(write_fd)}, stdout=f,
-                                stderr=subprocess.STDOUT, pass_fds=(write_fd,))
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as pipe:
-            ready, _, _ = select.select([pipe], [], [], 240)
-            line = pipe.readline() if ready else ""
-        if not line:
-            proc.wait(timeout=60)
-            pytest.fail(f"cltvit-activations never reached {point} (exit {proc.returncode}):\n{log.read_text()}")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    return proc
+    else:
+        kill_at(cmd, point, log, env=env, cwd=ROOT)
 
 
 @pytest.mark.slow

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import struct
 import subprocess
 import sys
@@ -22,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bundle.killpoints import ENV_FD, ENV_POINT
+from bundle.killpoints import ENV_FD, ENV_POINT, kill_at
 from training.activations import ActivationStream
 from training.data import FashionMNIST
 from training.model.backbone import load_backbone
@@ -51,28 +49,10 @@ def environment() -> dict[str, str]:
     return env
 
 
-def kill_at(point: str, out: Path, log: Path) -> str:
+def train_until(point: str, out: Path, log: Path) -> str:
     """Run cltvit-train on `out` until it reaches kill point `point`, SIGKILL it there; returns its log."""
-    read_fd, write_fd = os.pipe()
-    env = {**environment(), ENV_POINT: point, ENV_FD: str(write_fd)}
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(command(out), cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
-    os.close(write_fd)
-    try:
-        with os.fdopen(read_fd) as pipe:
-            ready, _, _ = select.select([pipe], [], [], WAIT_S)
-            line = pipe.readline() if ready else ""
-        if not line:  # end of file: the process exited (crashed or finished) before the point
-            proc.wait(timeout=60) if ready else None
-            state = f"exited with {proc.returncode}" if proc.poll() is not None else f"still running after {WAIT_S} s"
-            pytest.fail(f"cltvit-train never reached {point} ({state}):\n{log.read_text()}")
-        assert line.startswith(point), line
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    log.write_bytes(b"")
+    kill_at(command(out), point, log, env=environment(), cwd=ROOT, wait_s=WAIT_S)
     return log.read_text()
 
 
@@ -156,25 +136,25 @@ def test_killed_five_times_ends_equal_to_an_uninterrupted_run(uninterrupted, tmp
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     # 1. mid-training, 3 steps after the step-6 checkpoint
-    kill_at(f"train.step@{EVERY + 3}", out, logs / "1.log")
+    train_until(f"train.step@{EVERY + 3}", out, logs / "1.log")
     assert_loadable(out, EVERY)
     assert (out / "checkpoints" / LATEST).read_text() == f"step-{EVERY:08d}"
     # 2. resumed, killed with the step-12 checkpoint fully written but not yet renamed into place
-    text = kill_at("checkpoint.state_written@1", out, logs / "2.log")
+    text = train_until("checkpoint.state_written@1", out, logs / "2.log")
     assert f"(step {EVERY} of {STEPS})" in text
     assert (out / "checkpoints" / f"step-{2 * EVERY:08d}.tmp").is_dir()
     assert_loadable(out, EVERY)
     # 3. resumed, killed after renaming step 12 but before LATEST was updated: step 12 counts
-    kill_at("checkpoint.renamed@1", out, logs / "3.log")
+    train_until("checkpoint.renamed@1", out, logs / "3.log")
     assert (out / "checkpoints" / LATEST).read_text() == f"step-{EVERY:08d}"
     assert_loadable(out, 2 * EVERY)
     # 4. resumed, killed while deleting the oldest checkpoint (step 6) after writing step 18
-    kill_at("checkpoint.pruning@1", out, logs / "4.log")
+    train_until("checkpoint.pruning@1", out, logs / "4.log")
     assert (out / "checkpoints" / f"step-{EVERY:08d}.deleting").is_dir()
     assert_loadable(out, 3 * EVERY)
     # 5. resumed, killed in the final save: new clt.safetensors on disk, its clt.json not yet
     #    (the 1st weights write after resuming is the step-24 checkpoint's, the 2nd the final one)
-    kill_at("checkpoint.weights_written@2", out, logs / "5.log")
+    train_until("checkpoint.weights_written@2", out, logs / "5.log")
     assert (out / "clt.safetensors").is_file() and not (out / "clt.json").exists()
     assert_loadable(out, STEPS)
     # 6. resumed to the end

@@ -86,6 +86,24 @@ class CLTConfig:
         return asdict(self)
 
 
+def register_parameters(module: nn.Module, cfg: CLTConfig, n_features: int) -> None:
+    """Register a CLT's parameters and buffers on `module`, with `n_features` features per layer (all
+    of them, or one feature shard's): W_enc [L, d, F], b_enc [L, F], W_dec[i] [n_targets(i), F, d],
+    b_dec [L, d], log_threshold [L, F] (trained under JumpReLU only); buffers batchtopk_threshold,
+    in_scale, out_scale [L]. Registration order is the state dict's and the optimizer's order."""
+    L, d = cfg.n_layers, cfg.d_model
+    module.W_enc = nn.Parameter(torch.empty(L, d, n_features))
+    module.b_enc = nn.Parameter(torch.zeros(L, n_features))
+    module.W_dec = nn.ParameterList([nn.Parameter(torch.empty(cfg.n_targets(i), n_features, d)) for i in range(L)])
+    module.b_dec = nn.Parameter(torch.zeros(L, d))
+    module.log_threshold = nn.Parameter(
+        torch.full((L, n_features), math.log(cfg.jumprelu_init_threshold)), requires_grad=cfg.activation == "jumprelu"
+    )
+    module.register_buffer("batchtopk_threshold", torch.zeros(L))
+    module.register_buffer("in_scale", torch.ones(L))
+    module.register_buffer("out_scale", torch.ones(L))
+
+
 class CrossLayerTranscoder(nn.Module):
     """Sparse replacement for all MLP blocks of a ViT. See the module docstring for shapes."""
 
@@ -93,17 +111,7 @@ class CrossLayerTranscoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.sparsifier = cfg.sparsifier()
-        L, d, Fn = cfg.n_layers, cfg.d_model, cfg.n_features
-        self.W_enc = nn.Parameter(torch.empty(L, d, Fn))
-        self.b_enc = nn.Parameter(torch.zeros(L, Fn))
-        self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(cfg.n_targets(i), Fn, d)) for i in range(L)])
-        self.b_dec = nn.Parameter(torch.zeros(L, d))
-        self.log_threshold = nn.Parameter(
-            torch.full((L, Fn), math.log(cfg.jumprelu_init_threshold)), requires_grad=cfg.activation == "jumprelu"
-        )
-        self.register_buffer("batchtopk_threshold", torch.zeros(L))
-        self.register_buffer("in_scale", torch.ones(L))
-        self.register_buffer("out_scale", torch.ones(L))
+        register_parameters(self, cfg, cfg.n_features)
         self.export_gather = False  # decode with gather+einsum (set by the ONNX exporter)
         self.reset_parameters()
 

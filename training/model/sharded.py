@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .clt import CLTConfig, CrossLayerTranscoder
+from .clt import CLTConfig, CrossLayerTranscoder, register_parameters
 from .loss import CLTLoss, LossConfig
 from .sparse import DecodeSourceInto, GatherPreactAll, sparse_decode
 from .sparsifiers import BatchTopK, JumpReLU, ReLU, Selection, SparseCode, Sparsifier, TopK
@@ -261,20 +261,10 @@ class ShardedCLT(nn.Module):
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if cfg.n_features % self.world:
             raise ValueError(f"n_features={cfg.n_features} is not divisible by the {self.world} feature shards")
-        L, d = cfg.n_layers, cfg.d_model
         self.f_local = cfg.n_features // self.world
         self.offset = self.rank * self.f_local
         Fl = self.f_local
-        self.W_enc = nn.Parameter(torch.empty(L, d, Fl))
-        self.b_enc = nn.Parameter(torch.zeros(L, Fl))
-        self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(cfg.n_targets(i), Fl, d)) for i in range(L)])
-        self.b_dec = nn.Parameter(torch.zeros(L, d))
-        self.log_threshold = nn.Parameter(
-            torch.full((L, Fl), math.log(cfg.jumprelu_init_threshold)), requires_grad=cfg.activation == "jumprelu"
-        )
-        self.register_buffer("batchtopk_threshold", torch.zeros(L))
-        self.register_buffer("in_scale", torch.ones(L))
-        self.register_buffer("out_scale", torch.ones(L))
+        register_parameters(self, cfg, Fl)
         self.shard = FeatureShard(self.offset, Fl, cfg.n_features, group)
         self.sparsifier = sharded_sparsifier(cfg, self.shard)
         self.reset_parameters()
@@ -381,7 +371,6 @@ class ShardedCLT(nn.Module):
     def forward(self, mlp_in: torch.Tensor) -> tuple[torch.Tensor, list[SparseCode]]:
         """Raw MLP inputs [L, N, d] (the same on every rank) -> (raw reconstructed MLP outputs [L, N, d],
         the full codes per layer with global indices), as `CrossLayerTranscoder.forward`; collective."""
-        cfg = self.cfg
         L, n, d = mlp_in.shape
         codes = [self.activate(l, self.preactivations(l, mlp_in[l])) for l in range(L)]
         partial = mlp_in.new_zeros(L, n, d, dtype=self.b_dec.dtype)
@@ -410,7 +399,7 @@ class ShardedCLT(nn.Module):
             raise ValueError("CLS AuxK (cls_aux_coef > 0) is not supported with feature sharding")
         aux_k, aux_coef, sparsity_coef = loss_cfg.aux_k, loss_cfg.aux_coef, loss_cfg.sparsity_coef
         sparsity_c, preact_coef, dead_mask = loss_cfg.sparsity_c, loss_cfg.preact_coef, dead
-        cfg, group = self.cfg, self.group
+        group = self.group
         L, n, d = mlp_in.shape
         lo, hi = self.offset, self.offset + self.f_local
         if inplace:
