@@ -212,3 +212,16 @@ def test_sparsifier_threshold_forms_select_the_same_features():
     got[torch.arange(30)[:, None].expand_as(sel.idx)[sel.keep], sel.idx[sel.keep]] = True
     assert torch.equal(got.reshape(-1), chosen)
     assert float(state) == float(F.relu(z).reshape(-1).topk(30 * 4).values[-1])  # first batch: the smallest kept
+
+
+def test_dense_rules_select_their_training_codes():
+    """JumpReLU's and ReLU's `select` choose exactly the features their training codes activate (a hand
+    rule: z above exp(log_threshold), resp. above 0)."""
+    from training.model.sparsifiers import JumpReLU, ReLU
+
+    z = torch.randn(30, NF, generator=torch.Generator().manual_seed(4))
+    log_thr = torch.full((NF,), -0.5)
+    for rule, state, mask in ((JumpReLU(cap=NF, bandwidth=0.1), log_thr, z > log_thr.exp()), (ReLU(cap=NF), None, z > 0)):
+        sel = rule.select(z, state)
+        assert torch.equal(sel.code(z).dense(NF), torch.where(mask, z, 0.0))
+        assert torch.equal(sel.code(z).dense(NF), rule.code(z, state, training=True).dense(NF))

@@ -8,9 +8,10 @@ Each object has one job, the activation rule:
 
 - `code(z, state, training)` -> SparseCode: the training rule (`training=True`) or the inference rule
   (fixed width `cap`, so exported graphs have static shapes).
-- `select(z, state)` -> Selection (`trains_sparse` rules only: TopK, BatchTopK): the training rule's
-  choice of active features, made without autograd. The loss (`training.model.loss`) recomputes only
-  the selected pre-activations with a sparse backward, so no [N, F] tensor is kept for backward.
+- `select(z, state)` -> Selection: the training rule's choice of active features, made without
+  autograd. For the `trains_sparse` rules (TopK, BatchTopK) the loss (`training.model.loss`) recomputes
+  only the selected pre-activations with a sparse backward, so no [N, F] tensor is kept for backward;
+  JumpReLU and ReLU train on the dense path (JumpReLU's thresholds learn from the dense gradient).
 
 `state` is the rule's per-layer tensor, which lives on the CLT (it is part of the checkpoint) and is
 named by `state_name`: BatchTopK's inference threshold `batchtopk_threshold[l]` (0-d, updated in place
@@ -188,8 +189,12 @@ class JumpReLU:
         assert state is not None
         return _widest(JumpReLUStep.apply(z, state.exp(), self.bandwidth), None if training else self.cap)
 
+    @torch.no_grad()
     def select(self, z: torch.Tensor, state: torch.Tensor | None) -> Selection:
-        raise NotImplementedError("JumpReLU trains on the dense path (its threshold needs the dense gradient)")
+        """The entries of z [N, F] above the thresholds exp(state) [F], padded to the widest token. (Training
+        does not use it: the thresholds learn from the dense pre-activations' gradient.)"""
+        assert state is not None
+        return selection_from_mask(z, z > state.exp())
 
 
 @dataclass
@@ -203,5 +208,7 @@ class ReLU:
     def code(self, z: torch.Tensor, state: torch.Tensor | None = None, training: bool = True) -> SparseCode:
         return _widest(F.relu(z), None if training else self.cap)
 
+    @torch.no_grad()
     def select(self, z: torch.Tensor, state: torch.Tensor | None = None) -> Selection:
-        raise NotImplementedError("ReLU trains on the dense path")
+        """The positive entries of z [N, F], padded to the widest token (training takes the dense path)."""
+        return selection_from_mask(z, z > 0)
