@@ -314,8 +314,9 @@ def _rename_external(path: Path) -> Path:
 def decoder_gathers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
     """(node, constant name) of the CLT decoders' row Gathers: axis-0 Gathers whose data is a constant
     2-D float32 matrix (an initializer, or a Constant node's output) of at least DECODER_MIN_ELEMENTS,
-    i.e. each source's feature-major decoder [F, n_t * d] and its total write [F, d]. The graph's other
-    Gathers read shapes, activations or the text embeddings (graph inputs)."""
+    i.e. each source's feature-major decoder [F, n_t * d] and all sources' total writes stacked
+    [L * F, d] (`decompose.feature_writes`). The graph's other Gathers read shapes, activations or the
+    text embeddings (graph inputs)."""
     inits = {i.name: i for i in model.graph.initializer}
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     found = []
@@ -395,13 +396,14 @@ def quantize_decoders(model: onnx.ModelProto, block: int | None = None) -> int:
 
 def quantize_int8_decoders(src: str | Path, dst: str | Path, *, n_layers: int | None = None, block: int | None = None) -> Path:
     """int8-dec: `quantize_int8(..., clt_encoder=True)` and then `quantize_decoders` on its output (checked:
-    2 Gathers per source layer, its decoder and its total write, when `n_layers` is given). Returns `dst`."""
+    one Gather per source layer's decoder and one of the stacked total writes, when `n_layers` is given).
+    Returns `dst`."""
     dst = Path(dst)
     quantize_int8(src, dst, clt_encoder=True, n_layers=n_layers)
     model = onnx.load(str(dst), load_external_data=True)
     n = quantize_decoders(model, block)
-    if not n or (n_layers is not None and n != 2 * n_layers):
-        raise RuntimeError(f"{src}: found {n} CLT decoder Gathers, expected {2 * n_layers if n_layers else 'some'} (graph structure changed?)")
+    if not n or (n_layers is not None and n != n_layers + 1):
+        raise RuntimeError(f"{src}: found {n} CLT decoder Gathers, expected {n_layers + 1 if n_layers else 'some'} (graph structure changed?)")
     for f in [dst, *dst.parent.glob(dst.name + ".data")]:
         f.unlink()
     size = sum(t.ByteSize() for t in model.graph.initializer)
