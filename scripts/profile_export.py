@@ -21,6 +21,7 @@ and the median wall time of the runs. Fusions made by ONNX Runtime keep the name
 as prefix, which is how a profiled node is mapped back to a group.
 
   python scripts/profile_export.py --bundle DIR --plain PLAIN.onnx [--variants fp32,int8-dec] [--batch 1] [--runs 10]
+      [--extra before-fp32=OLD/model.onnx ...]
 """
 from __future__ import annotations
 
@@ -210,9 +211,17 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=0, help="also list each graph's N costliest nodes outside the vit group")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="another graph with the bundle's inputs to profile in the same runs (e.g. one exported at another "
+                         "commit: a before/after in one run); repeatable")
     args = ap.parse_args()
     manifest, paths = load_bundle(args.bundle, verify_checksums=False)
     graphs = {"plain": Path(args.plain), **{v: paths.model_for(v) for v in args.variants.split(",") if v}}
+    for item in args.extra:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            ap.error(f"argument --extra: expected NAME=PATH of a graph file, got {item!r}")
+        graphs[name] = Path(path)
     text = np.load(paths.labels)
     H, W = manifest.preprocess.image_size
     print(f"# profile_export: {args.bundle}, {args.threads} threads, load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

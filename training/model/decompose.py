@@ -20,8 +20,9 @@ centre(gamma_post * proj t_c) (ln_post's scale frozen, as for the terms above). 
 of class c splits exactly into one scalar per head h and source token m,
   a[l,h,0,m] * <LN1(x_m), W_V[h]^T W_O[h]^T (g_l * u_c)>,
 plus the value-bias part <W_O b_V, g_l * u_c> (softmax rows sum to 1) and the output-bias part
-<b_O, g_l * u_c>. The class direction is folded in first (W_O^T, then W_V^T), so each cell is one
-dot product of size d: the cost is O(S L d (d + H T)) per image, not a [L, T, H, d] tensor.
+<b_O, g_l * u_c>. The class direction is folded through W_O^T first, so each (head, token) cell is one
+dot product of size d / H with the value the attention mixed (W_V[h] LN1(x_m), kept per head): the
+cost is O(S L d (d + T)) per image, not a [L, T, H, d] tensor.
 Token 0 is the CLS->CLS cell; tokens 1.. are the patches in row-major grid order.
 """
 from __future__ import annotations
