@@ -294,8 +294,7 @@ class CltSplice:
 
     Features of every layer are computed from this (spliced) run's own MLP inputs at `tokens`, and
     each source layer's decoded writes to later layers are summed into what those layers are owed
-    until they run. With
-    `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
+    until they run. With `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
     `encode` (layer, rows [N, d]) -> SparseCode stands in for `clt.encode` (e.g. with active sets held).
     `edits` (training/model/edits.py): each row's feature edits change its codes (`edit_code`: width
     k + E), its `clt.s` and `bias` term scales the writes, at the tokens replaced (`token_factors`).
