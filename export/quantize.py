@@ -20,13 +20,16 @@ to fp32 rounding; only the terms' values move.
 - int8-dec: int8-clt, plus the CLT decoders stored as weight-only int8 (`quantize_decoders`). The
   decoders (L(L+1)/2 blocks of F x d: 368 M parameters for ViT-B-32 at F = 6144, 2/3 of the fp32
   graph's bytes) are only ever read through a row Gather of the active features, so they are not
-  quantized for a matmul kernel: each [F, n_t * d] decoder (and each source's total write [F, d]) is
-  stored int8 with one float32 scale per (feature, target layer) block of d values (symmetric,
-  max |w| / 127), and the graph gathers the int8 rows and their scales and multiplies them back to
-  float32 (Gather, Gather, Cast, Mul, Reshape) before the unchanged float32 decode. The decoded
-  writes and everything after them stay float32, so the contributions still sum to the variant's
-  own logits to fp32 rounding; the writes move by at most half a quantization step, 1/254 of their
-  block's largest |weight|. The graph is a quarter of the decoder bytes (ViT-B-32: 2172 -> ~600 MiB).
+  quantized for a matmul kernel: each [F, n_t * d] decoder (and all sources' total writes, stacked
+  [L * F, d]) is stored 8-bit with one float32 scale per (feature, block of 256 columns) (symmetric,
+  max |w| / 127; a block is a power of two dividing d, `decoder_block`), and the graph reads the
+  active rows through ONNX Runtime's `com.microsoft.GatherBlockQuantized`, which gathers and
+  dequantizes them to float32 in one kernel before the unchanged float32 decode (a Gather of int8
+  rows, a Cast and a Mul instead wrote two extra copies of every gathered row: 26 ms of a ViT-B-32
+  call at batch 16, against 9 ms for the fp32 graph's decode). The decoded writes and everything
+  after them stay float32, so the contributions still sum to the variant's own logits to fp32
+  rounding; the writes move by at most half a quantization step, 1/254 of their block's largest
+  |weight|. The graph is a quarter of the decoder bytes (ViT-B-32: 2172 -> ~600 MiB).
 - fp16: float16 weights and activations in those scopes, float32 inputs/outputs (keep_io_types).
 """
 from __future__ import annotations
@@ -314,8 +317,9 @@ def _rename_external(path: Path) -> Path:
 def decoder_gathers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
     """(node, constant name) of the CLT decoders' row Gathers: axis-0 Gathers whose data is a constant
     2-D float32 matrix (an initializer, or a Constant node's output) of at least DECODER_MIN_ELEMENTS,
-    i.e. each source's feature-major decoder [F, n_t * d] and its total write [F, d]. The graph's other
-    Gathers read shapes, activations or the text embeddings (graph inputs)."""
+    i.e. each source's feature-major decoder [F, n_t * d] and all sources' total writes stacked
+    [L * F, d] (`decompose.feature_writes`). The graph's other Gathers read shapes, activations or the
+    text embeddings (graph inputs)."""
     inits = {i.name: i for i in model.graph.initializer}
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     found = []
@@ -342,11 +346,27 @@ def quantize_rows(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+MAX_DECODER_BLOCK = 256  # columns sharing a decoder scale: a power of two (GatherBlockQuantized), <= this
+
+
+def decoder_block(widths: set[int]) -> int:
+    """The columns sharing one scale in int8-dec's decoders: the largest power of two that divides every
+    decoder width (so, d_model's, as the last layer's own decoder is [F, d]), at most MAX_DECODER_BLOCK
+    (ONNX Runtime's GatherBlockQuantized takes power-of-two blocks of at least 16)."""
+    g = math.gcd(*widths)
+    block = min(g & -g, MAX_DECODER_BLOCK)
+    if block < 16:
+        raise ValueError(f"int8-dec needs decoder widths divisible by 16 (got a gcd of {g}): d_model must be a multiple of 16")
+    return block
+
+
 def quantize_decoders(model: onnx.ModelProto, block: int | None = None) -> int:
-    """In place: every CLT decoder row Gather (`decoder_gathers`) reads int8 rows and float32 block scales
-    instead of float32 rows (module docstring, int8-dec). `block`: the columns sharing a scale, d_model
-    (None: the gcd of the decoders' widths, which is d when the last layer's own decoder [F, d] is among
-    them). Returns the number of Gathers rewritten."""
+    """In place: every CLT decoder row Gather (`decoder_gathers`) becomes one ONNX Runtime
+    `com.microsoft.GatherBlockQuantized` (module docstring, int8-dec): it gathers the active rows of an
+    8-bit copy and multiplies them by their block scales in one kernel, so no int8 copy of the rows, and
+    no second float32 one, is written per call. Storage: uint8 with zero point 128 (the symmetric int8
+    value + 128), one float32 scale per (row, block of `block` columns). `block`: a power of two >= 16
+    dividing every decoder's width (None: `decoder_block`). Returns the number of Gathers rewritten."""
     g = model.graph
     found = decoder_gathers(model)
     if not found:
@@ -357,34 +377,26 @@ def quantize_decoders(model: onnx.ModelProto, block: int | None = None) -> int:
     def array(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name] if name in inits else consts[name].attribute[0].t)
 
-    widths = {int(array(src).shape[1]) for _, src in found}
     if block is None:
-        block = math.gcd(*widths)
-    done: dict[str, tuple[str, str, int]] = {}  # constant -> (int8 name, scale name, width)
+        block = decoder_block({int(array(src).shape[1]) for _, src in found})
+    done: dict[str, tuple[str, str]] = {}  # constant -> (uint8 name, scale name)
     new_nodes: list[onnx.NodeProto] = []
     for node, src in found:
         if src not in done:
             w = array(src)
-            q, scale = quantize_rows(w, block)
+            q, scale = quantize_rows(w, block)  # int8 [F, n, block], [F, n, 1]
             base = src.strip("/").replace("/", "_").replace(":", "_") + "__int8"
-            g.initializer.extend([numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")])
-            done[src] = (base, base + "_scale", int(w.shape[1]))
-        qname, sname, width = done[src]
-        idx, out = node.input[1], node.output[0]
-        stem = node.name or out
-        width_c = stem + "/dq_width"
-        g.initializer.append(numpy_helper.from_array(np.array([width], np.int64), width_c))
-        new_nodes.extend([
-            helper.make_node("Gather", [qname, idx], [stem + "/dq_q"], name=stem + "/dq_gather_q", axis=0),
-            helper.make_node("Gather", [sname, idx], [stem + "/dq_s"], name=stem + "/dq_gather_scale", axis=0),
-            helper.make_node("Cast", [stem + "/dq_q"], [stem + "/dq_f"], name=stem + "/dq_cast", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [stem + "/dq_f", stem + "/dq_s"], [stem + "/dq_rows"], name=stem + "/dq_mul"),
-            helper.make_node("Shape", [idx], [stem + "/dq_idx_shape"], name=stem + "/dq_idx_shape"),
-            helper.make_node("Concat", [stem + "/dq_idx_shape", width_c], [stem + "/dq_shape"], name=stem + "/dq_concat", axis=0),
-            helper.make_node("Reshape", [stem + "/dq_rows", stem + "/dq_shape"], [out], name=stem + "/dq_reshape"),
-        ])
+            u8 = (q.astype(np.int16) + 128).astype(np.uint8).reshape(w.shape)
+            g.initializer.extend([numpy_helper.from_array(u8, base), numpy_helper.from_array(scale[..., 0], base + "_scale")])
+            done[src] = (base, base + "_scale")
+        qname, sname = done[src]
+        new_nodes.append(helper.make_node("GatherBlockQuantized", [qname, node.input[1], sname], [node.output[0]],
+                                          name=(node.name or node.output[0]) + "/dq_gather", domain="com.microsoft",
+                                          gather_axis=0, quantize_axis=1, block_size=block, bits=8))
         g.node.remove(node)
     g.node.extend(new_nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _toposort(model)  # also drops the float32 Constant nodes nothing reads any more
     used = {x for n in g.node for x in n.input}
     keep = [i for i in g.initializer if i.name in used]
@@ -395,13 +407,14 @@ def quantize_decoders(model: onnx.ModelProto, block: int | None = None) -> int:
 
 def quantize_int8_decoders(src: str | Path, dst: str | Path, *, n_layers: int | None = None, block: int | None = None) -> Path:
     """int8-dec: `quantize_int8(..., clt_encoder=True)` and then `quantize_decoders` on its output (checked:
-    2 Gathers per source layer, its decoder and its total write, when `n_layers` is given). Returns `dst`."""
+    one Gather per source layer's decoder and one of the stacked total writes, when `n_layers` is given).
+    Returns `dst`."""
     dst = Path(dst)
     quantize_int8(src, dst, clt_encoder=True, n_layers=n_layers)
     model = onnx.load(str(dst), load_external_data=True)
     n = quantize_decoders(model, block)
-    if not n or (n_layers is not None and n != 2 * n_layers):
-        raise RuntimeError(f"{src}: found {n} CLT decoder Gathers, expected {2 * n_layers if n_layers else 'some'} (graph structure changed?)")
+    if not n or (n_layers is not None and n != n_layers + 1):
+        raise RuntimeError(f"{src}: found {n} CLT decoder Gathers, expected {n_layers + 1 if n_layers else 'some'} (graph structure changed?)")
     for f in [dst, *dst.parent.glob(dst.name + ".data")]:
         f.unlink()
     size = sum(t.ByteSize() for t in model.graph.initializer)

@@ -5,8 +5,9 @@ encoder + logits, no explanation) at the same batch size.
 
 Groups (from the exported node names, `export.fused.ENCODE_SCOPE` / `DECODE_SCOPE`, and the graph's data flow):
   vit            the transformer's own ops: patch embedding, ln_pre, the blocks' attention (with the
-                 written-out q k^T / softmax / mixing between ln_1 and out_proj) and MLP, ln_post, proj
-                 (in the plain graph: everything under open_clip's `/visual/` scope)
+                 written-out q k^T / softmax / mixing between each block's own ln_1 and out_proj) and
+                 MLP, the residual stream's sums, ln_post, proj (in the plain graph: everything under
+                 open_clip's `/visual/` scope)
   clt encode     `/clt_encode*`: x / in_scale, the encoder matmul, bias, TopK, ReLU
   clt decode     `/clt_decode*`: the active rows' gather (and their int8 dequantization in int8-dec),
                  the weighted sum, out_scale
@@ -20,6 +21,7 @@ and the median wall time of the runs. Fusions made by ONNX Runtime keep the name
 as prefix, which is how a profiled node is mapped back to a group.
 
   python scripts/profile_export.py --bundle DIR --plain PLAIN.onnx [--variants fp32,int8-dec] [--batch 1] [--runs 10]
+      [--extra before-fp32=OLD/model.onnx ...]
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from export.fused import DECODE_SCOPE, ENCODE_SCOPE  # noqa: E402
 
 GROUPS = ("vit", "clt encode", "clt decode", "spatial", "decomposition")
 VIT_SCOPE = re.compile(r"^/(visual|conv1|ln_pre|ln_1|ln_2|attn|out_proj|mlp|ln_post)(_\d+)?/")
+RESIDUAL_READERS = re.compile(r"^/(ln_1|ln_2|ln_post)(_\d+)?/")
 
 
 def node_groups(path: str | Path) -> dict[str, str]:
@@ -71,9 +74,23 @@ def node_groups(path: str | Path) -> dict[str, str]:
 
     down = lambda i: [j for o in nodes[i].output for j in consumers[o]]  # noqa: E731
     up = lambda i: [producer[x] for x in nodes[i].input if x in producer]  # noqa: E731
-    ln1 = [i for i, n in enumerate(nodes) if re.match(r"^/ln_1(_\d+)?/", n.name)]
-    outp = [i for i, n in enumerate(nodes) if re.match(r"^/out_proj(_\d+)?/", n.name)]
-    attention = closure(ln1, down) & closure(outp, up)  # the written-out attention between ln_1 and out_proj
+    def scoped(scope: str) -> dict[str, list[int]]:  # layer suffix ("", "_1", ...) -> the nodes of that scope
+        out: dict[str, list[int]] = defaultdict(list)
+        for i, n in enumerate(nodes):
+            m = re.match(rf"^/{scope}(_\d+)?/", n.name)
+            if m:
+                out[m.group(1) or ""].append(i)
+        return out
+
+    # the written-out attention of each block: between that block's ln_1 and its out_proj
+    ln1, outp = scoped("ln_1"), scoped("out_proj")
+    attention = set().union(*(closure(ln1[k], down) & closure(outp[k], up) for k in ln1 if k in outp))
+    # the patch/class/position embedding before ln_pre, and the residual stream's sums (an Add read by
+    # a block's ln_1 / ln_2 or by ln_post): the ViT's own arithmetic, as in the plain graph
+    embedding = closure([i for i, n in enumerate(nodes) if n.name.startswith("/ln_pre/")], up)
+    residual = {i for i, n in enumerate(nodes) if n.op_type == "Add"
+                and any(RESIDUAL_READERS.match(nodes[j].name) for o in n.output for j in consumers[o])}
+    attention |= embedding | residual
     outputs = {o.name for o in model.graph.output}
     spatial_out = [producer[o] for o in SPATIAL_OUTPUTS if o in producer]
     other_out = [producer[o] for o in outputs - set(SPATIAL_OUTPUTS) if o in producer]
@@ -194,9 +211,17 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=0, help="also list each graph's N costliest nodes outside the vit group")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="another graph with the bundle's inputs to profile in the same runs (e.g. one exported at another "
+                         "commit: a before/after in one run); repeatable")
     args = ap.parse_args()
     manifest, paths = load_bundle(args.bundle, verify_checksums=False)
     graphs = {"plain": Path(args.plain), **{v: paths.model_for(v) for v in args.variants.split(",") if v}}
+    for item in args.extra:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            ap.error(f"argument --extra: expected NAME=PATH of a graph file, got {item!r}")
+        graphs[name] = Path(path)
     text = np.load(paths.labels)
     H, W = manifest.preprocess.image_size
     print(f"# profile_export: {args.bundle}, {args.threads} threads, load avg {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

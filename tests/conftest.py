@@ -92,7 +92,7 @@ REFERENCE_GATE_IMAGES = 200  # the fixture's gate (cltvit-reference export measu
 
 
 def break_variant(root, variant: str, seed: int = 0) -> None:
-    """Perturb every large float weight of `variant`'s graph (x (1 + N(0, 1))) and re-list its sha256."""
+    """Scramble every large float weight of `variant`'s graph (x N(0, 1): signs and sizes at random) and re-list its sha256."""
     m, _ = load_bundle(root)
     path = root / m.variants[variant]
     model = onnx.load(str(path))
@@ -100,7 +100,7 @@ def break_variant(root, variant: str, seed: int = 0) -> None:
     for init in model.graph.initializer:
         w = numpy_helper.to_array(init)
         if w.dtype == np.float32 and w.size >= 256:
-            init.CopyFrom(numpy_helper.from_array((w * (1 + rng.standard_normal(w.shape))).astype(np.float32), init.name))
+            init.CopyFrom(numpy_helper.from_array((w * rng.standard_normal(w.shape)).astype(np.float32), init.name))
     onnx.save(model, str(path))
     raw = json.loads((root / "bundle.json").read_text())
     raw["files"][m.variants[variant]] = file_sha256(path)

@@ -9,8 +9,8 @@ Stated tolerances (vs fp32, same inputs):
   agreement is bounded there.
 - int8-clt (int8 plus the CLT encoders quantized): the same bounds as int8; in observe mode the CLT
   is not in the logit path, so its logits equal int8's (1e-6) while its contributions differ.
-- int8-dec (int8-clt plus the CLT decoders stored int8, weight-only, one scale per feature and
-  target layer): the same bounds as int8; in observe mode its logits equal int8's (1e-6: the CLT is
+- int8-dec (int8-clt plus the CLT decoders stored 8-bit, weight-only, one scale per feature and
+  block of columns, read by GatherBlockQuantized): the same bounds as int8; in observe mode its logits equal int8's (1e-6: the CLT is
   not in their path). Each dequantized decoder is within half a quantization step of the fp32 one,
   and its int8 weights plus scales take at most half the fp32 decoders' bytes in the graph file.
   On the reference model: >= 99% top-1 agreement on all 10,000 test images (slow test below).
@@ -155,10 +155,16 @@ def graph_tensors(path: Path) -> dict[str, np.ndarray]:
 def test_int8_dec_stores_the_decoders_int8_in_half_the_bytes_or_less(variant_bundle, tiny_clt):
     """Read from the graph files: each CLT decoder W_dec[i] (the torch CLT the tiny bundle was exported
     from, feature-major as the graph gathers it) is a float32 tensor of the fp32 graph and is absent from
-    the int8-dec graph, which holds an int8 tensor and float32 scales whose product is within half a
-    quantization step (1/254 of its row-block's largest |weight|) of it, in at most half the bytes."""
+    the int8-dec graph, which holds an 8-bit tensor (zero point 128) and float32 scales, one per row and
+    block of columns, whose product is within half a quantization step (1/254 of its row-block's largest
+    |weight|) of it, in at most half the bytes; the graph reads it through GatherBlockQuantized with that
+    block size."""
     _, paths = load_bundle(variant_bundle)
     fp32, dec = graph_tensors(paths.model), graph_tensors(paths.model_for("int8-dec"))
+    blocks_used = {a.i for n in onnx.load(str(paths.model_for("int8-dec"))).graph.node if n.op_type == "GatherBlockQuantized"
+                   for a in n.attribute if a.name == "block_size"}
+    assert len(blocks_used) == 1
+    block = blocks_used.pop()
     fp32_bytes = dec_bytes = 0
     for w in tiny_clt.W_dec:
         t, f, d = w.shape
@@ -166,12 +172,12 @@ def test_int8_dec_stores_the_decoders_int8_in_half_the_bytes_or_less(variant_bun
         assert any(a.shape == ref.shape and np.allclose(a, ref, atol=1e-7) for a in fp32.values())
         fp32_bytes += ref.nbytes
         assert not any(a.dtype == np.float32 and a.shape == ref.shape and np.allclose(a, ref, atol=1e-3) for a in dec.values())
-        blocks = ref.reshape(f, t, d)
+        blocks = ref.reshape(f, t * d // block, block)
         step = np.abs(blocks).max(-1, keepdims=True) / 127
-        match = [(q, s) for q in dec.values() if q.dtype == np.int8 and q.shape == (f, t, d)
-                 for s in dec.values() if s.dtype == np.float32 and s.shape == (f, t, 1)
-                 and np.all(np.abs(q * s - blocks) <= step / 2 + 1e-7)]
-        assert match, f"no int8 tensor and scales reproduce the decoder of source {t} targets"
+        match = [(q, s) for q in dec.values() if q.dtype == np.uint8 and q.shape == ref.shape
+                 for s in dec.values() if s.dtype == np.float32 and s.shape == blocks.shape[:2]
+                 and np.all(np.abs((q.reshape(blocks.shape).astype(np.float32) - 128) * s[..., None] - blocks) <= step / 2 + 1e-7)]
+        assert match, f"no 8-bit tensor and scales reproduce the decoder of source {t} targets"
         q, s = match[0]
         dec_bytes += q.nbytes + s.nbytes
     print(f"decoders: fp32 {fp32_bytes} B, int8-dec {dec_bytes} B ({dec_bytes / fp32_bytes:.2f})")

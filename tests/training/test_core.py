@@ -74,3 +74,26 @@ def test_final_ln_map_is_open_clips_ln_post_and_proj_with_the_scale_held(tiny_ba
     terms, shift = frozen_ln_map(visual, x, parts.transpose(0, 1))  # [B, T', d] -> [B, T', D]
     torch.testing.assert_close(terms, mapped.transpose(0, 1))
     torch.testing.assert_close(shift, visual.ln_post.bias @ visual.proj)
+
+
+@pytest.mark.parametrize("cross_layer", [True, False])
+@pytest.mark.parametrize("tokens", ["cls", "all"])
+@torch.no_grad()
+def test_splice_reconstruction_is_the_clts_own_decode(tiny_backbone, pixels, cross_layer, tokens):
+    """CltSplice's running sum of what each layer is owed (decoder biases + writes of earlier sources)
+    equals the CLT's own reconstruction of that layer from the run's codes (`decode_all`, per target),
+    for a cross-layer and a per-layer transcoder, and the reconstructions are what the MLPs were replaced by."""
+    from training.model.clt import CLTConfig, CrossLayerTranscoder
+
+    L, d = tiny_backbone.n_layers, tiny_backbone.d_model
+    torch.manual_seed(4)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=d, n_features=64, k=4, cross_layer=cross_layer)).eval()
+    for p in clt.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    clt.out_scale.copy_(torch.rand(L) + 0.5)
+    splice = vit.CltSplice(clt, tokens=tokens)
+    res = vit.forward(tiny_backbone.visual, pixels, splice)
+    want = clt.decode_all(splice.codes) * clt.out_scale[:, None, None]  # [L, N, d] raw units
+    for j in range(L):
+        torch.testing.assert_close(splice.recon[j].reshape(-1, d), want[j], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.mlp_cls[j], splice.recon[j][:, 0], atol=0, rtol=0)

@@ -20,8 +20,9 @@ centre(gamma_post * proj t_c) (ln_post's scale frozen, as for the terms above). 
 of class c splits exactly into one scalar per head h and source token m,
   a[l,h,0,m] * <LN1(x_m), W_V[h]^T W_O[h]^T (g_l * u_c)>,
 plus the value-bias part <W_O b_V, g_l * u_c> (softmax rows sum to 1) and the output-bias part
-<b_O, g_l * u_c>. The class direction is folded in first (W_O^T, then W_V^T), so each cell is one
-dot product of size d: the cost is O(S L d (d + H T)) per image, not a [L, T, H, d] tensor.
+<b_O, g_l * u_c>. The class direction is folded through W_O^T first, so each (head, token) cell is one
+dot product of size d / H with the value the attention mixed (W_V[h] LN1(x_m), kept per head): the
+cost is O(S L d (d + T)) per image, not a [L, T, H, d] tensor.
 Token 0 is the CLS->CLS cell; tokens 1.. are the patches in row-major grid order.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .vit import CltSplice, ForwardResult, blocks, check_spatial_supported, expl
 
 Mode = Literal["cls", "all", "observe"]
 __all__ = ["MODES", "Decomposition", "Mode", "SpatialDecomposition", "class_directions", "decompose", "final_ln_map", "frozen_ln_map",
-           "spatial_parts", "spatial_weights", "splice_for_mode", "term_names"]
+           "feature_writes", "spatial_parts", "spatial_weights", "splice_for_mode", "term_names"]
 
 
 @dataclass
@@ -160,27 +161,24 @@ def spatial_parts(
     from `forward(..., record_attention=True)`, `weights` from `spatial_weights`.
 
     Cell (l, s, h, t) is a[l,h,t] * (W_O[l,h]^T g_l u_s) . (W_V[l,h] LN1(x_t)). One GEMM folds W_O^T
-    into u (o, [dh] per layer, head and class); the CLS query's weights scale the values the attention
-    computed anyway (v' = a * v, per head); then one [S + H, d] x [d, T] product per (layer, image)
-    gives all S classes' cells summed over heads (o . v' over all d columns is the sum over heads) and,
-    from o of the first class laid out block-diagonally over heads, its per-head cells.
+    into u (o, [dh] per layer, head and class); then per layer one batched product o . v over the
+    values as the attention mixed them ([B, H, T, dh], no copy of them) gives every (class, head,
+    token) dot product [B, H, S, T], and the CLS query's weights scale those (S x T numbers per head,
+    not the T x d values): summed over heads, the cells of all S classes; for the first class, the
+    per-head cells.
 
     Every size but B is a Python int (from the weights' and u's static shapes), so that a traced graph
     carries constants, not shape arithmetic on the inputs: on small models that arithmetic costs as
     much as the products."""
     O, bias_dirs = weights
     d, L = int(O.shape[0]), int(bias_dirs.shape[1]) // 2
-    H, T, S = int(res.attn_weights.shape[2]), int(res.attn_values.shape[2]), int(u.shape[1])
+    H, S = int(res.attn_weights.shape[2]), int(u.shape[1])
     dh = d // H
-    o = torch.matmul(u.reshape(-1, d), O).reshape(-1, S, L, d).transpose(0, 2)  # [L, S, B, d]: W_O[l,h]^T (g_l * u_s), heads concatenated
-    # v' = a * v: [L, B, T, H, dh] -> [L, B, d, T]
-    vw = (res.attn_values.reshape(L, -1, T, H, dh) * res.attn_weights.transpose(2, 3).unsqueeze(4)).reshape(L, -1, T, d)
-    eye = torch.eye(H, dtype=o.dtype, device=o.device)
-    o_heads = (o[:, 0].reshape(L, -1, 1, H, dh) * eye[:, :, None]).reshape(L, -1, H, d)  # [L, B, H, d], block-diagonal
-    rows = torch.cat([o.transpose(1, 2), o_heads], 2)  # [L, B, S + H, d]
-    cells = torch.matmul(rows, vw.transpose(-1, -2))  # [L, B, S + H, T]
+    o = torch.matmul(u.reshape(-1, d), O).reshape(-1, S, L, H, dh).permute(2, 0, 3, 1, 4)  # [L, B, H, S, dh]
+    dots = torch.stack([torch.matmul(o_l, v.transpose(-1, -2)) for o_l, v in zip(o.unbind(0), res.head_values)])  # [L, B, H, S, T]
+    cells = dots * res.attn_weights.unsqueeze(3)  # [L, B, H, S, T]
     bias = torch.matmul(u.reshape(-1, d), bias_dirs).reshape(-1, S, 2 * L)  # [B, S, 2L]
-    return cells[:, :, :S], cells[:, :, S:], bias
+    return cells.sum(2), cells[:, :, :, 0], bias
 
 
 def _spatial(
@@ -203,6 +201,17 @@ def _spatial(
         bias=bias.reshape(-1, int(bias.shape[1]), 2, L).transpose(2, 3),  # [B, S, L, 2]
         heads=heads.transpose(0, 1),  # [B, L, H, T]
     )
+
+
+def feature_writes(clt: nn.Module, idx: torch.Tensor, layer_of: torch.Tensor, per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """The total residual writes [B, K, d] (`total_write_matrix`, raw units) of the features idx [B, K]
+    of layers `layer_of` ([K] or [B, K]); `per_layer`: idx split by layer ([B, k_i] each). In an ONNX
+    export one Gather from all layers' writes stacked [L * F, d] (a constant of the graph, folded at
+    export); eagerly one gather per layer (no per-call copy of all the writes)."""
+    if torch.onnx.is_in_onnx_export():
+        table = torch.cat([clt.total_write_matrix(i) for i in range(clt.cfg.n_layers)])  # [L * F, d]
+        return nn.functional.embedding(idx + layer_of * clt.cfg.n_features, table)
+    return torch.cat([nn.functional.embedding(ix, clt.total_write_matrix(i)) for i, ix in enumerate(per_layer)], 1)
 
 
 def decompose(
@@ -229,56 +238,55 @@ def decompose(
     B, d = res.cls_resid.shape
     cls_factors = None if edits is None else edits.term_scale  # [B, T]: each term's factor at the CLS token
     # residual-space terms at the CLS token
-    clt_terms = [w[:, 0].sum(dim=1) for w in splice.writes]  # each [B, d]
-    bias = (clt.b_dec * clt.out_scale[:, None]).sum(0).expand(B, d)
+    clt_terms = torch.stack([w[:, 0].sum(dim=1) for w in splice.writes], 1)  # [B, L, d]
+    bias = (clt.b_dec * clt.out_scale[:, None]).sum(0).expand_as(res.cls_resid)
     if cls_factors is not None:
         bias = bias * cls_factors[:, 2 * L + 1 : 2 * L + 2]
     if mode == "observe":
         error = torch.stack([splice.true[l][:, 0] - splice.recon[l][:, 0] for l in range(L)]).sum(0)
     else:
         error = torch.zeros_like(bias)
-    term_resid = torch.stack([res.embed_cls, *res.attn_cls.unbind(0), *clt_terms, bias, error], dim=1)  # [B, T, d]
+    term_resid = torch.cat([res.embed_cls[:, None], res.attn_cls.transpose(0, 1), clt_terms, bias[:, None], error[:, None]], 1)  # [B, T, d]
     term_emb, shift = frozen_ln_map(visual, res.cls_resid, term_resid)
-    bias_idx = 2 * L + 1
-    term_emb = torch.cat([term_emb[:, :bias_idx], term_emb[:, bias_idx : bias_idx + 1] + shift, term_emb[:, bias_idx + 1 :]], 1)
+    # ln_post's shift belongs to the bias term: added as a [T, D] constant row (in a graph: one Add)
+    bias_idx, n_terms, D = 2 * L + 1, int(term_resid.shape[1]), int(shift.shape[0])
+    term_emb = term_emb + torch.cat([shift.new_zeros(bias_idx, D), shift[None], shift.new_zeros(n_terms - bias_idx - 1, D)])
     emb = res.embedding
     norm = emb.norm(dim=-1, keepdim=True)  # [B, 1]
     scale = torch.as_tensor(logit_scale, dtype=emb.dtype, device=emb.device)
     logits = scale * (emb / norm) @ text_embeddings.T  # [B, C]
     contributions = scale * (term_emb @ text_embeddings.T) / norm[:, :, None]  # [B, T, C]
 
-    # feature level: contribution of each active CLS feature to the predicted logit
+    # feature level: contribution of each active CLS feature to the predicted logit, a * <w_f, u_pred>
+    # with w_f the feature's total residual write and u_pred the predicted class's residual-space
+    # direction (`class_directions`: ln_post's scale held), so that no [B, K, D] map through ln_post and
+    # proj is formed; all layers' K = sum_i k_i active features at once
     pred = logits.argmax(dim=-1)
-    t_pred = text_embeddings.index_select(0, pred)  # [B, D]
-    # all layers' active rows at once: one frozen ln_post map and one product for the K = sum_i k_i
-    # features (in a graph: one set of nodes, not one per layer)
-    layers, idxs, acts, rows, factors, appended = [], [], [], [], [], []
-    for i in range(len(splice.codes)):
-        idx, val = splice.cls_code(i, B)  # [B, k] each
-        rows.append(clt.total_write_matrix(i).index_select(0, idx.reshape(-1)).reshape(B, -1, d))  # [B, k, d]
-        if cls_factors is not None:  # the clt.i term's scale; appended edit columns (k0..) that set nothing never rank
-            factors.append(cls_factors[:, 1 + L + i, None].expand_as(val))
-            appended.append(torch.ones_like(val).cumsum(1) > clt.cfg.inference_k)  # (E is dynamic in a graph)
-        layers.append(torch.full_like(idx, i))
-        idxs.append(idx)
-        acts.append(val)
-    dirs, _ = frozen_ln_map(visual, res.cls_resid, torch.cat(rows, 1))  # [B, K, D]
-    all_a = torch.cat(acts, 1)  # [B, K]
-    all_c = scale * all_a * (dirs * t_pred[:, None, :]).sum(-1) / norm  # [B, K]
-    if cls_factors is not None:
-        all_c = all_c * torch.cat(factors, 1)
-        keys = torch.where(torch.cat(appended, 1) & (all_a == 0), torch.full_like(all_c, -1.0), all_c.abs())
+    u_pred = class_directions(visual, res.cls_resid, norm, scale, text_embeddings.index_select(0, pred)[:, None])  # [B, 1, d]
+    codes = [splice.cls_code(i, B) for i in range(len(splice.codes))]  # (indices, values) [B, k_i] each
+    all_idx, all_a = torch.cat([c[0] for c in codes], 1), torch.cat([c[1] for c in codes], 1)  # [B, K]
+    if edits is None:  # every layer's code is inference_k wide: the layer of each column is a constant [K]
+        layer_of = torch.arange(len(codes), device=all_idx.device).repeat_interleave(clt.cfg.inference_k)
+    else:  # k + E columns per layer (E is dynamic in a graph)
+        layer_of = torch.cat([torch.full_like(c[0], i) for i, c in enumerate(codes)], 1)  # [B, K]
+    rows = feature_writes(clt, all_idx, layer_of, [c[0] for c in codes])  # [B, K, d]
+    all_c = all_a * torch.matmul(rows, u_pred.transpose(1, 2))[..., 0]  # [B, K]
+    if cls_factors is not None:  # the clt.i term's scale; appended edit columns (k0..) that set nothing never rank
+        factors = torch.cat([cls_factors[:, 1 + L + i, None].expand_as(c[1]) for i, c in enumerate(codes)], 1)
+        appended = torch.cat([torch.ones_like(c[1]).cumsum(1) > clt.cfg.inference_k for c in codes], 1)
+        all_c = all_c * factors
+        keys = torch.where(appended & (all_a == 0), torch.full_like(all_c, -1.0), all_c.abs())
     kk = min(top_k_features, all_c.shape[1] if edits is None else L * clt.cfg.inference_k)
     _, order = (all_c.abs() if edits is None else keys).topk(kk, dim=1)
-    pick = lambda t: torch.gather(torch.cat(t, 1), 1, order)  # noqa: E731
+    top_layer = layer_of[order] if edits is None else torch.gather(layer_of, 1, order)
     return Decomposition(
         logits=logits,
         embedding=emb,
         term_resid=term_resid,
         term_emb=term_emb,
         contributions=contributions,
-        top_layer=pick(layers),
-        top_index=pick(idxs),
+        top_layer=top_layer,
+        top_index=torch.gather(all_idx, 1, order),
         top_activation=torch.gather(all_a, 1, order),
         top_contribution=torch.gather(all_c, 1, order),
         spatial=_spatial(visual, res, logits, text_embeddings, norm, scale, spatial_top_k) if spatial_top_k > 0 else None,

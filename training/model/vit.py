@@ -8,8 +8,8 @@ Shapes: B images, T = 1 + n_patches tokens (CLS first), d = transformer width, D
 L = number of residual blocks, H = attention heads. "MLP input" is the LN2 output of a block, "MLP
 output" is what the block adds to the residual stream after its MLP (layer scale included).
 
-With `record_attention=True` the forward also keeps, per block, every token's value (before the value
-bias, heads concatenated) and the CLS query's per-head softmax weights. The attention is then written out from
+With `record_attention=True` the forward also keeps, per block, every token's value per head (before
+the value bias) and the CLS query's per-head softmax weights. The attention is then written out from
 the block's `nn.MultiheadAttention` parameters (`attention_recorded`, the arithmetic of its
 `need_weights=True` path), so the weights and values kept are those that made the block's output and
 the per-head, per-source-token split of the CLS output (`decompose.spatial_parts`) is exact up to
@@ -67,38 +67,45 @@ def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def attention_recorded(block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(what the attention sub-block adds [B, T, d], every token's value before the value bias, heads
-    concatenated (W_V[h] LN1(x_t) in columns h*dh..(h+1)*dh) [B, T, d], the CLS query's softmax
-    weights over source tokens [B, H, T]) from the residual stream x [B, T, d] (`self_attention`;
-    `bias` as there)."""
+    """(what the attention sub-block adds [B, T, d], every token's value before the value bias, per head
+    (W_V[h] LN1(x_t)) [B, H, T, dh], the CLS query's softmax weights over source tokens [B, H, T]) from the
+    residual stream x [B, T, d] (`self_attention`; `bias` as there)."""
     a, v, w = self_attention(block, block.ln_1(x), bias=bias)
     return a, v, w[:, :, 0]
 
 
 def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | None = None, bias: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(what the attention sub-block adds [B, T, d], the values before the value bias [B, T, d], the
-    softmax weights [B, H, T, T]) from the sub-block's input h = LN1(x) [B, T, d]. Given `weights`, those
+    """(what the attention sub-block adds [B, T, d], the values before the value bias per head [B, H, T, dh],
+    the softmax weights [B, H, T, T]) from the sub-block's input h = LN1(x) [B, T, d]. Given `weights`, those
     mix the values instead of the softmax of h's queries and keys (held at another input's values).
     `bias` [B, 1, 1, T] is added to the scores before the softmax (-inf: a key nobody attends to,
     `edits.key_bias`).
 
     Self-attention written out from the block's `nn.MultiheadAttention` parameters in the order of
     its `need_weights=True` path (packed in-projection, q scaled by 1/sqrt(dh) before q k^T, one
-    softmax, out-projection), so the output is the module's (tested against open_clip's own blocks)
-    and the weights and values are those that made it. Needs `check_spatial_supported`."""
+    softmax, out-projection), so the output is the module's to fp32 rounding (tested against
+    open_clip's own blocks) and the weights and values are those that made it. One change of order:
+    the value bias b_V is added after the softmax mixes the values (every row of the weights sums to
+    1, so weights (v + b_V) = weights v + b_V), so that the values the mixing reads are the unbiased
+    ones the spatial maps split (`decompose.spatial_parts`), with no second copy of them.
+    Needs `check_spatial_supported`."""
     attn = block.attn
     T, d = int(h.shape[1]), int(h.shape[2])  # static in a traced graph; the batch stays -1
     H = int(attn.num_heads)
     dh = d // H
-    qkv = nn.functional.linear(h, attn.in_proj_weight)  # [B, T, 3d]; the biases are added below, the values kept without
-    qkv_b = qkv if attn.in_proj_bias is None else qkv + attn.in_proj_bias
-    q, k, v = qkv_b.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each
+    qkv = nn.functional.linear(h, attn.in_proj_weight)  # [B, T, 3d]
+    if attn.in_proj_bias is not None:  # q and k biases now, the value bias after the mixing
+        qkv = qkv + torch.cat([attn.in_proj_bias[: 2 * d], attn.in_proj_bias.new_zeros(d)])
+    q, k, v = qkv.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each; v unbiased
     if weights is None:
         scores = torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2))  # [B, H, T, T]
         weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
-    out = attn.out_proj(torch.matmul(weights, v).transpose(1, 2).reshape(-1, T, d))
-    return block.ls_1(out), qkv[..., 2 * d :], weights
+    mixed = torch.matmul(weights, v)  # [B, H, T, dh]
+    if attn.in_proj_bias is not None:
+        mixed = mixed + attn.in_proj_bias[2 * d :].reshape(H, 1, dh)
+    out = attn.out_proj(mixed.transpose(1, 2).reshape(-1, T, d))
+    return block.ls_1(out), v, weights
 
 
 def check_spatial_supported(visual: nn.Module) -> None:
@@ -171,17 +178,26 @@ class MlpReplacement(Protocol):
 @dataclass
 class ForwardResult:
     """embedding [B, D]; CLS-token pieces of the final residual: embed_cls [B, d], attn_cls / mlp_cls [L, B, d].
-    With `record_attention`: attn_values [L, B, T, d] (each block's values before the value bias, heads
-    concatenated) and attn_weights [L, B, H, T] (the CLS query's softmax weights per head and source token);
-    None otherwise."""
+    With `record_attention`: head_values, per block, every token's values before the value bias, per head
+    [B, H, T, dh] (as the attention mixed them; `attn_values` stacks them heads concatenated), and
+    attn_weights [L, B, H, T] (the CLS query's softmax weights per head and source token); None otherwise."""
 
     embedding: torch.Tensor
     cls_resid: torch.Tensor
     embed_cls: torch.Tensor
     attn_cls: torch.Tensor
     mlp_cls: torch.Tensor
-    attn_values: torch.Tensor | None = None
+    head_values: list[torch.Tensor] | None = None
     attn_weights: torch.Tensor | None = None
+
+    @property
+    def attn_values(self) -> torch.Tensor | None:
+        """Every block's values before the value bias, heads concatenated: [L, B, T, d] (W_V[h] LN1(x_t) in
+        columns h*dh..(h+1)*dh), or None without `record_attention`."""
+        if self.head_values is None:
+            return None
+        B, H, T, dh = self.head_values[0].shape
+        return torch.stack([v.transpose(1, 2).reshape(B, T, H * dh) for v in self.head_values])
 
 
 def explicit_attention_supported(visual: nn.Module) -> bool:
@@ -232,7 +248,7 @@ def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | N
         attn_cls.append(a[:, 0])
         mlp_cls.append(m[:, 0])
     cls = x[:, 0]
-    recorded = (torch.stack(attn_values), torch.stack(attn_weights)) if record_attention else (None, None)
+    recorded = (attn_values, torch.stack(attn_weights)) if record_attention else (None, None)
     return ForwardResult(project(visual, cls), cls, embed_cls, torch.stack(attn_cls), torch.stack(mlp_cls), *recorded)
 
 
@@ -277,8 +293,8 @@ class CltSplice:
     """Replacement by a CLT: at `layers`, the MLP output at `tokens` becomes the CLT reconstruction.
 
     Features of every layer are computed from this (spliced) run's own MLP inputs at `tokens`, and
-    each source layer's decoded writes to later layers are kept until those layers run. With
-    `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
+    each source layer's decoded writes to later layers are summed into what those layers are owed
+    until they run. With `observe=True` nothing is replaced: the real MLPs run and the reconstructions are only recorded.
     `encode` (layer, rows [N, d]) -> SparseCode stands in for `clt.encode` (e.g. with active sets held).
     `edits` (training/model/edits.py): each row's feature edits change its codes (`edit_code`: width
     k + E), its `clt.s` and `bias` term scales the writes, at the tokens replaced (`token_factors`).
@@ -300,38 +316,48 @@ class CltSplice:
         self.writes: list[torch.Tensor] = []
         self.recon: dict[int, torch.Tensor] = {}
         self.true: dict[int, torch.Tensor] = {}
-        self._pending: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._acc: torch.Tensor | None = None  # see `__call__`
+        self._t = 1  # tokens per image inside the set (static)
 
     def __call__(self, layer: int, h: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         clt = self.clt
+        L = clt.cfg.n_layers
         inside, outside = split_tokens(self.tokens, h)
-        b, t, d = inside.shape
+        t, d = int(inside.shape[1]), int(inside.shape[2])  # static in a traced graph (no shape arithmetic); the batch stays -1
+        self._t = t
         needed = any(j >= layer for j in self.layers)
         factors = None
         if self.edits is not None:
             # [B, t, T]; at the CLS token a term's factor is its scale
             factors = self.edits.term_scale[:, None] if self.tokens == "cls" else token_factors(self.edits, t)
+        # The running sum of what is owed to layers layer..L-1: their decoder biases (raw units) and the
+        # writes of the sources decoded so far, [.., L - layer, d]. One Add and one Slice per layer (in a
+        # graph: a few nodes, not one Gather and one Add per (source, target) pair).
+        acc = self._acc
+        if layer == 0 or acc is None:
+            acc = (clt.b_dec * clt.out_scale[:, None])[layer:]  # [L - layer, d]
+            if factors is not None:  # the bias term's scale
+                acc = acc * factors[:, :, 1 + 2 * L, None, None]
         if needed:
-            code = self.encode(layer, inside.reshape(b * t, d))
+            code = self.encode(layer, inside.reshape(-1, d))
             if self.edits is not None:
                 code = edit_code(code, layer, self.edits, t)
             w = clt.decode_source(layer, code)  # [N, n_t, d] normalised
-            scale = clt.out_scale[layer : layer + w.shape[1]]
-            w = (w * scale[None, :, None]).reshape(b, t, w.shape[1], d)
+            n_t = int(w.shape[1])
+            w = (w * clt.out_scale[layer : layer + n_t, None]).reshape(-1, t, n_t, d)  # raw units
             if factors is not None:  # the clt.<layer> term's scale at each token
-                w = w * factors[:, :, 1 + clt.cfg.n_layers + layer, None, None]
+                w = w * factors[:, :, 1 + L + layer, None, None]
             self.codes.append(code)
             self.writes.append(w)
-            for off in range(w.shape[2]):
-                self._pending[layer + off].append(w[:, :, off])
+            if n_t == L - layer:
+                acc = acc + w
+            else:  # a per-layer transcoder: its source writes to its own layer only
+                rest = acc[..., n_t:, :]
+                acc = torch.cat([acc[..., :n_t, :] + w, rest.expand(*w.shape[:2], *rest.shape[-2:])], -2)
+        recon, self._acc = acc[..., 0, :], acc[..., 1:, :]
         if layer not in self.layers:
             return mlp(h)
-        recon = clt.b_dec[layer] * clt.out_scale[layer]
-        if factors is not None:  # the bias term's scale
-            recon = recon * factors[:, :, 1 + 2 * clt.cfg.n_layers, None]
-        for part in self._pending[layer]:
-            recon = recon + part
-        recon = recon.expand(b, t, d) if recon.dim() == 1 else recon
+        recon = recon.expand_as(inside) if recon.dim() < 3 else recon
         self.recon[layer] = recon
         if self.observe:
             m = mlp(h)
@@ -343,7 +369,10 @@ class CltSplice:
         """(indices, values) [B, k] of the CLT code of the CLS token at `layer` after a run (CLS is row 0 of
         each image's rows of `codes[layer]`)."""
         code = self.codes[layer]
-        return code.idx.reshape(batch, -1, code.idx.shape[-1])[:, 0], code.val.reshape(batch, -1, code.val.shape[-1])[:, 0]
+        if self._t == 1:  # one row per image (the CLS token's)
+            return code.idx, code.val
+        k = code.idx.shape[-1]
+        return code.idx.reshape(batch, self._t, k)[:, 0], code.val.reshape(batch, self._t, k)[:, 0]
 
 
 def spliced_forward(
