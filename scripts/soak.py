@@ -9,6 +9,8 @@ Traffic (each group in its own process, so a client's own pauses do not show up 
   range, unknown field) or a GET of a random unknown path;
 - `livez`: one client polling /livez every 10 ms; a "pause" is the longest /livez round trip of a window
   (the whole process stopped: a full garbage collection over a large heap, a blocked event loop).
+The traffic clients run at niceness +5 (`--client-nice`; 0: the same as the server): on a 2-core machine they
+share the server's cores, which remote clients would not; the /livez poller keeps the soak's priority.
 Per window (default 30 s): requests/s and p50/p99 per endpoint, the server's resident memory (its
 process tree, from /proc), the longest /livez round trip, full (generation-2) garbage collections of
 the server's workers and the bytes in its custom label-set cache (from /metrics:
@@ -31,6 +33,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -71,11 +74,14 @@ def word_pool(n: int = 400, seed: int = 0) -> list[str]:
 
 
 # ---------------------------------------------------------------------- clients (one process per group)
-def _client(role: str, url: str, conns: int, start: Any, deadline: Any, queue: Any, seed: int) -> None:
+def _client(role: str, url: str, conns: int, start: Any, deadline: Any, queue: Any, seed: int, nice: int = 0) -> None:
     """Once loaded, put "ready" on `queue`, wait for `start` (an Event), then run `conns` threads of `role`
     until `deadline.value` (time.time()); put (role, t_end, seconds, ok) records on `queue` in chunks.
-    ok: 2xx for valid requests, 4xx for bad ones."""
+    ok: 2xx for valid requests, 4xx for bad ones. `nice`: added to the process's niceness first."""
     import threading
+
+    if nice:
+        os.nice(nice)
 
     rng = random.Random(seed)
     image = fashion_mnist_pngs(1)[0]
@@ -222,7 +228,7 @@ def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float |
                    grow < RSS_GROWTH_MB and frac < RSS_GROWTH_FRACTION, f"{grow:+.1f} MB ({frac:+.1%}){cache}"))
     if cache:  # the label-set cache fills towards its bound by design; what grows besides it is what leaks
         net = grow - (cache_mb[-1] - cache_mb[third])  # type: ignore[operator]
-        checks.append((f"the same less the label-set cache's growth (bounded by --label-cache-mb)",
+        checks.append(("the same less the label cache's growth (bounded by --label-cache-mb)",
                        net < RSS_GROWTH_MB and net / rss[third] < RSS_GROWTH_FRACTION, f"{net:+.1f} MB ({net / rss[third]:+.1%})"))
     failed = sum(r[ep]["failed"] for r in rows for ep in ("explain", "classify", "livez"))
     checks.append(("0 failed valid requests", failed == 0, str(failed)))
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="", help="more cltvit-serve arguments, e.g. '--label-cache-mb 16'")
     p.add_argument("--out", default="artifacts/soak", help="folder for the server log and soak.json")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--client-nice", type=int, default=5, help="niceness added to the traffic clients' processes (not the "
+                   "/livez poller's): they share this machine's cores with the server, remote clients would not; 0: equal")
     args = p.parse_args(argv)
     if not (Path(args.bundle) / "bundle.json").exists():
         p.error(f"--bundle: no bundle.json in {args.bundle}")
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the server and the clients too (finally, daemons)
     serve_args = ["--workers", str(args.workers), *shlex.split(args.serve_args)]
     with server_process(args.bundle, port=args.port or None, extra_args=serve_args, log_path=out / "server.log",
                         ready_timeout=300) as (url, server):
@@ -266,8 +275,10 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     ctx = mp.get_context("spawn")
     queue, start, deadline = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     groups = [("explain", 4), ("classify", 2), ("bad", 1), ("livez", 1)]
-    procs = [ctx.Process(target=_client, args=(role, url, n, start, deadline, queue, i), daemon=True)
-             for i, (role, n) in enumerate(groups)]
+    # the traffic clients run at --client-nice: on a small machine they share the server's cores, where
+    # remote clients would not; the /livez poller, the instrument, keeps the soak's own priority
+    procs = [ctx.Process(target=_client, args=(role, url, n, start, deadline, queue, i, 0 if role == "livez" else args.client_nice),
+                         daemon=True) for i, (role, n) in enumerate(groups)]
     for pr in procs:
         pr.start()
     for _ in procs:  # client processes start slowly on a busy machine: the clock starts when all are loaded
