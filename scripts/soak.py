@@ -158,6 +158,17 @@ def _client(role: str, url: str, conns: int, start: Any, deadline: Any, queue: A
 
 
 # ---------------------------------------------------------------------- the server
+def cpu_steal_s() -> float | None:
+    """CPU seconds the hypervisor took from this machine since boot (/proc/stat `steal`, all CPUs), or None where
+    the kernel does not report it: a window whose steal rises had its pauses from outside the machine."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def tree_rss_mb(root: int) -> float:
     """Resident memory (MiB) of process `root` and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
@@ -291,10 +302,13 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     rss: list[float] = []
     gcs: list[float | None] = []
     cache_mb: list[float | None] = []
+    steal: list[float | None] = [cpu_steal_s()]
     done, w = 0, 0
     while done < len(procs):
         while w < n_windows and time.time() >= t0 + (w + 1) * args.window + 3.0:  # + the clients' last second
             rss.append(tree_rss_mb(server.pid))
+            steal.append(cpu_steal_s())
+            stolen = steal[-1] - steal[-2] if steal[-1] is not None and steal[-2] is not None else None
             m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes"))
             gcs.append(m["cltvit_gc_full_collections_total"])
             cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
@@ -304,7 +318,8 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
                 f"{ep} {row[ep]['rps']:.0f}/s p50 {row[ep]['p50_ms'] or 0:.0f} p99 {row[ep]['p99_ms'] or 0:.0f} ms"
                 for ep in ("explain", "classify")) + f"  livez max {row['livez']['max_ms'] or 0:.0f} ms"
                 f"  RSS {rss[-1]:.0f} MB" + (f" (label cache {cache_mb[-1]:.1f})" if cache_mb[-1] is not None else "")
-                + (f"  full GCs {g:.0f}" if g is not None else ""), flush=True)
+                + (f"  full GCs {g:.0f}" if g is not None else "")
+                + (f"  CPU stolen {stolen:.2f} s" if stolen else ""), flush=True)
             w += 1
         try:
             chunk = queue.get(timeout=1.0)
@@ -328,7 +343,7 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     for name, ok, detail in checks:
         print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
     (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
-                                                "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs,
+                                                "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs, "cpu_steal_s": steal,
                                                 "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                indent=1))
     return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0
