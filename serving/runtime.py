@@ -228,19 +228,25 @@ class LabelEmbeddings:
         out = self.sets.get(key)
         if out is not None or len(names) > self.LOOP_STACK_MAX:
             return out
-        rows = [self.rows.get(LabelCache.key([n], templates)) for n in names]
+        _, rows = self._cached_rows(names, templates)
         if any(r is None for r in rows):
             return None
-        return self._keep(key, rows)
+        out = self._stacked(rows)
+        self.sets.put(key, out)
+        return out
 
     def get_or_compute(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
         """float32 [C, D] (read-only): cached rows, the missing ones computed in one `embed` call."""
         key = LabelCache.key(names, templates)
         return self.sets.get_or_compute(key, lambda: self._stack(list(names), list(templates)))
 
-    def _stack(self, names: list[str], templates: list[str]) -> np.ndarray:
+    def _cached_rows(self, names: Sequence[str], templates: Sequence[str]) -> tuple[list[bytes], list[np.ndarray | None]]:
+        """Each label's row key, and its cached row or None."""
         keys = [LabelCache.key([n], templates) for n in names]
-        rows: list[np.ndarray | None] = [self.rows.get(k) for k in keys]
+        return keys, [self.rows.get(k) for k in keys]
+
+    def _stack(self, names: list[str], templates: list[str]) -> np.ndarray:
+        keys, rows = self._cached_rows(names, templates)
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
             fresh = self._embed([names[i] for i in missing], templates)
@@ -250,11 +256,6 @@ class LabelEmbeddings:
                 self.rows.put(keys[i], row)
                 rows[i] = row
         return self._stacked(rows)
-
-    def _keep(self, key: bytes, rows: list) -> np.ndarray:
-        out = self._stacked(rows)
-        self.sets.put(key, out)
-        return out
 
     @staticmethod
     def _stacked(rows: list) -> np.ndarray:
