@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .clt import CrossLayerTranscoder
 from .sparse import DecodeSourceInto, GatherPreactAll
@@ -150,21 +151,40 @@ def cls_aux_loss(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, re
     return torch.stack(terms).sum() if terms else None
 
 
-def jumprelu_penalties(clt: CrossLayerTranscoder, enc: _Encoded, with_sparsity: bool, c: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(pre-activation loss, tanh-L0 penalty or None), each summed over layers: sum_f ReLU(theta_f - z_f) *
-    ||d_f|| and sum_f tanh(c * a_f * ||d_f||) per token, averaged over tokens (||d_f||: feature f's decoder
-    norm summed over its targets)."""
-    L, Fn = clt.cfg.n_layers, clt.cfg.n_features
-    dec_norms = [clt.W_dec[l].norm(dim=-1).sum(0) for l in range(L)]  # [F] each
+def jumprelu_penalties(log_threshold: torch.Tensor, W_dec: list[torch.Tensor] | nn.ParameterList,
+                       preacts: list[torch.Tensor], codes: list[SparseCode] | None, c: float
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pre-activation loss, tanh-L0 penalty or None when `codes` is None), each summed over layers:
+    sum_f ReLU(theta_f - z_f) * ||d_f|| and sum_f tanh(c * a_f * ||d_f||) per token, averaged over tokens
+    (||d_f||: feature f's decoder norm summed over its targets). log_threshold [L, F], W_dec[l] [n_targets, F, d],
+    preacts[l] [N, F], codes[l] the layer's active features; F may be one shard's features."""
+    L, Fn = log_threshold.shape
+    dec_norms = [W_dec[l].norm(dim=-1).sum(0) for l in range(L)]  # [F] each
     pre = torch.stack(
-        [(F.relu(clt.log_threshold[l].exp() - enc.preacts[l]) * dec_norms[l]).sum(-1).mean() for l in range(L)]
+        [(F.relu(log_threshold[l].exp() - preacts[l]) * dec_norms[l]).sum(-1).mean() for l in range(L)]
     ).sum()
-    if not with_sparsity:
+    if codes is None:
         return pre, None
     sparsity = torch.stack(
-        [torch.tanh(c * enc.codes[l].dense(Fn) * dec_norms[l]).sum(-1).mean() for l in range(L)]
+        [torch.tanh(c * codes[l].dense(Fn) * dec_norms[l]).sum(-1).mean() for l in range(L)]
     ).sum()
     return pre, sparsity
+
+
+def normalise_samples(in_scale: torch.Tensor, out_scale: torch.Tensor, mlp_in: torch.Tensor, mlp_out: torch.Tensor,
+                      inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) = (mlp_in / in_scale, mlp_out / out_scale), samples [L, N, d], scales [L]; `inplace` divides
+    the given tensors (saves two batch-sized copies; the caller must not reuse them)."""
+    if inplace:
+        return mlp_in.div_(in_scale[:, None, None]), mlp_out.div_(out_scale[:, None, None])
+    return mlp_in / in_scale[:, None, None], mlp_out / out_scale[:, None, None]
+
+
+def fvu(recon: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[L] fraction of variance unexplained per layer: ||recon - y||^2 / Var(y) over tokens, both [L, N, d]."""
+    err = (recon - y).pow(2).sum(-1).mean(-1)
+    var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-8)
+    return err / var
 
 
 @torch.no_grad()
@@ -194,20 +214,13 @@ def clt_loss(
     and `cls_dead` [L, F] the features silent at the CLS token for a while (CLS AuxK). `inplace=True`
     normalises mlp_in / mlp_out in place (saves two batch-sized copies; the caller must not reuse them).
     """
-    if inplace:
-        x = mlp_in.div_(clt.in_scale[:, None, None])
-        y = mlp_out.div_(clt.out_scale[:, None, None])
-    else:
-        x = mlp_in / clt.in_scale[:, None, None]
-        y = mlp_out / clt.out_scale[:, None, None]
+    x, y = normalise_samples(clt.in_scale, clt.out_scale, mlp_in, mlp_out, inplace)
     sparse = clt.sparsifier.trains_sparse
     use_aux = dead is not None and sparse and cfg.aux_coef > 0 and bool(dead.any())
     enc = _encode_sparse(clt, x, dead if use_aux else None, cfg.aux_k) if sparse else _encode_dense(clt, x)
     recon, aux_pred = _decode(clt, x.shape[1], enc)
-    err = (recon - y).pow(2).sum(-1).mean(-1)  # [L]
-    var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-8)
-    fvu = err / var
-    total = fvu.sum()
+    per_layer = fvu(recon, y)
+    total = per_layer.sum()
     zero = total.new_zeros(())
     aux = zero
     if aux_pred:
@@ -220,7 +233,8 @@ def clt_loss(
             total = total + cfg.cls_aux_coef * cls_aux
     sparsity = zero
     if isinstance(clt.sparsifier, JumpReLU):
-        pre, penalty = jumprelu_penalties(clt, enc, cfg.sparsity_coef > 0, cfg.sparsity_c)
+        pre, penalty = jumprelu_penalties(clt.log_threshold, clt.W_dec, enc.preacts,
+                                          enc.codes if cfg.sparsity_coef > 0 else None, cfg.sparsity_c)
         total = total + cfg.preact_coef * pre
         if penalty is not None:
             sparsity = penalty
@@ -229,5 +243,5 @@ def clt_loss(
         l0 = torch.stack([c.l0().float().mean() for c in enc.codes])
     fired = fired_features(enc.codes, clt.cfg.n_features)
     fired_cls = fired_features(enc.codes, clt.cfg.n_features, cls_rows) if cls_rows is not None else None
-    return CLTLoss(total=total, fvu=fvu.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired,
+    return CLTLoss(total=total, fvu=per_layer.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired,
                    cls_aux=None if cls_aux is None else cls_aux.detach(), fired_cls=fired_cls)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clt import CLTConfig, CrossLayerTranscoder, register_parameters
-from .loss import CLTLoss, LossConfig
+from .loss import CLTLoss, LossConfig, aux_loss, fired_features, fvu, jumprelu_penalties, normalise_samples
 from .sparse import DecodeSourceInto, GatherPreactAll, sparse_decode
 from .sparsifiers import BatchTopK, JumpReLU, ReLU, Selection, SparseCode, Sparsifier, TopK
 
@@ -402,12 +402,7 @@ class ShardedCLT(nn.Module):
         group = self.group
         L, n, d = mlp_in.shape
         lo, hi = self.offset, self.offset + self.f_local
-        if inplace:
-            x = mlp_in.div_(self.in_scale[:, None, None])
-            y = mlp_out.div_(self.out_scale[:, None, None])
-        else:
-            x = mlp_in / self.in_scale[:, None, None]
-            y = mlp_out / self.out_scale[:, None, None]
+        x, y = normalise_samples(self.in_scale, self.out_scale, mlp_in, mlp_out, inplace)
         sparse_path = self.sparsifier.trains_sparse
         use_aux = dead_mask is not None and sparse_path and aux_coef > 0 and bool(dead_mask.any())
         codes: list[SparseCode] = []
@@ -461,13 +456,11 @@ class ShardedCLT(nn.Module):
         # everything that sums over features goes through one all_reduce
         pieces = [partial.reshape(-1), *(a.reshape(-1) for a in aux_pred)]
         if isinstance(self.sparsifier, JumpReLU):
-            dec_norms = [self.W_dec[l].norm(dim=-1).sum(0) for l in range(L)]  # [F_r] each
-            pre = torch.stack([(F.relu(self.log_threshold[l].exp() - zs[l]) * dec_norms[l]).sum(-1).mean() for l in range(L)])
-            pieces.append(pre.sum().reshape(1))
-            if sparsity_coef > 0:
-                sp = torch.stack([torch.tanh(sparsity_c * codes[l].dense(self.f_local) * dec_norms[l]).sum(-1).mean()
-                                  for l in range(L)])
-                pieces.append(sp.sum().reshape(1))
+            pre, sp = jumprelu_penalties(self.log_threshold, self.W_dec, zs, codes if sparsity_coef > 0 else None,
+                                         sparsity_c)
+            pieces.append(pre.reshape(1))
+            if sp is not None:
+                pieces.append(sp.reshape(1))
         summed = sum_over_shards(torch.cat(pieces), group)
         recon = summed[: L * n * d].reshape(L, n, d) + self.b_dec[:, None, :]
         at = L * n * d
@@ -475,19 +468,12 @@ class ShardedCLT(nn.Module):
         for _ in aux_pred:
             aux_full.append(summed[at : at + n * d].reshape(n, d))
             at += n * d
-        err = (recon - y).pow(2).sum(-1).mean(-1)  # [L]
-        var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-8)
-        fvu = err / var
-        total = fvu.sum()
+        per_layer = fvu(recon, y)
+        total = per_layer.sum()
         zero = total.new_zeros(())
         aux = sparsity = zero
         if aux_layers:
-            resid = (y - recon).detach()
-            terms = []
-            for a, l in enumerate(aux_layers):
-                e_var = (resid[l] - resid[l].mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-                terms.append((aux_full[a] - resid[l]).pow(2).sum(-1).mean() / e_var)
-            aux = torch.stack(terms).sum()
+            aux = aux_loss(dict(zip(aux_layers, aux_full)), (y - recon).detach())
             total = total + aux_coef * aux
         if isinstance(self.sparsifier, JumpReLU):
             total = total + preact_coef * summed[at]
@@ -498,18 +484,11 @@ class ShardedCLT(nn.Module):
             active = torch.stack([(c.val != 0).sum().float() for c in codes])
             dist.all_reduce(active, group=group)
             l0 = active / n
-            fired = torch.zeros(L, self.f_local, dtype=torch.bool, device=x.device)
-            for l, c in enumerate(codes):
-                fired[l, c.idx[c.val != 0]] = True
+            fired = torch.cat(_all_gather(fired_features(codes, self.f_local), group), 1)
             fired_cls = None
             if cls_rows is not None:
-                fired_cls = torch.zeros_like(fired)
-                for l, c in enumerate(codes):
-                    ci, cv = c.idx[cls_rows], c.val[cls_rows]
-                    fired_cls[l, ci[cv != 0]] = True
-                fired_cls = torch.cat(_all_gather(fired_cls, group), 1)
-            fired = torch.cat(_all_gather(fired, group), 1)
-        return CLTLoss(total=total, fvu=fvu.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired,
+                fired_cls = torch.cat(_all_gather(fired_features(codes, self.f_local, cls_rows), group), 1)
+        return CLTLoss(total=total, fvu=per_layer.detach(), aux=aux.detach(), sparsity=sparsity.detach(), l0=l0, fired=fired,
                        cls_aux=None, fired_cls=fired_cls)
 
     # ------------------------------------------------------------------ optimisation helpers
