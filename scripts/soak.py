@@ -8,14 +8,18 @@ Traffic (each group in its own process, so a client's own pauses do not show up 
 - `bad`: one client every 0.2 s sending a bad request (undecodable image, malformed labels, top_k out of
   range, unknown field) or a GET of a random unknown path;
 - `livez`: one client polling /livez every 10 ms; a "pause" is the longest /livez round trip of a window
-  (the whole process stopped: a full garbage collection over a large heap, a blocked event loop).
+  (the whole process stopped: a full garbage collection over a large heap, a blocked event loop);
+- `probe`: one process that only sleeps 5 ms in a loop, beside the server: a window where it woke late by
+  20 ms or more ("machine pause") had the whole machine (scheduler, hypervisor) stall, not only the server.
 The traffic clients run at niceness +5 (`--client-nice`; 0: the same as the server): on a 2-core machine they
 share the server's cores, which remote clients would not; the /livez poller keeps the soak's priority.
 Per window (default 30 s): requests/s and p50/p99 per endpoint, the server's resident memory (its
 process tree, from /proc), the longest /livez round trip, full (generation-2) garbage collections of
 the server's workers and the bytes in its custom label-set cache (from /metrics:
 `cltvit_gc_full_collections_total`, `cltvit_label_cache_bytes`: under label churn that bounded cache
-fills towards --label-cache-mb, which shows as resident memory growth until it is full). At the end the verdict against the
+fills towards --label-cache-mb, which shows as resident memory growth until it is full), how many of those
+collections took 50 ms or more, and, to tell the machine's pauses from the server's, the CPU time the hypervisor
+stole and the kernel's memory-compaction stalls in the window (/proc/stat, /proc/vmstat). At the end the verdict against the
 targets of docs/serving.md ("Long runs"), measured on the first window after warm-up:
   p99 of every window <= 3x that window's p99 and <= 10x the window's own p50 (per endpoint);
   longest /livez round trip < 100 ms; resident memory over the last two thirds grows < 5 % and < 30 MB;
@@ -52,6 +56,8 @@ from bundle.provenance import machine_info  # noqa: E402
 from load.fmnist import fashion_mnist_pngs  # noqa: E402
 from serving.cli import server_process  # noqa: E402
 
+PROBE_SLEEP_S = 0.005  # the probe's sleep; its wake-up delay beyond this is the machine's, not the server's
+SLOW_GC_S = 0.05  # a full collection this long shows in the window's line (a bucket of cltvit_gc_full_pause_seconds)
 WARMUP_WINDOWS = 1  # the first window warms caches and allocators: the reference is the next one
 P99_GROWTH, P99_OVER_P50, MAX_PAUSE_S = 3.0, 10.0, 0.100
 RSS_GROWTH_FRACTION, RSS_GROWTH_MB = 0.05, 30.0
@@ -133,7 +139,12 @@ def _client(role: str, url: str, conns: int, start: Any, deadline: Any, queue: A
         record("livez", t0, r.status_code == 200)
         time.sleep(0.01)
 
-    step = {"explain": explain, "classify": classify, "bad": bad, "livez": livez}[role]
+    def probe(s: requests.Session) -> None:  # no server involved: how late a 5 ms sleep wakes up on this machine
+        t0 = time.time()
+        time.sleep(PROBE_SLEEP_S)
+        record("probe", t0, True)
+
+    step = {"explain": explain, "classify": classify, "bad": bad, "livez": livez, "probe": probe}[role]
     queue.put("ready")
     start.wait()
     end = deadline.value
@@ -169,6 +180,21 @@ def cpu_steal_s() -> float | None:
         return None
 
 
+def compaction_stalls() -> int | None:
+    """Times since boot a process stopped in a page fault until the kernel compacted memory for a huge page
+    (/proc/vmstat `compact_stall`, the whole machine), or None where not reported: a server pause in a window
+    where this rises points at memory compaction, not at the server's own code."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "compact_stall":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def tree_rss_mb(root: int) -> float:
     """Resident memory (MiB) of process `root` and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
@@ -199,7 +225,9 @@ def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
         return dict.fromkeys(names)
     out: dict[str, float | None] = {}
     for name in names:
-        vals = re.findall(rf'^{name}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$', text, re.M)
+        metric, _, label = name.partition("{")  # 'metric{le="0.05"}': only the samples carrying that label
+        labels = rf'\{{[^}}]*{re.escape(label[:-1])}[^}}]*\}}' if label else r'(?:\{[^}]*\})?'
+        vals = re.findall(rf'^{metric}{labels} ([0-9.e+-]+)$', text, re.M)
         out[name] = sum(float(v) for v in vals) if vals else None
     return out
 
@@ -209,7 +237,7 @@ def window_row(records: list[tuple[str, float, float, bool]], w: int, window: fl
     """Requests/s, failures and p50/p99/max latency per endpoint of window `w` from its (role, t_end,
     seconds, ok) records."""
     row: dict[str, Any] = {"window": w, "start_s": w * window}
-    for name in ("explain", "classify", "bad", "livez"):
+    for name in ("explain", "classify", "bad", "livez", "probe"):
         lat = np.array([s for r, _, s, _ in records if r == name])
         fails = sum(1 for r, _, _, ok in records if r == name and not ok)
         row[name] = {"n": int(lat.size), "rps": lat.size / window, "failed": fails,
@@ -228,8 +256,14 @@ def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float |
         worst_tail = max((r[ep]["p99_ms"] / r[ep]["p50_ms"] for r in rows[WARMUP_WINDOWS:] if r[ep]["p50_ms"]), default=0.0)
         checks.append((f"{ep} p99 / first window's p99 <= {P99_GROWTH:g}", worst_growth <= P99_GROWTH, f"worst {worst_growth:.2f}"))
         checks.append((f"{ep} p99 / p50 <= {P99_OVER_P50:g}", worst_tail <= P99_OVER_P50, f"worst {worst_tail:.2f}"))
-    pause = max((r["livez"]["max_ms"] or 0.0) for r in rows[WARMUP_WINDOWS:]) if len(rows) > WARMUP_WINDOWS else float("nan")
-    checks.append((f"longest /livez round trip < {MAX_PAUSE_S * 1e3:g} ms", pause < MAX_PAUSE_S * 1e3, f"{pause:.0f} ms"))
+    after = rows[WARMUP_WINDOWS:] if len(rows) > WARMUP_WINDOWS else []
+    worst = max(after, key=lambda r: r["livez"]["max_ms"] or 0.0, default=None)
+    pause = (worst["livez"]["max_ms"] or 0.0) if worst else float("nan")
+    where = ""
+    if worst and worst["probe"]["max_ms"] is not None:  # did the machine stall too, or only the server?
+        where = (f" (window at {worst['start_s']:.0f} s; there the machine's probe woke "
+                 f"{worst['probe']['max_ms'] - PROBE_SLEEP_S * 1e3:.0f} ms late)")
+    checks.append((f"longest /livez round trip < {MAX_PAUSE_S * 1e3:g} ms", pause < MAX_PAUSE_S * 1e3, f"{pause:.0f} ms{where}"))
     third = len(rss) // 3
     grow = rss[-1] - rss[third] if rss else float("nan")
     frac = grow / rss[third] if rss and rss[third] else float("nan")
@@ -285,10 +319,10 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
         requests.post(f"{url}/explain", files={"image": ("x.png", fashion_mnist_pngs(1)[0], "image/png")}, timeout=120)
     ctx = mp.get_context("spawn")
     queue, start, deadline = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    groups = [("explain", 4), ("classify", 2), ("bad", 1), ("livez", 1)]
+    groups = [("explain", 4), ("classify", 2), ("bad", 1), ("livez", 1), ("probe", 1)]
     # the traffic clients run at --client-nice: on a small machine they share the server's cores, where
-    # remote clients would not; the /livez poller, the instrument, keeps the soak's own priority
-    procs = [ctx.Process(target=_client, args=(role, url, n, start, deadline, queue, i, 0 if role == "livez" else args.client_nice),
+    # remote clients would not; the instruments (the /livez poller, the machine's wake-up probe) keep the soak's priority
+    procs = [ctx.Process(target=_client, args=(role, url, n, start, deadline, queue, i, 0 if role in ("livez", "probe") else args.client_nice),
                          daemon=True) for i, (role, n) in enumerate(groups)]
     for pr in procs:
         pr.start()
@@ -303,14 +337,23 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     gcs: list[float | None] = []
     cache_mb: list[float | None] = []
     steal: list[float | None] = [cpu_steal_s()]
+    stalls: list[int | None] = [compaction_stalls()]
+    slow_gcs: list[float | None] = []  # full collections of SLOW_GC_S or longer, cumulative
     done, w = 0, 0
     while done < len(procs):
         while w < n_windows and time.time() >= t0 + (w + 1) * args.window + 3.0:  # + the clients' last second
             rss.append(tree_rss_mb(server.pid))
             steal.append(cpu_steal_s())
             stolen = steal[-1] - steal[-2] if steal[-1] is not None and steal[-2] is not None else None
-            m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes"))
+            stalls.append(compaction_stalls())
+            compacted = stalls[-1] - stalls[-2] if stalls[-1] is not None and stalls[-2] is not None else None
+            m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes", "cltvit_gc_full_pause_seconds_count",
+                             f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}'))
             gcs.append(m["cltvit_gc_full_collections_total"])
+            under = m[f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}']
+            total = m["cltvit_gc_full_pause_seconds_count"]
+            slow_gcs.append(None if under is None or total is None else total - under)
+            slow = slow_gcs[-1] - slow_gcs[-2] if len(slow_gcs) > 1 and None not in slow_gcs[-2:] else slow_gcs[-1]
             cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
             row = window_row(by_window[w], w, args.window)
             g = gcs[-1] - gcs[-2] if len(gcs) > 1 and gcs[-1] is not None and gcs[-2] is not None else None
@@ -319,7 +362,11 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
                 for ep in ("explain", "classify")) + f"  livez max {row['livez']['max_ms'] or 0:.0f} ms"
                 f"  RSS {rss[-1]:.0f} MB" + (f" (label cache {cache_mb[-1]:.1f})" if cache_mb[-1] is not None else "")
                 + (f"  full GCs {g:.0f}" if g is not None else "")
-                + (f"  CPU stolen {stolen:.2f} s" if stolen else ""), flush=True)
+                + (f" ({slow:.0f} >= {SLOW_GC_S * 1e3:g} ms)" if g is not None and slow else "")
+                + (f"  CPU stolen {stolen:.2f} s" if stolen else "")
+                + (f"  compaction stalls {compacted}" if compacted else "")
+                + (f"  machine pause {late:.0f} ms" if (late := (row['probe']['max_ms'] or 0) - PROBE_SLEEP_S * 1e3) >= 20 else ""),
+                flush=True)
             w += 1
         try:
             chunk = queue.get(timeout=1.0)
@@ -344,6 +391,7 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
         print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
     (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
                                                 "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs, "cpu_steal_s": steal,
+                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs,
                                                 "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                indent=1))
     return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0
