@@ -180,6 +180,11 @@ def cpu_steal_s() -> float | None:
         return None
 
 
+def _delta(series: list[Any]) -> Any:
+    """The last step of a cumulative series (this window's share), None before two readings or where one is missing."""
+    return series[-1] - series[-2] if len(series) > 1 and series[-1] is not None and series[-2] is not None else None
+
+
 def compaction_stalls() -> int | None:
     """Times since boot a process stopped in a page fault until the kernel compacted memory for a huge page
     (/proc/vmstat `compact_stall`, the whole machine), or None where not reported: a server pause in a window
@@ -344,19 +349,19 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
         while w < n_windows and time.time() >= t0 + (w + 1) * args.window + 3.0:  # + the clients' last second
             rss.append(tree_rss_mb(server.pid))
             steal.append(cpu_steal_s())
-            stolen = steal[-1] - steal[-2] if steal[-1] is not None and steal[-2] is not None else None
+            stolen = _delta(steal)
             stalls.append(compaction_stalls())
-            compacted = stalls[-1] - stalls[-2] if stalls[-1] is not None and stalls[-2] is not None else None
+            compacted = _delta(stalls)
             m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes", "cltvit_gc_full_pause_seconds_count",
                              f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}'))
             gcs.append(m["cltvit_gc_full_collections_total"])
             under = m[f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}']
             total = m["cltvit_gc_full_pause_seconds_count"]
             slow_gcs.append(None if under is None or total is None else total - under)
-            slow = slow_gcs[-1] - slow_gcs[-2] if len(slow_gcs) > 1 and None not in slow_gcs[-2:] else slow_gcs[-1]
+            slow = _delta(slow_gcs)
             cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
             row = window_row(by_window[w], w, args.window)
-            g = gcs[-1] - gcs[-2] if len(gcs) > 1 and gcs[-1] is not None and gcs[-2] is not None else None
+            g = _delta(gcs)
             print(f"[{row['start_s']:6.0f} s] " + "  ".join(
                 f"{ep} {row[ep]['rps']:.0f}/s p50 {row[ep]['p50_ms'] or 0:.0f} p99 {row[ep]['p99_ms'] or 0:.0f} ms"
                 for ep in ("explain", "classify")) + f"  livez max {row['livez']['max_ms'] or 0:.0f} ms"
