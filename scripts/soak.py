@@ -18,8 +18,10 @@ process tree, from /proc), the longest /livez round trip, full (generation-2) ga
 the server's workers and the bytes in its custom label-set cache (from /metrics:
 `cltvit_gc_full_collections_total`, `cltvit_label_cache_bytes`: under label churn that bounded cache
 fills towards --label-cache-mb, which shows as resident memory growth until it is full), how many of those
-collections took 50 ms or more, and, to tell the machine's pauses from the server's, the CPU time the hypervisor
-stole and the kernel's memory-compaction stalls in the window (/proc/stat, /proc/vmstat). At the end the verdict against the
+collections took 50 ms or more, how often a worker's event loop ran 100 ms or more late (`cltvit_event_loop_lag_seconds`;
+the server runs with `--stall-report-ms 100`, so its log holds every thread's stack at each such stall), and, to tell
+the machine's pauses from the server's, the CPU time the hypervisor stole and the kernel's memory-compaction stalls in
+the window (/proc/stat, /proc/vmstat). At the end the verdict against the
 targets of docs/serving.md ("Long runs"), measured on the first window after warm-up:
   p99 of every window <= 3x that window's p99 and <= 10x the window's own p50 (per endpoint);
   longest /livez round trip < 100 ms; resident memory over the last two thirds grows < 5 % and < 30 MB;
@@ -57,6 +59,8 @@ from load.fmnist import fashion_mnist_pngs  # noqa: E402
 from serving.cli import server_process  # noqa: E402
 
 PROBE_SLEEP_S = 0.005  # the probe's sleep; its wake-up delay beyond this is the machine's, not the server's
+LOOP_STALL_S = 0.1  # a worker's event loop this late counts as a stall (a bucket of cltvit_event_loop_lag_seconds);
+# the server runs with --stall-report-ms at this bound, so its log holds every thread's stack of each stall
 SLOW_GC_S = 0.05  # a full collection this long shows in the window's line (a bucket of cltvit_gc_full_pause_seconds)
 WARMUP_WINDOWS = 1  # the first window warms caches and allocators: the reference is the next one
 P99_GROWTH, P99_OVER_P50, MAX_PAUSE_S = 3.0, 10.0, 0.100
@@ -267,7 +271,9 @@ def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float |
     where = ""
     if worst and worst["probe"]["max_ms"] is not None:  # did the machine stall too, or only the server?
         where = (f" (window at {worst['start_s']:.0f} s; there the machine's probe woke "
-                 f"{worst['probe']['max_ms'] - PROBE_SLEEP_S * 1e3:.0f} ms late)")
+                 f"{worst['probe']['max_ms'] - PROBE_SLEEP_S * 1e3:.0f} ms late"
+                 + ("" if worst.get("loop_stalls") is None else
+                    f", the server's event loop was {LOOP_STALL_S * 1e3:g} ms late {worst['loop_stalls']} time(s)") + ")")
     checks.append((f"longest /livez round trip < {MAX_PAUSE_S * 1e3:g} ms", pause < MAX_PAUSE_S * 1e3, f"{pause:.0f} ms{where}"))
     third = len(rss) // 3
     grow = rss[-1] - rss[third] if rss else float("nan")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the server and the clients too (finally, daemons)
-    serve_args = ["--workers", str(args.workers), *shlex.split(args.serve_args)]
+    serve_args = ["--workers", str(args.workers), "--stall-report-ms", f"{LOOP_STALL_S * 1e3:g}", *shlex.split(args.serve_args)]
     with server_process(args.bundle, port=args.port or None, extra_args=serve_args, log_path=out / "server.log",
                         ready_timeout=300) as (url, server):
         return soak(args, out, url, server)
@@ -344,6 +350,8 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     steal: list[float | None] = [cpu_steal_s()]
     stalls: list[int | None] = [compaction_stalls()]
     slow_gcs: list[float | None] = []  # full collections of SLOW_GC_S or longer, cumulative
+    loop_stalls: list[float | None] = []  # the workers' event-loop ticks LOOP_STALL_S or later, cumulative
+    rows_stalls: dict[int, int] = {}  # window -> its loop stalls
     done, w = 0, 0
     while done < len(procs):
         while w < n_windows and time.time() >= t0 + (w + 1) * args.window + 3.0:  # + the clients' last second
@@ -353,12 +361,18 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
             stalls.append(compaction_stalls())
             compacted = _delta(stalls)
             m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes", "cltvit_gc_full_pause_seconds_count",
-                             f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}'))
+                             f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}', "cltvit_event_loop_lag_seconds_count",
+                             f'cltvit_event_loop_lag_seconds_bucket{{le="{LOOP_STALL_S}"}}'))
             gcs.append(m["cltvit_gc_full_collections_total"])
             under = m[f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}']
             total = m["cltvit_gc_full_pause_seconds_count"]
             slow_gcs.append(None if under is None or total is None else total - under)
             slow = _delta(slow_gcs)
+            ticks, on_time = m["cltvit_event_loop_lag_seconds_count"], m[f'cltvit_event_loop_lag_seconds_bucket{{le="{LOOP_STALL_S}"}}']
+            loop_stalls.append(None if ticks is None or on_time is None else ticks - on_time)
+            stalled = _delta(loop_stalls)
+            if stalled is not None:
+                rows_stalls[w] = int(stalled)
             cache_mb.append(None if m["cltvit_label_cache_bytes"] is None else m["cltvit_label_cache_bytes"] / (1 << 20))
             row = window_row(by_window[w], w, args.window)
             g = _delta(gcs)
@@ -368,6 +382,7 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
                 f"  RSS {rss[-1]:.0f} MB" + (f" (label cache {cache_mb[-1]:.1f})" if cache_mb[-1] is not None else "")
                 + (f"  full GCs {g:.0f}" if g is not None else "")
                 + (f" ({slow:.0f} >= {SLOW_GC_S * 1e3:g} ms)" if g is not None and slow else "")
+                + (f"  loop stalls {stalled:.0f} (>= {LOOP_STALL_S * 1e3:g} ms)" if stalled else "")
                 + (f"  CPU stolen {stolen:.2f} s" if stolen else "")
                 + (f"  compaction stalls {compacted}" if compacted else "")
                 + (f"  machine pause {late:.0f} ms" if (late := (row['probe']['max_ms'] or 0) - PROBE_SLEEP_S * 1e3) >= 20 else ""),
@@ -389,14 +404,14 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     alive = server.poll() is None
     if alive:
         alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
-    rows = [window_row(by_window[w], w, args.window) for w in range(n_windows)]
+    rows = [window_row(by_window[w], w, args.window) | {"loop_stalls": rows_stalls.get(w)} for w in range(n_windows)]
     checks = verdict(rows, rss, cache_mb, alive)
     print("verdict:")
     for name, ok, detail in checks:
         print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
     (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
                                                 "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs, "cpu_steal_s": steal,
-                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs,
+                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs, "loop_stalls": loop_stalls,
                                                 "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                indent=1))
     return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0

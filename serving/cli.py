@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=120, help="request timeout in seconds (default 120)")
     p.add_argument("--label-cache-mb", type=float, default=64.0, help="memory bound of the custom label embeddings per worker (rows per label, recent sets), MiB (default 64)")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU per request)")
+    p.add_argument("--stall-report-ms", type=float, default=0.0, metavar="MS",
+                   help="when a worker's event loop serves nothing for MS milliseconds, write every thread's stack to the "
+                        "server's stderr, then log how long the stall lasted (default 0: off; /metrics always carries "
+                        "cltvit_event_loop_lag_seconds)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files at startup")
     p.add_argument("--reference", default=os.environ.get("CLTVIT_DRIFT_REFERENCE"), metavar="REF_JSON",
                    help="drift reference profile (cltvit-drift reference) made with this bundle: /metrics then carries "
@@ -128,6 +132,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         _fail(parser, f"--max-latency-ms must be >= 10, got {args.max_latency_ms}")
     if args.timeout < 1:
         _fail(parser, f"--timeout must be >= 1, got {args.timeout}")
+    if not 0 <= args.stall_report_ms <= 60_000:
+        _fail(parser, f"--stall-report-ms must be in 0..60000, got {args.stall_report_ms}")
     try:
         manifest, paths = load_bundle(args.bundle, verify_checksums=not args.no_verify)
     except BundleError as exc:
@@ -161,6 +167,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "CLTVIT_ORT_SPINNING": "1" if args.ort_spinning else "0",
         "CLTVIT_ACCESS_LOG": "1" if args.access_log else "0",
         "CLTVIT_NO_INTERVENE": "1" if args.no_intervene else "0",
+        "CLTVIT_STALL_REPORT_MS": str(args.stall_report_ms),
         "BENTOML_DO_NOT_TRACK": "True",
     }
     if args.reference:

@@ -35,6 +35,7 @@ from .images import ImageError, decode_image
 from .inputs import MAX_TOP_K, ImageRequest, RequestError
 from .intervene import MAX_EDIT_SETS, EditError, InterventionUnavailable, check_edit_set
 from .jobs.drift import DriftProfile
+from .loopwatch import LoopWatch
 from .metrics import ServiceMetrics
 from .results import RawOutputs, check_top_k, image_result
 from .runtime import MAX_LABEL_CHARS, MAX_LABELS, BundleRuntime
@@ -121,6 +122,7 @@ class ServingEngine:
         self.metrics = ServiceMetrics(self.runtime.term_names, settings.max_batch_size, reference, self.runtime.label_names)
         self.runtime.label_cache.on_evict = self.metrics.label_cache_evicted
         self._heartbeat: asyncio.Task | None = None
+        self.loopwatch = LoopWatch(self.metrics.loop_lag.observe, report_after_s=settings.stall_report_ms / 1000.0)
         self.batcher: MicroBatcher[Job, bytes] = MicroBatcher(
             self.run_batch, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
             max_wait_s=settings.batch_wait_ms / 1000.0, max_queue_wait_s=settings.max_latency_ms / 1000.0,
@@ -139,9 +141,10 @@ class ServingEngine:
         self.metrics.watch_gc()
 
     def start(self) -> None:
-        """Start the heartbeat on the running event loop (the service's startup hook)."""
+        """Start the heartbeat and the loop watch on the running event loop (the service's startup hook)."""
         self.metrics.beat()
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="cltvit-heartbeat")
+        self.loopwatch.start()
 
     async def _beat(self) -> None:
         while True:
@@ -151,6 +154,7 @@ class ServingEngine:
     async def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        await self.loopwatch.stop()
         self.metrics.unwatch_gc()
         await self.batcher.close()
 

@@ -6,7 +6,7 @@ queue (`cltvit_queue_wait_seconds`), wall time and thread CPU time of the model 
 (`cltvit_inference_seconds`, `cltvit_model_cpu_seconds_total`); label-set cache evictions and bytes; a
 heartbeat per worker; the worker's full (generation-2) garbage collections: how many, how long each
 stopped the process, and how many objects the collector still tracked after the last one (`cltvit_gc_*`,
-see `watch_gc`). Created once per worker process; the batching metrics carry a `worker` label
+see `watch_gc`); how late the event loop runs (`cltvit_event_loop_lag_seconds`, serving/loopwatch.py). Created once per worker process; the batching metrics carry a `worker` label
 (the worker's process id), so that with several workers each one's share of the model
 (accelerator) time can be read off.
 
@@ -85,6 +85,9 @@ class ServiceMetrics:
         self.label_cache_bytes = prom.Gauge("cltvit_label_cache_bytes", "Bytes held by the custom label embedding cache (rows per label, recent sets) "
                                             "(bounded by --label-cache-mb)", worker,
                                             multiprocess_mode="liveall").labels(worker=self.worker)
+        self.loop_lag = prom.Histogram("cltvit_event_loop_lag_seconds", "How much later than asked the worker's event loop woke a "
+                                       "20 ms timer: time in which it served nothing (serving/loopwatch.py)",
+                                       worker, buckets=SECONDS).labels(worker=self.worker)
         self._gc_started = 0.0
         self._gc_done: collections.deque[tuple[float, int]] = collections.deque(maxlen=1024)
 

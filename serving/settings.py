@@ -33,6 +33,7 @@ ENV_KEYS: dict[str, str] = {
     "api_token": "CLTVIT_API_TOKEN",
     "label_cache_mb": "CLTVIT_LABEL_CACHE_MB",
     "drift_reference": "CLTVIT_DRIFT_REFERENCE",
+    "stall_report_ms": "CLTVIT_STALL_REPORT_MS",
 }
 BOOL_KEYS: dict[str, str] = {
     "ort_spinning": "CLTVIT_ORT_SPINNING",
@@ -75,6 +76,8 @@ class ServeSettings(BaseModel):
     intervene: bool = Field(default=True, description="open the bundle's intervention graph (POST /intervene); off saves "
                             "its memory (a second copy of the weights)")
     access_log: bool = False
+    stall_report_ms: float = Field(default=0.0, ge=0.0, le=60_000.0, description="0 (off), or: when a worker's event loop "
+                                   "stalls this long, write every thread's stack to stderr (serving/loopwatch.py)")
     drift_reference: str | None = Field(default=None, description="drift reference profile (cltvit-drift reference): "
                                         "the served explanations' drift statistics go to /metrics")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import os
 import re
+import signal
 import time
 import uuid
 
@@ -30,9 +32,19 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
+def under(text: str, histogram: str, le: str) -> float:
+    """A histogram's count of observations <= `le`, summed over its series."""
+    return sum(float(v) for v in re.findall(rf'^{histogram}_bucket{{[^}}]*le="{re.escape(le)}"[^}}]*}} ([0-9.e+-]+)$', text, re.M))
+
+
 @pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    with running_server(bundle, log_path=tmp_path_factory.mktemp("log") / "server.log", extra_args=["--threads", "1"]) as url:
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(bundle, server_log):
+    with running_server(bundle, log_path=server_log, extra_args=["--threads", "1", "--stall-report-ms", "150"]) as url:
         yield url
 
 
@@ -77,6 +89,32 @@ def test_heap_stays_bounded_under_many_requests(server):
     objects = metric(text, "cltvit_gc_objects")
     assert 0 < objects < 10_000, objects
     assert metric(text, "cltvit_gc_full_pause_seconds_count") >= 1
+
+
+def test_a_stopped_worker_shows_in_the_loop_lag_and_the_log(server, server_log):
+    """Stop the worker process from outside for 0.4 s (what a host that does not schedule it does): its
+    event loop's lag histogram must hold one tick at least that late, and the log name the stall."""
+    with requests.Session() as s:
+        text = s.get(server + "/metrics", timeout=TIMEOUT).text
+        pid = int(re.search(r'^cltvit_event_loop_lag_seconds_count{worker="(\d+)"}', text, re.M).group(1))
+        late_before = metric(text, "cltvit_event_loop_lag_seconds_count") - under(text, "cltvit_event_loop_lag_seconds", "0.25")
+        ticks_before = metric(text, "cltvit_event_loop_lag_seconds_count")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.4)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.2)
+        text = s.get(server + "/metrics", timeout=TIMEOUT).text
+    ticks = metric(text, "cltvit_event_loop_lag_seconds_count")
+    late = ticks - under(text, "cltvit_event_loop_lag_seconds", "0.25")
+    assert ticks > ticks_before  # the watch ticks on its own, with no requests
+    assert late - late_before >= 1, (late_before, late)
+    deadline = time.monotonic() + 10
+    while not re.search(r"the event loop stalled for (\d+) ms", log := server_log.read_text()):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.1)
+    assert int(re.search(r"the event loop stalled for (\d+) ms", log).group(1)) >= 250
 
 
 def test_request_timeout_answers_504_and_leaves_no_timers():
