@@ -40,8 +40,14 @@ class LoopWatch:
         if report_after_s < 0:
             raise ValueError(f"report_after_s must be >= 0, got {report_after_s}")
         self.observe = observe
-        self.report_after_s = report_after_s
         self.file = file if file is not None else sys.__stderr__
+        try:
+            self.file.fileno()  # type: ignore[union-attr]
+        except (AttributeError, OSError, ValueError):  # no stderr (a detached process): the lag alone
+            if report_after_s:
+                log.warning("cltvit: no file descriptor to write stall reports to; the loop lag is still measured")
+            report_after_s = 0.0
+        self.report_after_s = report_after_s
         self.tick_s = tick_s
         self._task: asyncio.Task | None = None
 

@@ -68,3 +68,14 @@ def test_a_short_stall_writes_nothing(tmp_path, caplog):
         run_with_watch(LoopWatch(lambda lag: None, report_after_s=0.3, file=f), lambda: time.sleep(0.05))
     assert out.read_text() == ""
     assert not [r for r in caplog.records if "stalled" in r.getMessage()]
+
+
+def test_without_a_file_descriptor_the_lag_is_still_measured(caplog):
+    import io
+
+    lags: list[float] = []
+    with caplog.at_level(logging.WARNING, logger="cltvit.serving"):
+        watch = LoopWatch(lags.append, report_after_s=0.05, file=io.StringIO())
+    assert watch.report_after_s == 0.0 and "no file descriptor" in caplog.text
+    run_with_watch(watch, lambda: time.sleep(0.1))
+    assert max(lags) >= 0.1 - watch.tick_s - 0.005
