@@ -26,6 +26,8 @@ targets of docs/serving.md ("Long runs"), measured on the first window after war
   p99 of every window <= 3x that window's p99 and <= 10x the window's own p50 (per endpoint);
   longest /livez round trip < 100 ms; resident memory over the last two thirds grows < 5 % and < 30 MB;
   0 failed valid requests, every bad request answered 4xx, the server alive at the end.
+And, to say whose a slow /livez was: the server's event loop never 100 ms late, and every /livez round trip of
+100 ms or more overlapped a machine pause (a probe sleep that woke 50 ms or more late; `slow_livez` in soak.json).
 
   python scripts/soak.py --bundle artifacts/reference/bundle [--minutes 30] [--window 30] [--workers 1]
 Exit status 1 when a target is missed (--strict) or the server died.
@@ -33,6 +35,7 @@ Exit status 1 when a target is missed (--strict) or the server died.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import multiprocessing as mp
 import os
@@ -59,6 +62,7 @@ from load.fmnist import fashion_mnist_pngs  # noqa: E402
 from serving.cli import server_process  # noqa: E402
 
 PROBE_SLEEP_S = 0.005  # the probe's sleep; its wake-up delay beyond this is the machine's, not the server's
+MACHINE_PAUSE_S = 0.05  # a probe this late during a slow /livez round trip makes that round trip the machine's
 LOOP_STALL_S = 0.1  # a worker's event loop this late counts as a stall (a bucket of cltvit_event_loop_lag_seconds);
 # the server runs with --stall-report-ms at this bound, so its log holds every thread's stack of each stall
 SLOW_GC_S = 0.05  # a full collection this long shows in the window's line (a bucket of cltvit_gc_full_pause_seconds)
@@ -256,7 +260,27 @@ def window_row(records: list[tuple[str, float, float, bool]], w: int, window: fl
     return row
 
 
-def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float | None], alive: bool) -> list[tuple[str, bool, str]]:
+def slow_livez(records: list[tuple[str, float, float, bool]], t0: float) -> list[dict[str, float]]:
+    """Every /livez round trip of MAX_PAUSE_S or longer: when it ended (s from t0), how long it took and how late
+    the probe's sleeps that overlapped it woke (ms, the latest of them; 0 when none overlapped)."""
+    probes = sorted((t - s, t, s - PROBE_SLEEP_S) for role, t, s, _ in records if role == "probe")
+    ends = [p[1] for p in probes]
+    out = []
+    for role, t, s, _ in records:
+        if role != "livez" or s < MAX_PAUSE_S:
+            continue
+        i = bisect.bisect_left(ends, t - s)  # the first probe sleep that ended after this round trip began
+        late = 0.0
+        while i < len(probes) and probes[i][0] <= t:
+            late = max(late, probes[i][2])
+            i += 1
+        out.append({"t_s": t - t0, "ms": s * 1e3, "probe_late_ms": late * 1e3})
+    return sorted(out, key=lambda r: r["t_s"])
+
+
+def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float | None], alive: bool,
+            slow: list[dict[str, float]] | None = None) -> list[tuple[str, bool, str]]:
+    """The checks against the targets. `slow`: `slow_livez` of the run, to tell the server's pauses from the machine's."""
     checks: list[tuple[str, bool, str]] = []
     ref = rows[WARMUP_WINDOWS] if len(rows) > WARMUP_WINDOWS else rows[0]
     for ep in ("explain", "classify"):
@@ -275,6 +299,18 @@ def verdict(rows: list[dict[str, Any]], rss: list[float], cache_mb: list[float |
                  + ("" if worst.get("loop_stalls") is None else
                     f", the server's event loop was {LOOP_STALL_S * 1e3:g} ms late {worst['loop_stalls']} time(s)") + ")")
     checks.append((f"longest /livez round trip < {MAX_PAUSE_S * 1e3:g} ms", pause < MAX_PAUSE_S * 1e3, f"{pause:.0f} ms{where}"))
+    stalls = [r.get("loop_stalls") for r in rows]
+    if any(v is not None for v in stalls):
+        n = sum(v or 0 for v in stalls)
+        checks.append((f"the server's event loop never {LOOP_STALL_S * 1e3:g} ms late (cltvit_event_loop_lag_seconds)", n == 0,
+                       f"{n} time(s)" + (", in the windows at " + ", ".join(f"{r['start_s']:.0f}" for r in rows if r.get("loop_stalls")) + " s"
+                                        if n else "")))
+    if slow is not None:  # a round trip that a machine pause overlapped is the machine's, whatever the server did
+        own = [r for r in slow if r["probe_late_ms"] < MACHINE_PAUSE_S * 1e3]
+        checks.append((f"every /livez round trip >= {MAX_PAUSE_S * 1e3:g} ms overlapped a machine pause (probe >= "
+                       f"{MACHINE_PAUSE_S * 1e3:g} ms late)", not own,
+                       f"{len(slow) - len(own)} of {len(slow)} did" + "".join(
+                           f"; {r['ms']:.0f} ms at {r['t_s']:.0f} s with the probe {r['probe_late_ms']:.0f} ms late" for r in slow[:5])))
     third = len(rss) // 3
     grow = rss[-1] - rss[third] if rss else float("nan")
     frac = grow / rss[third] if rss and rss[third] else float("nan")
@@ -405,13 +441,14 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     if alive:
         alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
     rows = [window_row(by_window[w], w, args.window) | {"loop_stalls": rows_stalls.get(w)} for w in range(n_windows)]
-    checks = verdict(rows, rss, cache_mb, alive)
+    slow = slow_livez([rec for recs in by_window for rec in recs], t0)
+    checks = verdict(rows, rss, cache_mb, alive, slow)
     print("verdict:")
     for name, ok, detail in checks:
         print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
     (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
                                                 "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs, "cpu_steal_s": steal,
-                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs, "loop_stalls": loop_stalls,
+                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs, "loop_stalls": loop_stalls, "slow_livez": slow,
                                                 "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                indent=1))
     return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0
