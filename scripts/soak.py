@@ -245,6 +245,29 @@ def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
     return out
 
 
+def loop_lag_buckets(url: str) -> dict[str, float]:
+    """The workers' `cltvit_event_loop_lag_seconds` histogram since start, summed over workers: {le: ticks <= le}
+    (cumulative, as Prometheus writes it); {} when /metrics does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for le, v in re.findall(r'^cltvit_event_loop_lag_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} ([0-9.e+-]+)$', text, re.M):
+        out[le] = out.get(le, 0.0) + float(v)
+    return out
+
+
+def summarize_lag(buckets: dict[str, float]) -> str:
+    """'N ticks; 99.9 % within X ms; the longest within Y ms' from `loop_lag_buckets`."""
+    total = buckets.get("+Inf", 0.0)
+    bounds = sorted((float(le), n) for le, n in buckets.items() if le != "+Inf")
+    p999 = next((b for b, n in bounds if n >= 0.999 * total), float("inf"))
+    longest = next((b for b, n in bounds if n >= total), float("inf"))
+    return f"{total:.0f} ticks; 99.9 % within {p999 * 1e3:g} ms; the longest within {longest * 1e3:g} ms"
+
+
 # ---------------------------------------------------------------------- figures
 def window_row(records: list[tuple[str, float, float, bool]], w: int, window: float) -> dict[str, Any]:
     """Requests/s, failures and p50/p99/max latency per endpoint of window `w` from its (role, t_end,
@@ -442,6 +465,9 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
         alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
     rows = [window_row(by_window[w], w, args.window) | {"loop_stalls": rows_stalls.get(w)} for w in range(n_windows)]
     slow = slow_livez([rec for recs in by_window for rec in recs], t0)
+    lag = loop_lag_buckets(url) if alive else {}
+    if lag:
+        print(f"event-loop lag over the run: {summarize_lag(lag)}")
     checks = verdict(rows, rss, cache_mb, alive, slow)
     print("verdict:")
     for name, ok, detail in checks:
@@ -449,6 +475,7 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
                                                 "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs, "cpu_steal_s": steal,
                                                 "compact_stall": stalls, "slow_full_gcs": slow_gcs, "loop_stalls": loop_stalls, "slow_livez": slow,
+                                                "loop_lag_buckets": lag,
                                                 "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                indent=1))
     return 1 if (not alive or (args.strict and not all(ok for _, ok, _ in checks))) else 0
