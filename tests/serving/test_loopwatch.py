@@ -79,3 +79,15 @@ def test_without_a_file_descriptor_the_lag_is_still_measured(caplog):
     assert watch.report_after_s == 0.0 and "no file descriptor" in caplog.text
     run_with_watch(watch, lambda: time.sleep(0.1))
     assert max(lags) >= 0.1 - watch.tick_s - 0.005
+
+
+def test_cltvit_serve_names_a_bad_stall_report_bound(capsys):
+    import pytest
+
+    from serving.cli import build_parser, validate_args
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exc:
+        validate_args(parser, parser.parse_args(["--bundle", "no-such-bundle", "--stall-report-ms", "-5"]))
+    assert exc.value.code == 2
+    assert "--stall-report-ms must be in 0..60000, got -5" in capsys.readouterr().err
