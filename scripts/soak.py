@@ -229,12 +229,19 @@ def tree_rss_mb(root: int) -> float:
     return total * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
-def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
-    """Each metric of `names` summed over its samples (workers), None where absent or unreachable."""
+def metrics_text(url: str) -> str | None:
+    """The server's /metrics answer, None when it does not answer."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-            text = r.read().decode()
+            return r.read().decode()
     except OSError:
+        return None
+
+
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
+    """Each metric of `names` summed over its samples (workers), None where absent or unreachable."""
+    text = metrics_text(url)
+    if text is None:
         return dict.fromkeys(names)
     out: dict[str, float | None] = {}
     for name in names:
@@ -248,13 +255,8 @@ def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
 def loop_lag_buckets(url: str) -> dict[str, float]:
     """The workers' `cltvit_event_loop_lag_seconds` histogram since start, summed over workers: {le: ticks <= le}
     (cumulative, as Prometheus writes it); {} when /metrics does not answer."""
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
     out: dict[str, float] = {}
-    for le, v in re.findall(r'^cltvit_event_loop_lag_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} ([0-9.e+-]+)$', text, re.M):
+    for le, v in re.findall(r'^cltvit_event_loop_lag_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} ([0-9.e+-]+)$', metrics_text(url) or "", re.M):
         out[le] = out.get(le, 0.0) + float(v)
     return out
 
@@ -464,17 +466,17 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
     if alive:
         alive = requests.get(f"{url}/livez", timeout=30).status_code == 200
     rows = [window_row(by_window[w], w, args.window) | {"loop_stalls": rows_stalls.get(w)} for w in range(n_windows)]
-    slow = slow_livez([rec for recs in by_window for rec in recs], t0)
+    slow_trips = slow_livez([rec for recs in by_window for rec in recs], t0)
     lag = loop_lag_buckets(url) if alive else {}
     if lag:
         print(f"event-loop lag over the run: {summarize_lag(lag)}")
-    checks = verdict(rows, rss, cache_mb, alive, slow)
+    checks = verdict(rows, rss, cache_mb, alive, slow_trips)
     print("verdict:")
     for name, ok, detail in checks:
         print(f"  {'met ' if ok else 'MISS'} {name}: {detail}")
     (out / "soak.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(), "windows": rows,
                                                 "rss_mb": rss, "label_cache_mb": cache_mb, "full_gcs": gcs, "cpu_steal_s": steal,
-                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs, "loop_stalls": loop_stalls, "slow_livez": slow,
+                                                "compact_stall": stalls, "slow_full_gcs": slow_gcs, "loop_stalls": loop_stalls, "slow_livez": slow_trips,
                                                 "loop_lag_buckets": lag,
                                                 "checks": [{"name": n, "met": ok, "value": d} for n, ok, d in checks]},
                                                indent=1))
