@@ -66,6 +66,8 @@ MACHINE_PAUSE_S = 0.05  # a probe this late during a slow /livez round trip make
 LOOP_STALL_S = 0.1  # a worker's event loop this late counts as a stall (a bucket of cltvit_event_loop_lag_seconds);
 # the server runs with --stall-report-ms at this bound, so its log holds every thread's stack of each stall
 SLOW_GC_S = 0.05  # a full collection this long shows in the window's line (a bucket of cltvit_gc_full_pause_seconds)
+# histograms whose observations over a bound each window counts (`above`): slow collections, loop stalls
+COUNTED_OVER = {"cltvit_gc_full_pause_seconds": SLOW_GC_S, "cltvit_event_loop_lag_seconds": LOOP_STALL_S}
 WARMUP_WINDOWS = 1  # the first window warms caches and allocators: the reference is the next one
 P99_GROWTH, P99_OVER_P50, MAX_PAUSE_S = 3.0, 10.0, 0.100
 RSS_GROWTH_FRACTION, RSS_GROWTH_MB = 0.05, 30.0
@@ -252,6 +254,13 @@ def scrape(url: str, names: tuple[str, ...]) -> dict[str, float | None]:
     return out
 
 
+def above(m: dict[str, float | None], histogram: str, le: float) -> float | None:
+    """Observations of `histogram` over its bucket bound `le` in a `scrape` answer (which asked for
+    `{histogram}_count` and `{histogram}_bucket{le="..."}`), cumulative; None where either is missing."""
+    total, under = m[f"{histogram}_count"], m[f'{histogram}_bucket{{le="{le}"}}']
+    return None if total is None or under is None else total - under
+
+
 def loop_lag_buckets(url: str) -> dict[str, float]:
     """The workers' `cltvit_event_loop_lag_seconds` histogram since start, summed over workers: {le: ticks <= le}
     (cumulative, as Prometheus writes it); {} when /metrics does not answer."""
@@ -421,16 +430,12 @@ def soak(args: argparse.Namespace, out: Path, url: str, server: subprocess.Popen
             stolen = _delta(steal)
             stalls.append(compaction_stalls())
             compacted = _delta(stalls)
-            m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes", "cltvit_gc_full_pause_seconds_count",
-                             f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}', "cltvit_event_loop_lag_seconds_count",
-                             f'cltvit_event_loop_lag_seconds_bucket{{le="{LOOP_STALL_S}"}}'))
+            m = scrape(url, ("cltvit_gc_full_collections_total", "cltvit_label_cache_bytes",
+                             *(n for h, le in COUNTED_OVER.items() for n in (f"{h}_count", f'{h}_bucket{{le="{le}"}}'))))
             gcs.append(m["cltvit_gc_full_collections_total"])
-            under = m[f'cltvit_gc_full_pause_seconds_bucket{{le="{SLOW_GC_S}"}}']
-            total = m["cltvit_gc_full_pause_seconds_count"]
-            slow_gcs.append(None if under is None or total is None else total - under)
+            slow_gcs.append(above(m, "cltvit_gc_full_pause_seconds", SLOW_GC_S))
             slow = _delta(slow_gcs)
-            ticks, on_time = m["cltvit_event_loop_lag_seconds_count"], m[f'cltvit_event_loop_lag_seconds_bucket{{le="{LOOP_STALL_S}"}}']
-            loop_stalls.append(None if ticks is None or on_time is None else ticks - on_time)
+            loop_stalls.append(above(m, "cltvit_event_loop_lag_seconds", LOOP_STALL_S))
             stalled = _delta(loop_stalls)
             if stalled is not None:
                 rows_stalls[w] = int(stalled)
