@@ -11,13 +11,23 @@ from other processes hits all alike):
   (fp16     with --variants ...,fp16: blocks in float16; a CUDA variant)
   plain     open_clip's image encoder + zero-shot logits exported to ONNX: no explanation
   eager     eager PyTorch open_clip `encode_image` + logits (no explanation)
+  With --ceiling, two diagnostic graphs made from the bundle's fp32 graph (in OUT/ceiling), which bound what
+  any fp32 graph can reach against plain ONNX on this machine:
+  fp32-logits   the fp32 graph cut to its `logits` output: the CLT-spliced ViT with no explanation
+                outputs (no terms, top features or spatial maps): what fp32 would cost if the
+                explanation were free
+  fp32-int8enc  the fp32 graph with only the CLT encoders' MatMuls dynamically int8: the encoders read
+                4x fewer bytes, everything else fp32; an upper bound for an exact screen (int8
+                encoders picking candidates that fp32 recomputes) before the screen's own cost
 Also measured in the same run: torch fp32 / bf16 matmul rates, whether ONNX Runtime's CPU provider
 runs a bf16 MatMul at all, and the CLT encoders alone (L MatMuls [N, d] x [d, F]) in fp32 and int8
 at N = 1 and N = 16 tokens.
 
 Every conclusion printed is computed from these figures and the CPU's reported features
 (bundle.provenance, the L3 size in sysfs): which variant is fastest at each batch size and the one
-to serve, whether bf16 is a route to speed, whether the CLT encoder is memory-bound at batch 1.
+to serve, whether bf16 is a route to speed, whether the CLT encoder is memory-bound at batch 1 (its
+weights' read rate against this machine's memory read rate, a 256 MiB sum), and with --ceiling whether
+the fp32 target is within reach of any fp32 graph here.
 Speed comparisons use paired ratios: within a round every contender runs once, back to back, so the
 median over rounds of time(a) / time(b) cancels most of the load other processes put on the machine;
 a variant counts as faster only when that median says it is at least 5% faster. Top-1 agreement of each variant with fp32 on the timed images is printed
@@ -38,6 +48,7 @@ those ratios. `--profile` also prints ONNX Runtime's per-node profile grouped by
 (scripts/profile_export.py) for plain, fp32 and the fastest variant at each batch size.
 
   python scripts/bench_export.py [--out DIR] [--batches 1,16] [--repeats 3] [--variants int8,int8-clt,int8-dec] [--rebuild] [--profile]
+      [--ceiling]
   python scripts/bench_export.py --reference --variants int8,int8-clt,int8-dec [--gate-images 2000]
 """
 from __future__ import annotations
@@ -69,7 +80,7 @@ from serving.choice import choose_variant  # noqa: E402
 from bundle.gate import gate_table  # noqa: E402
 from bundle.provenance import machine_info  # noqa: E402
 from export.fused import export_plain  # noqa: E402
-from export.quantize import REDUCED  # noqa: E402
+from export.quantize import REDUCED, clt_encoder_nodes  # noqa: E402
 from export.writer import export_bundle  # noqa: E402
 from pipeline.shipped import load_shipped  # noqa: E402
 from training.data import FASHION_MNIST_CLASSES, FashionMNIST  # noqa: E402
@@ -81,6 +92,8 @@ FASTER = 1.05  # a variant counts as faster than another when its best rate is a
 # reduced-precision variant / plain ONNX, per batch size
 FP32_VS_PLAIN = {1: 0.85, 16: 0.95}
 BEST_VS_PLAIN = {1: 1.7, 16: 2.6}
+CEILING = ("fp32-logits", "fp32-int8enc")  # --ceiling's diagnostic graphs (see the module docstring)
+MEMORY_BOUND = 0.7  # encoders reading their weights at >= this share of the machine's memory read rate are memory-bound
 
 
 def log(msg: str = "") -> None:
@@ -199,6 +212,47 @@ def encoder_matvec(layers: int, d: int, f: int, threads: int, tokens: tuple[int,
     return out
 
 
+def memory_read_rate(seconds: float = 1.0) -> float:
+    """GB/s at which torch sums a 256 MiB fp32 tensor (far beyond the private caches): this machine's
+    memory read rate, against which the encoders' weight reads are put."""
+    a = torch.ones(64 * 2**20)
+    return a.numel() * 4 / best_time(lambda: a.sum(), seconds) / 1e9
+
+
+def ceiling_graphs(fp32: Path, dst: Path, n_layers: int) -> dict[str, Path]:
+    """The --ceiling graphs, written under `dst` (reused when present): the fp32 graph at `fp32` cut to its
+    `logits` output (every node and weight that logits do not need dropped) and the fp32 graph with only
+    its `n_layers` CLT encoder MatMuls dynamically quantized to int8 (as the int8-clt variant does them)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    logits, int8enc = dst / "fp32-logits.onnx", dst / "fp32-int8enc.onnx"
+    if not logits.is_file():
+        model = onnx.load(str(fp32), load_external_data=True)
+        need, keep = {"logits"}, []
+        for node in reversed(model.graph.node):  # a graph's nodes are in topological order
+            if need.intersection(node.output):
+                keep.append(node)
+                need.update(node.input)
+        del model.graph.node[:]
+        model.graph.node.extend(reversed(keep))
+        outputs = [o for o in model.graph.output if o.name == "logits"]
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
+        weights = [i for i in model.graph.initializer if i.name in need]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(weights)
+        onnx.save_model(model, str(logits), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=logits.name + ".data", size_threshold=1024)
+        del model, weights
+    if not int8enc.is_file():
+        enc = clt_encoder_nodes(onnx.load(str(fp32), load_external_data=False))
+        if len(enc) != n_layers:
+            raise RuntimeError(f"{fp32}: found {len(enc)} CLT encoder MatMuls, expected {n_layers}")
+        quantize_dynamic(str(fp32), str(int8enc), weight_type=QuantType.QInt8, reduce_range=True, per_channel=False,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=enc, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+    return {"fp32-logits": logits, "fp32-int8enc": int8enc}
+
+
 def bundle_matches(bundle: Path, fingerprint: str, n_features: int, k: int, variants: list[str]) -> bool:
     try:
         m, _ = load_bundle(bundle, verify_checksums=False)
@@ -223,6 +277,8 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="re-export the bundle even if a matching one exists")
     ap.add_argument("--profile", action="store_true", help="also print the per-node profile grouped by part of the graph (profile_export.py)")
     ap.add_argument("--profile-runs", type=int, default=8)
+    ap.add_argument("--ceiling", action="store_true", help="also time fp32-logits and fp32-int8enc, two diagnostic graphs that "
+                    "bound what any fp32 graph reaches against plain ONNX here (written to OUT/ceiling)")
     ap.add_argument("--reference", action="store_true", help="the shipped reference model (cltvit-ref, trained) instead of "
                     "random weights of --model")
     ap.add_argument("--gate-images", type=int, default=256,
@@ -289,6 +345,15 @@ def main() -> int:
     runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {v: fused(v) for v in graphs}
     runners["plain"] = lambda px: sess["plain"].run(None, {"pixels": px, "text_embeddings": text_np})[0]
     runners["eager"] = eager
+    if args.ceiling:
+        t0 = time.perf_counter()
+        diag = ceiling_graphs(paths.model, out / "ceiling", backbone.n_layers)
+        for name, path in diag.items():
+            sess[name] = session(path, args.threads)
+            sizes[name] = sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 2**20
+        runners["fp32-logits"] = lambda px: sess["fp32-logits"].run(None, {"pixels": px, "text_embeddings": text_np})[0]
+        runners["fp32-int8enc"] = fused("fp32-int8enc")
+        log(f"ceiling graphs ready in {time.perf_counter() - t0:.0f} s")
 
     H, W = manifest.preprocess.image_size
     best: dict[int, dict[str, float]] = {}
@@ -300,6 +365,7 @@ def main() -> int:
     rounds: dict[int, dict[str, list[float]]] = {}  # batch -> contender -> seconds per round
 
     duel: dict[int, dict[str, list[float]]] = {}  # batch -> graph -> seconds per round, the graphs alone
+    ceiling: dict[int, dict[str, list[float]]] = {}  # batch -> fp32, plain, CEILING -> seconds per round (--ceiling)
 
     def speedup(bs: int, a: str, b: str) -> float:
         """Median over rounds of time(b) / time(a): how many times faster a ran than b, paired per round
@@ -334,6 +400,8 @@ def main() -> int:
         rounds[bs] = wall
         # the graphs alone, more rounds: the variant choice rests on these (no eager torch in between)
         duel[bs] = round_robin(list(graphs), px, max(args.duel_rounds, -(-2 * args.min_images // bs)), matmul=False)
+        if args.ceiling:  # fp32, plain and the two bounds alone: no int8 graph or eager torch between them
+            ceiling[bs] = round_robin(["fp32", "plain", *CEILING], px, max(args.duel_rounds, -(-2 * args.min_images // bs)), matmul=False)
         best[bs] = {name: bs / min(t) for name, t in wall.items()}
         medians[bs] = {name: bs / statistics.median(t) for name, t in wall.items()}
         log(f"batch {bs}: " + ", ".join(f"{n} {v:.2f} img/s (median {medians[bs][n]:.2f})" for n, v in best[bs].items())
@@ -346,9 +414,10 @@ def main() -> int:
     bf16_ort = ort_bf16_matmul()
     d, F = backbone.d_model, args.n_features
     enc = encoder_matvec(backbone.n_layers, d, F, args.threads, (1, 16))
+    mem_rate = memory_read_rate()
 
     # ---------------------------------------------------------------- the tables
-    cols = [*graphs, "plain", "eager"]
+    cols = [*graphs, "plain", "eager", *(CEILING if args.ceiling else ())]
     log()
     log(f"images/s: fastest of max({args.repeats}, {args.min_images}/batch) round-robin calls; x plain: median over those rounds "
         f"of the paired time ratio plain / contender; size: graph + external weights on disk; {args.threads} threads")
@@ -358,7 +427,7 @@ def main() -> int:
         size = f"{sizes[c]:.0f}" if c in sizes else "-"
         log(f"| {c} | {size} | " + " | ".join(f"{best[bs][c]:.2f} | {statistics.median(p / t for t, p in zip(rounds[bs][c], rounds[bs]['plain'])):.2f}"
                                              for bs in best) + " |")
-    vs_plain = {bs: {c: statistics.median(p / t for t, p in zip(rounds[bs][c], rounds[bs]["plain"])) for c in graphs} for bs in best}
+    vs_plain = {bs: {c: statistics.median(p / t for t, p in zip(rounds[bs][c], rounds[bs]["plain"])) for c in cols} for bs in best}
     for bs in best:
         fastest = max(variants, key=lambda v: vs_plain[bs][v]) if variants else "fp32"
         checks = []
@@ -413,19 +482,35 @@ def main() -> int:
     growth = enc["fp32"][16] / enc["fp32"][1]  # 16x the arithmetic: ~16x the time if compute-bound, ~1x if reading weights bounds it
     l3 = l3_cache_bytes()
     enc_total = backbone.n_layers * enc_bytes["fp32"]
-    if l3 is not None and enc_total <= l3:
-        bound_text = f"in cache ({enc_total / 2**20:.1f} MiB of encoder weights, {l3 / 2**20:.0f} MiB L3), not memory-bound"
-    elif growth < 4:
-        bound_text = (f"memory-bound ({enc_total / 2**20:.0f} MiB of encoder weights"
-                      + (f" against {l3 / 2**20:.0f} MiB of L3" if l3 else "") + ")")
-    else:
+    share = bw["fp32"] / mem_rate
+    if growth >= 4:
         bound_text = "compute-bound"
+    elif share >= MEMORY_BOUND:  # the measured rate decides: a VM's reported L3 can be a large host's, mostly not its own
+        bound_text = (f"memory-bound ({enc_total / 2**20:.0f} MiB of encoder weights read at {share:.0%} of this machine's "
+                      f"memory read rate, {mem_rate:.1f} GB/s from a 256 MiB sum" + (f"; {l3 / 2**20:.0f} MiB L3 reported" if l3 else "") + ")")
+    else:
+        bound_text = (f"not bound by the arithmetic, nor reading at this machine's memory rate ({share:.0%} of "
+                      f"{mem_rate:.1f} GB/s" + (f"; {enc_total / 2**20:.0f} MiB of weights, {l3 / 2**20:.0f} MiB L3 reported" if l3 else "") + ")")
     log(f"- the CLT encoders alone ({backbone.n_layers} x [{d} x {F}], per encoder) at 1 token: fp32 {1e3 * enc['fp32'][1]:.3g} ms "
         f"({bw['fp32']:.1f} GB/s of weights read), int8 {1e3 * enc['int8'][1]:.3g} ms ({bw['int8']:.1f} GB/s); at 16 tokens fp32 "
         f"{1e3 * enc['fp32'][16]:.3g} ms, int8 {1e3 * enc['int8'][16]:.3g} ms. 16x the arithmetic took {growth:.1f}x the time in "
         f"fp32, so at 1 token the encoder is {bound_text}; int8 weights are 4x smaller and "
         f"{enc['fp32'][1] / enc['int8'][1]:.2f}x faster at 1 token, {enc['fp32'][16] / enc['int8'][16]:.2f}x at 16 "
         f"({'avx512_vnni' if 'avx512_vnni' in isa else 'no VNNI'} on this CPU).")
+    if args.ceiling:
+        for bs in best:
+            if bs not in FP32_VS_PLAIN:
+                continue
+            target = FP32_VS_PLAIN[bs]
+            r = {c: statistics.median(p / t for t, p in zip(ceiling[bs][c], ceiling[bs]["plain"])) for c in ("fp32", *CEILING)}
+            reach = ("met by fp32 itself" if r["fp32"] >= target else
+                     "out of reach of any fp32 graph here: with every explanation output cut the CLT-spliced ViT is still slower"
+                     if r["fp32-logits"] < target else "within reach only of a graph whose explanation outputs cost next to nothing")
+            screen = "could reach it at best" if r["fp32-int8enc"] >= target else "could not reach it either"
+            log(f"- ceiling, batch {bs} (fp32, plain and the two bounds alone, {len(ceiling[bs]['plain'])} paired rounds): "
+                f"fp32 / plain {r['fp32']:.2f}; fp32-logits (no explanation outputs) {r['fp32-logits']:.2f}; fp32-int8enc "
+                f"(encoders int8, everything else fp32) {r['fp32-int8enc']:.2f}. The target {target} is {reach}; an exact int8 "
+                f"screen of the encoders {screen} ({r['fp32-int8enc']:.2f} before the screen's own cost).")
     # start from fp32 and move to the next, less exact variant only when it beats the current choice
     # head to head by at least FASTER (a smaller gap is within the noise of a shared machine)
     recommendation = {}
@@ -475,9 +560,9 @@ def main() -> int:
             print_table(profiles[bs], bs, log)
 
     record = {"model": args.model, "n_features": args.n_features, "k": args.k, "threads": args.threads, "variants": variants,
-              "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "top1_agreement_random_images": agreement,
+              "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "ceiling_seconds_per_round": ceiling, "top1_agreement_random_images": agreement,
               "paired_speedup": paired, "vs_plain": vs_plain, "graph_mib": sizes, "profile_ms": profiles, "matmul_gflops": rates, "ort_bf16_matmul": bf16_ort,
-              "encoder_seconds": enc, "recommendation_per_batch": recommendation, "verdict": verdict, "gflop_per_image": gflop,
+              "encoder_seconds": enc, "memory_read_gbps": mem_rate, "recommendation_per_batch": recommendation, "verdict": verdict, "gflop_per_image": gflop,
               "gate": None if manifest.gate is None else manifest.gate.model_dump(mode="json"), "auto": auto.model_dump(mode="json"),
               "bundle": str(bundle), "machine": mach, "loadavg_end": loadavg()}
     (out / "bench_export.json").write_text(json.dumps(record, indent=1))
