@@ -61,8 +61,9 @@ DECODER_MIN_ELEMENTS = 4096  # a constant gathered by rows smaller than this is 
 def block_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] | None = None) -> list[str]:
     """Names of the nodes inside the transformer blocks' attention/MLP/LN scopes, and of the packed
     q/k/v projections of attention written out (`training.model.vit.attention_recorded`, the graphs
-    with spatial maps): MatMuls of an LN1 output by a constant 2-D matrix. That attention's
-    out-projection is the `out_proj` scope; its q k^T, softmax and mixing stay float32."""
+    with spatial maps): MatMuls of an LN1 output, or of a Slice of one (the last block's CLS query,
+    `vit.forward(..., cls_only_last=True)`), by a constant 2-D matrix. That attention's out-projection
+    is the `out_proj` scope; its q k^T, softmax and mixing stay float32."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
 
@@ -70,6 +71,8 @@ def block_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] | None = None)
         if n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2:
             return False
         p = producer.get(n.input[0])
+        if p is not None and p.op_type == "Slice":
+            p = producer.get(p.input[0])
         return p is not None and bool(LN_1_SCOPE.match(p.name))
 
     return [n.name for n in model.graph.node

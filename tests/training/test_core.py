@@ -22,6 +22,47 @@ def test_forward_equals_open_clip_exactly(tiny_backbone, pixels):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+@torch.no_grad()
+def test_cls_only_last_block_keeps_open_clips_embedding(tiny_backbone, pixels, explicit):
+    """The last block run for the CLS query and token only (open_clip's own attention module with the CLS
+    query, or the written-out attention) still gives open_clip's embedding: nothing it holds reads the
+    patch tokens after the last block's keys and values."""
+    visual = tiny_backbone.visual
+    res = vit.forward(visual, pixels, explicit_attention=explicit, cls_only_last=True)
+    torch.testing.assert_close(res.embedding, visual(pixels), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splice", ["none", "cls", "all", "observe"])
+@torch.no_grad()
+def test_cls_only_last_block_changes_nothing_the_result_holds(tiny_backbone, tiny_clt, pixels, splice):
+    """With and without cls_only_last every field of the result (the CLS pieces, the recorded values and
+    CLS-query weights of every block) and the CLT's CLS codes, writes and reconstructions agree; the
+    last layer's code then has one row per image."""
+    visual, L, B = tiny_backbone.visual, tiny_backbone.n_layers, pixels.shape[0]
+
+    def run(trim: bool):
+        rep = None if splice == "none" else vit.CltSplice(tiny_clt, tokens="cls" if splice == "observe" else splice,
+                                                          observe=splice == "observe")
+        return vit.forward(visual, pixels, rep, record_attention=True, cls_only_last=trim), rep
+
+    (full, s_full), (trim, s_trim) = run(False), run(True)
+    for name in ("embedding", "cls_resid", "embed_cls", "attn_cls", "mlp_cls", "attn_weights"):
+        torch.testing.assert_close(getattr(trim, name), getattr(full, name), atol=1e-5, rtol=1e-5, msg=name)
+    for v_trim, v_full in zip(trim.head_values, full.head_values, strict=True):
+        torch.testing.assert_close(v_trim, v_full, atol=1e-5, rtol=1e-5)
+    if s_full is None:
+        return
+    for layer in range(L):
+        for a, b in zip(s_trim.cls_code(layer, B), s_full.cls_code(layer, B)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s_trim.writes[layer][:, 0], s_full.writes[layer][:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s_trim.recon[layer][:, 0], s_full.recon[layer][:, 0], atol=1e-5, rtol=1e-5)
+    assert s_trim.codes[L - 1].idx.shape[0] == B  # the last layer encoded the CLS token only
+    if splice == "observe":
+        torch.testing.assert_close(s_trim.true[L - 1][:, 0], s_full.true[L - 1][:, 0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tokens", ["all", "cls", "patches"])
 @torch.no_grad()
 def test_captured_mlp_outputs_spliced_back_reproduce_embedding(tiny_backbone, pixels, tokens):

@@ -233,7 +233,7 @@ def decompose(
     edited codes. Trace-friendly: used as-is by the ONNX exporter."""
     splice = splice_for_mode(clt, mode, edits=edits)
     res: ForwardResult = forward(visual, pixels, splice, record_attention=spatial_top_k > 0,
-                                 explicit_attention=explicit_attention_supported(visual), edits=edits)
+                                 explicit_attention=explicit_attention_supported(visual), edits=edits, cls_only_last=True)
     L = clt.cfg.n_layers
     B, d = res.cls_resid.shape
     cls_factors = None if edits is None else edits.term_scale  # [B, T]: each term's factor at the CLS token

@@ -58,29 +58,37 @@ def embed(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return visual._embeds(pixels)
 
 
-def attention_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the attention sub-block adds to the residual stream [B, T, d]."""
+def attention_out(block: nn.Module, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    """What the attention sub-block adds to the residual stream [B, T, d] (with `queries` = n: at the
+    first n tokens only, [B, n, d]; every token still serves as key and value)."""
+    h = block.ln_1(x)
     if hasattr(block, "attention"):  # open_clip ResidualAttentionBlock (nn.MultiheadAttention)
-        return block.ls_1(block.attention(q_x=block.ln_1(x)))
-    return block.ls_1(block.ln_attn(block.attn(block.ln_1(x))))  # CustomResidualAttentionBlock
+        if queries is None:
+            return block.ls_1(block.attention(q_x=h))
+        return block.ls_1(block.attention(q_x=h[:, :queries], k_x=h, v_x=h))
+    out = block.ls_1(block.ln_attn(block.attn(h)))  # CustomResidualAttentionBlock: no separate queries
+    return out if queries is None else out[:, :queries]
 
 
-def attention_recorded(block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+def attention_recorded(block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, queries: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(what the attention sub-block adds [B, T, d], every token's value before the value bias, per head
-    (W_V[h] LN1(x_t)) [B, H, T, dh], the CLS query's softmax weights over source tokens [B, H, T]) from the
-    residual stream x [B, T, d] (`self_attention`; `bias` as there)."""
-    a, v, w = self_attention(block, block.ln_1(x), bias=bias)
+    """(what the attention sub-block adds [B, T, d] (at the first `queries` tokens: [B, queries, d]), every
+    token's value before the value bias, per head (W_V[h] LN1(x_t)) [B, H, T, dh], the CLS query's softmax
+    weights over source tokens [B, H, T]) from the residual stream x [B, T, d] (`self_attention`; `bias` and
+    `queries` as there)."""
+    a, v, w = self_attention(block, block.ln_1(x), bias=bias, queries=queries)
     return a, v, w[:, :, 0]
 
 
-def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | None = None, bias: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(what the attention sub-block adds [B, T, d], the values before the value bias per head [B, H, T, dh],
     the softmax weights [B, H, T, T]) from the sub-block's input h = LN1(x) [B, T, d]. Given `weights`, those
     mix the values instead of the softmax of h's queries and keys (held at another input's values).
     `bias` [B, 1, 1, T] is added to the scores before the softmax (-inf: a key nobody attends to,
-    `edits.key_bias`).
+    `edits.key_bias`). With `queries` = n only the first n tokens query (every token is still a key and
+    a value): the output is [B, n, d] and the weights [B, H, n, T], the rows of the full ones (`forward`'s
+    last block, where only the CLS token's output is read).
 
     Self-attention written out from the block's `nn.MultiheadAttention` parameters in the order of
     its `need_weights=True` path (packed in-projection, q scaled by 1/sqrt(dh) before q k^T, one
@@ -94,17 +102,29 @@ def self_attention(block: nn.Module, h: torch.Tensor, weights: torch.Tensor | No
     T, d = int(h.shape[1]), int(h.shape[2])  # static in a traced graph; the batch stays -1
     H = int(attn.num_heads)
     dh = d // H
-    qkv = nn.functional.linear(h, attn.in_proj_weight)  # [B, T, 3d]
-    if attn.in_proj_bias is not None:  # q and k biases now, the value bias after the mixing
-        qkv = qkv + torch.cat([attn.in_proj_bias[: 2 * d], attn.in_proj_bias.new_zeros(d)])
-    q, k, v = qkv.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each; v unbiased
+    Tq = T if queries is None else int(queries)
+    w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
+    if queries is None:
+        qkv = nn.functional.linear(h, w_in)  # [B, T, 3d]
+        if b_in is not None:  # q and k biases now, the value bias after the mixing
+            qkv = qkv + torch.cat([b_in[: 2 * d], b_in.new_zeros(d)])
+        q, k, v = qkv.reshape(-1, T, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, dh] each; v unbiased
+    else:  # queries of the first Tq tokens only; keys and values of all
+        q = nn.functional.linear(h[:, :Tq], w_in[:d], None if b_in is None else b_in[:d])
+        q = q.reshape(-1, Tq, H, dh).transpose(1, 2)  # [B, H, Tq, dh]
+        kv = nn.functional.linear(h, w_in[d:])  # [B, T, 2d]
+        if b_in is not None:
+            kv = kv + torch.cat([b_in[d : 2 * d], b_in.new_zeros(d)])
+        k, v = kv.reshape(-1, T, 2, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        if weights is not None:
+            weights = weights[:, :, :Tq]
     if weights is None:
-        scores = torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2))  # [B, H, T, T]
+        scores = torch.matmul(q * (1.0 / float(dh) ** 0.5), k.transpose(-1, -2))  # [B, H, Tq, T]
         weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
-    mixed = torch.matmul(weights, v)  # [B, H, T, dh]
-    if attn.in_proj_bias is not None:
-        mixed = mixed + attn.in_proj_bias[2 * d :].reshape(H, 1, dh)
-    out = attn.out_proj(mixed.transpose(1, 2).reshape(-1, T, d))
+    mixed = torch.matmul(weights, v)  # [B, H, Tq, dh]
+    if b_in is not None:
+        mixed = mixed + b_in[2 * d :].reshape(H, 1, dh)
+    out = attn.out_proj(mixed.transpose(1, 2).reshape(-1, Tq, d))
     return block.ls_1(out), v, weights
 
 
@@ -210,7 +230,8 @@ def explicit_attention_supported(visual: nn.Module) -> bool:
 
 
 def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | None = None,
-            record_attention: bool = False, explicit_attention: bool = False, edits: Edits | None = None) -> ForwardResult:
+            record_attention: bool = False, explicit_attention: bool = False, edits: Edits | None = None,
+            cls_only_last: bool = False) -> ForwardResult:
     """Run the ViT block by block; `replace` may substitute any MLP output (see `MlpReplacement`);
     `record_attention` keeps the attention values and CLS-query weights (module docstring);
     `explicit_attention` computes the attention as `record_attention` does without keeping anything
@@ -218,7 +239,12 @@ def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | N
     rounding). Otherwise the blocks' own attention modules run.
     `edits` (training/model/edits.py) deletes patches, drops patch keys and scales the `embed` and
     `attn.l` writes here (written-out attention, `check_spatial_supported`); the CLT's feature and
-    term edits are the replacement's (`CltSplice(..., edits=)`)."""
+    term edits are the replacement's (`CltSplice(..., edits=)`).
+    `cls_only_last`: the last block runs its attention for the CLS query only (every token still a key
+    and value) and its MLP (or `replace`, with h [B, 1, d]) at the CLS token only: everything the result
+    holds is the CLS token's, and after the last block's keys and values nothing reads the patch tokens,
+    so this leaves the result as it is (to fp32 rounding) and skips about 1/L of the blocks' arithmetic
+    (`decompose`, so every exported graph). Off where a replacement records every token (`capture`)."""
     factors = bias = None
     if edits is not None:
         check_spatial_supported(visual)
@@ -230,14 +256,19 @@ def forward(visual: nn.Module, pixels: torch.Tensor, replace: MlpReplacement | N
         x = x * factors[:, :, :1]
     embed_cls = x[:, 0]
     attn_cls, mlp_cls, attn_values, attn_weights = [], [], [], []
+    last = len(blocks(visual)) - 1
     for layer, block in enumerate(blocks(visual)):
+        queries = 1 if cls_only_last and layer == last else None
         if record_attention or explicit_attention or edits is not None:
-            a, v, w = attention_recorded(block, x, bias)
+            a, v, w = attention_recorded(block, x, bias, queries=queries)
             if record_attention:
                 attn_values.append(v)
                 attn_weights.append(w)
         else:
-            a = attention_out(block, x)
+            a = attention_out(block, x, queries=queries)
+        if queries is not None:  # from here on only the CLS token
+            x = x[:, :queries]
+            factors = None if factors is None else factors[:, :queries]
         if factors is not None:
             a = a * factors[:, :, 1 + layer : 2 + layer]
         x = x + a
@@ -317,14 +348,13 @@ class CltSplice:
         self.recon: dict[int, torch.Tensor] = {}
         self.true: dict[int, torch.Tensor] = {}
         self._acc: torch.Tensor | None = None  # see `__call__`
-        self._t = 1  # tokens per image inside the set (static)
+        self._code_t: list[int] = []  # tokens per image inside the set, per entry of `codes` (static)
 
     def __call__(self, layer: int, h: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         clt = self.clt
         L = clt.cfg.n_layers
         inside, outside = split_tokens(self.tokens, h)
         t, d = int(inside.shape[1]), int(inside.shape[2])  # static in a traced graph (no shape arithmetic); the batch stays -1
-        self._t = t
         needed = any(j >= layer for j in self.layers)
         factors = None
         if self.edits is not None:
@@ -334,6 +364,8 @@ class CltSplice:
         # writes of the sources decoded so far, [.., L - layer, d]. One Add and one Slice per layer (in a
         # graph: a few nodes, not one Gather and one Add per (source, target) pair).
         acc = self._acc
+        if acc is not None and acc.dim() == 4 and int(acc.shape[1]) > t:  # fewer tokens now (`forward`'s cls_only_last)
+            acc = acc[:, :t]
         if layer == 0 or acc is None:
             acc = (clt.b_dec * clt.out_scale[:, None])[layer:]  # [L - layer, d]
             if factors is not None:  # the bias term's scale
@@ -348,6 +380,7 @@ class CltSplice:
             if factors is not None:  # the clt.<layer> term's scale at each token
                 w = w * factors[:, :, 1 + L + layer, None, None]
             self.codes.append(code)
+            self._code_t.append(t)
             self.writes.append(w)
             if n_t == L - layer:
                 acc = acc + w
@@ -368,11 +401,11 @@ class CltSplice:
     def cls_code(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values) [B, k] of the CLT code of the CLS token at `layer` after a run (CLS is row 0 of
         each image's rows of `codes[layer]`)."""
-        code = self.codes[layer]
-        if self._t == 1:  # one row per image (the CLS token's)
+        code, t = self.codes[layer], self._code_t[layer]
+        if t == 1:  # one row per image (the CLS token's)
             return code.idx, code.val
         k = code.idx.shape[-1]
-        return code.idx.reshape(batch, self._t, k)[:, 0], code.val.reshape(batch, self._t, k)[:, 0]
+        return code.idx.reshape(batch, t, k)[:, 0], code.val.reshape(batch, t, k)[:, 0]
 
 
 def spliced_forward(
