@@ -30,7 +30,9 @@ weights' read rate against this machine's memory read rate, a 256 MiB sum), and 
 the fp32 target is within reach of any fp32 graph here.
 Speed comparisons use paired ratios: within a round every contender runs once, back to back, so the
 median over rounds of time(a) / time(b) cancels most of the load other processes put on the machine;
-a variant counts as faster only when that median says it is at least 5% faster. Top-1 agreement of each variant with fp32 on the timed images is printed
+a variant counts as faster only when that median says it is at least 5% faster. The fp32 / plain target
+is judged on one more round-robin of fp32 and plain alone (with --ceiling, and its two graphs): among all
+contenders plain's calls varied with what ran before them and fp32's did not, which flattered fp32. Top-1 agreement of each variant with fp32 on the timed images is printed
 too; with random weights (no model hub here) logits are nearly uniform, a harsher case than a trained
 model, so the accuracy gate stays the reference-model test (tests/export/test_parity_quant.py: >= 99%).
 Weights are random; F = 6144, k = 32. The bundle is kept in OUT/vitb32-bundle for `make load` and
@@ -220,12 +222,21 @@ def memory_read_rate(seconds: float = 1.0) -> float:
 
 
 def ceiling_graphs(fp32: Path, dst: Path, n_layers: int) -> dict[str, Path]:
-    """The --ceiling graphs, written under `dst` (reused when present): the fp32 graph at `fp32` cut to its
+    """The --ceiling graphs, written under `dst` (reused when newer than `fp32`): the fp32 graph at `fp32` cut to its
     `logits` output (every node and weight that logits do not need dropped) and the fp32 graph with only
     its `n_layers` CLT encoder MatMuls dynamically quantized to int8 (as the int8-clt variant does them)."""
     dst.mkdir(parents=True, exist_ok=True)
     logits, int8enc = dst / "fp32-logits.onnx", dst / "fp32-int8enc.onnx"
-    if not logits.is_file():
+
+    def stale(path: Path) -> bool:
+        """Whether `path` must be (re)written; a stale one is removed with its weights (onnx appends to an existing .data)."""
+        if path.is_file() and path.stat().st_mtime >= fp32.stat().st_mtime:
+            return False
+        for f in (path, path.with_name(path.name + ".data")):
+            f.unlink(missing_ok=True)
+        return True
+
+    if stale(logits):
         model = onnx.load(str(fp32), load_external_data=True)
         need, keep = {"logits"}, []
         for node in reversed(model.graph.node):  # a graph's nodes are in topological order
@@ -243,7 +254,7 @@ def ceiling_graphs(fp32: Path, dst: Path, n_layers: int) -> dict[str, Path]:
         onnx.save_model(model, str(logits), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=logits.name + ".data", size_threshold=1024)
         del model, weights
-    if not int8enc.is_file():
+    if stale(int8enc):
         enc = clt_encoder_nodes(onnx.load(str(fp32), load_external_data=False))
         if len(enc) != n_layers:
             raise RuntimeError(f"{fp32}: found {len(enc)} CLT encoder MatMuls, expected {n_layers}")
@@ -365,7 +376,8 @@ def main() -> int:
     rounds: dict[int, dict[str, list[float]]] = {}  # batch -> contender -> seconds per round
 
     duel: dict[int, dict[str, list[float]]] = {}  # batch -> graph -> seconds per round, the graphs alone
-    ceiling: dict[int, dict[str, list[float]]] = {}  # batch -> fp32, plain, CEILING -> seconds per round (--ceiling)
+    # batch -> fp32, plain (and CEILING) -> seconds per round, those alone: the fp32 target's figure
+    fp32_duel: dict[int, dict[str, list[float]]] = {}
 
     def speedup(bs: int, a: str, b: str) -> float:
         """Median over rounds of time(b) / time(a): how many times faster a ran than b, paired per round
@@ -400,8 +412,10 @@ def main() -> int:
         rounds[bs] = wall
         # the graphs alone, more rounds: the variant choice rests on these (no eager torch in between)
         duel[bs] = round_robin(list(graphs), px, max(args.duel_rounds, -(-2 * args.min_images // bs)), matmul=False)
-        if args.ceiling:  # fp32, plain and the two bounds alone: no int8 graph or eager torch between them
-            ceiling[bs] = round_robin(["fp32", "plain", *CEILING], px, max(args.duel_rounds, -(-2 * args.min_images // bs)), matmul=False)
+        # fp32 against plain with nothing else between them (the --ceiling bounds too): in the round-robin of all
+        # contenders plain's calls varied 45-66 ms with what ran before them and fp32's did not, which flattered fp32
+        fp32_duel[bs] = round_robin(["fp32", "plain", *(CEILING if args.ceiling else ())], px,
+                                    max(args.duel_rounds, -(-2 * args.min_images // bs)), matmul=False)
         best[bs] = {name: bs / min(t) for name, t in wall.items()}
         medians[bs] = {name: bs / statistics.median(t) for name, t in wall.items()}
         log(f"batch {bs}: " + ", ".join(f"{n} {v:.2f} img/s (median {medians[bs][n]:.2f})" for n, v in best[bs].items())
@@ -432,8 +446,9 @@ def main() -> int:
         fastest = max(variants, key=lambda v: vs_plain[bs][v]) if variants else "fp32"
         checks = []
         if bs in FP32_VS_PLAIN:
-            r = vs_plain[bs]["fp32"]
-            checks.append(f"fp32 / plain {r:.2f} (target >= {FP32_VS_PLAIN[bs]}: {'met' if r >= FP32_VS_PLAIN[bs] else f'missed by {FP32_VS_PLAIN[bs] - r:.2f}'})")
+            r = statistics.median(p / t for t, p in zip(fp32_duel[bs]["fp32"], fp32_duel[bs]["plain"]))
+            checks.append(f"fp32 / plain {r:.2f} over {len(fp32_duel[bs]['fp32'])} rounds of the two alone ({vs_plain[bs]['fp32']:.2f} in "
+                          f"the table) (target >= {FP32_VS_PLAIN[bs]}: {'met' if r >= FP32_VS_PLAIN[bs] else f'missed by {FP32_VS_PLAIN[bs] - r:.2f}'})")
         if bs in BEST_VS_PLAIN:
             r = vs_plain[bs][fastest]
             checks.append(f"fastest variant {fastest} / plain {r:.2f}x (target >= {BEST_VS_PLAIN[bs]}x: "
@@ -502,12 +517,12 @@ def main() -> int:
             if bs not in FP32_VS_PLAIN:
                 continue
             target = FP32_VS_PLAIN[bs]
-            r = {c: statistics.median(p / t for t, p in zip(ceiling[bs][c], ceiling[bs]["plain"])) for c in ("fp32", *CEILING)}
+            r = {c: statistics.median(p / t for t, p in zip(fp32_duel[bs][c], fp32_duel[bs]["plain"])) for c in ("fp32", *CEILING)}
             reach = ("met by fp32 itself" if r["fp32"] >= target else
                      "out of reach of any fp32 graph here: with every explanation output cut the CLT-spliced ViT is still slower"
                      if r["fp32-logits"] < target else "within reach only of a graph whose explanation outputs cost next to nothing")
             screen = "could reach it at best" if r["fp32-int8enc"] >= target else "could not reach it either"
-            log(f"- ceiling, batch {bs} (fp32, plain and the two bounds alone, {len(ceiling[bs]['plain'])} paired rounds): "
+            log(f"- ceiling, batch {bs} (fp32, plain and the two bounds alone, {len(fp32_duel[bs]['plain'])} paired rounds): "
                 f"fp32 / plain {r['fp32']:.2f}; fp32-logits (no explanation outputs) {r['fp32-logits']:.2f}; fp32-int8enc "
                 f"(encoders int8, everything else fp32) {r['fp32-int8enc']:.2f}. The target {target} is {reach}; an exact int8 "
                 f"screen of the encoders {screen} ({r['fp32-int8enc']:.2f} before the screen's own cost).")
@@ -560,7 +575,7 @@ def main() -> int:
             print_table(profiles[bs], bs, log)
 
     record = {"model": args.model, "n_features": args.n_features, "k": args.k, "threads": args.threads, "variants": variants,
-              "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "ceiling_seconds_per_round": ceiling, "top1_agreement_random_images": agreement,
+              "images_per_s_best": best, "images_per_s_median": medians, "seconds_per_round": rounds, "graphs_alone_seconds_per_round": duel, "fp32_plain_seconds_per_round": fp32_duel, "top1_agreement_random_images": agreement,
               "paired_speedup": paired, "vs_plain": vs_plain, "graph_mib": sizes, "profile_ms": profiles, "matmul_gflops": rates, "ort_bf16_matmul": bf16_ort,
               "encoder_seconds": enc, "memory_read_gbps": mem_rate, "recommendation_per_batch": recommendation, "verdict": verdict, "gflop_per_image": gflop,
               "gate": None if manifest.gate is None else manifest.gate.model_dump(mode="json"), "auto": auto.model_dump(mode="json"),
