@@ -46,7 +46,7 @@ With random weights the gate is a harsh case (near-uniform logits); the referenc
 
 The first table: per contender its size on disk (graph + external weights), images/s at each batch
 size and the paired ratio to plain ONNX, then the speed targets (docs/benchmarks.md) checked against
-those ratios. `--profile` also prints ONNX Runtime's per-node profile grouped by part of the graph
+those ratios (fp32's against the round-robin of fp32 and plain alone). `--profile` also prints ONNX Runtime's per-node profile grouped by part of the graph
 (scripts/profile_export.py) for plain, fp32 and the fastest variant at each batch size.
 
   python scripts/bench_export.py [--out DIR] [--batches 1,16] [--repeats 3] [--variants int8,int8-clt,int8-dec] [--rebuild] [--profile]
