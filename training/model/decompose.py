@@ -145,14 +145,12 @@ def class_directions(visual: nn.Module, cls_resid: torch.Tensor, norm: torch.Ten
     return (text @ text_to_residual(visual)) * direction_scale(visual, cls_resid, norm, scale)[:, :, None]
 
 
-def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every block's attention weights, layer scale g_l folded in, laid out for `spatial_parts` in text-embedding
-    space: Q [D, L*d] = A @ O, with A = `text_to_residual` [D, d] and O [d, L*d] (column block l is
-    g_l * W_O[l]), so that (t @ Q) * f stacks W_O[l]^T (g_l * u) for all layers, heads concatenated, for the
-    class direction u = (t @ A) * f of text embedding t; and the bias directions A @ [d, 2L] (column l
-    g_l * W_O[l] b_V[l], what the value biases add: the CLS query's weights sum to 1 over the tokens; column
-    L + l g_l * b_O[l]). A constant of the graph; a call reads D x L*d numbers instead of d x L*d (ViT-B-32:
-    18.9 instead of 28.3 MB)."""
+def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every block's attention weights, layer scale g_l folded in, laid out for `spatial_parts`: A =
+    `text_to_residual` [D, d] (a text embedding t's class direction is u = (t @ A) * f), O [d, L*d]
+    (column block l is g_l * W_O[l], so u @ O stacks W_O[l]^T (g_l * u) for all layers, heads
+    concatenated) and the bias directions [d, 2L]: column l is g_l * W_O[l] b_V[l] (what the value
+    biases add: the CLS query's weights sum to 1 over the tokens), column L + l is g_l * b_O[l]."""
     check_spatial_supported(visual)
     outs, vbias, obias = [], [], []
     for blk in blocks(visual):
@@ -164,12 +162,11 @@ def spatial_weights(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         vbias.append(g * (attn.out_proj.weight @ b_in[2 * d :]))
         b_out = attn.out_proj.bias if attn.out_proj.bias is not None else attn.in_proj_weight.new_zeros(d)
         obias.append(g * b_out)
-    A = text_to_residual(visual)
-    return A @ torch.cat(outs, 1), A @ torch.stack(vbias + obias, 1)
+    return text_to_residual(visual), torch.cat(outs, 1), torch.stack(vbias + obias, 1)
 
 
 def spatial_parts(
-    res: ForwardResult, text: torch.Tensor, factor: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
+    res: ForwardResult, text: torch.Tensor, factor: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split every layer's attention term, for the classes of the text embeddings [B, S, D] (class directions
     u = (text @ A) * factor, `class_directions`; `factor` [B, 1] = `direction_scale`), into (cells
@@ -178,21 +175,26 @@ def spatial_parts(
     from `forward(..., record_attention=True)`, `weights` from `spatial_weights`.
 
     Cell (l, s, h, t) is a[l,h,t] * (W_O[l,h]^T g_l u_s) . (W_V[l,h] LN1(x_t)). One GEMM folds W_O^T
-    (through A) into the text embeddings (o, [dh] per layer, head and class); then per layer one batched
-    product o . v over the values as the attention mixed them ([B, H, T, dh], no copy of them) gives every
-    (class, head, token) dot product [B, H, S, T], and the CLS query's weights scale those (S x T numbers
-    per head, not the T x d values): summed over heads, the cells of all S classes; for the first class,
-    the per-head cells.
+    into the class directions (o, [dh] per layer, head and class): in an ONNX export from the text side,
+    t @ (A @ O), where A @ O is a product of the graph's constants that ONNX Runtime folds into one [D, L*d]
+    constant when a session starts (a call then reads D x L*d numbers instead of d x L*d: ViT-B-32 18.9
+    instead of 28.3 MB); eagerly (t @ A) @ O, with no [D, d] x [d, L*d] product per call. Then per layer one batched product o . v over the values as the attention mixed them
+    ([B, H, T, dh], no copy of them) gives every (class, head, token) dot product [B, H, S, T], and the CLS
+    query's weights scale those (S x T numbers per head, not the T x d values): summed over heads, the cells
+    of all S classes; for the first class, the per-head cells.
 
     Every size but B is a Python int (from the weights' and the text's static shapes), so that a traced graph
     carries constants, not shape arithmetic on the inputs: on small models that arithmetic costs as
     much as the products."""
-    Q, bias_dirs = weights
-    L = int(bias_dirs.shape[1]) // 2
-    d = int(Q.shape[1]) // L
+    A, O, bias_dirs = weights
+    d, L = int(O.shape[0]), int(bias_dirs.shape[1]) // 2
     H, S = int(res.attn_weights.shape[2]), int(text.shape[1])
     dh = d // H
-    o = (torch.matmul(text, Q) * factor[:, :, None]).reshape(-1, S, L, H, dh).permute(2, 0, 3, 1, 4)  # [L, B, H, S, dh]
+    if torch.onnx.is_in_onnx_export():
+        O, bias_dirs = A @ O, A @ bias_dirs  # [D, L*d] and [D, 2L]: folded by ONNX Runtime's constant folding
+    else:
+        text = torch.matmul(text, A)  # [B, S, d]
+    o = (torch.matmul(text, O) * factor[:, :, None]).reshape(-1, S, L, H, dh).permute(2, 0, 3, 1, 4)  # [L, B, H, S, dh]
     dots = torch.stack([torch.matmul(o_l, v.transpose(-1, -2)) for o_l, v in zip(o.unbind(0), res.head_values)])  # [L, B, H, S, T]
     cells = dots * res.attn_weights.unsqueeze(3)  # [L, B, H, S, T]
     bias = torch.matmul(text, bias_dirs) * factor[:, :, None]  # [B, S, 2L]
