@@ -214,6 +214,12 @@ def encoder_matvec(layers: int, d: int, f: int, threads: int, tokens: tuple[int,
     return out
 
 
+def paired_ratio(store: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(b) / time(a) from `store` (contender -> seconds per round): how many times
+    faster a ran than b, paired per round."""
+    return statistics.median(tb / ta for ta, tb in zip(store[a], store[b]))
+
+
 def memory_read_rate(seconds: float = 1.0) -> float:
     """GB/s at which torch sums a 256 MiB fp32 tensor (far beyond the private caches): this machine's
     memory read rate, against which the encoders' weight reads are put."""
@@ -380,10 +386,8 @@ def main() -> int:
     fp32_duel: dict[int, dict[str, list[float]]] = {}
 
     def speedup(bs: int, a: str, b: str) -> float:
-        """Median over rounds of time(b) / time(a): how many times faster a ran than b, paired per round
-        (from the graphs-only rounds when both are graphs of the bundle)."""
-        store = duel if a in graphs and b in graphs else rounds
-        return statistics.median(tb / ta for ta, tb in zip(store[bs][a], store[bs][b]))
+        """`paired_ratio` from the graphs-only rounds when both are graphs of the bundle, else from all contenders' rounds."""
+        return paired_ratio((duel if a in graphs and b in graphs else rounds)[bs], a, b)
 
     def round_robin(names: list[str], px: np.ndarray, n_rounds: int, matmul: bool) -> dict[str, list[float]]:
         wall: dict[str, list[float]] = {k: [] for k in names}
@@ -437,16 +441,15 @@ def main() -> int:
         f"of the paired time ratio plain / contender; size: graph + external weights on disk; {args.threads} threads")
     log("| graph | size MiB | " + " | ".join(f"img/s b{bs} | x plain b{bs}" for bs in best) + " |")
     log("|---" * (2 + 2 * len(best)) + "|")
+    vs_plain = {bs: {c: paired_ratio(rounds[bs], c, "plain") for c in cols} for bs in best}
     for c in cols:
         size = f"{sizes[c]:.0f}" if c in sizes else "-"
-        log(f"| {c} | {size} | " + " | ".join(f"{best[bs][c]:.2f} | {statistics.median(p / t for t, p in zip(rounds[bs][c], rounds[bs]['plain'])):.2f}"
-                                             for bs in best) + " |")
-    vs_plain = {bs: {c: statistics.median(p / t for t, p in zip(rounds[bs][c], rounds[bs]["plain"])) for c in cols} for bs in best}
+        log(f"| {c} | {size} | " + " | ".join(f"{best[bs][c]:.2f} | {vs_plain[bs][c]:.2f}" for bs in best) + " |")
     for bs in best:
         fastest = max(variants, key=lambda v: vs_plain[bs][v]) if variants else "fp32"
         checks = []
         if bs in FP32_VS_PLAIN:
-            r = statistics.median(p / t for t, p in zip(fp32_duel[bs]["fp32"], fp32_duel[bs]["plain"]))
+            r = paired_ratio(fp32_duel[bs], "fp32", "plain")
             checks.append(f"fp32 / plain {r:.2f} over {len(fp32_duel[bs]['fp32'])} rounds of the two alone ({vs_plain[bs]['fp32']:.2f} in "
                           f"the table) (target >= {FP32_VS_PLAIN[bs]}: {'met' if r >= FP32_VS_PLAIN[bs] else f'missed by {FP32_VS_PLAIN[bs] - r:.2f}'})")
         if bs in BEST_VS_PLAIN:
@@ -517,7 +520,7 @@ def main() -> int:
             if bs not in FP32_VS_PLAIN:
                 continue
             target = FP32_VS_PLAIN[bs]
-            r = {c: statistics.median(p / t for t, p in zip(fp32_duel[bs][c], fp32_duel[bs]["plain"])) for c in ("fp32", *CEILING)}
+            r = {c: paired_ratio(fp32_duel[bs], c, "plain") for c in ("fp32", *CEILING)}
             reach = ("met by fp32 itself" if r["fp32"] >= target else
                      "out of reach of any fp32 graph here: with every explanation output cut the CLT-spliced ViT is still slower"
                      if r["fp32-logits"] < target else "within reach only of a graph whose explanation outputs cost next to nothing")

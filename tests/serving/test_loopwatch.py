@@ -7,6 +7,8 @@ import logging
 import statistics
 import time
 
+import pytest
+
 from serving.loopwatch import LoopWatch
 
 
@@ -82,8 +84,6 @@ def test_without_a_file_descriptor_the_lag_is_still_measured(caplog):
 
 
 def test_cltvit_serve_names_a_bad_stall_report_bound(capsys):
-    import pytest
-
     from serving.cli import build_parser, validate_args
 
     parser = build_parser()
